@@ -1,0 +1,93 @@
+"""Plain-torch references of the attention kernels: the path that runs on CPU, and the oracle
+that every Triton kernel is tested against.
+
+KV cache layout (per layer): ``k_cache``/``v_cache`` of shape ``[num_pages, page_size,
+num_kv_heads, head_dim]``. Token ``pos`` of a request lives at page
+``page_table[row, pos // page_size]``, offset ``pos % page_size``; its flat location is
+``page * page_size + offset`` (``out_loc`` below). Page 0 is the padding page.
+
+Attention reads *everything* through the page table, including the tokens of the current
+step: their K/V are stored first (``store_kv``), then attention runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv_ref(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [P, page_size, Hkv, D]
+    v_cache: torch.Tensor,
+    out_loc: torch.Tensor,  # [T] int64, flat token slots
+) -> None:
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim)[out_loc] = k.to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[out_loc] = v.to(v_cache.dtype)
+
+
+def gather_kv_ref(
+    cache: torch.Tensor, page_table_row: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """The first ``seq_len`` tokens of one request, contiguous: [seq_len, Hkv, D]."""
+    page_size = cache.shape[1]
+    num_pages = (seq_len + page_size - 1) // page_size
+    pages = page_table_row[:num_pages].long()
+    return cache[pages].flatten(0, 1)[:seq_len]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, q_start: int) -> torch.Tensor:
+    """q [Tq, Hq, D] at positions q_start.. ; k, v [Tk, Hkv, D]; causal; fp32 math."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_heads // num_kv_heads
+    qf = q.float().transpose(0, 1)  # [Hq, Tq, D]
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, Tk, D]
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * sm_scale  # [Hq, Tq, Tk]
+    q_pos = torch.arange(q.shape[0], device=q.device) + q_start
+    k_pos = torch.arange(k.shape[0], device=q.device)
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vf).transpose(0, 1)  # [Tq, Hq, D]
+
+
+def decode_attention_ref(
+    q: torch.Tensor,  # [B, Hq, D], one query token per request
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,  # [B, max_pages] int32
+    seq_lens: torch.Tensor,  # [B] int32, including the current token
+    sm_scale: float,
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        k = gather_kv_ref(k_cache, page_table[i], seq_len)
+        v = gather_kv_ref(v_cache, page_table[i], seq_len)
+        out[i] = _attend(q[i : i + 1], k, v, sm_scale, seq_len - 1)[0].to(q.dtype)
+    return out
+
+
+def extend_attention_ref(
+    q: torch.Tensor,  # [T, Hq, D], new tokens of all requests, packed
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,  # [R, max_pages] int32
+    qo_indptr: torch.Tensor,  # [R + 1] int32, offsets of each request's tokens in q
+    prefix_lens: torch.Tensor,  # [R] int32, tokens already cached before this step
+    sm_scale: float,
+) -> torch.Tensor:
+    """Each request's new tokens attend to its cached prefix and causally to themselves."""
+    out = torch.empty_like(q)
+    starts = qo_indptr.tolist()
+    prefixes = prefix_lens.tolist()
+    for i, prefix in enumerate(prefixes):
+        lo, hi = starts[i], starts[i + 1]
+        if hi == lo:
+            continue
+        seq_len = prefix + (hi - lo)
+        k = gather_kv_ref(k_cache, page_table[i], seq_len)
+        v = gather_kv_ref(v_cache, page_table[i], seq_len)
+        out[lo:hi] = _attend(q[lo:hi], k, v, sm_scale, prefix).to(q.dtype)
+    return out

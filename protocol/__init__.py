@@ -1,0 +1,1 @@
+"""Everything that crosses a process boundary: messages, sockets, start-up configuration."""

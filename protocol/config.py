@@ -1,0 +1,158 @@
+"""The configuration each process is started with.
+
+``ServerArgs`` holds every command-line flag (names follow SGLang's where the meaning matches).
+Each child process gets its role's config as JSON on its command line (``--config``), so no
+pickle crosses the process boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+LOAD_FORMATS = ("auto", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ROUTING_POLICIES = ("round_robin", "least_load", "prefix")
+TRANSFER_BACKENDS = ("zmq", "cuda_ipc", "fake")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # any socket that faces a client or a peer
+
+
+@dataclass
+class ServerArgs:
+    # Model
+    model_path: str | None = None  # None: the embedded default model
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    context_length: int | None = None
+    served_model_name: str | None = None
+    seed: int = 0  # seed of the embedded / dummy weights
+    # Front end
+    host: str = "127.0.0.1"
+    port: int = 30000
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Memory and scheduling
+    page_size: int = 16
+    max_total_tokens: int | None = None  # KV pool size in tokens; overrides the fraction
+    mem_fraction_static: float = 0.85  # of free GPU memory (or a fixed CPU budget) for the pool
+    chunked_prefill_size: int = 2048
+    max_prefill_tokens: int = 16384
+    max_running_requests: int = 256
+    max_queued_requests: int = 4096
+    schedule_policy: str = "fcfs"
+    disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
+    init_new_token_ratio: float = 0.7  # fraction of max_new_tokens reserved as decode headroom
+    min_new_token_ratio: float = 0.1
+    # Engine
+    attention_backend: str = "auto"
+    cuda_graph_max_bs: int = 160
+    disable_cuda_graph: bool = False
+    # Liveness
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    # Disaggregation
+    routing_policy: str = "round_robin"
+    transfer_backend: str = "zmq"
+    transfer_timeout: float = 30.0
+    # Logging
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first flag whose value is not allowed."""
+        _choice("--schedule-policy", self.schedule_policy, SCHEDULE_POLICIES)
+        _choice("--dtype", self.dtype, DTYPES)
+        _choice("--device", self.device, DEVICES)
+        _choice("--load-format", self.load_format, LOAD_FORMATS)
+        _choice("--attention-backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("--routing-policy", self.routing_policy, ROUTING_POLICIES)
+        _choice("--transfer-backend", self.transfer_backend, TRANSFER_BACKENDS)
+        _positive("--page-size", self.page_size)
+        _positive("--chunked-prefill-size", self.chunked_prefill_size)
+        _positive("--max-prefill-tokens", self.max_prefill_tokens)
+        _positive("--max-running-requests", self.max_running_requests)
+        _positive("--max-queued-requests", self.max_queued_requests)
+        if self.chunked_prefill_size < self.page_size:
+            raise ValueError("--chunked-prefill-size must be at least --page-size")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2 * self.page_size:
+            raise ValueError("--max-total-tokens must hold at least two pages")
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError("--mem-fraction-static must be in (0, 1]")
+        if self.load_format == "dummy" and self.model_path is None:
+            raise ValueError("--load-format dummy needs --model-path (a directory with config.json)")
+
+
+@dataclass
+class InstanceAddrs:
+    """The sockets of one instance (scheduler + worker). ``input_addr`` is the instance's
+    public address (front ends and peers send to it); the other two are internal."""
+
+    input_addr: str
+    step_addr: str  # scheduler → worker
+    result_addr: str  # worker → scheduler
+
+
+@dataclass
+class SchedulerConfig:
+    args: ServerArgs
+    name: str
+    role: str  # "unified" | "prefill" | "decode"
+    addrs: InstanceAddrs
+
+
+@dataclass
+class WorkerConfig:
+    args: ServerArgs
+    name: str
+    role: str
+    addrs: InstanceAddrs
+
+
+@dataclass
+class FrontendConfig:
+    args: ServerArgs
+    client_addr: str  # tcp://host:port, ROUTER for clients
+    output_addr: str  # PULL, outputs from instances
+    unified: list[str] = field(default_factory=list)  # instance input addresses
+    prefill: list[str] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{flag} must be a positive integer; got {value}")
+
+
+def config_to_json(cfg: Any) -> str:
+    return json.dumps(dataclasses.asdict(cfg))
+
+
+def config_from_json(cls: type[T], text: str) -> T:
+    return _build(cls, json.loads(text))
+
+
+def _build(cls: type[T], obj: dict[str, Any]) -> T:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in obj:
+            continue
+        value = obj[f.name]
+        hint = hints[f.name]
+        kwargs[f.name] = _build(hint, value) if dataclasses.is_dataclass(hint) else value
+    return cls(**kwargs)

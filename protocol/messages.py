@@ -1,0 +1,426 @@
+"""Every message that crosses a process boundary, typed, in one place.
+
+Each message is a dataclass. On the wire it is one msgpack map with a ``type`` tag (the
+class's ``TYPE``) and, for internal messages, the protocol version ``v``. Nested dataclasses
+(lists of them, or optional ones) are encoded as maps and rebuilt on decode from the type
+hints, so a receiver always gets typed objects. No pickle anywhere.
+
+Client messages (``generate``, ``abort``, ``status``, ``output``, ``error``) follow the public
+client protocol of DESIGN.md exactly; the front end validates them field by field
+(``tokenizer_proc/validation.py``) rather than trusting this codec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a well-formed message of this protocol."""
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+    INTERNAL: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TYPE:
+            assert cls.TYPE not in _REGISTRY, f"duplicate message type {cls.TYPE}"
+            _REGISTRY[cls.TYPE] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        d = _encode_value(self)
+        d["type"] = self.TYPE
+        if self.INTERNAL:
+            d["v"] = PROTOCOL_VERSION
+        return d
+
+
+def encode(msg: Message) -> bytes:
+    return msgpack.packb(msg.to_dict(), use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    """Decode one internal frame into its typed message; raises ProtocolError."""
+    try:
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ProtocolError(f"frame is not msgpack: {e}") from None
+    return from_dict(obj)
+
+
+def from_dict(obj: Any) -> Message:
+    if not isinstance(obj, dict):
+        raise ProtocolError("message must be a map")
+    cls = _REGISTRY.get(obj.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message type {obj.get('type')!r}")
+    if cls.INTERNAL and obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {obj.get('v')!r} of {cls.TYPE!r} does not match ours ({PROTOCOL_VERSION})"
+        )
+    return _decode_dataclass(cls, obj)
+
+
+def _encode_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_encode_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode_value(v) for k, v in value.items()}
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _decode_dataclass(cls: type, obj: dict[str, Any]) -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in obj:
+            kwargs[f.name] = _decode_value(hints[f.name], obj[f.name])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ProtocolError(f"{cls.__name__}: {e}") from None
+
+
+def _decode_value(hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return _decode_dataclass(hint, value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _decode_dataclass(arg, value)
+        return value
+    if origin is list and isinstance(value, list):
+        (arg,) = typing.get_args(hint) or (Any,)
+        if dataclasses.is_dataclass(arg):
+            return [_decode_dataclass(arg, v) for v in value]
+        return value
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters as the scheduler and worker see them (already validated).
+
+    ``stop_token_ids`` already contains the model's EOS ids unless ``ignore_eos``.
+    ``seed`` is always set: the front end mints one when the client gives none, so that a
+    request's random stream never depends on which batch it lands in.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    return_logprob: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class ModelInfo:
+    """What an instance serves; reported by the worker, forwarded to the front end."""
+
+    name: str
+    architecture: str
+    vocab_size: int
+    context_len: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Client ⇄ front end (public protocol; no version field, see DESIGN.md "Wire protocol")
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientOutput(Message):
+    TYPE: ClassVar[str] = "output"
+    INTERNAL: ClassVar[bool] = False
+    rid: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    usage: dict[str, int] | None = None
+    metrics: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        for key in ("logprobs", "usage", "metrics"):
+            if d[key] is None:
+                del d[key]
+        return d
+
+
+# Error codes of the client protocol.
+INVALID_REQUEST = "invalid_request"
+QUEUE_FULL = "queue_full"
+SHUTTING_DOWN = "shutting_down"
+TRANSFER_FAILED = "transfer_failed"
+PEER_UNAVAILABLE = "peer_unavailable"
+INTERNAL = "internal"
+ERROR_CODES = (INVALID_REQUEST, QUEUE_FULL, SHUTTING_DOWN, TRANSFER_FAILED, PEER_UNAVAILABLE, INTERNAL)
+
+
+@dataclass
+class ClientError(Message):
+    TYPE: ClassVar[str] = "error"
+    INTERNAL: ClassVar[bool] = False
+    rid: str | None
+    code: str
+    message: str
+
+
+@dataclass
+class InstanceStatus:
+    name: str
+    role: str  # "unified" | "prefill" | "decode"
+    alive: bool
+    ready: bool = False
+    pending: int = 0
+    prefilling: int = 0
+    transferring: int = 0
+    decoding: int = 0
+    free_pages: int = 0
+    cached_pages: int = 0
+    total_pages: int = 0
+
+
+@dataclass
+class ClientStatus(Message):
+    TYPE: ClassVar[str] = "status"
+    INTERNAL: ClassVar[bool] = False
+    rid: str
+    ready: bool
+    instances: list[InstanceStatus]
+
+
+# --------------------------------------------------------------------------------------------
+# Front end → instance (scheduler)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttachFrontend(Message):
+    """Sent by a front end to each instance at start-up (and again until acknowledged by a
+    heartbeat): where the instance must send outputs, errors, status reports and heartbeats."""
+
+    TYPE: ClassVar[str] = "attach_frontend"
+    output_addr: str
+
+
+@dataclass
+class TokenizedRequest(Message):
+    """A validated, tokenized generate request. ``rid`` is the front end's internal id,
+    unique across all of its connections."""
+
+    TYPE: ClassVar[str] = "tokenized_request"
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    priority: int = 0
+    arrival_time: float = 0.0  # time.time() at the front end
+    room: int | None = None  # disaggregation only
+
+
+@dataclass
+class AbortRequest(Message):
+    """Abort ``rid``: sent for client aborts, departed clients and stop strings found by the
+    detokenizer. The instance frees the request and answers with a final output whose
+    ``finish_reason`` is ``reason`` (the front end discards it when it already answered)."""
+
+    TYPE: ClassVar[str] = "abort_request"
+    rid: str
+    reason: str = "abort"
+
+
+@dataclass
+class StatusQuery(Message):
+    TYPE: ClassVar[str] = "status_query"
+    qid: int
+
+
+# --------------------------------------------------------------------------------------------
+# Instance (scheduler) → front end
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReqOutput:
+    """New tokens of one request in one step. The last one for a request has ``finished``."""
+
+    rid: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    queue_ms: float | None = None  # set once, on the first output
+
+
+@dataclass
+class BatchOutput(Message):
+    TYPE: ClassVar[str] = "batch_output"
+    outputs: list[ReqOutput]
+
+
+@dataclass
+class RequestFailed(Message):
+    """The instance could not serve ``rid``; it holds nothing of it any more."""
+
+    TYPE: ClassVar[str] = "request_failed"
+    rid: str
+    code: str
+    message: str
+
+
+@dataclass
+class StatusReport(Message):
+    TYPE: ClassVar[str] = "status_report"
+    qid: int
+    status: InstanceStatus
+
+
+@dataclass
+class Heartbeat(Message):
+    """Periodic liveness and load report of an instance to each attached front end."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    name: str
+    role: str
+    ready: bool
+    input_addr: str
+    model: ModelInfo | None = None
+    queued_tokens: int = 0
+    running: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduler ⇄ worker (per-step deltas; see DESIGN.md "Scheduler ⇄ worker")
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NewReq:
+    """A request that takes a worker slot; its page table row starts empty."""
+
+    slot: int
+    sampling: SamplingParams
+
+
+@dataclass
+class PageAppend:
+    """Pages appended to the end of ``slot``'s page table row (prefix-cache pages included)."""
+
+    slot: int
+    pages: list[int]
+
+
+@dataclass
+class ExtendReq:
+    """Run ``token_ids`` at positions ``start_pos..`` of ``slot``; positions below
+    ``start_pos`` are already in the KV cache. ``sample`` is False for a non-final chunk."""
+
+    slot: int
+    start_pos: int
+    token_ids: list[int]
+    sample: bool = True
+
+
+@dataclass
+class StepBatch(Message):
+    """One forward step. Applied in this order: ``released`` slots, ``new_reqs``,
+    ``page_appends``, then the forward over ``extends`` followed by decodes.
+
+    A decode's input token is the token the worker itself sampled last for that slot (the
+    future-token map), so the scheduler never waits for it; ``decode_positions[i]`` is the
+    position of that input token in ``decode_slots[i]``'s sequence.
+    """
+
+    TYPE: ClassVar[str] = "step_batch"
+    step_id: int
+    released: list[int] = field(default_factory=list)
+    new_reqs: list[NewReq] = field(default_factory=list)
+    page_appends: list[PageAppend] = field(default_factory=list)
+    extends: list[ExtendReq] = field(default_factory=list)
+    decode_slots: list[int] = field(default_factory=list)
+    decode_positions: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepResult(Message):
+    """Sampled tokens of one step, one per sampling row: the extends with ``sample`` in batch
+    order, then every decode slot."""
+
+    TYPE: ClassVar[str] = "step_result"
+    step_id: int
+    slots: list[int]
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    forward_ms: float = 0.0
+
+
+@dataclass
+class WorkerReady(Message):
+    """The worker has loaded its model, sized its KV pool and warmed up (compiled kernels,
+    captured graphs). Page 0 is reserved as the padding page: usable pages are 1..num_pages-1."""
+
+    TYPE: ClassVar[str] = "worker_ready"
+    model: ModelInfo
+    num_pages: int
+    page_size: int
+    max_slots: int
+    max_context_len: int
+    device: str
+
+
+@dataclass
+class WorkerFailed(Message):
+    """The worker hit an unrecoverable error (start-up or a step)."""
+
+    TYPE: ClassVar[str] = "worker_failed"
+    message: str
+
+
+@dataclass
+class Shutdown(Message):
+    TYPE: ClassVar[str] = "shutdown"
+    reason: str = ""
