@@ -156,3 +156,27 @@ def _build(cls: type[T], obj: dict[str, Any]) -> T:
         hint = hints[f.name]
         kwargs[f.name] = _build(hint, value) if dataclasses.is_dataclass(hint) else value
     return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """The embedded default model served when no ``--model-path`` is given: a small
+    Llama-architecture model with seeded random weights (built by ``engine``) and a byte-level
+    tokenizer (built by ``tokenizer_proc``). Token ids 0..255 are the bytes; then BOS and EOS."""
+
+    name: str = "pdserve-embedded-llama"
+    vocab_size: int = 320
+    bos_token_id: int = 256
+    eos_token_id: int = 257
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    context_len: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+
+EMBEDDED = EmbeddedModel()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up .venv with everything pdserve and its tests need. Safe to run again (it is quick then).
+# A torch that is already installed (a GPU machine's) is reused; otherwise the CPU-capable
+# torch 2.13.0 is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  .venv/bin/python -m pip install -q torch==2.13.0
+fi
+.venv/bin/python -m pip install -q -e ".[test]"

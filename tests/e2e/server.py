@@ -1,0 +1,128 @@
+"""Start a real deployment with launch.py for end-to-end tests, and check it cleans up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from protocol.transport import free_tcp_port
+from tokenizer_proc.client import Client
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+READY_TIMEOUT_S = 240.0
+
+
+@dataclass
+class Server:
+    addr: str
+    proc: subprocess.Popen
+    log_path: str
+    child_pids: dict[str, int] = field(default_factory=dict)
+
+    def client(self, timeout: float = 120.0) -> Client:
+        return Client(self.addr, timeout=timeout)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float, lines: list[str]) -> str:
+    found: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                found.append(line)
+                done.set()
+                return
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    done.wait(timeout)
+    if not found:
+        raise RuntimeError(f"no {prefix!r} line from launch.py within {timeout:.0f} s; stdout: {lines}")
+    return found[0]
+
+
+def _parse_pids(started_line: str) -> dict[str, int]:
+    # "pdserve: started unified: worker=123 scheduler=124 frontend=125"
+    pairs = started_line.strip().split(": ", 2)[-1].split()
+    return {name: int(pid) for name, pid in (p.split("=") for p in pairs)}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def running_server(*flags: str, mode: str = "unified") -> Iterator[Server]:
+    """A deployment started by launch.py; on exit it is stopped with SIGTERM and every process
+    it started must be gone."""
+    port = free_tcp_port()
+    log = tempfile.NamedTemporaryFile(prefix="pdserve-e2e-", suffix=".log", delete=False)
+    env = dict(os.environ, PDSERVE_TORCH_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "launch.py", "--mode", mode, "--port", str(port), *flags]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+    )
+    lines: list[str] = []
+    server = Server(f"tcp://127.0.0.1:{port}", proc, log.name)
+    try:
+        server.child_pids = _parse_pids(_wait_for_line(proc, "pdserve: started", 60, lines))
+        _wait_for_line(proc, "pdserve ready", READY_TIMEOUT_S, lines)
+        yield server
+    except BaseException:
+        sys.stderr.write(server.log()[-5000:])
+        raise
+    finally:
+        stop_server(server)
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        raise AssertionError("launch.py did not stop within 60 s of SIGTERM") from None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(p) for p in server.child_pids.values()):
+        time.sleep(0.1)
+    orphans = {n: p for n, p in server.child_pids.items() if pid_alive(p)}
+    for pid in orphans.values():
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, f"processes left behind after SIGTERM: {orphans}"
+
+
+def wait_no_leak(client: Client, timeout: float = 30.0) -> dict:
+    """Poll status until no request is live and free + cached pages equal the total."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.status()
+        clean = all(
+            inst["pending"] + inst["prefilling"] + inst["transferring"] + inst["decoding"] == 0
+            and inst["free_pages"] + inst["cached_pages"] == inst["total_pages"]
+            for inst in status["instances"]
+        )
+        if clean:
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"requests or pages leaked: {status}")
+        time.sleep(0.1)
