@@ -75,14 +75,15 @@ def running_server(*flags: str, mode: str = "unified") -> Iterator[Server]:
     """A deployment started by launch.py; on exit it is stopped with SIGTERM and every process
     it started must be gone."""
     port = free_tcp_port()
-    log = tempfile.NamedTemporaryFile(prefix="pdserve-e2e-", suffix=".log", delete=False)
+    fd, log_path = tempfile.mkstemp(prefix="pdserve-e2e-", suffix=".log")
     env = dict(os.environ, PDSERVE_TORCH_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "launch.py", "--mode", mode, "--port", str(port), *flags]
     proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=fd, text=True, start_new_session=True
     )
+    os.close(fd)
     lines: list[str] = []
-    server = Server(f"tcp://127.0.0.1:{port}", proc, log.name)
+    server = Server(f"tcp://127.0.0.1:{port}", proc, log_path)
     try:
         server.child_pids = _parse_pids(_wait_for_line(proc, "pdserve: started", 60, lines))
         _wait_for_line(proc, "pdserve ready", READY_TIMEOUT_S, lines)

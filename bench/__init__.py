@@ -1,0 +1,1 @@
+"""Benchmarks: serving (through the front end), one batch, kernels, KV transfer."""

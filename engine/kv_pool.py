@@ -1,0 +1,85 @@
+"""The paged KV cache: per layer, ``k`` and ``v`` of shape ``[num_pages, page_size,
+num_kv_heads, head_dim]`` (the layout of ``engine.kernels.reference``). Page 0 is the padding
+page: the scheduler never hands it out, padded rows of a batch write there."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("pdserve.worker")
+
+CPU_POOL_BUDGET_BYTES = 1 << 30  # times mem_fraction_static: the pool of a CPU worker
+
+
+@dataclass
+class KVPool:
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    page_size: int
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVPool:
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for cache in k + v:
+            cache[0].zero_()  # padded rows read the padding page: keep it finite
+        return cls(k, v, page_size)
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass(frozen=True)
+class PoolSizing:
+    """What decides the pool size; ``num_pages`` applies the rule."""
+
+    page_size: int
+    bytes_per_token: int  # K and V of every layer
+    max_total_tokens: int | None  # --max-total-tokens: overrides everything else
+    mem_fraction_static: float
+    max_useful_tokens: int  # every slot at full context: more pages could never be used
+
+    def num_pages(self, device: torch.device) -> int:
+        """Usable pages plus the padding page.
+
+        ``--max-total-tokens`` if given; else on CUDA ``mem_fraction_static`` of the memory
+        free after the weights were loaded; on CPU a fixed budget of 1 GiB ×
+        ``mem_fraction_static``. Both capped at ``max_useful_tokens``."""
+        if self.max_total_tokens is not None:
+            tokens = self.max_total_tokens
+        else:
+            tokens = min(self._budget_bytes(device) // self.bytes_per_token, self.max_useful_tokens)
+        usable = max(tokens // self.page_size, 1)
+        return usable + 1
+
+    def _budget_bytes(self, device: torch.device) -> int:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * self.mem_fraction_static)
+        return int(CPU_POOL_BUDGET_BYTES * self.mem_fraction_static)
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize

@@ -1,0 +1,20 @@
+"""Linear layers whose weight stacks several Hugging Face projections (one matmul instead of
+two or three): q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MergedLinear(nn.Linear):
+    """``nn.Linear`` whose output rows are the concatenation of ``output_sizes`` shards."""
+
+    def __init__(self, in_features: int, output_sizes: tuple[int, ...], bias: bool) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = output_sizes
+
+    def shard(self, param_name: str, index: int) -> torch.Tensor:
+        """The rows of ``weight`` or ``bias`` that belong to shard ``index`` (a view)."""
+        start = sum(self.output_sizes[:index])
+        return getattr(self, param_name).narrow(0, start, self.output_sizes[index])

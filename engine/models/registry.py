@@ -1,0 +1,51 @@
+"""Architecture name (``config.json`` ``architectures[0]``) → model class, and model building."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from engine.layers.rotary import RotaryEmbedding
+from engine.models.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    try:
+        return MODEL_REGISTRY[architecture]
+    except KeyError:
+        supported = ", ".join(sorted(MODEL_REGISTRY))
+        raise ValueError(f"architecture {architecture!r} is not supported (supported: {supported})") from None
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model with *uninitialized* parameters on ``device`` in ``dtype``: it is built on the
+    meta device and materialized without any CPU-side init, so the weight loader (or the dummy
+    initializer) must fill every parameter. Buffers (the rotary table) are filled here."""
+    cls = model_class(cfg.architecture)
+    with torch.device("meta"), _default_dtype(dtype):
+        model = cls(cfg)
+    model = model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_cache()
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,118 @@
+"""Batched sampling: greedy, temperature, top-k, top-p (both limits apply), seeded per request.
+
+Randomness is counter-based: the noise of row ``i`` at vocabulary entry ``j`` is a hash of
+(request seed, position of the token being sampled, ``j``). A request therefore draws the same
+token whatever batch it runs in, on any device, and again after it was retracted and
+re-prefilled; there is no generator state to carry, no per-row host loop, no host sync. The
+draw is the exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` samples from ``p``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from protocol.messages import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+# multipliers below 2**31 keep every product of 32-bit values inside int64 (no overflow)
+_MUL1 = 0x45D9F3B
+_MUL2 = 0x2C1B3C6D
+_GOLDEN = 0x1E3779B9
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters of one step's sampling rows, on the device; the path flags are
+    decided once per step on the host."""
+
+    temperatures: torch.Tensor  # [N] float32, 0 = greedy
+    top_ks: torch.Tensor  # [N] int64, vocab size = no limit
+    top_ps: torch.Tensor  # [N] float32
+    keys: torch.Tensor  # [N] int64, hash of (seed, position)
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    want_logprobs: bool
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        positions: Sequence[int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingBatch:
+        """``positions[i]``: the position the sampled token of row ``i`` will occupy."""
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        sampled = [p for p in params if not p.greedy]
+        seeds = torch.tensor([p.seed & 0xFFFFFFFFFFFF for p in params], dtype=torch.int64)
+        return cls(
+            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
+            top_ks=torch.tensor(top_ks, dtype=torch.int64).to(device),
+            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device),
+            keys=row_keys(seeds, torch.tensor(positions, dtype=torch.int64)).to(device),
+            all_greedy=not sampled,
+            use_top_k=any(0 < p.top_k < vocab_size for p in sampled),
+            use_top_p=any(p.top_p < 1.0 for p in sampled),
+            want_logprobs=any(p.return_logprob for p in params),
+        )
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids [N] int64 and, when any row asked, the log-probability [N] float32 of each
+    sampled token under the raw (untempered) distribution."""
+    greedy_tokens = logits.argmax(dim=-1)
+    tokens = greedy_tokens if batch.all_greedy else _sample_random(logits, batch, greedy_tokens)
+    logprobs = None
+    if batch.want_logprobs:
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, logprobs
+
+
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch, greedy_tokens: torch.Tensor) -> torch.Tensor:
+    greedy = batch.temperatures == 0.0
+    temperatures = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)
+    probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)
+    if batch.use_top_k or batch.use_top_p:
+        probs = _filter_top_k_top_p(probs, batch)
+    noise = exponential_noise(batch.keys, logits.shape[1])
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(greedy, greedy_tokens, sampled)
+
+
+def _filter_top_k_top_p(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Zero the probabilities outside the top-k and outside the top-p nucleus (the most
+    probable token always stays); no renormalization is needed for the race."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(probs.shape[1], device=probs.device).unsqueeze(0)
+    drop = ranks >= batch.top_ks.unsqueeze(1)
+    if batch.use_top_p:
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop |= mass_before > batch.top_ps.unsqueeze(1)
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+
+def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per row from (seed, position)."""
+    key = _mix32((seeds & _MASK32) ^ _mix32(seeds >> 32))
+    return _mix32(key ^ _mix32(positions & _MASK32))
+
+
+def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise [N, vocab] float32, a pure function of (key, vocabulary index)."""
+    index = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    bits = _mix32((keys.unsqueeze(1) + index.unsqueeze(0) * _GOLDEN) & _MASK32)
+    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(uniform)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding 32-bit values."""
+    x = x & _MASK32
+    x = ((x >> 16) ^ x) * _MUL1 & _MASK32
+    x = ((x >> 16) ^ x) * _MUL2 & _MASK32
+    return (x >> 16) ^ x

@@ -1,0 +1,227 @@
+"""The worker: receives ``StepBatch`` deltas from its scheduler, runs them, answers with the
+sampled tokens (protocol.messages "Scheduler ⇄ worker").
+
+Messages are handled strictly in order. With the overlap schedule the scheduler sends step
+N+1 before it has seen step N's result, so a decode's input token always comes from the
+worker's own future-token map (``ModelRunner.next_tokens``), never from the message.
+
+``Worker`` is the reusable core (the prefill and decode workers build on it); ``run_worker``
+is the plain loop of a unified instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from engine.kv_pool import KVPool, PoolSizing, kv_bytes_per_token
+from engine.layers.attention import make_attention_backend
+from engine.models.config import ModelConfig
+from engine.runner import ModelRunner
+from engine.sampling import SamplingBatch, sample
+from engine.weights import LoadedModel, load_model
+from protocol import transport
+from protocol.config import ServerArgs, WorkerConfig
+from protocol.messages import (
+    ExtendReq,
+    ModelInfo,
+    NewReq,
+    PageAppend,
+    SamplingParams,
+    Shutdown,
+    StepBatch,
+    StepResult,
+    WorkerFailed,
+    WorkerReady,
+)
+
+logger = logging.getLogger("pdserve.worker")
+
+SPARE_SLOTS = 2  # the overlap schedule admits new requests before the finished ones are released
+RESULT_LINGER_MS = 2000  # let the last message (WorkerFailed) leave before the socket closes
+
+
+@dataclass
+class Worker:
+    runner: ModelRunner
+    loaded: LoadedModel
+    num_pages: int
+    max_context_len: int
+    sampling: list[SamplingParams | None]  # per slot
+
+    @classmethod
+    def create(cls, args: ServerArgs) -> Worker:
+        """Load the model, size and allocate the KV pool, warm up."""
+        loaded = load_model(args)
+        cfg = loaded.config
+        context_len = _context_len(args, cfg)
+        max_slots = args.max_running_requests + SPARE_SLOTS
+        max_pages_per_req = -(-context_len // args.page_size)
+        sizing = PoolSizing(
+            page_size=args.page_size,
+            bytes_per_token=kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, loaded.dtype),
+            max_total_tokens=args.max_total_tokens,
+            mem_fraction_static=args.mem_fraction_static,
+            max_useful_tokens=max_slots * max_pages_per_req * args.page_size,
+        )
+        num_pages = sizing.num_pages(loaded.device)
+        pool = KVPool.allocate(
+            cfg.num_layers,
+            num_pages,
+            args.page_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            loaded.dtype,
+            loaded.device,
+        )
+        logger.info(
+            "KV pool: %d pages of %d tokens (%.1f MiB)", num_pages, args.page_size, pool.nbytes / 2**20
+        )
+        backend = make_attention_backend(args.attention_backend, loaded.device)
+        runner = ModelRunner(loaded.model, pool, backend, max_slots, max_pages_per_req, loaded.device)
+        max_context_len = min(context_len, (num_pages - 1) * args.page_size)
+        worker = cls(runner, loaded, num_pages, max_context_len, [None] * max_slots)
+        worker.warm_up()
+        return worker
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.loaded.config
+
+    def model_info(self) -> ModelInfo:
+        cfg = self.config
+        return ModelInfo(
+            name=self.loaded.name,
+            architecture=cfg.architecture,
+            vocab_size=cfg.vocab_size,
+            context_len=self.max_context_len,
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            eos_token_ids=list(cfg.eos_token_ids),
+        )
+
+    def ready_message(self) -> WorkerReady:
+        return WorkerReady(
+            model=self.model_info(),
+            num_pages=self.num_pages,
+            page_size=self.runner.page_size,
+            max_slots=self.runner.max_slots,
+            max_context_len=self.max_context_len,
+            device=str(self.loaded.device),
+        )
+
+    def warm_up(self) -> None:
+        """One extend and one decode on slot 0, written to the padding page, so kernels are
+        compiled before the worker reports ready."""
+        num_tokens = self.runner.page_size + 1
+        new_req = NewReq(slot=0, sampling=SamplingParams(temperature=0.0))
+        self.step(
+            StepBatch(
+                step_id=-3,
+                new_reqs=[new_req],
+                page_appends=[PageAppend(0, [0, 0])],
+                extends=[ExtendReq(0, 0, [0] * num_tokens)],
+            )
+        )
+        self.step(StepBatch(step_id=-2, decode_slots=[0], decode_positions=[num_tokens]))
+        self.step(StepBatch(step_id=-1, released=[0]))
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def step(self, batch: StepBatch) -> StepResult:
+        """Apply the deltas in protocol order, run the forward, sample."""
+        start = time.perf_counter()
+        self.runner.release_slots(batch.released)
+        for slot in batch.released:
+            self.sampling[slot] = None
+        for req in batch.new_reqs:
+            self.sampling[req.slot] = req.sampling
+        self.runner.release_slots([req.slot for req in batch.new_reqs])
+        self.runner.append_pages([(a.slot, a.pages) for a in batch.page_appends])
+        if not batch.extends and not batch.decode_slots:
+            return StepResult(step_id=batch.step_id, slots=[], token_ids=[])
+
+        inputs = self.runner.prepare(batch.extends, batch.decode_slots, batch.decode_positions)
+        logits = self.runner.logits(inputs)
+        if not inputs.sample_slots:
+            return StepResult(step_id=batch.step_id, slots=[], token_ids=[])
+        params = [self.sampling[slot] for slot in inputs.sample_slots]
+        sampling = SamplingBatch.build(params, inputs.sample_positions, self.config.vocab_size, logits.device)
+        tokens, logprobs = sample(logits, sampling)
+        self.runner.set_next_tokens(inputs.sample_slots_device, tokens)
+        return StepResult(
+            step_id=batch.step_id,
+            slots=inputs.sample_slots,
+            token_ids=tokens.tolist(),
+            logprobs=None if logprobs is None else logprobs.tolist(),
+            forward_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+
+def _context_len(args: ServerArgs, cfg: ModelConfig) -> int:
+    """The longest sequence served: ``--context-length`` within what the model supports, and
+    within Mistral's sliding window (full attention equals it only up to there)."""
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window:
+        limit = min(limit, cfg.sliding_window)
+    if args.context_length is not None and args.context_length > limit:
+        logger.warning(
+            "--context-length %d exceeds the model's %d; using %d", args.context_length, limit, limit
+        )
+    return min(args.context_length or limit, limit)
+
+
+def serve(worker: Worker, step_sock: zmq.Socket, result_sock: zmq.Socket) -> None:
+    """Run steps until ``Shutdown``; a failing step sends ``WorkerFailed`` and re-raises."""
+    while True:
+        msg = transport.recv(step_sock)
+        if isinstance(msg, Shutdown):
+            logger.info("shutdown: %s", msg.reason or "requested")
+            return
+        if not isinstance(msg, StepBatch):
+            logger.warning("ignoring unexpected message %s", msg.TYPE)
+            continue
+        try:
+            result = worker.step(msg)
+        except Exception as e:
+            _report_failure(result_sock, f"step {msg.step_id} failed: {type(e).__name__}: {e}")
+            raise
+        transport.send(result_sock, result)
+
+
+def run_worker(cfg: WorkerConfig) -> None:
+    """The worker process of an instance: bind the step socket, connect the result socket,
+    start up (or report ``WorkerFailed`` and raise), report ready, serve until shutdown."""
+    threads = os.environ.get("PDSERVE_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    ctx = zmq.Context()
+    step_sock = transport.bind(ctx, zmq.PULL, cfg.addrs.step_addr)
+    result_sock = transport.connect(ctx, zmq.PUSH, cfg.addrs.result_addr)
+    try:
+        try:
+            worker = Worker.create(cfg.args)
+        except Exception as e:
+            _report_failure(result_sock, f"{cfg.name}: start-up failed: {type(e).__name__}: {e}")
+            raise
+        transport.send(result_sock, worker.ready_message())
+        logger.info("%s ready: %d pages, %d slots", cfg.name, worker.num_pages, worker.runner.max_slots)
+        serve(worker, step_sock, result_sock)
+    finally:
+        step_sock.close()
+        result_sock.close(linger=RESULT_LINGER_MS)
+        ctx.term()
+
+
+def _report_failure(result_sock: zmq.Socket, message: str) -> None:
+    logger.error("%s\n%s", message, traceback.format_exc())
+    transport.send(result_sock, WorkerFailed(message=message))

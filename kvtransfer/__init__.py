@@ -1,0 +1,84 @@
+"""KV data plane between a prefill worker (``KVSender``) and a decode worker (``KVReceiver``).
+
+Backends: ``zmq`` (host-staged, any two hosts), ``cuda_ipc`` (same host, device-to-device into
+the decode pool), ``fake`` (in-process, with delay / failure injection for tests). Build one
+side with ``make_backend``; the interface and call order are documented in ``kvtransfer.base``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvtransfer.base import (
+    DuplicateRoom,
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    LayoutMismatch,
+    RegistrationRefused,
+    RoomResult,
+    TransferConfig,
+    TransferError,
+    TransferState,
+)
+
+BACKENDS = ("zmq", "cuda_ipc", "fake")
+ROLES = ("prefill", "decode")
+
+__all__ = [
+    "BACKENDS",
+    "DuplicateRoom",
+    "KVLayout",
+    "KVReceiver",
+    "KVSender",
+    "LayoutMismatch",
+    "RegistrationRefused",
+    "RoomResult",
+    "TransferConfig",
+    "TransferError",
+    "TransferState",
+    "make_backend",
+]
+
+
+def make_backend(
+    name: str,
+    role: str,
+    layout: KVLayout,
+    k_caches: Sequence[torch.Tensor],
+    v_caches: Sequence[torch.Tensor],
+    *,
+    address: str | None = None,
+    config: TransferConfig | None = None,
+) -> KVSender | KVReceiver:
+    """The ``role`` side ("prefill" → KVSender bound at ``address``; "decode" → KVReceiver)
+    of backend ``name`` over this worker's KV pool (per-layer ``k_caches`` / ``v_caches``)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown KV transfer backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    if layout.backend != name:
+        raise LayoutMismatch("backend", name, layout.backend, "layout")
+    if role == "prefill" and not address:
+        raise ValueError("the prefill side needs an explicit address to bind (tcp://host:port or ipc://path)")
+    sender_cls, receiver_cls = _classes(name)
+    if role == "prefill":
+        return sender_cls(layout, k_caches, v_caches, address, config)
+    return receiver_cls(layout, k_caches, v_caches, config)
+
+
+def _classes(name: str) -> tuple[type, type]:
+    """Import only the chosen backend (cuda_ipc needs CUDA, fake is for tests)."""
+    if name == "zmq":
+        from kvtransfer.zmq_backend import ZmqReceiver, ZmqSender
+
+        return ZmqSender, ZmqReceiver
+    if name == "cuda_ipc":
+        from kvtransfer.cuda_ipc_backend import CudaIpcReceiver, CudaIpcSender
+
+        return CudaIpcSender, CudaIpcReceiver
+    from kvtransfer.fake import FakeReceiver, FakeSender
+
+    return FakeSender, FakeReceiver

@@ -1,0 +1,379 @@
+"""The KV data plane's interface: transfer states, the layout both sides must agree on, the room
+table every backend keeps, and the sender (prefill side) / receiver (decode side) contracts.
+
+A *room* (an int minted by the front end) is one request's transfer. Both sides keep a
+``RoomTable``; a room's state only moves forward and ``FAILED`` sticks (``RoomTable._move`` is
+the one place that enforces it). Every room a side adds ends in exactly one ``RoomResult``
+returned by ``poll()``; after that the room is forgotten and frames that still arrive for it
+are ignored. A result is the moment the pages are yours again: on the prefill side the source
+pages may be freed or cached, on the decode side the destination pages may be decoded from
+(``DONE``) or freed (``FAILED``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from protocol.messages import PROTOCOL_VERSION
+
+
+class TransferError(Exception):
+    """Base of the errors this package raises."""
+
+
+class LayoutMismatch(TransferError, ValueError):
+    """The two sides (or a side and its own KV pool) disagree on ``field``."""
+
+    def __init__(self, field_name: str, ours: Any, theirs: Any, where: str = "peer") -> None:
+        super().__init__(
+            f"KV layout mismatch on {field_name!r}: ours is {ours!r}, the {where}'s is {theirs!r}"
+        )
+        self.field = field_name
+
+
+class DuplicateRoom(TransferError, ValueError):
+    pass
+
+
+class RegistrationRefused(TransferError):
+    """The prefill side refused this decode side (the message names the mismatching field)."""
+
+
+class TransferState(enum.IntEnum):
+    """A room's state, in the only order it may move. Each non-final state has a timeout."""
+
+    BOOTSTRAPPING = 0  # one side knows the room, the other has not confirmed it yet
+    WAITING_FOR_INPUT = 1  # both sides know the room (and its destination pages); no page moved
+    TRANSFERRING = 2  # pages are moving; the sender stays here until the receiver acknowledges
+    DONE = 3
+    FAILED = 4
+
+    @property
+    def final(self) -> bool:
+        return self >= TransferState.DONE
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Seconds a room may stay in each non-final state without progress, and peer liveness."""
+
+    bootstrap_timeout: float = 30.0
+    waiting_timeout: float = 30.0  # the prefill (queueing included) must start sending by then
+    transfer_timeout: float = 30.0  # between two chunks, and from the last chunk to its ack
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0  # a peer silent this long is dead: its rooms fail
+
+    @classmethod
+    def uniform(cls, timeout: float, heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0):
+        return cls(timeout, timeout, timeout, heartbeat_interval, heartbeat_timeout)
+
+    def timeout(self, state: TransferState) -> float:
+        return {
+            TransferState.BOOTSTRAPPING: self.bootstrap_timeout,
+            TransferState.WAITING_FOR_INPUT: self.waiting_timeout,
+            TransferState.TRANSFERRING: self.transfer_timeout,
+        }[state]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a prefill and a decode worker must agree on, checked once at registration."""
+
+    model: str
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    backend: str
+    tp_size: int = 1
+    tp_rank: int = 0
+    protocol_version: int = PROTOCOL_VERSION
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page across all layers, K and V."""
+        elem = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+
+    def check_matches(self, theirs: KVLayout) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) != getattr(theirs, f.name):
+                raise LayoutMismatch(f.name, getattr(self, f.name), getattr(theirs, f.name))
+
+    def check_caches(self, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> None:
+        """Raise LayoutMismatch naming the first field the local KV pool contradicts."""
+        for name, caches in (("k", k_caches), ("v", v_caches)):
+            if len(caches) != self.num_layers:
+                raise LayoutMismatch("num_layers", self.num_layers, len(caches), f"{name}-cache list")
+            for t in caches:
+                got = {"page_size": t.shape[1], "num_kv_heads": t.shape[2], "head_dim": t.shape[3]}
+                for key, value in got.items():
+                    if value != getattr(self, key):
+                        raise LayoutMismatch(key, getattr(self, key), value, f"{name}-cache")
+                if t.dtype != self.torch_dtype:
+                    theirs = str(t.dtype).removeprefix("torch.")
+                    raise LayoutMismatch("dtype", self.dtype, theirs, f"{name}-cache")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVLayout:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class RoomResult:
+    """The one final outcome of a room on this side."""
+
+    room: int
+    state: TransferState  # DONE or FAILED
+    first_token: int | None = None  # the first sampled token (decode side, DONE)
+    error: str | None = None  # why it failed
+
+    @property
+    def ok(self) -> bool:
+        return self.state is TransferState.DONE
+
+
+@dataclass
+class Room:
+    """A room's bookkeeping on one side. Backends keep their per-room data here too, so one
+    table owns everything a room holds and nothing outlives it."""
+
+    room: int
+    state: TransferState
+    deadline: float
+    peer: str | None = None
+    dst_pages: list[int] | None = None  # the destination pages the decode side announced
+    received: set[int] = field(default_factory=set)  # decode side: destination pages written
+    pending: list[Any] = field(default_factory=list)  # prefill side: chunks waiting for bootstrap
+    first_token: int | None = None
+    error: str | None = None
+    reported: bool = True  # False: created by the peer; dropped silently unless adopted locally
+    held: bool = False  # final, but its result waits until a remote writer has stopped
+
+
+class RoomTable:
+    """Thread-safe table of one side's rooms; the single owner of state transitions."""
+
+    def __init__(self, config: TransferConfig) -> None:
+        self.config = config
+        self._rooms: dict[int, Room] = {}
+        self._results: list[RoomResult] = []
+        self._cond = threading.Condition(threading.RLock())
+
+    # ---- creation and lookup -----------------------------------------------------------
+
+    def add(self, room: int, state: TransferState, *, reported: bool = True, **fields: Any) -> Room:
+        with self._cond:
+            if room in self._rooms:
+                raise DuplicateRoom(f"room {room} is already in use on this side")
+            deadline = time.monotonic() + self.config.timeout(state)
+            entry = Room(room, state, deadline, reported=reported, **fields)
+            self._rooms[room] = entry
+            return entry
+
+    def claim(self, room: int, state: TransferState) -> Room:
+        """Add ``room`` for this side, or adopt it if the peer announced it first (an announced
+        room is only reported once claimed); raises DuplicateRoom if this side has it already."""
+        with self._cond:
+            entry = self._rooms.get(room)
+            if entry is None or entry.reported:
+                return self.add(room, state)
+            entry.reported = True
+            return entry
+
+    def get(self, room: int) -> Room | None:
+        with self._cond:
+            return self._rooms.get(room)
+
+    def live(self, room: int) -> Room | None:
+        """The room if it is known and not final."""
+        with self._cond:
+            entry = self._rooms.get(room)
+            return None if entry is None or entry.state.final else entry
+
+    def state(self, room: int) -> TransferState | None:
+        with self._cond:
+            entry = self._rooms.get(room)
+            return None if entry is None else entry.state
+
+    def rooms_of(self, peer: str) -> list[Room]:
+        with self._cond:
+            return [r for r in self._rooms.values() if r.peer == peer and not r.state.final]
+
+    # ---- transitions -------------------------------------------------------------------
+
+    def advance(self, room: int, state: TransferState, first_token: int | None = None) -> bool:
+        """Move ``room`` forward to ``state`` (re-arming its timeout). Backward moves, moves out
+        of a final state and unknown rooms are ignored: returns whether the room moved."""
+        with self._cond:
+            return self._move(room, state, first_token=first_token)
+
+    def fail(self, room: int, error: str, hold: bool = False) -> bool:
+        """Fail ``room``; with ``hold`` its result waits for ``release`` (a writer still running)."""
+        with self._cond:
+            return self._move(room, TransferState.FAILED, error=error, hold=hold)
+
+    def release(self, room: int) -> None:
+        """The remote writer of a held room has stopped: report it now."""
+        with self._cond:
+            entry = self._rooms.get(room)
+            if entry is not None and entry.held:
+                entry.held = False
+                self._report(entry)
+
+    def release_peer(self, peer: str) -> None:
+        """A peer is known dead: every room it might still have been writing is reported."""
+        with self._cond:
+            for entry in [r for r in self._rooms.values() if r.peer == peer and r.held]:
+                entry.held = False
+                self._report(entry)
+
+    def expired(self, now: float) -> list[Room]:
+        with self._cond:
+            return [r for r in self._rooms.values() if not r.state.final and r.deadline <= now]
+
+    def next_deadline(self) -> float | None:
+        with self._cond:
+            return min((r.deadline for r in self._rooms.values() if not r.state.final), default=None)
+
+    def _move(self, room: int, state: TransferState, *, first_token: int | None = None,
+              error: str | None = None, hold: bool = False) -> bool:
+        entry = self._rooms.get(room)
+        if entry is None or entry.state.final or state < entry.state:
+            return False
+        entry.state = state
+        if state.final:
+            entry.first_token, entry.error, entry.held = first_token, error, hold
+            entry.pending.clear()
+            if not hold:
+                self._report(entry)
+        else:
+            entry.deadline = time.monotonic() + self.config.timeout(state)
+        return True
+
+    def _report(self, entry: Room) -> None:
+        if entry.reported:
+            self._results.append(RoomResult(entry.room, entry.state, entry.first_token, entry.error))
+            self._cond.notify_all()
+        else:
+            del self._rooms[entry.room]
+
+    # ---- results -----------------------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> list[RoomResult]:
+        """Results since the last call (waiting up to ``timeout`` seconds for one); the rooms
+        they name are forgotten."""
+        with self._cond:
+            if not self._results and timeout > 0:
+                self._cond.wait(timeout)
+            results, self._results = self._results, []
+            for r in results:
+                self._rooms.pop(r.room, None)
+            return results
+
+
+class _Side(ABC):
+    """What both sides offer: state, results, shutdown."""
+
+    rooms: RoomTable
+
+    def state(self, room: int) -> TransferState | None:
+        """The room's state, or None when this side does not know it (any more)."""
+        return self.rooms.state(room)
+
+    def poll(self, timeout: float = 0.0) -> list[RoomResult]:
+        """Final results since the last call, each room exactly once. Non-blocking by default;
+        with ``timeout`` > 0 waits (on a condition, not a spin) for the first result."""
+        return self.rooms.poll(timeout)
+
+    @abstractmethod
+    def abort(self, room: int, reason: str = "aborted") -> None:
+        """Abort ``room`` (idempotent; unknown or finished rooms are ignored). Its FAILED result
+        comes through ``poll()`` once its pages are safe to reuse; the peer is told."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the background I/O and release sockets; live rooms are not reported."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class KVSender(_Side):
+    """Prefill side. Binds ``address``; decode workers register with it.
+
+    Call order for one request (room):
+      1. ``add_room(room)`` when the prefill of a disaggregated request starts.
+      2. After each prefill chunk's forward: ``send(room, src_pages, dst_pages)`` with the
+         pages that chunk completed (source page ids on this side → destination page ids the
+         decode side allocated). The last call passes ``first_token`` (the first sampled token)
+         and the trailing partial page; it may carry no pages at all.
+      3. ``poll()`` in the worker loop: a ``DONE`` result means the decode side acknowledged
+         every page, so the source pages may be freed or cached; ``FAILED`` means they may be
+         freed and the request failed (``error`` says why).
+    ``abort(room)`` at any time. Sends may be issued before the decode side has announced the
+    room; they are held and moved when it does.
+    """
+
+    address: str
+
+    @abstractmethod
+    def add_room(self, room: int) -> None:
+        """Start tracking ``room``; raises DuplicateRoom if this side already has it."""
+
+    @abstractmethod
+    def send(
+        self,
+        room: int,
+        src_pages: Sequence[int],
+        dst_pages: Sequence[int],
+        first_token: int | None = None,
+    ) -> bool:
+        """Queue the newly completed pages of ``room`` (``first_token`` marks the last send).
+        Returns immediately; on CUDA the pages are read after the work already queued on the
+        current stream (the forward that wrote them). Returns False, doing nothing, when the
+        room is unknown or final (e.g. it failed a moment ago: its result is in ``poll()``)."""
+
+
+class KVReceiver(_Side):
+    """Decode side.
+
+    Call order:
+      1. At start-up, once per prefill worker: ``peer = register(prefill_address)`` (blocks
+         until accepted; raises RegistrationRefused naming the mismatching field).
+      2. Per request: ``expect(room, peer, dst_pages)`` with the pages allocated for the part
+         of the prompt the decode side does not have cached.
+      3. ``poll()`` in the worker loop: ``DONE`` (with ``first_token``) means every destination
+         page is written and the request may join the running batch; ``FAILED`` means the pages
+         are no longer written by anyone and may be freed.
+    ``abort(room)`` at any time.
+    """
+
+    @abstractmethod
+    def register(self, address: str, timeout: float = 30.0) -> str:
+        """Register with the prefill worker at ``address``; returns the peer id for ``expect``."""
+
+    @abstractmethod
+    def expect(self, room: int, peer: str, dst_pages: Sequence[int]) -> None:
+        """Announce ``room`` to ``peer`` with its destination pages; raises DuplicateRoom."""

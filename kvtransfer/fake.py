@@ -1,0 +1,287 @@
+"""``fake`` backend: both sides in one process, for scheduler and worker tests.
+
+It keeps the real contract (states, timeouts, one result per room, duplicate rooms refused,
+late sends ignored) but has no thread and no socket: a ``send`` copies the pages straight into
+the receiver's pool with torch, on the caller's thread. ``address`` is any string naming the
+sender in this process (e.g. ``"fake://prefill-0"``).
+
+Fault injection, through the sender's ``faults``:
+  ``faults.delay(room, seconds)`` — every chunk of ``room`` lands ``seconds`` after its send
+  (delivered by a later ``poll`` of either side), to slow a transfer down on purpose;
+  ``faults.fail(room, reason)`` — the next send of ``room`` fails it on both sides;
+  ``faults.kill()`` — the sender is dead: its rooms fail on both sides, sends are ignored.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtransfer.base import (
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    LayoutMismatch,
+    RegistrationRefused,
+    Room,
+    RoomResult,
+    RoomTable,
+    TransferConfig,
+    TransferError,
+    TransferState,
+)
+from kvtransfer.kernels import PagedCaches, copy_pages_ref
+
+_LOCK = threading.RLock()  # every fake side of this process: one transfer at a time
+_SENDERS: dict[str, FakeSender] = {}
+
+
+@dataclass
+class FakeFaults:
+    delays: dict[int, float] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    dead: bool = False
+
+    def delay(self, room: int, seconds: float) -> None:
+        self.delays[room] = seconds
+
+    def fail(self, room: int, reason: str = "injected failure") -> None:
+        self.failures[room] = reason
+
+    def kill(self) -> None:
+        self.dead = True
+
+
+@dataclass
+class _Delivery:
+    due: float
+    room: int
+    src_pages: list[int]
+    dst_pages: list[int]
+    first_token: int | None
+
+
+class FakeSender(KVSender):
+    def __init__(
+        self,
+        layout: KVLayout,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        address: str,
+        config: TransferConfig | None = None,
+    ) -> None:
+        layout.check_caches(k_caches, v_caches)
+        self.layout, self.address = layout, address
+        self.pool = PagedCaches(k_caches, v_caches)
+        self.rooms = RoomTable(config or TransferConfig())
+        self.faults = FakeFaults()
+        self._receivers: dict[int, FakeReceiver] = {}  # room -> the receiver that announced it
+        self._deliveries: list[_Delivery] = []
+        with _LOCK:
+            if address in _SENDERS:
+                raise ValueError(f"fake KV sender address {address!r} is in use")
+            _SENDERS[address] = self
+
+    def add_room(self, room: int) -> None:
+        with _LOCK:
+            self.rooms.claim(room, TransferState.BOOTSTRAPPING)
+
+    def send(
+        self, room: int, src_pages: Sequence[int], dst_pages: Sequence[int], first_token: int | None = None
+    ) -> bool:
+        with _LOCK:
+            entry = self.rooms.live(room)
+            if entry is None or self.faults.dead:
+                return False
+            if room in self.faults.failures:
+                self._fail_both(room, f"injected failure: {self.faults.failures.pop(room)}")
+                return True
+            due = time.monotonic() + self.faults.delays.get(room, 0.0)
+            self._deliveries.append(_Delivery(due, room, list(src_pages), list(dst_pages), first_token))
+            self.rooms.advance(room, TransferState.TRANSFERRING)
+            self._pump()
+            return True
+
+    def abort(self, room: int, reason: str = "aborted") -> None:
+        with _LOCK:
+            self._fail_both(room, f"prefill side: {reason}")
+
+    def poll(self, timeout: float = 0.0) -> list[RoomResult]:
+        return _poll(self.rooms, self._pump, self._next_due, timeout)
+
+    def close(self) -> None:
+        with _LOCK:
+            if _SENDERS.get(self.address) is self:
+                del _SENDERS[self.address]
+
+    # ---- the receiver's side of the handshake ------------------------------------------
+
+    def _announce(self, receiver: FakeReceiver, room: int, dst_pages: list[int]) -> str | None:
+        """A receiver announces ``room``; returns why it is refused, or None."""
+        if self.faults.dead:
+            return "prefill peer is dead"
+        entry = self.rooms.get(room)
+        if entry is None:
+            entry = self.rooms.add(room, TransferState.WAITING_FOR_INPUT, reported=False)
+        elif entry.dst_pages is not None or entry.state.final:
+            return entry.error or f"room {room} was already announced"
+        entry.peer, entry.dst_pages = receiver.name, dst_pages
+        self.rooms.advance(room, TransferState.WAITING_FOR_INPUT)
+        self._receivers[room] = receiver
+        return None
+
+    # ---- moving pages ------------------------------------------------------------------
+
+    def _next_due(self) -> float | None:
+        return min((d.due for d in self._deliveries), default=None)
+
+    def _pump(self) -> None:
+        """Land every delivery that is due, kill rooms of a dead sender, expire timeouts."""
+        with _LOCK:
+            now = time.monotonic()
+            if self.faults.dead:
+                for entry in [*self.rooms.expired(float("inf"))]:
+                    self._fail_both(entry.room, "prefill peer is dead")
+            due = [d for d in self._deliveries if d.due <= now]
+            self._deliveries = [d for d in self._deliveries if d.due > now]
+            for delivery in due:
+                self._deliver(delivery)
+            for table in {self.rooms, *(r.rooms for r in self._receivers.values())}:
+                for entry in table.expired(now):
+                    side = "prefill" if table is self.rooms else "decode"
+                    self._fail_both(entry.room, f"{side} side: timed out in {entry.state.name}")
+
+    def _deliver(self, d: _Delivery) -> None:
+        entry = self.rooms.live(d.room)
+        receiver = self._receivers.get(d.room)
+        if entry is None:
+            return
+        if receiver is None or entry.dst_pages is None:  # not announced yet: try again later
+            self._deliveries.append(d)
+            return
+        problem = _check(d, entry.dst_pages, receiver.rooms.get(d.room))
+        if problem:
+            self._fail_both(d.room, problem)
+            return
+        copy_pages_ref(self.pool, d.src_pages, receiver.pool, d.dst_pages)
+        target = receiver.rooms.get(d.room)
+        assert target is not None
+        target.received.update(d.dst_pages)
+        if d.first_token is None:
+            receiver.rooms.advance(d.room, TransferState.TRANSFERRING)
+            return
+        if len(target.received) != len(target.dst_pages or []):
+            self._fail_both(d.room, "decode side: the last chunk left destination pages unwritten")
+            return
+        receiver.rooms.advance(d.room, TransferState.DONE, first_token=d.first_token)
+        self.rooms.advance(d.room, TransferState.DONE)
+        del self._receivers[d.room]
+
+    def _fail_both(self, room: int, error: str) -> None:
+        self.rooms.fail(room, error)
+        receiver = self._receivers.pop(room, None)
+        if receiver is not None:
+            receiver.rooms.fail(room, error)
+
+
+class FakeReceiver(KVReceiver):
+    def __init__(
+        self,
+        layout: KVLayout,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        config: TransferConfig | None = None,
+        name: str | None = None,
+    ) -> None:
+        layout.check_caches(k_caches, v_caches)
+        self.layout = layout
+        self.pool = PagedCaches(k_caches, v_caches)
+        self.rooms = RoomTable(config or TransferConfig())
+        self.name = name or f"decode-{uuid.uuid4().hex[:12]}"
+        self._senders: dict[str, FakeSender] = {}
+
+    def register(self, address: str, timeout: float = 30.0) -> str:
+        with _LOCK:
+            sender = _SENDERS.get(address)
+            if sender is None or sender.faults.dead:
+                raise TransferError(f"no fake KV sender at {address!r}")
+            try:
+                sender.layout.check_matches(self.layout)
+            except LayoutMismatch as e:
+                raise RegistrationRefused(f"prefill KV sender at {address} refused us: {e}") from None
+            self._senders[address] = sender
+            return address
+
+    def expect(self, room: int, peer: str, dst_pages: Sequence[int]) -> None:
+        with _LOCK:
+            sender = self._senders.get(peer)
+            if sender is None:
+                raise TransferError(f"{peer} is not a registered prefill peer; call register() first")
+            pages = [int(p) for p in dst_pages]
+            self.rooms.add(room, TransferState.BOOTSTRAPPING, peer=peer, dst_pages=pages)
+            refused = sender._announce(self, room, pages)
+            if refused:
+                self.rooms.fail(room, f"prefill side refused the room: {refused}")
+            else:
+                self.rooms.advance(room, TransferState.WAITING_FOR_INPUT)
+            sender._pump()
+
+    def abort(self, room: int, reason: str = "aborted") -> None:
+        with _LOCK:
+            entry = self.rooms.live(room)
+            if entry is None:
+                return
+            sender = self._senders.get(entry.peer or "")
+            if sender is not None:
+                sender._fail_both(room, f"decode side: {reason}")
+            self.rooms.fail(room, f"decode side: {reason}")
+
+    def poll(self, timeout: float = 0.0) -> list[RoomResult]:
+        senders = list(self._senders.values())
+
+        def pump() -> None:
+            for s in senders:
+                s._pump()
+
+        def next_due() -> float | None:
+            return min((t for s in senders if (t := s._next_due()) is not None), default=None)
+
+        return _poll(self.rooms, pump, next_due, timeout)
+
+    def close(self) -> None:
+        self._senders.clear()
+
+
+def _poll(
+    rooms: RoomTable, pump: Callable[[], None], next_due: Callable[[], float | None], timeout: float
+) -> list[RoomResult]:
+    """Results of ``rooms``, landing due deliveries while waiting up to ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        pump()
+        now = time.monotonic()
+        due = next_due()
+        wait = min(end, due if due is not None else end, _next_deadline(rooms, end)) - now
+        results = rooms.poll(max(wait, 0.0))
+        if results or time.monotonic() >= end:
+            return results
+
+
+def _next_deadline(rooms: RoomTable, default: float) -> float:
+    deadline = rooms.next_deadline()
+    return default if deadline is None else deadline
+
+
+def _check(d: _Delivery, announced: list[int], target: Room | None) -> str | None:
+    if len(d.src_pages) != len(d.dst_pages):
+        return f"prefill side: {len(d.src_pages)} source pages but {len(d.dst_pages)} destination pages"
+    if not set(d.dst_pages) <= set(announced):
+        return "prefill side: destination pages were not announced for this room"
+    if target is not None and target.received & set(d.dst_pages):
+        return "decode side: a chunk writes pages a second time"
+    return None

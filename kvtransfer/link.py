@@ -1,0 +1,178 @@
+"""The worker-to-worker link both socket backends share: private frame kinds and the background
+I/O thread that owns the sockets.
+
+Topology: the prefill worker's sender binds one ROUTER at an explicit address; every decode
+worker's receiver connects one DEALER to it (identity = the receiver's name). All frames of a
+(decode, prefill) pair travel on that connection, in order, both ways. Each frame is a msgpack
+map header (``k`` = kind), followed by raw payload frames for ``CHUNK`` on the zmq backend:
+
+  decode → prefill: REGISTER {layout, extra}  ROOM {room, dst_pages}  ACK {room}
+                    ABORT {room, reason}  HEARTBEAT {}
+  prefill → decode: REGISTERED {ok, error}  ROOM_OK {room}  ROOM_REFUSED {room, error}
+                    CHUNK {room, dst_pages, last, first_token} + payload  ABORT {room, reason}
+                    ABORT_ACK {room}  HEARTBEAT {}
+
+These frames never leave this package, so they are not in ``protocol.messages``; the protocol
+version is checked as part of the layout at registration.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+
+log = logging.getLogger("kvtransfer")
+
+REGISTER = "register"
+REGISTERED = "registered"
+ROOM = "room"
+ROOM_OK = "room_ok"
+ROOM_REFUSED = "room_refused"
+CHUNK = "chunk"
+ACK = "ack"
+ABORT = "abort"
+ABORT_ACK = "abort_ack"
+HEARTBEAT = "heartbeat"
+
+_instances = itertools.count()
+
+
+def pack(kind: str, **fields: Any) -> bytes:
+    fields["k"] = kind
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack(frame: zmq.Frame | bytes) -> dict[str, Any]:
+    data = frame.bytes if isinstance(frame, zmq.Frame) else frame
+    header = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if not isinstance(header, dict) or not isinstance(header.get("k"), str):
+        raise ValueError("KV transfer frame header is not a map with a kind")
+    return header
+
+
+def socket(ctx: zmq.Context, kind: int, identity: bytes | None = None) -> zmq.Socket:
+    """A data-plane socket: no linger, no high-water mark (chunks are bounded by the pool)."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    return sock
+
+
+class IoLoop:
+    """One background thread that owns a backend's sockets and runs every state change.
+
+    API calls from the worker thread never touch a socket: they queue a command (a callable)
+    and wake the thread through an inproc pipe. The thread sleeps in ``zmq.Poller.poll`` until a
+    frame, a command, the next heartbeat or the next room deadline.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        on_frames: Callable[[zmq.Socket, list[zmq.Frame]], None],
+        on_tick: Callable[[float], None],
+        next_deadline: Callable[[], float | None],
+        heartbeat_interval: float,
+    ) -> None:
+        self.ctx = zmq.Context()
+        self._on_frames, self._on_tick, self._next_deadline = on_frames, on_tick, next_deadline
+        self._interval = heartbeat_interval
+        wake_addr = f"inproc://kvtransfer-wake-{next(_instances)}"
+        self._wake_rx = socket(self.ctx, zmq.PULL)
+        self._wake_rx.bind(wake_addr)
+        self._wake_tx = socket(self.ctx, zmq.PUSH)
+        self._wake_tx.connect(wake_addr)
+        self._wake_lock = threading.Lock()
+        self._commands: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
+        self._poller = zmq.Poller()
+        self._poller.register(self._wake_rx, zmq.POLLIN)
+        self._sockets: list[zmq.Socket] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add_socket(self, sock: zmq.Socket) -> None:
+        """Register a socket for reading (from the I/O thread, or before ``start``)."""
+        self._sockets.append(sock)
+        self._poller.register(sock, zmq.POLLIN)
+
+    def remove_socket(self, sock: zmq.Socket) -> None:
+        self._poller.unregister(sock)
+        self._sockets.remove(sock)
+        sock.close(linger=0)
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the I/O thread, after every command submitted before it."""
+        self._commands.append((fn, args))
+        with self._wake_lock:
+            if not self._stopping:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def close(self) -> None:
+        with self._wake_lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10.0)
+        for sock in [*self._sockets, self._wake_rx, self._wake_tx]:
+            sock.close(linger=0)
+        self.ctx.term()
+
+    def _run(self) -> None:
+        next_tick = 0.0
+        while not self._stopping:
+            now = time.monotonic()
+            if now >= next_tick:
+                self._guard(self._on_tick, now)
+                next_tick = now + self._interval
+            deadline = self._next_deadline()
+            wake_at = next_tick if deadline is None else min(next_tick, deadline)
+            ready = dict(self._poller.poll(max(0, int((wake_at - now) * 1000)) + 1))
+            if self._wake_rx in ready:
+                self._drain_wakeups()
+            while self._commands and not self._stopping:
+                fn, args = self._commands.popleft()
+                self._guard(fn, *args)
+            for sock in list(self._sockets):
+                if sock in ready:
+                    self._read(sock)
+            if deadline is not None and time.monotonic() >= deadline:
+                self._guard(self._on_tick, time.monotonic())
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while True:
+                self._wake_rx.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _read(self, sock: zmq.Socket) -> None:
+        while not self._stopping:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._guard(self._on_frames, sock, frames)
+
+    @staticmethod
+    def _guard(fn: Callable[..., None], *args: Any) -> None:
+        """A bad frame or a failing command must not kill the link; it is logged."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("kvtransfer I/O thread: %s failed", getattr(fn, "__name__", fn))

@@ -1,0 +1,236 @@
+"""The decode side of a socket link: registration with prefill peers, room announcements,
+chunk validation and acknowledgements; a backend's ``ReceiverMover`` lands the page data."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import zmq
+
+from kvtransfer import link
+from kvtransfer.base import (
+    KVLayout,
+    KVReceiver,
+    RegistrationRefused,
+    Room,
+    RoomTable,
+    TransferConfig,
+    TransferError,
+    TransferState,
+)
+from kvtransfer.kernels import PagedCaches
+from kvtransfer.link import log
+
+
+class ReceiverMover(Protocol):
+    remote_writes: bool  # True: the prefill process writes our pages itself (cuda_ipc)
+
+    def registration(self) -> dict[str, Any]:
+        """What the prefill side needs to write to us (msgpack-able: bytes, ints, lists)."""
+
+    def apply(self, dst_pages: list[int], payload: list[zmq.Frame]) -> None:
+        """Land one chunk's payload in ``dst_pages``; when it returns the pages are written."""
+
+
+@dataclass
+class _Peer:
+    address: str
+    sock: zmq.Socket | None = None
+    answered: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    registered: bool = False
+    last_seen: float = 0.0
+
+
+class LinkReceiver(KVReceiver):
+    def __init__(
+        self,
+        layout: KVLayout,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        mover: Callable[[PagedCaches], ReceiverMover],
+        config: TransferConfig | None = None,
+        name: str | None = None,
+    ) -> None:
+        layout.check_caches(k_caches, v_caches)
+        self.layout = layout
+        self.pool = PagedCaches(k_caches, v_caches)
+        self.rooms = RoomTable(config or TransferConfig())
+        self.name = name or f"decode-{uuid.uuid4().hex[:12]}"
+        self._mover = mover(self.pool)
+        self._peers: dict[str, _Peer] = {}
+        self._by_sock: dict[zmq.Socket, _Peer] = {}
+        self._next_heartbeat = 0.0
+        self._io = link.IoLoop(
+            f"kv-receiver-{self.name}", self._on_frames, self._on_tick, self.rooms.next_deadline,
+            self.rooms.config.heartbeat_interval,
+        )
+        self._io.start()
+
+    # ---- API (worker thread) -----------------------------------------------------------
+
+    def register(self, address: str, timeout: float = 30.0) -> str:
+        current = self._peers.get(address)
+        if current is not None and current.registered:
+            return address
+        peer = _Peer(address)
+        self._peers[address] = peer
+        self._io.submit(self._connect, peer)
+        if not peer.answered.wait(timeout):
+            self._io.submit(self._disconnect, peer)
+            raise TransferError(f"prefill KV sender at {address} did not answer within {timeout:.0f}s")
+        if peer.error is not None:
+            self._io.submit(self._disconnect, peer)
+            raise RegistrationRefused(f"prefill KV sender at {address} refused us: {peer.error}")
+        return address
+
+    def expect(self, room: int, peer: str, dst_pages: Sequence[int]) -> None:
+        info = self._peers.get(peer)
+        if info is None or not info.registered:
+            raise TransferError(f"{peer} is not a registered prefill peer; call register() first")
+        self.rooms.add(room, TransferState.BOOTSTRAPPING, peer=peer, dst_pages=[int(p) for p in dst_pages])
+        self._io.submit(self._announce, room)
+
+    def abort(self, room: int, reason: str = "aborted") -> None:
+        self._io.submit(self._abort, room, f"decode side: {reason}")
+
+    def close(self) -> None:
+        self._io.close()
+
+    # ---- I/O thread --------------------------------------------------------------------
+
+    def _connect(self, peer: _Peer) -> None:
+        peer.sock = link.socket(self._io.ctx, zmq.DEALER, identity=self.name.encode())
+        peer.sock.connect(peer.address)
+        self._io.add_socket(peer.sock)
+        self._by_sock[peer.sock] = peer
+        extra = self._mover.registration()
+        peer.sock.send(link.pack(link.REGISTER, layout=self.layout.to_dict(), extra=extra))
+
+    def _disconnect(self, peer: _Peer) -> None:
+        if peer.sock is not None and peer.sock in self._by_sock:
+            del self._by_sock[peer.sock]
+            self._io.remove_socket(peer.sock)
+        if self._peers.get(peer.address) is peer:
+            del self._peers[peer.address]
+
+    def _announce(self, room: int) -> None:
+        entry = self.rooms.live(room)
+        if entry is None:
+            return
+        peer = self._peers.get(entry.peer or "")
+        if peer is None or not peer.registered or peer.sock is None:
+            self.rooms.fail(room, f"prefill peer {entry.peer} is unavailable")
+            return
+        peer.sock.send(link.pack(link.ROOM, room=room, dst_pages=entry.dst_pages))
+
+    def _abort(self, room: int, error: str) -> None:
+        entry = self.rooms.live(room)
+        if entry is not None:
+            self._fail_and_tell(entry, error)
+
+    def _fail_and_tell(self, entry: Room, error: str) -> None:
+        """Fail a room we stop waiting for. If the prefill side writes our pages itself, the
+        result waits for its ABORT_ACK (or its death): until then it may still be writing."""
+        peer = self._peers.get(entry.peer or "")
+        alive = peer is not None and peer.registered and peer.sock is not None
+        self.rooms.fail(entry.room, error, hold=self._mover.remote_writes and alive)
+        if alive:
+            peer.sock.send(link.pack(link.ABORT, room=entry.room, reason=error))
+
+    def _on_frames(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
+        peer = self._by_sock.get(sock)
+        if peer is None:
+            return
+        peer.last_seen = time.monotonic()
+        msg = link.unpack(frames[0])
+        kind = msg["k"]
+        if kind == link.REGISTERED:
+            peer.registered, peer.error = bool(msg["ok"]), msg.get("error")
+            peer.answered.set()
+        elif kind == link.CHUNK:
+            self._on_chunk(peer, msg, frames[1:])
+        elif kind == link.ROOM_OK:
+            waiting = TransferState.WAITING_FOR_INPUT
+            self._on_room_reply(peer, msg, lambda room: self.rooms.advance(room, waiting))
+        elif kind == link.ROOM_REFUSED:
+            error = f"prefill side refused the room: {msg.get('error')}"
+            self._on_room_reply(peer, msg, lambda room: self.rooms.fail(room, error))
+        elif kind == link.ABORT:  # the writer itself stopped: the pages are ours again at once
+            error = str(msg.get("reason", "prefill side aborted"))
+            self._on_room_reply(peer, msg, lambda room: self.rooms.fail(room, error))
+        elif kind == link.ABORT_ACK:
+            self.rooms.release(int(msg["room"]))
+
+    def _on_room_reply(self, peer: _Peer, msg: dict[str, Any], apply: Any) -> None:
+        entry = self.rooms.live(int(msg["room"]))
+        if entry is not None and entry.peer == peer.address:
+            apply(entry.room)
+
+    def _on_chunk(self, peer: _Peer, msg: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        entry = self.rooms.live(int(msg["room"]))
+        if entry is None or entry.peer != peer.address:
+            log.debug("ignoring a late chunk for room %s", msg["room"])
+            return
+        dst_pages = [int(p) for p in msg["dst_pages"]]
+        problem = _check_chunk(entry, dst_pages)
+        if problem is None:
+            try:
+                self._mover.apply(dst_pages, payload)
+            except Exception as e:  # a malformed payload fails this room only
+                problem = f"could not land the pages: {e}"
+        if problem is not None:
+            self._fail_and_tell(entry, f"decode side: {problem}")
+            return
+        entry.received.update(dst_pages)
+        if not msg["last"]:
+            self.rooms.advance(entry.room, TransferState.TRANSFERRING)
+            return
+        missing = len(entry.dst_pages or []) - len(entry.received)
+        if missing:
+            self._fail_and_tell(entry, f"decode side: the last chunk left {missing} pages unwritten")
+            return
+        self.rooms.advance(entry.room, TransferState.DONE, first_token=int(msg["first_token"]))
+        assert peer.sock is not None
+        peer.sock.send(link.pack(link.ACK, room=entry.room))
+
+    def _on_tick(self, now: float) -> None:
+        for entry in self.rooms.expired(now):
+            self._fail_and_tell(entry, f"decode side: timed out in {entry.state.name}")
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.rooms.config.heartbeat_interval
+        for peer in list(self._peers.values()):
+            if not peer.registered or peer.sock is None:
+                continue
+            if now - peer.last_seen > self.rooms.config.heartbeat_timeout:
+                self._peer_died(peer)
+            else:
+                peer.sock.send(link.pack(link.HEARTBEAT))
+
+    def _peer_died(self, peer: _Peer) -> None:
+        """A dead writer writes no more: fail its rooms and report the held ones."""
+        error = f"prefill peer {peer.address} stopped answering"
+        log.warning("%s", error)
+        peer.registered = False
+        for entry in self.rooms.rooms_of(peer.address):
+            self.rooms.fail(entry.room, error)
+        self.rooms.release_peer(peer.address)
+        self._disconnect(peer)
+
+
+def _check_chunk(entry: Room, dst_pages: list[int]) -> str | None:
+    expected = set(entry.dst_pages or [])
+    stray = [p for p in dst_pages if p not in expected]
+    if stray:
+        return f"chunk writes pages {stray[:8]} that were not announced for room {entry.room}"
+    again = [p for p in dst_pages if p in entry.received]
+    if again:
+        return f"chunk writes pages {again[:8]} of room {entry.room} a second time"
+    return None

@@ -1,0 +1,129 @@
+"""``zmq`` backend: host-staged KV transfer that works between any two hosts.
+
+Prefill: one gather kernel copies the chunk's pages of every layer into a staging buffer on the
+device, one copy moves it into a pinned host buffer, and zmq sends that buffer as a payload
+frame without copying it (``copy=False``). Decode: the frame is copied once into a pinned
+buffer, moved to the device and scattered into the destination pages by one kernel. On CPU
+pools the staging buffer itself is the payload. Device work runs on the I/O thread's own CUDA
+stream, ordered after the forward that wrote the pages by an event recorded at ``send``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from kvtransfer.base import KVLayout, TransferConfig
+from kvtransfer.kernels import PagedCaches, page_ops_for
+from kvtransfer.link_receiver import LinkReceiver
+from kvtransfer.link_sender import Chunk, LinkSender
+
+
+class _DeviceLane:
+    """Where a backend's device work runs: its own CUDA stream, or inline on CPU."""
+
+    def __init__(self, pool: PagedCaches) -> None:
+        self.pool = pool
+        self.ops = page_ops_for(pool.device)
+        self.stream = torch.cuda.Stream(pool.device) if pool.device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def running(self, after: torch.cuda.Event | None = None) -> Iterator[None]:
+        """Run the body's device work on this lane (after ``after``) and wait for it."""
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.device(self.pool.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            yield
+        self.stream.synchronize()
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A host byte buffer; pinned (from torch's caching host allocator) next to a GPU."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
+
+
+class ZmqSenderMover:
+    def __init__(self, pool: PagedCaches) -> None:
+        self._lane = _DeviceLane(pool)
+
+    def open_peer(self, peer: str, extra: dict[str, Any]) -> None:
+        pass
+
+    def close_peer(self, peer: str) -> None:
+        pass
+
+    def transmit(self, peer: str, chunk: Chunk) -> list[Any]:
+        if not chunk.src_pages:
+            return []
+        lane = self._lane
+        with lane.running(after=chunk.ready):
+            staging = lane.ops.gather(lane.pool, chunk.src_pages)
+            payload = staging.view(-1).view(torch.uint8)
+            if lane.stream is not None:
+                host = lane.host_buffer(payload.numel())
+                host.copy_(payload, non_blocking=True)
+                payload = host
+        # numpy keeps the tensor alive until zmq has sent the frame (zero-copy send).
+        return [payload.numpy()]
+
+
+class ZmqReceiverMover:
+    remote_writes = False
+
+    def __init__(self, pool: PagedCaches) -> None:
+        self._lane = _DeviceLane(pool)
+
+    def registration(self) -> dict[str, Any]:
+        return {}
+
+    def apply(self, dst_pages: list[int], payload: list[zmq.Frame]) -> None:
+        if not dst_pages:
+            if payload:
+                raise ValueError("a chunk without pages carries a payload")
+            return
+        lane, pool = self._lane, self._lane.pool
+        nbytes = pool.staging_bytes(len(dst_pages))
+        if len(payload) != 1 or len(payload[0].buffer) != nbytes:
+            got = sum(len(f.buffer) for f in payload)
+            raise ValueError(f"payload of {got} bytes in {len(payload)} frames; expected {nbytes} in 1")
+        host = lane.host_buffer(nbytes)
+        host.numpy()[:] = np.frombuffer(payload[0].buffer, dtype=np.uint8)
+        staging = host.view(pool.dtype).view(pool.staging_shape(len(dst_pages)))
+        with lane.running():
+            lane.ops.scatter(pool, dst_pages, staging.to(pool.device, non_blocking=True))
+
+
+class ZmqSender(LinkSender):
+    """Prefill side of the zmq backend; ``address`` is ``tcp://host:port`` or ``ipc://path``
+    (``tcp://host:*`` picks a free port; read the bound one from ``.address``)."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        address: str,
+        config: TransferConfig | None = None,
+    ) -> None:
+        super().__init__(layout, k_caches, v_caches, address, ZmqSenderMover, config)
+
+
+class ZmqReceiver(LinkReceiver):
+    """Decode side of the zmq backend."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        config: TransferConfig | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(layout, k_caches, v_caches, ZmqReceiverMover, config, name)

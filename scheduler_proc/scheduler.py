@@ -1,0 +1,213 @@
+"""The scheduler process's event loop: sockets, heartbeats and the overlap pipeline around
+``SchedulerCore``.
+
+Sockets: PULL ``input_addr`` (front ends and peers), PULL ``result_addr`` (worker → scheduler),
+PUSH ``step_addr`` (scheduler → worker), and one PUSH per attached front end.
+
+Overlap: up to two steps are in flight, so while the worker runs step N the scheduler has
+already formed and sent step N+1; then it processes N's result. With
+``--disable-overlap-schedule`` one step is in flight at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from protocol import transport
+from protocol.config import SchedulerConfig
+from protocol.messages import (
+    INTERNAL,
+    SHUTTING_DOWN,
+    AbortRequest,
+    AttachFrontend,
+    Heartbeat,
+    Message,
+    Shutdown,
+    StatusQuery,
+    StatusReport,
+    StepResult,
+    TokenizedRequest,
+    WorkerFailed,
+    WorkerReady,
+)
+from scheduler_proc.core import SchedulerCore
+
+logger = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT_S = 600.0
+
+CORES: dict[str, type[SchedulerCore]] = {"unified": SchedulerCore}
+
+
+class WorkerLost(RuntimeError):
+    """The worker failed, or never became ready."""
+
+
+def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_START_TIMEOUT_S) -> None:
+    """Serve until a ``Shutdown`` arrives on the input socket; raises WorkerLost when the worker
+    fails or does not report ready within ``worker_start_timeout`` seconds."""
+    if cfg.role not in CORES:
+        raise ValueError(f"scheduler role {cfg.role!r} is not supported; expected one of {', '.join(CORES)}")
+    ctx = zmq.Context()
+    sockets: list[zmq.Socket] = []
+    try:
+        args = cfg.args
+        inputs = transport.bind(ctx, zmq.PULL, cfg.addrs.input_addr, args.max_message_bytes)
+        results = transport.bind(ctx, zmq.PULL, cfg.addrs.result_addr)
+        steps = transport.connect(ctx, zmq.PUSH, cfg.addrs.step_addr)
+        sockets += [inputs, results, steps]
+        ready = _wait_for_worker(results, worker_start_timeout)
+        logger.info(
+            "%s: worker ready on %s: %d pages of %d tokens, %d slots",
+            cfg.name,
+            ready.device,
+            ready.num_pages - 1,
+            ready.page_size,
+            ready.max_slots,
+        )
+        core = CORES[cfg.role](args, cfg.name, cfg.role, ready)
+        loop = _Loop(cfg, core, ready, ctx, inputs, results, steps)
+        try:
+            loop.run()
+        finally:
+            sockets += loop.frontends.values()
+    finally:
+        for sock in sockets:
+            sock.close()
+        ctx.term()
+
+
+def _wait_for_worker(results: zmq.Socket, timeout: float) -> WorkerReady:
+    if not results.poll(timeout * 1000):
+        raise WorkerLost(f"the worker did not report ready within {timeout:.0f} s")
+    msg = transport.recv(results)
+    if isinstance(msg, WorkerFailed):
+        raise WorkerLost(f"the worker failed to start: {msg.message}")
+    if not isinstance(msg, WorkerReady):
+        raise WorkerLost(f"expected worker_ready from the worker, got {msg.TYPE}")
+    return msg
+
+
+class _Loop:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        core: SchedulerCore,
+        ready: WorkerReady,
+        ctx: zmq.Context,
+        inputs: zmq.Socket,
+        results: zmq.Socket,
+        steps: zmq.Socket,
+    ) -> None:
+        self.cfg = cfg
+        self.core = core
+        self.model = ready.model
+        self.ctx = ctx
+        self.inputs, self.results, self.steps = inputs, results, steps
+        self.frontends: dict[str, zmq.Socket] = {}
+        self.reply_to: zmq.Socket | None = None  # the most recently attached front end
+        self.max_inflight = 1 if cfg.args.disable_overlap_schedule else 2
+        self.heartbeat_interval = cfg.args.heartbeat_interval
+        self.running = True
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.inputs, zmq.POLLIN)
+        poller.register(self.results, zmq.POLLIN)
+        next_heartbeat = time.monotonic() + self.heartbeat_interval
+        while self.running:
+            self._send_steps()
+            timeout = max(next_heartbeat - time.monotonic(), 0.0)
+            events = dict(poller.poll(timeout * 1000))
+            if self.results in events:
+                for msg in transport.recv_all(self.results):
+                    self._on_worker_message(msg)
+            if self.inputs in events:
+                for msg in transport.recv_all(self.inputs):
+                    self._on_input(msg)
+            self._flush()
+            if time.monotonic() >= next_heartbeat:
+                self._heartbeat_all()
+                next_heartbeat = time.monotonic() + self.heartbeat_interval
+
+    def _send_steps(self) -> None:
+        while len(self.core.sent) < self.max_inflight:
+            batch = self.core.form_step()
+            if batch is None:
+                break
+            transport.send(self.steps, batch)
+        self._flush()
+
+    def _on_worker_message(self, msg: Message) -> None:
+        if isinstance(msg, StepResult):
+            self.core.on_result(msg)
+            return
+        if isinstance(msg, WorkerFailed):
+            logger.error("%s: worker failed: %s", self.cfg.name, msg.message)
+            self.core.fail_all(INTERNAL, f"the worker of instance {self.cfg.name} failed: {msg.message}")
+            self._flush()
+            raise WorkerLost(msg.message)
+        logger.error("%s: unexpected %s from the worker; ignored", self.cfg.name, msg.TYPE)
+
+    def _on_input(self, msg: Message) -> None:
+        if isinstance(msg, TokenizedRequest):
+            self.core.on_request(msg)
+        elif isinstance(msg, AbortRequest):
+            self.core.on_abort(msg)
+        elif isinstance(msg, StatusQuery):
+            self._reply(StatusReport(qid=msg.qid, status=self.core.status()))
+        elif isinstance(msg, AttachFrontend):
+            self._attach(msg.output_addr)
+        elif isinstance(msg, Shutdown):
+            logger.info("%s: shutting down (%s)", self.cfg.name, msg.reason or "requested")
+            self.core.fail_all(SHUTTING_DOWN, f"instance {self.cfg.name} is shutting down")
+            transport.send(self.steps, msg)
+            self.running = False
+        else:
+            logger.warning("%s: unexpected %s on the input socket; ignored", self.cfg.name, msg.TYPE)
+
+    def _attach(self, addr: str) -> None:
+        sock = self.frontends.get(addr)
+        if sock is None:
+            sock = transport.connect(self.ctx, zmq.PUSH, addr)
+            self.frontends[addr] = sock
+            logger.info("%s: front end attached at %s", self.cfg.name, addr)
+            if len(self.frontends) > 1:
+                logger.warning(
+                    "%s: %d front ends attached; replies go to the most recent (%s)",
+                    self.cfg.name,
+                    len(self.frontends),
+                    addr,
+                )
+        self.reply_to = sock
+        transport.send(sock, self._heartbeat())
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            name=self.cfg.name,
+            role=self.cfg.role,
+            ready=True,
+            input_addr=self.cfg.addrs.input_addr,
+            model=self.model,
+            queued_tokens=self.core.queued_tokens,
+            running=self.core.num_running,
+        )
+
+    def _heartbeat_all(self) -> None:
+        if self.frontends:
+            beat = self._heartbeat()
+            for sock in self.frontends.values():
+                transport.send(sock, beat)
+
+    def _reply(self, msg: Message) -> None:
+        if self.reply_to is None:
+            logger.warning("%s: no front end attached; %s dropped", self.cfg.name, msg.TYPE)
+            return
+        transport.send(self.reply_to, msg)
+
+    def _flush(self) -> None:
+        for msg in self.core.take_outbox():
+            self._reply(msg)

@@ -1,0 +1,231 @@
+"""Kernel test cases and their checks, shared by the interpreter tests (CPU, fp32/fp16) and the GPU
+tests (CUDA, bf16). Each check builds fresh random inputs from the case's seed, runs the Triton
+kernel and the torch reference on the same inputs, and raises AssertionError on a mismatch.
+
+The cases are pairwise over the factors (page size × GQA group × head dim, plus splits / block
+sizes / dtype spread over them) rather than a full cross-product, to keep the interpreter fast.
+The kernels are imported inside the checks, so only the process that runs them imports triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kernels.reference import decode_attention_ref, extend_attention_ref, store_kv_ref
+
+NUM_KV_HEADS = 2
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    page_size: int
+    group: int  # query heads per KV head
+    head_dim: int
+    seq_lens: tuple[int, ...]
+    num_splits: int | None = None  # None: the kernel's own static choice
+    block_n: int = 64
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExtendCase:
+    page_size: int
+    group: int
+    head_dim: int
+    requests: tuple[tuple[int, int], ...]  # (prefix_len, extend_len) per request
+    block_m: int = 128
+    block_n: int = 64
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StoreCase:
+    page_size: int
+    head_dim: int
+    num_tokens: int
+    src_dtype: str = "float32"
+    cache_dtype: str = "float32"
+    loc_dtype: str = "int64"
+    seed: int = 0
+    num_kv_heads: int = field(default=NUM_KV_HEADS)
+
+
+def _boundary_lens(page_size: int, longest: int) -> tuple[int, ...]:
+    """1 token, exactly one page, one past a page, and a ragged long one."""
+    lens = (1, page_size, page_size + 1, 2 * page_size - 1, longest)
+    return tuple(dict.fromkeys(min(n, longest) for n in lens))
+
+
+DECODE_CASES = [
+    DecodeCase(1, 1, 64, (1, 2, 3, 70), num_splits=None, seed=1),
+    DecodeCase(1, 4, 128, (5, 1, 33), num_splits=3, block_n=16, seed=2),
+    DecodeCase(1, 8, 64, (0, 1, 19), num_splits=1, block_n=16, seed=3),  # 0: CUDA-graph padding row
+    DecodeCase(4, 1, 128, _boundary_lens(4, 70), num_splits=1, seed=4),
+    DecodeCase(4, 4, 64, _boundary_lens(4, 61), num_splits=None, block_n=16, seed=5),
+    DecodeCase(4, 8, 128, _boundary_lens(4, 40), num_splits=4, block_n=16, dtype="float16", seed=6),
+    DecodeCase(16, 1, 64, _boundary_lens(16, 77), num_splits=2, block_n=32, seed=7),
+    DecodeCase(16, 4, 128, _boundary_lens(16, 90), num_splits=None, seed=8),
+    DecodeCase(16, 8, 64, _boundary_lens(16, 50), num_splits=5, block_n=16, seed=9),
+    DecodeCase(256, 4, 128, (1, 255, 256, 257), num_splits=None, seed=10),
+]
+
+EXTEND_CASES = [
+    ExtendCase(1, 1, 64, ((0, 1), (0, 19), (3, 5)), block_m=16, block_n=16, seed=1),
+    ExtendCase(1, 4, 128, ((0, 33), (7, 1)), seed=2),
+    ExtendCase(1, 8, 64, ((2, 17), (0, 0), (0, 9)), block_m=16, block_n=32, seed=3),  # an empty request
+    ExtendCase(4, 1, 128, ((4, 4), (0, 37), (9, 12)), block_m=16, block_n=16, seed=4),
+    ExtendCase(4, 4, 64, ((0, 20), (16, 16)), seed=5),
+    ExtendCase(4, 8, 128, ((5, 11), (0, 4)), block_m=32, block_n=16, dtype="float16", seed=6),
+    ExtendCase(16, 1, 64, ((0, 40), (16, 17), (31, 2)), block_m=16, block_n=16, seed=7),
+    ExtendCase(16, 4, 128, ((32, 17), (0, 16)), block_m=16, block_n=32, seed=8),
+    ExtendCase(16, 8, 64, ((15, 1), (0, 48)), seed=9),
+    ExtendCase(256, 4, 128, ((200, 60), (0, 7)), block_m=32, block_n=64, seed=10),
+]
+
+STORE_CASES = [
+    StoreCase(1, 64, 7, seed=1),
+    StoreCase(4, 128, 9, loc_dtype="int32", seed=2),
+    StoreCase(16, 64, 33, src_dtype="float32", cache_dtype="float16", seed=3),
+    StoreCase(16, 80, 5, src_dtype="float16", cache_dtype="float16", num_kv_heads=3, seed=4),
+]
+
+
+def case_id(case: object) -> str:
+    return "-".join(f"{v}" for v in vars(case).values() if not isinstance(v, tuple))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class PagedKV:
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    page_table: torch.Tensor  # [R, max_pages] int32, pages scattered, 0 = padding
+
+
+def make_paged_kv(
+    seq_lens: list[int], page_size: int, head_dim: int, dtype: torch.dtype, device: str, gen: torch.Generator
+) -> PagedKV:
+    """Random caches (every slot filled, padding page included, so a stray read shows) and a
+    page table that scatters each request over shuffled, non-contiguous pages."""
+    pages_per_req = [-(-n // page_size) for n in seq_lens]
+    num_pages = 1 + 2 * sum(pages_per_req) + 1  # spare pages stay unused
+    shape = (num_pages, page_size, NUM_KV_HEADS, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    free = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    max_pages = max(pages_per_req + [1]) + 2  # extra columns of padding
+    page_table = torch.zeros(len(seq_lens), max_pages, dtype=torch.int32)
+    for row, count in enumerate(pages_per_req):
+        page_table[row, :count] = torch.tensor(free[:count], dtype=torch.int32)
+        free = free[count:]
+    return PagedKV(k_cache.to(device), v_cache.to(device), page_table.to(device))
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """fp32: elementwise tight. fp16/bf16: relative error ≤ 1e-2 overall and ≤ 3e-2 per row (so one
+    wrong row cannot hide in a large tensor). Returns the overall relative error."""
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all(), "non-finite output"
+    diff = (out - ref).flatten(1)
+    rel = (diff.norm() / ref.norm().clamp_min(1e-12)).item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        return rel
+    row_rel = diff.norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-3)
+    assert rel <= 1e-2, f"relative error {rel:.3e} > 1e-2"
+    assert row_rel.max().item() <= 3e-2, f"row relative error {row_rel.max().item():.3e} > 3e-2"
+    return rel
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_decode(case: DecodeCase, device: str = "cpu", dtype: str | None = None) -> float:
+    from engine.kernels.decode_attention import DecodeConfig, decode_attention
+
+    dt = _dtype(dtype or case.dtype)
+    gen = _generator(case.seed)
+    seq_lens = list(case.seq_lens)
+    kv = make_paged_kv(seq_lens, case.page_size, case.head_dim, dt, device, gen)
+    num_heads = NUM_KV_HEADS * case.group
+    q = torch.randn(len(seq_lens), num_heads, case.head_dim, generator=gen).to(dt).to(device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    scale = case.head_dim**-0.5
+
+    config = DecodeConfig(block_n=case.block_n, num_splits=case.num_splits)
+    out = decode_attention(q, kv.k_cache, kv.v_cache, kv.page_table, lens, scale, config=config)
+    ref = decode_attention_ref(q.float(), kv.k_cache.float(), kv.v_cache.float(), kv.page_table, lens, scale)
+    return assert_matches(out, ref, dt)
+
+
+def check_extend(case: ExtendCase, device: str = "cpu", dtype: str | None = None) -> float:
+    from engine.kernels.extend_attention import ExtendConfig, extend_attention
+
+    dt = _dtype(dtype or case.dtype)
+    gen = _generator(case.seed)
+    prefixes = [p for p, _ in case.requests]
+    extends = [e for _, e in case.requests]
+    kv = make_paged_kv([p + e for p, e in case.requests], case.page_size, case.head_dim, dt, device, gen)
+    num_heads = NUM_KV_HEADS * case.group
+    q = torch.randn(sum(extends), num_heads, case.head_dim, generator=gen).to(dt).to(device)
+    indptr = torch.tensor([0] + extends, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    prefix_lens = torch.tensor(prefixes, dtype=torch.int32, device=device)
+    scale = case.head_dim**-0.5
+
+    config = ExtendConfig(block_m=case.block_m, block_n=case.block_n)
+    out = extend_attention(
+        q, kv.k_cache, kv.v_cache, kv.page_table, indptr, prefix_lens, scale, config=config
+    )
+    ref = extend_attention_ref(
+        q.float(), kv.k_cache.float(), kv.v_cache.float(), kv.page_table, indptr, prefix_lens, scale
+    )
+    return assert_matches(out, ref, dt)
+
+
+def check_store_kv(case: StoreCase, device: str = "cpu") -> float:
+    from engine.kernels.kv_store import store_kv
+
+    gen = _generator(case.seed)
+    heads, dim, tokens = case.num_kv_heads, case.head_dim, case.num_tokens
+    num_pages = 2 + 2 * -(-tokens // case.page_size)
+    cache_shape = (num_pages, case.page_size, heads, dim)
+    k_cache = torch.randn(cache_shape, generator=gen).to(_dtype(case.cache_dtype)).to(device)
+    v_cache = torch.randn(cache_shape, generator=gen).to(_dtype(case.cache_dtype)).to(device)
+    # k and v as strided views of one fused projection output, as the model produces them.
+    fused = torch.randn(tokens, 3 * heads * dim, generator=gen).to(_dtype(case.src_dtype)).to(device)
+    k = fused[:, heads * dim : 2 * heads * dim].view(tokens, heads, dim)
+    v = fused[:, 2 * heads * dim :].view(tokens, heads, dim)
+    usable = num_pages * case.page_size - case.page_size  # every slot but the padding page's
+    slots = torch.randperm(usable, generator=gen)[:tokens] + case.page_size
+    out_loc = slots.to(_dtype(case.loc_dtype)).to(device)
+
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(k, v, k_ref, v_ref, out_loc.long())
+    store_kv(k, v, k_cache, v_cache, out_loc)
+    assert torch.equal(k_cache, k_ref), "k_cache differs from the reference store"
+    assert torch.equal(v_cache, v_ref), "v_cache differs from the reference store"
+    return 0.0
+
+
+CHECKS = {
+    "decode": (check_decode, DecodeCase),
+    "extend": (check_extend, ExtendCase),
+    "store_kv": (check_store_kv, StoreCase),
+}

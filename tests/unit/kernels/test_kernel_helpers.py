@@ -1,0 +1,43 @@
+"""Host-side pieces of the kernels that need no interpreter: the static split choice and the
+test comparator itself (so a wrong kernel output cannot slip through it).
+
+``engine.kernels.decode_attention`` is imported inside the tests, not at collection: importing
+triton while pytest collects would fix its interpreter mode for the whole process before other
+packages' test setups run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.unit.kernels.kernel_cases import assert_matches
+
+
+def test_splits_fill_the_gpu_for_small_batches_and_vanish_for_large_ones() -> None:
+    from engine.kernels.decode_attention import choose_num_splits
+
+    assert choose_num_splits(1, 8, 4096, num_sms=132) == 32
+    assert choose_num_splits(256, 8, 4096, num_sms=132) == 1
+
+
+def test_splits_are_bounded_by_the_longest_context_and_the_cap() -> None:
+    from engine.kernels.decode_attention import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, choose_num_splits
+
+    assert choose_num_splits(1, 1, 2 * MIN_TOKENS_PER_SPLIT, num_sms=132) == 2
+    assert choose_num_splits(1, 1, 1 << 20, num_sms=1024) == MAX_SPLITS
+    assert choose_num_splits(1, 1, 1, num_sms=132) == 1
+
+
+def test_comparator_rejects_one_wrong_row_in_low_precision() -> None:
+    ref = torch.randn(64, 4, 128)
+    out = ref.clone()
+    out[3, 1] += 0.1 * ref[3, 1].norm() / 128**0.5  # ~10% error on one row of 256
+    assert_matches(ref.clone().bfloat16(), ref, torch.bfloat16)
+    with pytest.raises(AssertionError, match="row relative error"):
+        assert_matches(out.bfloat16(), ref, torch.bfloat16)
+
+
+def test_comparator_is_tight_in_fp32() -> None:
+    ref = torch.randn(8, 2, 64)
+    with pytest.raises(AssertionError):
+        assert_matches(ref + 1e-3, ref, torch.float32)

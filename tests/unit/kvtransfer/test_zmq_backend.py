@@ -1,0 +1,247 @@
+"""zmq backend specifics: two processes, dead peers, late frames, and the decode side's rule that
+pages a remote writer may still touch are reported only after it acknowledges (or dies)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from kvtransfer import TransferConfig, TransferState, make_backend
+from kvtransfer.kernels import PagedCaches, gather_pages_ref
+from kvtransfer.link_receiver import LinkReceiver
+from kvtransfer.zmq_backend import ZmqReceiver
+from tests.unit.kvtransfer.kv_helpers import (
+    FAST,
+    connect,
+    layout,
+    pages_equal,
+    pool,
+    wait_results,
+    wait_state,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+QUIET_PEER = TransferConfig.uniform(5.0, heartbeat_interval=0.05, heartbeat_timeout=30.0)
+
+PREFILL_CHILD = """
+import sys
+import torch
+torch.set_num_threads(1)
+from kvtransfer import make_backend
+from tests.unit.kvtransfer.kv_helpers import FAST, layout, pool
+sender = make_backend("zmq", "prefill", layout("zmq"), *pool(seed=0), address=sys.argv[1], config=FAST)
+sender.add_room(5)
+sender.send(5, [1, 2, 3], [10, 11, 12])
+sender.send(5, [4, 5], [13, 14], first_token=77)
+results = []
+while not results:
+    results = sender.poll(timeout=30)
+print(results[0].state.name, flush=True)
+sender.close()
+"""
+
+
+def test_pages_move_between_two_processes(tmp_path: Path) -> None:
+    addr = f"ipc://{tmp_path}/kv.sock"
+    child = subprocess.Popen(
+        [sys.executable, "-c", PREFILL_CHILD, addr], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    dst = pool()
+    receiver = make_backend("zmq", "decode", layout("zmq"), *dst, config=FAST)
+    try:
+        peer = receiver.register(addr, timeout=60.0)
+        receiver.expect(5, peer, [10, 11, 12, 13, 14])
+        (done,) = wait_results(receiver, timeout=60.0)
+        assert done.ok and done.first_token == 77
+        assert pages_equal(pool(seed=0), [1, 2, 3, 4, 5], dst, [10, 11, 12, 13, 14])
+        out, _ = child.communicate(timeout=60)
+        assert child.returncode == 0 and out.strip() == "DONE"  # the ack reached the sender
+    finally:
+        receiver.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_dead_prefill_peer_fails_its_rooms() -> None:
+    p = connect("zmq")
+    try:
+        p.receiver.expect(1, p.peer, [1])
+        p.sender.close()
+        (failed,) = wait_results(p.receiver, timeout=10.0)
+        assert failed.state == TransferState.FAILED and "stopped answering" in (failed.error or "")
+    finally:
+        p.receiver.close()
+
+
+def test_a_dead_decode_peer_fails_its_rooms() -> None:
+    p = connect("zmq")
+    try:
+        p.receiver.expect(1, p.peer, [1])
+        p.sender.add_room(1)
+        wait_state(p.receiver, 1, TransferState.WAITING_FOR_INPUT)  # the sender knows its peer
+        p.receiver.close()
+        (failed,) = wait_results(p.sender, timeout=10.0)
+        assert failed.state == TransferState.FAILED and "stopped answering" in (failed.error or "")
+    finally:
+        p.sender.close()
+
+
+class RawPrefill:
+    """A prefill peer speaking the link protocol by hand, to send what a real one would not."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.peer = b""
+
+    def recv(self, kind: str) -> dict[str, Any]:
+        """The next frame of ``kind`` (heartbeats skipped)."""
+        while True:
+            assert self.sock.poll(5000), f"no {kind} frame"
+            self.peer, header, *_ = self.sock.recv_multipart()
+            msg = msgpack.unpackb(header)
+            if msg["k"] != "heartbeat":
+                assert msg["k"] == kind, msg
+                return msg
+
+    def send(self, kind: str, *payload: bytes, **fields: Any) -> None:
+        self.sock.send_multipart([self.peer, msgpack.packb({"k": kind, **fields}), *payload])
+
+    def accept(self, receiver: LinkReceiver) -> str:
+        """Let ``receiver`` register with this peer."""
+        result: list[str] = []
+        t = threading.Thread(target=lambda: result.append(receiver.register(self.address, timeout=5.0)))
+        t.start()
+        self.recv("register")
+        self.send("registered", ok=True, error=None)
+        t.join()
+        return result[0]
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def raw() -> Any:
+    peer = RawPrefill()
+    yield peer
+    peer.close()
+
+
+def test_late_and_stray_chunks_are_ignored(raw: RawPrefill) -> None:
+    dst = pool()
+    receiver = ZmqReceiver(layout("zmq"), *dst, config=QUIET_PEER)
+    try:
+        peer = raw.accept(receiver)
+        receiver.expect(1, peer, [2])
+        raw.recv("room")
+        src = PagedCaches(*pool(seed=3))
+        payload = gather_pages_ref(src, [4]).numpy().tobytes()
+        raw.send("chunk", payload, room=99, dst_pages=[2], last=True, first_token=1)  # unknown room
+        raw.send("chunk", payload, room=1, dst_pages=[2], last=True, first_token=8)
+        (done,) = wait_results(receiver)
+        assert done.ok and done.first_token == 8
+        other = gather_pages_ref(PagedCaches(*pool(seed=4)), [4]).numpy().tobytes()
+        raw.send("chunk", other, room=1, dst_pages=[2], last=True, first_token=9)  # late: room is done
+        raw.send("abort", room=1, reason="late abort")
+        raw.send("heartbeat")
+        assert receiver.poll(timeout=0.3) == []
+        assert pages_equal(pool(seed=3), [4], dst, [2])
+    finally:
+        receiver.close()
+
+
+def test_malformed_payload_fails_the_room_and_tells_the_sender(raw: RawPrefill) -> None:
+    receiver = ZmqReceiver(layout("zmq"), *pool(), config=QUIET_PEER)
+    try:
+        receiver.expect(1, raw.accept(receiver), [2])
+        raw.recv("room")
+        raw.send("chunk", b"short", room=1, dst_pages=[2], last=True, first_token=1)
+        (failed,) = wait_results(receiver)
+        assert failed.state == TransferState.FAILED and "payload" in (failed.error or "")
+        assert raw.recv("abort")["room"] == 1
+    finally:
+        receiver.close()
+
+
+class RemoteWriterMover:
+    """Stands in for cuda_ipc on CPU: the prefill side writes the pages, nothing lands here."""
+
+    remote_writes = True
+
+    def __init__(self, pool: PagedCaches) -> None:
+        pass
+
+    def registration(self) -> dict[str, Any]:
+        return {}
+
+    def apply(self, dst_pages: list[int], payload: list[zmq.Frame]) -> None:
+        pass
+
+
+def test_with_a_remote_writer_an_abort_is_reported_after_its_ack(raw: RawPrefill) -> None:
+    receiver = LinkReceiver(layout("zmq"), *pool(), RemoteWriterMover, config=QUIET_PEER)
+    try:
+        receiver.expect(1, raw.accept(receiver), [2, 3])
+        raw.recv("room")
+        raw.send("chunk", room=1, dst_pages=[2], last=False, first_token=None)
+        receiver.abort(1)
+        assert raw.recv("abort")["room"] == 1
+        assert receiver.poll(timeout=0.3) == []  # the writer may still be writing page 3
+        assert receiver.state(1) == TransferState.FAILED
+        raw.send("abort_ack", room=1)
+        (failed,) = wait_results(receiver)
+        assert failed.room == 1 and failed.state == TransferState.FAILED
+    finally:
+        receiver.close()
+
+
+def test_with_a_remote_writer_a_timeout_is_reported_when_the_writer_dies(raw: RawPrefill) -> None:
+    config = TransferConfig.uniform(0.2, heartbeat_interval=0.05, heartbeat_timeout=1.0)
+    receiver = LinkReceiver(layout("zmq"), *pool(), RemoteWriterMover, config=config)
+    try:
+        receiver.expect(1, raw.accept(receiver), [2])
+        raw.recv("room")
+        assert "timed out" in raw.recv("abort")["reason"]
+        assert receiver.poll(timeout=0.3) == []  # no ack: held until the silent peer counts as dead
+        (failed,) = wait_results(receiver, timeout=5.0)
+        assert failed.state == TransferState.FAILED
+    finally:
+        receiver.close()
+
+
+def test_sender_ignores_frames_for_unknown_rooms() -> None:
+    p = connect("zmq")
+    try:
+        p.receiver.expect(1, p.peer, [1])
+        p.receiver.abort(2)  # unknown room: nothing is sent
+        ctx = zmq.Context()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(p.sender.address)
+        rogue.send(msgpack.packb({"k": "ack", "room": 1}))  # not registered: ignored
+        rogue.send(msgpack.packb({"k": "room", "room": 3, "dst_pages": [1]}))
+        assert rogue.poll(5000)
+        assert msgpack.unpackb(rogue.recv())["k"] == "room_refused"
+        rogue.close()
+        ctx.term()
+        p.sender.add_room(1)
+        p.sender.send(1, [2], [1], first_token=4)
+        assert wait_results(p.receiver)[0].first_token == 4
+        assert torch.equal(p.dst[0][0][1], p.src[0][0][2])
+    finally:
+        p.receiver.close()
+        p.sender.close()

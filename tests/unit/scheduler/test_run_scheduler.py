@@ -1,0 +1,271 @@
+"""``run_scheduler`` over real ipc sockets, with a fake worker thread and a fake front end."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import zmq
+from sched_fakes import FakeWorker, make_args, make_request, reference_generate
+
+from protocol import transport
+from protocol.config import InstanceAddrs, SchedulerConfig, config_to_json
+from protocol.messages import (
+    INTERNAL,
+    INVALID_REQUEST,
+    SHUTTING_DOWN,
+    AttachFrontend,
+    BatchOutput,
+    Heartbeat,
+    Message,
+    RequestFailed,
+    Shutdown,
+    StatusQuery,
+    StatusReport,
+    StepBatch,
+    WorkerFailed,
+)
+from scheduler_proc.scheduler import WorkerLost, run_scheduler
+
+TIMEOUT_MS = 10_000
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+@pytest.fixture
+def addrs():
+    directory = transport.ipc_dir()
+    yield InstanceAddrs(
+        input_addr=transport.ipc_addr(directory, "input"),
+        step_addr=transport.ipc_addr(directory, "step"),
+        result_addr=transport.ipc_addr(directory, "result"),
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def config(addrs: InstanceAddrs, **overrides: object) -> SchedulerConfig:
+    args = make_args(heartbeat_interval=0.05, disable_overlap_schedule=False, **overrides)
+    return SchedulerConfig(args=args, name="inst0", role="unified", addrs=addrs)
+
+
+class FakeWorkerThread:
+    """Binds the step socket, reports ready (or failed), serves steps until Shutdown or stop()."""
+
+    def __init__(self, ctx, addrs, fail_at_start=False, fail_at_step=None):
+        self.steps = transport.bind(ctx, zmq.PULL, addrs.step_addr)
+        self.results = transport.connect(ctx, zmq.PUSH, addrs.result_addr)
+        self.worker = FakeWorker(page_size=4)
+        self.seen: list[Message] = []
+        self.fail_at_start, self.fail_at_step = fail_at_start, fail_at_step
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            if self.fail_at_start:
+                transport.send(self.results, WorkerFailed("no GPU"))
+                return
+            transport.send(self.results, self.worker.ready())
+            while not self._stop.is_set():
+                if not self.steps.poll(50):
+                    continue
+                msg = transport.recv(self.steps)
+                self.seen.append(msg)
+                if isinstance(msg, Shutdown):
+                    return
+                assert isinstance(msg, StepBatch)
+                if msg.step_id == self.fail_at_step:
+                    transport.send(self.results, WorkerFailed("CUDA error"))
+                    return
+                transport.send(self.results, self.worker.step(msg))
+        finally:
+            self.steps.close()
+            self.results.close(linger=1000)
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(TIMEOUT_MS / 1000)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def start_worker(ctx, addrs):
+    started: list[FakeWorkerThread] = []
+
+    def start(**kw):
+        started.append(FakeWorkerThread(ctx, addrs, **kw))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+class Scheduler:
+    """run_scheduler in a thread; remembers what it raised."""
+
+    def __init__(self, cfg: SchedulerConfig, **kw: object) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(cfg,), kwargs=kw, daemon=True)
+        self.thread.start()
+
+    def _run(self, cfg, **kw):
+        try:
+            run_scheduler(cfg, **kw)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+    def join(self):
+        self.thread.join(TIMEOUT_MS / 1000)
+        assert not self.thread.is_alive(), "run_scheduler did not return"
+
+
+class FrontEnd:
+    def __init__(self, ctx, addrs: InstanceAddrs):
+        self.output_addr = addrs.input_addr + "-frontend"
+        self.inbox = transport.bind(ctx, zmq.PULL, self.output_addr)
+        self.to_instance = transport.connect(ctx, zmq.PUSH, addrs.input_addr)
+        self.heartbeats: list[Heartbeat] = []
+
+    def send(self, msg):
+        transport.send(self.to_instance, msg)
+
+    def recv(self, kind):
+        """The next message of type ``kind`` (heartbeats are recorded on the way)."""
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while time.monotonic() < deadline:
+            if not self.inbox.poll(100):
+                continue
+            msg = transport.recv(self.inbox)
+            if isinstance(msg, Heartbeat):
+                self.heartbeats.append(msg)
+            if isinstance(msg, kind):
+                return msg
+        raise AssertionError(f"no {kind.__name__} within {TIMEOUT_MS} ms")
+
+    def close(self):
+        self.inbox.close()
+        self.to_instance.close()
+
+
+def test_serves_requests_status_and_heartbeats_then_shuts_down(ctx, addrs, start_worker):
+    worker = start_worker()
+    scheduler = Scheduler(config(addrs))
+    front = FrontEnd(ctx, addrs)
+    try:
+        front.send(AttachFrontend(front.output_addr))
+        beat = front.recv(Heartbeat)
+        assert beat.ready and beat.role == "unified" and beat.model.name == "fake"
+        assert beat.input_addr == addrs.input_addr
+        requests = [make_request(f"r{i}", [i + 1, 2, 3, 4, 5, 6], max_new=6, seed=i) for i in range(3)]
+        for req in requests:
+            front.send(req)
+        front.send(make_request("r0", [1]))
+        failed = front.recv(RequestFailed)
+        assert failed.rid == "r0" and failed.code == INVALID_REQUEST
+        tokens: dict[str, list[int]] = {r.rid: [] for r in requests}
+        finished = set()
+        while len(finished) < len(requests):
+            for out in front.recv(BatchOutput).outputs:
+                tokens[out.rid] += out.token_ids
+                if out.finished:
+                    finished.add(out.rid)
+        for req in requests:
+            assert tokens[req.rid] == reference_generate(req.input_ids, req.sampling)
+        front.send(StatusQuery(qid=7))
+        report = front.recv(StatusReport)
+        status = report.status
+        assert report.qid == 7 and status.alive and status.ready and status.pending == 0
+        assert status.free_pages + status.cached_pages == status.total_pages == 63
+        while len(front.heartbeats) < 3:  # periodic, every heartbeat_interval
+            front.recv(Heartbeat)
+        front.send(Shutdown(reason="test"))
+        scheduler.join()
+        assert scheduler.error is None
+        worker.thread.join(TIMEOUT_MS / 1000)
+        assert isinstance(worker.seen[-1], Shutdown)
+    finally:
+        front.close()
+
+
+def test_shutdown_fails_live_requests(ctx, addrs, start_worker):
+    start_worker()
+    scheduler = Scheduler(config(addrs))
+    front = FrontEnd(ctx, addrs)
+    try:
+        front.send(AttachFrontend(front.output_addr))
+        front.recv(Heartbeat)
+        front.send(make_request("slow", [1, 2, 3], max_new=200, stop=False))
+        front.recv(BatchOutput)
+        front.send(Shutdown())
+        failed = front.recv(RequestFailed)
+        assert failed.rid == "slow" and failed.code == SHUTTING_DOWN
+        scheduler.join()
+        assert scheduler.error is None
+    finally:
+        front.close()
+
+
+def test_worker_failure_mid_run_fails_requests_and_raises(ctx, addrs, start_worker):
+    start_worker(fail_at_step=2)
+    scheduler = Scheduler(config(addrs))
+    front = FrontEnd(ctx, addrs)
+    try:
+        front.send(AttachFrontend(front.output_addr))
+        front.recv(Heartbeat)
+        front.send(make_request("a", [1, 2, 3], max_new=50, stop=False))
+        failed = front.recv(RequestFailed)
+        assert failed.rid == "a" and failed.code == INTERNAL and "CUDA error" in failed.message
+        scheduler.join()
+        assert isinstance(scheduler.error, WorkerLost)
+    finally:
+        front.close()
+
+
+def test_worker_failed_at_start_raises(addrs, start_worker):
+    start_worker(fail_at_start=True)
+    scheduler = Scheduler(config(addrs))
+    scheduler.join()
+    assert isinstance(scheduler.error, WorkerLost) and "no GPU" in str(scheduler.error)
+
+
+def test_silent_worker_times_out(addrs):
+    scheduler = Scheduler(config(addrs), worker_start_timeout=0.1)
+    scheduler.join()
+    assert isinstance(scheduler.error, WorkerLost) and "did not report ready" in str(scheduler.error)
+
+
+def _spawn(cfg: SchedulerConfig) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "scheduler_proc", "--config", config_to_json(cfg)])
+
+
+def test_main_exits_non_zero_when_the_worker_fails(addrs, start_worker):
+    start_worker(fail_at_start=True)
+    proc = _spawn(config(addrs))
+    assert proc.wait(timeout=30) == 1
+
+
+def test_main_exits_cleanly_on_sigterm(ctx, addrs, start_worker):
+    start_worker()
+    proc = _spawn(config(addrs))
+    front = FrontEnd(ctx, addrs)
+    try:
+        front.send(AttachFrontend(front.output_addr))
+        front.recv(Heartbeat)  # serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        front.close()
+        if proc.poll() is None:
+            proc.kill()

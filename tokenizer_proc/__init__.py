@@ -1,0 +1,1 @@
+"""The front end: client socket, validation, tokenization, detokenization, routing."""

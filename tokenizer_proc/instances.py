@@ -1,0 +1,122 @@
+"""The instances a front end talks to, and what it knows of each from their heartbeats.
+
+An instance is attached by sending it ``AttachFrontend`` (repeated every heartbeat interval
+until a heartbeat comes back), alive while its heartbeats keep coming, and routable when
+alive and ready. Silence for ``heartbeat_timeout`` makes it dead; it is attached again as soon
+as it may come back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import zmq
+
+from protocol import transport
+from protocol.messages import AttachFrontend, Heartbeat, InstanceStatus, Message, ModelInfo
+
+log = logging.getLogger("pdserve.frontend")
+
+
+@dataclass(eq=False)
+class Instance:
+    index: int
+    role: str  # "unified" | "prefill" | "decode"
+    addr: str  # the instance's input address
+    sock: zmq.Socket  # PUSH to ``addr``
+    name: str = ""
+    alive: bool = False
+    ready: bool = False
+    last_heartbeat: float = float("-inf")
+    next_attach: float = 0.0
+    queued_tokens: int = 0  # from the last heartbeat
+    routed_tokens: int = 0  # tokens routed here since the last heartbeat
+    model: ModelInfo | None = None
+
+    @property
+    def load_tokens(self) -> int:
+        return self.queued_tokens + self.routed_tokens
+
+    @property
+    def routable(self) -> bool:
+        return self.alive and self.ready
+
+    def send(self, msg: Message) -> None:
+        transport.send(self.sock, msg, zmq.NOBLOCK)
+
+    def unknown_status(self) -> InstanceStatus:
+        """Status of an instance that did not answer: only what the front end knows."""
+        return InstanceStatus(name=self.name, role=self.role, alive=False, ready=False)
+
+
+@dataclass
+class InstancePool:
+    instances: list[Instance] = field(default_factory=list)
+    _by_addr: dict[str, Instance] = field(default_factory=dict)
+
+    @classmethod
+    def connect(cls, ctx: zmq.Context, addrs: dict[str, list[str]], max_message_bytes: int) -> InstancePool:
+        pool = cls()
+        for role, role_addrs in addrs.items():
+            for addr in role_addrs:
+                sock = transport.connect(ctx, zmq.PUSH, addr, max_message_bytes)
+                inst = Instance(index=len(pool.instances), role=role, addr=addr, sock=sock, name=addr)
+                pool.instances.append(inst)
+                pool._by_addr[addr] = inst
+        return pool
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(self.instances)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    @property
+    def all_ready(self) -> bool:
+        return bool(self.instances) and all(inst.routable for inst in self.instances)
+
+    def routable(self, role: str) -> list[Instance]:
+        return [inst for inst in self.instances if inst.role == role and inst.routable]
+
+    def on_heartbeat(self, hb: Heartbeat, now: float) -> Instance | None:
+        inst = self._by_addr.get(hb.input_addr)
+        if inst is None:
+            log.warning("heartbeat from unknown instance %s at %s", hb.name, hb.input_addr)
+            return None
+        if not inst.alive:
+            log.info("instance %s (%s) is alive, ready=%s", hb.name, inst.addr, hb.ready)
+        elif hb.ready and not inst.ready:
+            log.info("instance %s is ready", hb.name)
+        inst.name, inst.alive, inst.ready = hb.name, True, hb.ready
+        inst.last_heartbeat = now
+        inst.queued_tokens, inst.routed_tokens = hb.queued_tokens, 0
+        if hb.model is not None:
+            inst.model = hb.model
+        return inst
+
+    def expire(self, now: float, timeout: float) -> list[Instance]:
+        """Instances whose heartbeats stopped: mark them dead and return them."""
+        dead = [inst for inst in self.instances if inst.alive and now - inst.last_heartbeat > timeout]
+        for inst in dead:
+            log.warning(
+                "instance %s (%s): no heartbeat for %.1fs, marking it dead", inst.name, inst.addr, timeout
+            )
+            inst.alive = inst.ready = False
+            inst.next_attach = now
+        return dead
+
+    def attach_due(self, now: float, interval: float, output_addr: str) -> None:
+        """(Re)send AttachFrontend to every instance not heard from, once per interval."""
+        for inst in self.instances:
+            if not inst.alive and now >= inst.next_attach:
+                try:
+                    inst.send(AttachFrontend(output_addr=output_addr))
+                except zmq.Again:
+                    log.debug("instance %s: attach not sent (queue full)", inst.addr)
+                inst.next_attach = now + interval
+
+    def close(self) -> None:
+        for inst in self.instances:
+            inst.sock.close(linger=0)

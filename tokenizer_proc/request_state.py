@@ -1,0 +1,135 @@
+"""The front end's view of a live request: where it runs, its text so far, its timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protocol.messages import ClientOutput, ReqOutput
+from tokenizer_proc.detokenizer import IncrementalDetokenizer
+from tokenizer_proc.instances import Instance
+
+ClientKey = tuple[bytes, str]  # (connection identity, client rid)
+
+
+@dataclass(eq=False)
+class LiveRequest:
+    conn: bytes
+    client_rid: str
+    rid: str  # internal id, unique across connections
+    instance: Instance
+    stream: bool
+    return_logprob: bool
+    detok: IncrementalDetokenizer
+    prompt_tokens: int
+    arrival: float  # time.perf_counter() when the front end received it
+    first_token_at: float | None = None
+    queue_ms: float = 0.0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    # Non-streaming requests collect their whole answer here.
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def key(self) -> ClientKey:
+        return (self.conn, self.client_rid)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def apply(self, out: ReqOutput, now: float) -> ClientOutput | None:
+        """Take one instance output; return the message for the client, if one is due.
+
+        A stop string found by the detokenizer finishes the request with reason ``stop``
+        even when the instance has not finished it (the caller then aborts it there).
+        """
+        self._record(out, now)
+        text = self.detok.step(out.token_ids)
+        if self.detok.stopped:
+            self.finish_reason = "stop"
+        elif out.finished:
+            text += self.detok.finish()
+            self.finish_reason = out.finish_reason or "stop"
+        logprobs = (out.logprobs or []) if self.return_logprob else None
+        if self.stream:
+            if not (out.token_ids or self.finished):
+                return None
+            return self._message(text, list(out.token_ids), logprobs, now)
+        self.texts.append(text)
+        self.token_ids += out.token_ids
+        if logprobs is not None:
+            self.logprobs += logprobs
+        if not self.finished:
+            return None
+        return self._message(
+            "".join(self.texts), self.token_ids, self.logprobs if self.return_logprob else None, now
+        )
+
+    def _record(self, out: ReqOutput, now: float) -> None:
+        if self.first_token_at is None and (out.token_ids or out.finished):
+            self.first_token_at = now
+        if out.queue_ms is not None:
+            self.queue_ms = out.queue_ms
+        if out.prompt_tokens:
+            self.prompt_tokens = out.prompt_tokens
+        self.cached_tokens = max(self.cached_tokens, out.cached_tokens)
+        self.completion_tokens += len(out.token_ids)
+
+    def _message(
+        self, text: str, token_ids: list[int], logprobs: list[float] | None, now: float
+    ) -> ClientOutput:
+        msg = ClientOutput(
+            rid=self.client_rid,
+            text=text,
+            token_ids=token_ids,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            logprobs=logprobs,
+        )
+        if self.finished:
+            msg.usage = {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens,
+            }
+            first = self.first_token_at if self.first_token_at is not None else now
+            msg.metrics = {
+                "queue_ms": round(self.queue_ms, 3),
+                "ttft_ms": round((first - self.arrival) * 1e3, 3),
+                "latency_ms": round((now - self.arrival) * 1e3, 3),
+            }
+        return msg
+
+
+class RequestTable:
+    """Live requests, by internal rid and by (connection, client rid)."""
+
+    def __init__(self) -> None:
+        self._by_rid: dict[str, LiveRequest] = {}
+        self._by_key: dict[ClientKey, LiveRequest] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_rid)
+
+    def add(self, req: LiveRequest) -> None:
+        self._by_rid[req.rid] = req
+        self._by_key[req.key] = req
+
+    def remove(self, req: LiveRequest) -> None:
+        self._by_rid.pop(req.rid, None)
+        self._by_key.pop(req.key, None)
+
+    def get(self, rid: str) -> LiveRequest | None:
+        return self._by_rid.get(rid)
+
+    def find(self, conn: bytes, client_rid: str) -> LiveRequest | None:
+        return self._by_key.get((conn, client_rid))
+
+    def of_conn(self, conn: bytes) -> list[LiveRequest]:
+        return [req for req in self._by_rid.values() if req.conn == conn]
+
+    def of_instance(self, inst: Instance) -> list[LiveRequest]:
+        return [req for req in self._by_rid.values() if req.instance is inst]

@@ -1,0 +1,82 @@
+"""Client ``status`` requests: ask every instance, answer once all replied or time ran out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import zmq
+
+from protocol.messages import ClientStatus, InstanceStatus, StatusQuery, StatusReport
+from tokenizer_proc.instances import Instance, InstancePool
+
+log = logging.getLogger("pdserve.frontend")
+
+
+@dataclass(eq=False)
+class PendingStatus:
+    conn: bytes
+    rid: str
+    deadline: float
+    instances: list[Instance]
+    answers: list[InstanceStatus | None]
+
+    @property
+    def complete(self) -> bool:
+        return all(a is not None for a in self.answers)
+
+    def reply(self, ready: bool) -> ClientStatus:
+        """The answer; an instance that did not answer is reported as not alive."""
+        pairs = zip(self.answers, self.instances, strict=True)
+        statuses = [a if a is not None else inst.unknown_status() for a, inst in pairs]
+        return ClientStatus(rid=self.rid, ready=ready, instances=statuses)
+
+
+class StatusCollector:
+    def __init__(self) -> None:
+        self._qids = itertools.count(1)
+        self._queries: dict[int, tuple[PendingStatus, int]] = {}  # qid -> (pending, instance index)
+        self._pending: list[PendingStatus] = []
+
+    def start(self, conn: bytes, rid: str, pool: InstancePool, deadline: float) -> PendingStatus:
+        """Query every live instance; dead ones are answered at once from what is known."""
+        pending = PendingStatus(conn, rid, deadline, list(pool), [None] * len(pool))
+        for i, inst in enumerate(pool):
+            if not inst.alive:
+                pending.answers[i] = inst.unknown_status()
+                continue
+            qid = next(self._qids)
+            try:
+                inst.send(StatusQuery(qid=qid))
+            except zmq.Again:
+                log.warning("status query to %s not sent (queue full)", inst.name)
+                continue
+            self._queries[qid] = (pending, i)
+        if not pending.complete:
+            self._pending.append(pending)
+        return pending
+
+    def answer(self, report: StatusReport) -> PendingStatus | None:
+        """Record one instance's report; return its request when that completed it."""
+        entry = self._queries.pop(report.qid, None)
+        if entry is None:
+            return None  # answered after its deadline
+        pending, i = entry
+        pending.answers[i] = report.status
+        if not pending.complete:
+            return None
+        self._pending.remove(pending)
+        return pending
+
+    def expired(self, now: float) -> list[PendingStatus]:
+        done = [p for p in self._pending if now >= p.deadline]
+        if done:
+            self._pending = [p for p in self._pending if now < p.deadline]
+            gone = {id(p) for p in done}
+            self._queries = {q: e for q, e in self._queries.items() if id(e[0]) not in gone}
+        return done
+
+    @property
+    def next_deadline(self) -> float | None:
+        return min((p.deadline for p in self._pending), default=None)

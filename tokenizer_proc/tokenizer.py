@@ -1,0 +1,212 @@
+"""The front end's tokenizers, behind one small interface picked once at start-up.
+
+- no model path: the embedded default's byte-level tokenizer (ids 0..255 are bytes);
+- a model directory with ``tokenizer.json``: Hugging Face ``tokenizers``;
+- a model directory without one: no text support (requests must carry ``input_ids``).
+
+Decoding goes through bytes: each token id maps to the exact bytes it stands for, so the
+incremental detokenizer can split and join UTF-8 itself (``detokenizer.py``) instead of
+guessing from replacement characters. Special tokens map to no bytes (they are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from protocol.config import EMBEDDED, EmbeddedModel
+
+
+class Tokenizer(ABC):
+    """``encode`` text to ids and ``decode_bytes`` ids back; ``eos_token_ids`` end a generation."""
+
+    has_text: bool = True
+    vocab_size: int
+    eos_token_ids: list[int]
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The bytes of ``ids`` (special tokens and unknown ids contribute nothing)."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class ByteTokenizer(Tokenizer):
+    """The embedded default's tokenizer: one token per UTF-8 byte, BOS prepended on encode."""
+
+    def __init__(self, model: EmbeddedModel = EMBEDDED) -> None:
+        self.vocab_size = model.vocab_size
+        self.bos_token_id = model.bos_token_id
+        self.eos_token_ids = [model.eos_token_id]
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_token_id, *text.encode("utf-8")]
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return bytes(i for i in ids if 0 <= i < 256)
+
+
+class NoTextTokenizer(Tokenizer):
+    """A model without ``tokenizer.json``: token ids in, token ids out, no text."""
+
+    has_text = False
+
+    def __init__(self, vocab_size: int, eos_token_ids: list[int]) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError("this model has no tokenizer.json: send input_ids instead of text")
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return b""
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` with its bytes-per-token table built once."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizerImpl
+
+        path = model_dir / "tokenizer.json"
+        self._tok = HFTokenizerImpl.from_file(str(path))
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        tok_config = _read_json(model_dir / "tokenizer_config.json")
+        self._token_bytes = _token_bytes_table(self._tok, spec)
+        self.vocab_size = len(self._token_bytes)
+        self.bos_token_id = self._special_id(tok_config.get("bos_token"))
+        self._add_bos = bool(tok_config.get("add_bos_token")) and self.bos_token_id is not None
+        eos_from_tokenizer = self._special_id(tok_config.get("eos_token"))
+        self.eos_token_ids = _unique(
+            [*_model_eos_ids(model_dir), *([] if eos_from_tokenizer is None else [eos_from_tokenizer])]
+        )
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=True).ids
+        if self._add_bos and (not ids or ids[0] != self.bos_token_id):
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        table, size = self._token_bytes, len(self._token_bytes)
+        return b"".join(table[i] for i in ids if 0 <= i < size)
+
+    def _special_id(self, entry: str | dict[str, Any] | None) -> int | None:
+        """tokenizer_config.json names special tokens as a string or an AddedToken map."""
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        return self._tok.token_to_id(content) if isinstance(content, str) else None
+
+
+def load_tokenizer(model_path: str | None) -> Tokenizer:
+    if model_path is None:
+        return ByteTokenizer()
+    model_dir = Path(model_path)
+    if (model_dir / "tokenizer.json").is_file():
+        return HFTokenizer(model_dir)
+    config = _read_json(model_dir / "config.json")
+    return NoTextTokenizer(int(config.get("vocab_size", 0)), _model_eos_ids(model_dir))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _as_ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _unique(ids: list[int]) -> list[int]:
+    return list(dict.fromkeys(ids))
+
+
+def _model_eos_ids(model_dir: Path) -> list[int]:
+    """EOS ids of generation_config.json, then config.json (either may give a list)."""
+    ids = _as_ids(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
+    ids += _as_ids(_read_json(model_dir / "config.json").get("eos_token_id"))
+    return _unique(ids)
+
+
+@cache
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's byte-level alphabet: printable bytes map to themselves, the rest to
+    the code points from 256 on, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            mapping[chr(256 + extra)] = b
+            extra += 1
+    return mapping
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    table = _unicode_to_byte()
+    return b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in token)
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _sentencepiece_bytes(token: str) -> bytes:
+    match = _BYTE_FALLBACK.fullmatch(token)
+    if match:
+        return bytes([int(match.group(1), 16)])
+    return token.replace("▁", " ").encode("utf-8")
+
+
+def _decoder_types(decoder: dict[str, Any] | None) -> set[str]:
+    if not decoder:
+        return set()
+    if decoder.get("type") == "Sequence":
+        return set().union(*(_decoder_types(d) for d in decoder.get("decoders", [])))
+    return {decoder.get("type", "")}
+
+
+def _piece_decoder(tok: Any, spec: dict[str, Any]) -> Callable[[str, int], bytes]:
+    """How one vocabulary token becomes bytes, from the kind of decoder the model declares.
+
+    Byte-level BPE (GPT-2, Llama 3, Qwen) and SentencePiece-style (Llama 2, Mistral: ``▁`` is
+    a space, ``<0xNN>`` a byte) are exact; other decoders fall back to decoding each token
+    alone, which is right for tokens that hold whole characters.
+    """
+    kinds = _decoder_types(spec.get("decoder"))
+    if "ByteLevel" in kinds:
+        return lambda token, _id: _byte_level_bytes(token)
+    if kinds & {"ByteFallback", "Metaspace", "Replace"}:
+        return lambda token, _id: _sentencepiece_bytes(token)
+    return lambda _token, token_id: tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+def _token_bytes_table(tok: Any, spec: dict[str, Any]) -> list[bytes]:
+    vocab: dict[str, int] = tok.get_vocab(with_added_tokens=True)
+    added = tok.get_added_tokens_decoder()  # id -> AddedToken
+    piece = _piece_decoder(tok, spec)
+    table = [b""] * (max(vocab.values()) + 1)
+    for token, token_id in vocab.items():
+        added_token = added.get(token_id)
+        if added_token is None:
+            table[token_id] = piece(token, token_id)
+        elif not added_token.special:
+            table[token_id] = added_token.content.encode("utf-8")
+    return table
