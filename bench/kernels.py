@@ -4,7 +4,8 @@
   has it) on the same K/V laid out contiguously; batch {1, 16, 64} x context {512, 4096};
 - extend attention vs SDPA causal (bottom-right aligned when part of the context is a cached
   prefix) for 512 and 4096 tokens, without and with half the context as a cached prefix;
-- store_kv vs the torch indexing reference.
+- store_kv vs the torch indexing reference;
+- candidates not yet used by the engine: fused RMSNorm(+residual) and SiLU-and-mul vs torch eager.
 
 Each row gives the median time, the effective bandwidth (bytes that must move / time) or
 TFLOP/s, and the ratio to the peer and to the ceiling measured in the same run (a large
@@ -44,6 +45,9 @@ class KernelShapes:
     decode_contexts: tuple[int, ...]
     extend_contexts: tuple[int, ...]
     store_tokens: tuple[int, ...]
+    pointwise_rows: tuple[int, ...]  # rows of the norm / activation candidates
+    hidden: int
+    intermediate: int
     copy_bytes: int  # of the bandwidth ceiling's copy
     matmul_n: int  # of the FLOP/s ceiling's square matmul
 
@@ -51,13 +55,15 @@ class KernelShapes:
 FULL_SHAPES = KernelShapes(
     dtype=torch.bfloat16, num_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
     decode_batches=(1, 16, 64), decode_contexts=(512, 4096), extend_contexts=(512, 4096),
-    store_tokens=(64, 4096), copy_bytes=1 << 30, matmul_n=8192,
+    store_tokens=(64, 4096), pointwise_rows=(64, 4096), hidden=4096, intermediate=14336,
+    copy_bytes=1 << 30, matmul_n=8192,
 )
 # fp32: the interpreter's bf16 tl.dot is wrong (and the numbers mean nothing on CPU anyway).
 TINY_SHAPES = KernelShapes(
     dtype=torch.float32, num_heads=4, num_kv_heads=2, head_dim=64, page_size=4,
     decode_batches=(1, 2), decode_contexts=(24,), extend_contexts=(16,),
-    store_tokens=(8,), copy_bytes=1 << 20, matmul_n=128,
+    store_tokens=(8,), pointwise_rows=(3,), hidden=64, intermediate=96,
+    copy_bytes=1 << 20, matmul_n=128,
 )
 
 
@@ -165,7 +171,7 @@ class Case:
     peers: dict[str, Callable[[], object]]
     metric: str
     work: float  # bytes or FLOPs that must be moved / done
-    reference: torch.Tensor | None = None  # a peer's output, to check ours against
+    reference: Callable[[], torch.Tensor] | None = None  # a peer's output, to check ours against
 
     def speed(self, ms: float) -> float:
         return self.work / ms / (1e6 if self.metric == "GB/s" else 1e9)
@@ -187,7 +193,7 @@ def decode_case(shapes: KernelShapes, batch: int, context: int, flex, device: st
         "decode", f"B={batch} L={context}",
         ours=lambda: decode_attention(q, data.k_cache, data.v_cache, data.page_table, lens, scale),
         peers=peers, metric="GB/s", work=2 * batch * context * hkv * d * q.element_size(),
-        reference=peers["sdpa"]().squeeze(2),
+        reference=lambda: peers["sdpa"]().squeeze(2),
     )
 
 
@@ -216,7 +222,7 @@ def extend_case(shapes: KernelShapes, context: int, prefix: int, flex, device: s
             q, data.k_cache, data.v_cache, data.page_table, indptr, prefix_lens, scale
         ),
         peers=peers, metric="TFLOP/s", work=4 * hq * d * (new * prefix + new * (new + 1) / 2),
-        reference=peers["sdpa"]()[0].transpose(0, 1),
+        reference=lambda: peers["sdpa"]()[0].transpose(0, 1),
     )
 
 
@@ -236,6 +242,36 @@ def store_kv_case(shapes: KernelShapes, tokens: int, device: str) -> Case:
         ours=lambda: store_kv(k, v, k_cache, v_cache, out_loc),
         peers={"torch": lambda: store_kv_ref(k, v, k_cache, v_cache, out_loc)},
         metric="GB/s", work=2 * 2 * k.numel() * k.element_size(),  # K and V, read and written
+    )
+
+
+def rms_norm_case(shapes: KernelShapes, rows: int, device: str) -> Case:
+    from engine.kernels.norm import rms_norm
+    from engine.kernels.reference import rms_norm_ref
+
+    x = torch.randn(rows, shapes.hidden, device=device, dtype=shapes.dtype)
+    residual = torch.randn_like(x)
+    weight = torch.randn(shapes.hidden, device=device, dtype=shapes.dtype)
+    return Case(
+        "rms_norm+residual (candidate)", f"N={rows} H={shapes.hidden}",
+        ours=lambda: rms_norm(x, weight, 1e-6, residual)[0],
+        peers={"torch": lambda: rms_norm_ref(x, weight, 1e-6, residual)},
+        metric="GB/s", work=4 * x.numel() * x.element_size(),  # x, residual in; out, residual out
+        reference=lambda: rms_norm_ref(x, weight, 1e-6, residual)[0],
+    )
+
+
+def silu_and_mul_case(shapes: KernelShapes, rows: int, device: str) -> Case:
+    from engine.kernels.activation import silu_and_mul
+    from engine.kernels.reference import silu_and_mul_ref
+
+    gate_up = torch.randn(rows, 2 * shapes.intermediate, device=device, dtype=shapes.dtype)
+    return Case(
+        "silu_and_mul (candidate)", f"N={rows} I={shapes.intermediate}",
+        ours=lambda: silu_and_mul(gate_up),
+        peers={"torch": lambda: silu_and_mul_ref(gate_up)},
+        metric="GB/s", work=1.5 * gate_up.numel() * gate_up.element_size(),
+        reference=lambda: silu_and_mul_ref(gate_up),
     )
 
 
@@ -259,14 +295,19 @@ def _sdpa(*args, **kwargs) -> torch.Tensor:
 
 
 def run_case(case: Case, timer, report: Report) -> None:
-    err = rel_err(case.ours(), case.reference) if case.reference is not None else None
+    err = None
+    if case.reference is not None:
+        try:
+            err = rel_err(case.ours(), case.reference())
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run this shape is reported
+            report.skipped.append(_skip_note(case, "reference", exc))
     our_ms = timer(case.ours)
     peer_ms = {}
     for name, fn in case.peers.items():
         try:
             peer_ms[name] = timer(fn)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run this shape is reported
-            report.skipped.append(f"{case.kernel} {case.shape} {name}: {type(exc).__name__}: {exc}"[:300])
+            report.skipped.append(_skip_note(case, name, exc))
     ceiling = report.ceilings["copy_GBps" if case.metric == "GB/s" else "matmul_TFLOPs"]
     best = min(peer_ms.values(), default=None)
     report.rows.append(Row(
@@ -279,6 +320,10 @@ def run_case(case: Case, timer, report: Report) -> None:
                                vs_ceiling=case.speed(ms) / ceiling))
 
 
+def _skip_note(case: Case, what: str, exc: Exception) -> str:
+    return f"{case.kernel} {case.shape} {what}: {type(exc).__name__}: {exc}"[:300]
+
+
 def all_cases(shapes: KernelShapes, flex, device: str):
     """Built lazily, one at a time, so only one shape's tensors are alive."""
     for batch in shapes.decode_batches:
@@ -289,6 +334,9 @@ def all_cases(shapes: KernelShapes, flex, device: str):
             yield extend_case(shapes, context, prefix, flex, device)
     for tokens in shapes.store_tokens:
         yield store_kv_case(shapes, tokens, device)
+    for rows in shapes.pointwise_rows:
+        yield rms_norm_case(shapes, rows, device)
+        yield silu_and_mul_case(shapes, rows, device)
 
 
 # ----------------------------------------------------------------------------- main
@@ -302,6 +350,10 @@ def load_flex(device: str):
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError:
         return None
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one compile per shape; keep them all
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -310,12 +362,12 @@ def print_table(report: Report) -> None:
         print("NOTE: CPU smoke test (Triton interpreter, tiny shapes): these numbers mean nothing.")
     ceilings = ", ".join(f"{name}={value:.4g}" for name, value in report.ceilings.items())
     print(f"device: {report.device}  ceilings: {ceilings}")
-    print(f"{'kernel':9} {'shape':20} {'impl':7} {'ms':>9} {'value':>9} {'metric':8} {'vs peer':>8} "
+    print(f"{'kernel':29} {'shape':20} {'impl':7} {'ms':>9} {'value':>9} {'metric':8} {'vs peer':>8} "
           f"{'vs ceil':>8} {'rel err':>8}")
     for r in report.rows:
         peer = f"{r.vs_peer:.2f}" if r.vs_peer is not None else ""
         err = f"{r.max_rel_err:.1e}" if r.max_rel_err is not None else ""
-        print(f"{r.kernel:9} {r.shape:20} {r.impl:7} {r.ms:9.4f} {r.value:9.4g} {r.metric:8} {peer:>8} "
+        print(f"{r.kernel:29} {r.shape:20} {r.impl:7} {r.ms:9.4f} {r.value:9.4g} {r.metric:8} {peer:>8} "
               f"{r.vs_ceiling:8.2f} {err:>8}")
     for line in report.skipped:
         print("skipped:", line)

@@ -62,7 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--vocab-size", type=int, default=EMBEDDED.vocab_size, help="token ids are drawn below this"
     )
-    p.add_argument("--text", action="store_true", help="send random text instead of token ids")
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="send random text (input lengths in characters) instead of token ids",
+    )
     p.add_argument(
         "--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf: all at once"
     )
@@ -114,21 +118,17 @@ def _drive(
 ) -> float:
     """Send each request at its offset, collect every reply; return the wall time taken."""
     by_rid: dict[str, BenchRequest] = {}
-    sampling = {"max_new_tokens": 0, "temperature": args.temperature, "ignore_eos": True, "seed": args.seed}
     bar = tqdm(total=len(requests), disable=args.no_progress, desc="requests", unit="req")
     start = time.perf_counter()
     next_up, done, last_reply = 0, 0, start
     while done < len(requests):
-        now = time.perf_counter()
-        while next_up < len(requests) and offsets[next_up] <= now - start:
+        while next_up < len(requests) and offsets[next_up] <= time.perf_counter() - start:
             req = requests[next_up]
-            sampling["max_new_tokens"] = req.output_len
-            prompt = {"text": req.prompt} if isinstance(req.prompt, str) else {"input_ids": req.prompt}
-            req.rid = client.submit(**prompt, stream=True, **sampling)
+            req.rid = _submit(client, req, args, seed=args.seed + next_up)
             req.sent_at = time.perf_counter()
             by_rid[req.rid] = req
             next_up += 1
-        wait = offsets[next_up] - (now - start) if next_up < len(requests) else 1.0
+        wait = offsets[next_up] - (time.perf_counter() - start) if next_up < len(requests) else 1.0
         msg = client.next_message(timeout=max(0.0, min(wait, 1.0)))
         now = time.perf_counter()
         if msg is None:
@@ -143,6 +143,18 @@ def _drive(
             bar.update(1)
     bar.close()
     return time.perf_counter() - start
+
+
+def _submit(client: Client, req: BenchRequest, args: argparse.Namespace, seed: int) -> str:
+    prompt = {"text": req.prompt} if isinstance(req.prompt, str) else {"input_ids": req.prompt}
+    return client.submit(
+        **prompt,
+        stream=True,
+        max_new_tokens=req.output_len,
+        temperature=args.temperature,
+        ignore_eos=True,
+        seed=seed,
+    )
 
 
 def _record(req: BenchRequest | None, msg: dict[str, Any], now: float) -> bool:

@@ -49,11 +49,19 @@ class SamplingBatch:
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         sampled = [p for p in params if not p.greedy]
         seeds = torch.tensor([p.seed & 0xFFFFFFFFFFFF for p in params], dtype=torch.int64)
+        keys = row_keys(seeds, torch.tensor(positions, dtype=torch.int64))
+        # two host-to-device copies per step: the float and the integer parameters
+        floats = torch.tensor(
+            [[p.temperature for p in params], [p.top_p for p in params]], dtype=torch.float32
+        )
+        ints = torch.stack([torch.tensor(top_ks, dtype=torch.int64), keys])
+        temperatures, top_ps = floats.to(device, non_blocking=True)
+        top_ks_t, keys_t = ints.to(device, non_blocking=True)
         return cls(
-            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64).to(device),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device),
-            keys=row_keys(seeds, torch.tensor(positions, dtype=torch.int64)).to(device),
+            temperatures=temperatures,
+            top_ks=top_ks_t,
+            top_ps=top_ps,
+            keys=keys_t,
             all_greedy=not sampled,
             use_top_k=any(0 < p.top_k < vocab_size for p in sampled),
             use_top_p=any(p.top_p < 1.0 for p in sampled),

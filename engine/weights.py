@@ -32,7 +32,7 @@ LOGIT_STD = 8.0  # spread of random logits: top-1 wins by whole units, not by ro
 BIAS_STD = 0.1
 # o_proj/down_proj gain: blocks outweigh the token's own embedding in the residual stream, or a
 # tied-embedding model would mostly predict its input token again
-RESIDUAL_GAIN = 4.0
+RESIDUAL_GAIN = 16.0
 
 # Hugging Face projection → (our fused projection, shard index)
 STACKED_PARAMS = {

@@ -63,30 +63,11 @@ class Worker:
         context_len = _context_len(args, cfg)
         max_slots = args.max_running_requests + SPARE_SLOTS
         max_pages_per_req = -(-context_len // args.page_size)
-        sizing = PoolSizing(
-            page_size=args.page_size,
-            bytes_per_token=kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, loaded.dtype),
-            max_total_tokens=args.max_total_tokens,
-            mem_fraction_static=args.mem_fraction_static,
-            max_useful_tokens=max_slots * max_pages_per_req * args.page_size,
-        )
-        num_pages = sizing.num_pages(loaded.device)
-        pool = KVPool.allocate(
-            cfg.num_layers,
-            num_pages,
-            args.page_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            loaded.dtype,
-            loaded.device,
-        )
-        logger.info(
-            "KV pool: %d pages of %d tokens (%.1f MiB)", num_pages, args.page_size, pool.nbytes / 2**20
-        )
+        pool = _allocate_pool(args, loaded, max_useful_tokens=max_slots * max_pages_per_req * args.page_size)
         backend = make_attention_backend(args.attention_backend, loaded.device)
         runner = ModelRunner(loaded.model, pool, backend, max_slots, max_pages_per_req, loaded.device)
-        max_context_len = min(context_len, (num_pages - 1) * args.page_size)
-        worker = cls(runner, loaded, num_pages, max_context_len, [None] * max_slots)
+        max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
+        worker = cls(runner, loaded, pool.num_pages, max_context_len, [None] * max_slots)
         worker.warm_up()
         return worker
 
@@ -165,6 +146,24 @@ class Worker:
             logprobs=None if logprobs is None else logprobs.tolist(),
             forward_ms=(time.perf_counter() - start) * 1000.0,
         )
+
+
+def _allocate_pool(args: ServerArgs, loaded: LoadedModel, max_useful_tokens: int) -> KVPool:
+    """The KV pool, sized by ``PoolSizing`` (after the weights are on the device)."""
+    cfg = loaded.config
+    sizing = PoolSizing(
+        page_size=args.page_size,
+        bytes_per_token=kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, loaded.dtype),
+        max_total_tokens=args.max_total_tokens,
+        mem_fraction_static=args.mem_fraction_static,
+        max_useful_tokens=max_useful_tokens,
+    )
+    num_pages = sizing.num_pages(loaded.device)
+    pool = KVPool.allocate(
+        cfg.num_layers, num_pages, args.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype, loaded.device
+    )
+    logger.info("KV pool: %d pages of %d tokens (%.1f MiB)", num_pages, args.page_size, pool.nbytes / 2**20)
+    return pool
 
 
 def _context_len(args: ServerArgs, cfg: ModelConfig) -> int:

@@ -2,28 +2,32 @@
 table every backend keeps, and the sender (prefill side) / receiver (decode side) contracts.
 
 A *room* (an int minted by the front end) is one request's transfer. Both sides keep a
-``RoomTable``; a room's state only moves forward and ``FAILED`` sticks (``RoomTable._move`` is
-the one place that enforces it). Every room a side adds ends in exactly one ``RoomResult``
-returned by ``poll()``; after that the room is forgotten and frames that still arrive for it
-are ignored. A result is the moment the pages are yours again: on the prefill side the source
-pages may be freed or cached, on the decode side the destination pages may be decoded from
-(``DONE``) or freed (``FAILED``).
+``RoomTable`` (``rooms.py``); a room's state only moves forward and ``FAILED`` sticks
+(``TransferState.may_move_to`` is the rule, applied by the table to every move). Every room a
+side adds ends in exactly one ``RoomResult`` returned by ``poll()``; after that the room is
+forgotten and frames that still arrive for it are ignored. A result is the moment the pages
+are yours again: on the prefill side the source pages may be freed or cached, on the decode
+side the destination pages may be decoded from (``DONE``) or freed (``FAILED``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import threading
-import time
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from protocol.messages import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from kvtransfer.rooms import RoomTable
+
+log = logging.getLogger("kvtransfer")
 
 
 class TransferError(Exception):
@@ -60,6 +64,11 @@ class TransferState(enum.IntEnum):
     @property
     def final(self) -> bool:
         return self >= TransferState.DONE
+
+    def may_move_to(self, new: TransferState) -> bool:
+        """The one transition rule: forward only (or stay, to record progress), never out of
+        a final state, so FAILED and DONE stick. ``RoomTable`` applies it to every move."""
+        return not self.final and new >= self
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,15 @@ class KVLayout:
     tp_size: int = 1
     tp_rank: int = 0
     protocol_version: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_caches(
+        cls, k_caches: Sequence[torch.Tensor], *, model: str, backend: str, tp_size: int = 1, tp_rank: int = 0
+    ) -> KVLayout:
+        """The layout of a worker's own pool (per-layer ``[pages, page_size, heads, dim]``)."""
+        _, page_size, num_kv_heads, head_dim = k_caches[0].shape
+        dtype = str(k_caches[0].dtype).removeprefix("torch.")
+        return cls(model, len(k_caches), page_size, num_kv_heads, head_dim, dtype, backend, tp_size, tp_rank)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -149,145 +167,6 @@ class RoomResult:
     @property
     def ok(self) -> bool:
         return self.state is TransferState.DONE
-
-
-@dataclass
-class Room:
-    """A room's bookkeeping on one side. Backends keep their per-room data here too, so one
-    table owns everything a room holds and nothing outlives it."""
-
-    room: int
-    state: TransferState
-    deadline: float
-    peer: str | None = None
-    dst_pages: list[int] | None = None  # the destination pages the decode side announced
-    received: set[int] = field(default_factory=set)  # decode side: destination pages written
-    pending: list[Any] = field(default_factory=list)  # prefill side: chunks waiting for bootstrap
-    first_token: int | None = None
-    error: str | None = None
-    reported: bool = True  # False: created by the peer; dropped silently unless adopted locally
-    held: bool = False  # final, but its result waits until a remote writer has stopped
-
-
-class RoomTable:
-    """Thread-safe table of one side's rooms; the single owner of state transitions."""
-
-    def __init__(self, config: TransferConfig) -> None:
-        self.config = config
-        self._rooms: dict[int, Room] = {}
-        self._results: list[RoomResult] = []
-        self._cond = threading.Condition(threading.RLock())
-
-    # ---- creation and lookup -----------------------------------------------------------
-
-    def add(self, room: int, state: TransferState, *, reported: bool = True, **fields: Any) -> Room:
-        with self._cond:
-            if room in self._rooms:
-                raise DuplicateRoom(f"room {room} is already in use on this side")
-            deadline = time.monotonic() + self.config.timeout(state)
-            entry = Room(room, state, deadline, reported=reported, **fields)
-            self._rooms[room] = entry
-            return entry
-
-    def claim(self, room: int, state: TransferState) -> Room:
-        """Add ``room`` for this side, or adopt it if the peer announced it first (an announced
-        room is only reported once claimed); raises DuplicateRoom if this side has it already."""
-        with self._cond:
-            entry = self._rooms.get(room)
-            if entry is None or entry.reported:
-                return self.add(room, state)
-            entry.reported = True
-            return entry
-
-    def get(self, room: int) -> Room | None:
-        with self._cond:
-            return self._rooms.get(room)
-
-    def live(self, room: int) -> Room | None:
-        """The room if it is known and not final."""
-        with self._cond:
-            entry = self._rooms.get(room)
-            return None if entry is None or entry.state.final else entry
-
-    def state(self, room: int) -> TransferState | None:
-        with self._cond:
-            entry = self._rooms.get(room)
-            return None if entry is None else entry.state
-
-    def rooms_of(self, peer: str) -> list[Room]:
-        with self._cond:
-            return [r for r in self._rooms.values() if r.peer == peer and not r.state.final]
-
-    # ---- transitions -------------------------------------------------------------------
-
-    def advance(self, room: int, state: TransferState, first_token: int | None = None) -> bool:
-        """Move ``room`` forward to ``state`` (re-arming its timeout). Backward moves, moves out
-        of a final state and unknown rooms are ignored: returns whether the room moved."""
-        with self._cond:
-            return self._move(room, state, first_token=first_token)
-
-    def fail(self, room: int, error: str, hold: bool = False) -> bool:
-        """Fail ``room``; with ``hold`` its result waits for ``release`` (a writer still running)."""
-        with self._cond:
-            return self._move(room, TransferState.FAILED, error=error, hold=hold)
-
-    def release(self, room: int) -> None:
-        """The remote writer of a held room has stopped: report it now."""
-        with self._cond:
-            entry = self._rooms.get(room)
-            if entry is not None and entry.held:
-                entry.held = False
-                self._report(entry)
-
-    def release_peer(self, peer: str) -> None:
-        """A peer is known dead: every room it might still have been writing is reported."""
-        with self._cond:
-            for entry in [r for r in self._rooms.values() if r.peer == peer and r.held]:
-                entry.held = False
-                self._report(entry)
-
-    def expired(self, now: float) -> list[Room]:
-        with self._cond:
-            return [r for r in self._rooms.values() if not r.state.final and r.deadline <= now]
-
-    def next_deadline(self) -> float | None:
-        with self._cond:
-            return min((r.deadline for r in self._rooms.values() if not r.state.final), default=None)
-
-    def _move(self, room: int, state: TransferState, *, first_token: int | None = None,
-              error: str | None = None, hold: bool = False) -> bool:
-        entry = self._rooms.get(room)
-        if entry is None or entry.state.final or state < entry.state:
-            return False
-        entry.state = state
-        if state.final:
-            entry.first_token, entry.error, entry.held = first_token, error, hold
-            entry.pending.clear()
-            if not hold:
-                self._report(entry)
-        else:
-            entry.deadline = time.monotonic() + self.config.timeout(state)
-        return True
-
-    def _report(self, entry: Room) -> None:
-        if entry.reported:
-            self._results.append(RoomResult(entry.room, entry.state, entry.first_token, entry.error))
-            self._cond.notify_all()
-        else:
-            del self._rooms[entry.room]
-
-    # ---- results -----------------------------------------------------------------------
-
-    def poll(self, timeout: float = 0.0) -> list[RoomResult]:
-        """Results since the last call (waiting up to ``timeout`` seconds for one); the rooms
-        they name are forgotten."""
-        with self._cond:
-            if not self._results and timeout > 0:
-                self._cond.wait(timeout)
-            results, self._results = self._results, []
-            for r in results:
-                self._rooms.pop(r.room, None)
-            return results
 
 
 class _Side(ABC):

@@ -28,14 +28,13 @@ from kvtransfer.base import (
     KVSender,
     LayoutMismatch,
     RegistrationRefused,
-    Room,
     RoomResult,
-    RoomTable,
     TransferConfig,
     TransferError,
     TransferState,
 )
 from kvtransfer.kernels import PagedCaches, copy_pages_ref
+from kvtransfer.rooms import Room, RoomTable
 
 _LOCK = threading.RLock()  # every fake side of this process: one transfer at a time
 _SENDERS: dict[str, FakeSender] = {}
@@ -126,6 +125,9 @@ class FakeSender(KVSender):
         if self.faults.dead:
             return "prefill peer is dead"
         entry = self.rooms.get(room)
+        gone = self.rooms.failed_recently(room)
+        if entry is None and gone is not None:
+            return gone
         if entry is None:
             entry = self.rooms.add(room, TransferState.WAITING_FOR_INPUT, reported=False)
         elif entry.dst_pages is not None or entry.state.final:

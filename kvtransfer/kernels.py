@@ -14,6 +14,7 @@ The ``*_ref`` functions beside each entry point are the plain-torch oracles and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ def _copy_pages_kernel(
     page_elems,
     SRC_POOL: tl.constexpr,
     DST_POOL: tl.constexpr,
+    ALIGN: tl.constexpr,  # every source and destination offset is a multiple of it (vector loads)
     BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -54,6 +56,8 @@ def _copy_pages_kernel(
         dst = tl.load(dst_table_ptr + c) + dst_shift + dst_page * page_elems
     else:
         dst = dst_shift + (c * num_pages + i) * page_elems
+    src = tl.multiple_of(src, ALIGN)
+    dst = tl.multiple_of(dst, ALIGN)
     tl.store(base_ptr + dst + offs, tl.load(base_ptr + src + offs, mask=mask), mask=mask)
 
 
@@ -85,9 +89,9 @@ class PagedCaches:
         self.elem_bytes = first.element_size()
         self._bits = _BITS_DTYPE[self.elem_bytes]
         self.base = first.view(self._bits)
-        self.table = torch.tensor(
-            [self.offset_of(t) for t in self.arrays], dtype=torch.int64, device=self.device
-        )
+        offsets = [self.offset_of(t) for t in self.arrays]
+        self.table = torch.tensor(offsets, dtype=torch.int64, device=self.device)
+        self.alignment = _alignment(self.page_elems, *offsets)
         self._tables = {self.device: self.table}
 
     @property
@@ -114,6 +118,12 @@ class PagedCaches:
         return delta // self.elem_bytes
 
 
+def _alignment(*offsets: int) -> int:
+    """The largest power of two (at most 16) dividing every offset, in elements."""
+    common = math.gcd(*offsets)
+    return math.gcd(common & -common, 16) if common else 16
+
+
 def _launch(
     anchor: PagedCaches,
     num_pages: int,
@@ -121,11 +131,13 @@ def _launch(
     dst: tuple[torch.Tensor, torch.Tensor, int],
     src_pool: bool,
     dst_pool: bool,
+    align: int,
 ) -> None:
+    """``src`` / ``dst``: (offset table, page ids, shift); ``align`` divides every offset."""
     grid = (num_pages, anchor.num_arrays, triton.cdiv(anchor.page_elems, _BLOCK))
     _copy_pages_kernel[grid](
         anchor.base, *src, *dst, num_pages, anchor.page_elems,
-        SRC_POOL=src_pool, DST_POOL=dst_pool, BLOCK=_BLOCK, num_warps=4,
+        SRC_POOL=src_pool, DST_POOL=dst_pool, ALIGN=align, BLOCK=_BLOCK, num_warps=4,
     )
 
 
@@ -153,7 +165,9 @@ def gather_pages(
         out = torch.empty(pool.staging_shape(n), dtype=pool.dtype, device=pool.device)
     _check_staging(pool, out, n)
     if n:
-        _launch(pool, n, (pool.table, ids, 0), (pool.table, ids, pool.offset_of(out)), True, False)
+        shift = pool.offset_of(out)
+        align = _alignment(pool.alignment, shift)
+        _launch(pool, n, (pool.table, ids, 0), (pool.table, ids, shift), True, False, align)
     return out
 
 
@@ -163,7 +177,9 @@ def scatter_pages(pool: PagedCaches, pages: torch.Tensor | Sequence[int], stagin
     n = ids.numel()
     _check_staging(pool, staging, n)
     if n:
-        _launch(pool, n, (pool.table, ids, pool.offset_of(staging)), (pool.table, ids, 0), False, True)
+        shift = pool.offset_of(staging)
+        align = _alignment(pool.alignment, shift)
+        _launch(pool, n, (pool.table, ids, shift), (pool.table, ids, 0), False, True, align)
 
 
 def copy_pages(
@@ -179,8 +195,10 @@ def copy_pages(
     if src_ids.numel() != dst_ids.numel():
         raise ValueError(f"{src_ids.numel()} source pages but {dst_ids.numel()} destination pages")
     if src_ids.numel():
-        dst_side = (dst.table_on(src.device), dst_ids, src.offset_of(dst.base))
-        _launch(src, src_ids.numel(), (src.table, src_ids, 0), dst_side, True, True)
+        shift = src.offset_of(dst.base)
+        align = _alignment(src.alignment, dst.alignment, shift)
+        dst_side = (dst.table_on(src.device), dst_ids, shift)
+        _launch(src, src_ids.numel(), (src.table, src_ids, 0), dst_side, True, True, align)
 
 
 def _check_same_layout(a: PagedCaches, b: PagedCaches) -> None:

@@ -11,6 +11,7 @@ map header (``k`` = kind), followed by raw payload frames for ``CHUNK`` on the z
   prefill → decode: REGISTERED {ok, error}  ROOM_OK {room}  ROOM_REFUSED {room, error}
                     CHUNK {room, dst_pages, last, first_token} + payload  ABORT {room, reason}
                     ABORT_ACK {room}  HEARTBEAT {}
+                    UNREGISTERED {error} (the answer to any frame of a peer it does not know)
 
 These frames never leave this package, so they are not in ``protocol.messages``; the protocol
 version is checked as part of the layout at registration.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import zmq
 
-log = logging.getLogger("kvtransfer")
+from kvtransfer.base import log
 
 REGISTER = "register"
 REGISTERED = "registered"
@@ -41,6 +41,7 @@ ACK = "ack"
 ABORT = "abort"
 ABORT_ACK = "abort_ack"
 HEARTBEAT = "heartbeat"
+UNREGISTERED = "unregistered"
 
 _instances = itertools.count()
 
@@ -150,7 +151,7 @@ class IoLoop:
                 self._guard(fn, *args)
             for sock in list(self._sockets):
                 if sock in ready:
-                    self._read(sock)
+                    self._guard(self._read, sock)
             if deadline is not None and time.monotonic() >= deadline:
                 self._guard(self._on_tick, time.monotonic())
 
@@ -162,7 +163,7 @@ class IoLoop:
             pass
 
     def _read(self, sock: zmq.Socket) -> None:
-        while not self._stopping:
+        while not self._stopping and not sock.closed:  # a frame's handler may close its socket
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

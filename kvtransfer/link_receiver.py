@@ -18,14 +18,13 @@ from kvtransfer.base import (
     KVLayout,
     KVReceiver,
     RegistrationRefused,
-    Room,
-    RoomTable,
     TransferConfig,
     TransferError,
     TransferState,
+    log,
 )
 from kvtransfer.kernels import PagedCaches
-from kvtransfer.link import log
+from kvtransfer.rooms import Room, RoomTable
 
 
 class ReceiverMover(Protocol):
@@ -45,6 +44,7 @@ class _Peer:
     answered: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
     registered: bool = False
+    dead: bool = False  # was registered, then stopped answering or was dropped by the sender
     last_seen: float = 0.0
 
 
@@ -87,14 +87,19 @@ class LinkReceiver(KVReceiver):
             raise TransferError(f"prefill KV sender at {address} did not answer within {timeout:.0f}s")
         if peer.error is not None:
             self._io.submit(self._disconnect, peer)
-            raise RegistrationRefused(f"prefill KV sender at {address} refused us: {peer.error}")
+            raise RegistrationRefused(f"registration with the prefill KV sender at {address}: {peer.error}")
         return address
 
     def expect(self, room: int, peer: str, dst_pages: Sequence[int]) -> None:
+        """A peer that died since it registered fails the room (through ``poll``) rather than
+        raising: that is a runtime condition, while a never-registered peer is a caller's bug."""
         info = self._peers.get(peer)
-        if info is None or not info.registered:
+        if info is None or not (info.registered or info.dead):
             raise TransferError(f"{peer} is not a registered prefill peer; call register() first")
-        self.rooms.add(room, TransferState.BOOTSTRAPPING, peer=peer, dst_pages=[int(p) for p in dst_pages])
+        pages = [int(p) for p in dst_pages]
+        if len(set(pages)) != len(pages):
+            raise ValueError(f"room {room}: destination pages repeat: {pages}")
+        self.rooms.add(room, TransferState.BOOTSTRAPPING, peer=peer, dst_pages=pages)
         self._io.submit(self._announce, room)
 
     def abort(self, room: int, reason: str = "aborted") -> None:
@@ -106,12 +111,18 @@ class LinkReceiver(KVReceiver):
     # ---- I/O thread --------------------------------------------------------------------
 
     def _connect(self, peer: _Peer) -> None:
-        peer.sock = link.socket(self._io.ctx, zmq.DEALER, identity=self.name.encode())
-        peer.sock.connect(peer.address)
-        self._io.add_socket(peer.sock)
-        self._by_sock[peer.sock] = peer
-        extra = self._mover.registration()
-        peer.sock.send(link.pack(link.REGISTER, layout=self.layout.to_dict(), extra=extra))
+        try:
+            extra = self._mover.registration()
+            sock = link.socket(self._io.ctx, zmq.DEALER, identity=self.name.encode())
+            sock.connect(peer.address)
+        except Exception as e:  # a bad address or an unshareable pool: register() raises it
+            peer.error = f"could not connect: {e}"
+            peer.answered.set()
+            return
+        peer.sock = sock
+        self._io.add_socket(sock)
+        self._by_sock[sock] = peer
+        sock.send(link.pack(link.REGISTER, layout=self.layout.to_dict(), extra=extra))
 
     def _disconnect(self, peer: _Peer) -> None:
         if peer.sock is not None and peer.sock in self._by_sock:
@@ -154,6 +165,8 @@ class LinkReceiver(KVReceiver):
         if kind == link.REGISTERED:
             peer.registered, peer.error = bool(msg["ok"]), msg.get("error")
             peer.answered.set()
+        elif kind == link.UNREGISTERED and peer.registered:  # the sender dropped us as dead
+            self._peer_died(peer, f"prefill peer {peer.address} dropped us: {msg.get('error')}")
         elif kind == link.CHUNK:
             self._on_chunk(peer, msg, frames[1:])
         elif kind == link.ROOM_OK:
@@ -210,19 +223,22 @@ class LinkReceiver(KVReceiver):
             if not peer.registered or peer.sock is None:
                 continue
             if now - peer.last_seen > self.rooms.config.heartbeat_timeout:
-                self._peer_died(peer)
+                self._peer_died(peer, f"prefill peer {peer.address} stopped answering")
             else:
                 peer.sock.send(link.pack(link.HEARTBEAT))
 
-    def _peer_died(self, peer: _Peer) -> None:
-        """A dead writer writes no more: fail its rooms and report the held ones."""
-        error = f"prefill peer {peer.address} stopped answering"
-        log.warning("%s", error)
-        peer.registered = False
+    def _peer_died(self, peer: _Peer, error: str) -> None:
+        """A dead writer writes no more: fail its rooms and report the held ones. The peer
+        stays known as dead (``expect`` fails rooms for it) until ``register`` is called again."""
+        log.warning("%s; failing its rooms", error)
+        peer.registered, peer.dead = False, True
         for entry in self.rooms.rooms_of(peer.address):
             self.rooms.fail(entry.room, error)
         self.rooms.release_peer(peer.address)
-        self._disconnect(peer)
+        if peer.sock is not None:
+            del self._by_sock[peer.sock]
+            self._io.remove_socket(peer.sock)
+            peer.sock = None
 
 
 def _check_chunk(entry: Room, dst_pages: list[int]) -> str | None:

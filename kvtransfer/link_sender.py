@@ -12,9 +12,16 @@ import torch
 import zmq
 
 from kvtransfer import link
-from kvtransfer.base import KVLayout, KVSender, LayoutMismatch, Room, RoomTable, TransferConfig, TransferState
+from kvtransfer.base import (
+    KVLayout,
+    KVSender,
+    LayoutMismatch,
+    TransferConfig,
+    TransferState,
+    log,
+)
 from kvtransfer.kernels import PagedCaches
-from kvtransfer.link import log
+from kvtransfer.rooms import Room, RoomTable
 
 
 @dataclass
@@ -66,6 +73,7 @@ class LinkSender(KVSender):
             self.rooms.config.heartbeat_interval,
         )
         self._router = link.socket(self._io.ctx, zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted decode worker keeps its name
         self._router.bind(address)
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._io.add_socket(self._router)
@@ -122,7 +130,7 @@ class LinkSender(KVSender):
             link.CHUNK, room=entry.room, dst_pages=chunk.dst_pages, last=chunk.last,
             first_token=chunk.first_token,
         )
-        self._router.send_multipart([entry.peer.encode(), header, *payload], copy=False)
+        self._router.send_multipart([entry.peer.encode("latin-1"), header, *payload], copy=False)
         self.rooms.advance(entry.room, TransferState.TRANSFERRING)
 
     def _fail(self, room: int, error: str) -> None:
@@ -135,27 +143,36 @@ class LinkSender(KVSender):
             self._reply(peer, link.ABORT, room=room, reason=error)
 
     def _on_frames(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
-        peer = frames[0].bytes.decode()
+        peer = frames[0].bytes.decode("latin-1")  # a bijection: any zmq identity round-trips
         msg = link.unpack(frames[1])
         kind = msg["k"]
         if kind == link.REGISTER:
             self._register(peer, msg)
             return
         if peer not in self._peers:
-            if kind == link.ROOM:
-                self._reply(peer, link.ROOM_REFUSED, room=msg["room"], error="decode peer is not registered")
+            self._refuse_unregistered(peer)
             return
         self._peers[peer] = time.monotonic()
         if kind == link.ROOM:
             self._announce(peer, int(msg["room"]), [int(p) for p in msg["dst_pages"]])
-        elif kind == link.ACK:
+        elif kind == link.ACK and self._owns(peer, int(msg["room"])):
             self.rooms.advance(int(msg["room"]), TransferState.DONE)
         elif kind == link.ABORT:
             # Every page copy of this room already ran to completion on this thread, so the
             # decode side may reuse its pages as soon as it reads the ABORT_ACK.
             room = int(msg["room"])
-            self.rooms.fail(room, f"decode side: {msg.get('reason', 'aborted')}")
+            if self._owns(peer, room):
+                self.rooms.fail(room, f"decode side: {msg.get('reason', 'aborted')}")
             self._reply(peer, link.ABORT_ACK, room=room)
+
+    def _owns(self, peer: str, room: int) -> bool:
+        entry = self.rooms.get(room)
+        return entry is not None and entry.peer == peer
+
+    def _refuse_unregistered(self, peer: str) -> None:
+        """A peer we never registered, or dropped as dead, learns that it must register again."""
+        error = "decode peer is not registered (or was dropped as unresponsive)"
+        self._reply(peer, link.UNREGISTERED, error=error)
 
     def _register(self, peer: str, msg: dict[str, Any]) -> None:
         if peer in self._peers:
@@ -173,6 +190,10 @@ class LinkSender(KVSender):
 
     def _announce(self, peer: str, room: int, dst_pages: list[int]) -> None:
         entry = self.rooms.get(room)
+        gone = self.rooms.failed_recently(room)
+        if entry is None and gone is not None:  # failed here before the announcement arrived
+            self._reply(peer, link.ROOM_REFUSED, room=room, error=gone)
+            return
         if entry is None:
             entry = self.rooms.add(
                 room, TransferState.WAITING_FOR_INPUT, reported=False, peer=peer, dst_pages=dst_pages
@@ -203,14 +224,16 @@ class LinkSender(KVSender):
                 self._reply(peer, link.HEARTBEAT)
 
     def _drop_peer(self, peer: str, error: str) -> None:
-        log.warning("%s", error)
+        """Forget a peer and fail its rooms; if it is in fact alive, it learns so at once."""
+        log.warning("%s; failing its rooms", error)
         del self._peers[peer]
+        self._refuse_unregistered(peer)
         for entry in self.rooms.rooms_of(peer):
             self.rooms.fail(entry.room, error)
         self._mover.close_peer(peer)
 
     def _reply(self, peer: str, kind: str, **fields: Any) -> None:
-        self._router.send_multipart([peer.encode(), link.pack(kind, **fields)])
+        self._router.send_multipart([peer.encode("latin-1"), link.pack(kind, **fields)])
 
 
 def _check_pages(chunk: Chunk, announced: list[int]) -> str | None:

@@ -192,8 +192,7 @@ class SchedulerCore:
         ``on_request`` refuses any request that the whole pool cannot hold."""
         need = sum(self._needs_page(r) for r in decoders)
         while need > self.pool.available_pages():
-            candidates = self.running + ([self.chunked_req] if self.chunked_req else [])
-            victim = min(candidates, key=lambda r: (len(r.output_ids), -len(r.prompt)))
+            victim = min(self._admitted(), key=lambda r: (len(r.output_ids), -len(r.prompt)))
             if victim in decoders:
                 need -= self._needs_page(victim)
                 decoders.remove(victim)
@@ -232,6 +231,7 @@ class SchedulerCore:
             self._admit_waiting(step, budget)
 
     def _admitted(self) -> list[Request]:
+        """Requests holding a slot: the running batch and the chunked request."""
         return self.running + ([self.chunked_req] if self.chunked_req else [])
 
     def _continue_chunked(self, req: Request, step: StepBuilder, budget: PrefillBudget) -> None:
@@ -247,10 +247,12 @@ class SchedulerCore:
         self._schedule_chunk(req, chunk, step)
 
     def _admit_waiting(self, step: StepBuilder, budget: PrefillBudget) -> None:
+        if not self._has_room():
+            return
         self._sort_waiting(self.waiting, self.pool.cache)
         admitted = set()
         for req in self.waiting:
-            if self.num_running >= self.max_running or self.pool.slots.num_free == 0:
+            if not self._has_room():
                 break
             if req.inflight:  # retracted with a step still in flight: resume after its result
                 continue
@@ -260,6 +262,9 @@ class SchedulerCore:
         if admitted:
             self.waiting = [r for r in self.waiting if r.seq not in admitted]
 
+    def _has_room(self) -> bool:
+        return self.num_running < self.max_running and self.pool.slots.num_free > 0
+
     def _try_admit(self, req: Request, step: StepBuilder, budget: PrefillBudget) -> bool:
         match = self.pool.cache.match_prefix(req.tokens[: req.num_tokens - 1])  # ≥ 1 token to compute
         prefix_len = len(match.pages) * self.page_size
@@ -267,7 +272,7 @@ class SchedulerCore:
         if step.has_prefill and self.pool.pages_for(extend_len) * self.page_size > budget.input_tokens:
             return False
         chunk = budget.chunk_for(extend_len, self.page_size)
-        if chunk == 0:
+        if chunk == 0 or (chunk < extend_len and self.chunked_req is not None):  # one chunked at a time
             return False
         req.res.take_prefix(self.pool, match)  # locked first: no eviction below can take it
         need = pages_to_finish(req, len(match.pages), self.pool, self.new_token_ratio)

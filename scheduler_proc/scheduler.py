@@ -25,6 +25,7 @@ from protocol.messages import (
     AttachFrontend,
     Heartbeat,
     Message,
+    ProtocolError,
     Shutdown,
     StatusQuery,
     StatusReport,
@@ -32,6 +33,7 @@ from protocol.messages import (
     TokenizedRequest,
     WorkerFailed,
     WorkerReady,
+    decode,
 )
 from scheduler_proc.core import SchedulerCore
 
@@ -91,6 +93,21 @@ def _wait_for_worker(results: zmq.Socket, timeout: float) -> WorkerReady:
     return msg
 
 
+def _recv_valid(sock: zmq.Socket, name: str) -> list[Message]:
+    """Every message queued on ``sock``; frames that are not messages of our protocol are logged
+    and dropped, since the input socket faces other processes, possibly of another version."""
+    out = []
+    while True:
+        try:
+            frame = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return out
+        try:
+            out.append(decode(frame))
+        except ProtocolError as e:
+            logger.warning("%s: dropped a malformed frame on the input socket: %s", name, e)
+
+
 class _Loop:
     def __init__(
         self,
@@ -126,7 +143,7 @@ class _Loop:
                 for msg in transport.recv_all(self.results):
                     self._on_worker_message(msg)
             if self.inputs in events:
-                for msg in transport.recv_all(self.inputs):
+                for msg in _recv_valid(self.inputs, self.cfg.name):
                     self._on_input(msg)
             self._flush()
             if time.monotonic() >= next_heartbeat:

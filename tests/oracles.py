@@ -49,8 +49,9 @@ def write_tiny_hf_model(
     """A tiny random-weight transformers model saved as safetensors in ``path``.
 
     ``llama``: GQA, untied lm_head, llama3 rope scaling. ``qwen2``: q/k/v bias, tied
-    embeddings. Vocabulary: the embedded model's (bytes, BOS 256, EOS 257). ``max_shard_size``
-    (e.g. ``"100KB"``) writes a sharded checkpoint with an index."""
+    embeddings. Vocabulary: the embedded model's (bytes, BOS 256, EOS 257 in config.json but
+    not in generation_config.json). ``max_shard_size`` (e.g. ``"100KB"``) writes a sharded
+    checkpoint with an index."""
     import transformers
 
     if arch == "llama":
@@ -66,6 +67,10 @@ def write_tiny_hf_model(
     weights = random_hf_state_dict(ModelConfig.from_hf(config.to_dict()), seed)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    # no EOS in generation_config.json: transformers ``generate`` then makes exactly
+    # ``max_new_tokens`` tokens and never masks EOS (as ``min_new_tokens`` would), like a
+    # server request with ``ignore_eos``; config.json keeps EOS 257 for the server
+    model.generation_config.eos_token_id = None
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
 

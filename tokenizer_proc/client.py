@@ -63,7 +63,11 @@ class Client:
         finished = False
         try:
             while not finished:
-                msg = self._next_for(rid, self.timeout)
+                try:
+                    msg = self._next_for(rid, self.timeout)
+                except ServerError:
+                    finished = True  # an error is the request's last message
+                    raise
                 finished = msg["finished"]
                 yield msg
         finally:
@@ -174,7 +178,7 @@ class Client:
             rid = msg.get("rid")
             if rid not in self._abandoned:
                 return msg
-            if msg.get("type") == "error" or msg.get("finished"):
+            if msg.get("type") != "output" or msg.get("finished"):  # its last message
                 self._abandoned.discard(rid)
 
     def _next_for(self, rid: str, timeout: float | None) -> dict[str, Any]:

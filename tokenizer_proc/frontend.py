@@ -12,44 +12,41 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import zmq
 
 from protocol import transport
-from protocol.config import DEFAULT_MAX_MESSAGE_BYTES, EMBEDDED, FrontendConfig
+from protocol.config import DEFAULT_MAX_MESSAGE_BYTES, FrontendConfig
 from protocol.messages import (
     INTERNAL,
     INVALID_REQUEST,
     PEER_UNAVAILABLE,
+    SHUTTING_DOWN,
     AbortRequest,
     BatchOutput,
     ClientError,
     Heartbeat,
     Message,
-    ModelInfo,
     ProtocolError,
     RequestFailed,
-    SamplingParams,
     StatusReport,
     TokenizedRequest,
     decode,
     encode,
 )
+from tokenizer_proc.admission import Admission
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.instances import Instance, InstancePool
 from tokenizer_proc.request_state import LiveRequest, RequestTable
 from tokenizer_proc.router import make_policy
 from tokenizer_proc.status import PendingStatus, StatusCollector
-from tokenizer_proc.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from tokenizer_proc.tokenizer import load_tokenizer
 from tokenizer_proc.validation import (
-    SEED_LIMIT,
     AbortCommand,
     GenerateCommand,
     InvalidRequest,
-    ModelLimits,
     StatusCommand,
-    check_prompt,
     parse_command,
     unpack_frame,
 )
@@ -57,26 +54,25 @@ from tokenizer_proc.validation import (
 log = logging.getLogger("pdserve.frontend")
 
 MAX_POLL_MS = 50  # bounds how long a stop request waits
-MAX_BATCH = 256  # messages read from one socket per turn, so neither side starves
+DRAIN_BUDGET_S = 0.01  # time spent reading one socket per turn, so neither side starves
 HARD_SIZE_FACTOR = 4  # zmq drops peers whose frames exceed this many times the app limit
-STATUS_TIMEOUT_S = 1.0
+CLOSE_LINGER_MS = 200
+STATUS_TIMEOUT_S = 1.0  # at most; an instance silent for heartbeat_timeout is dead anyway
 
 
 class Frontend:
-    def __init__(self, cfg: FrontendConfig, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: FrontendConfig) -> None:
         self.cfg = cfg
         args = cfg.args
-        self._ctx = ctx or zmq.Context.instance()
-        self._tokenizer: Tokenizer = load_tokenizer(args.model_path)
-        self._limits: ModelLimits | None = None
-        self._eos_ids: list[int] = list(self._tokenizer.eos_token_ids)
+        self._ctx = zmq.Context.instance()
+        self._tokenizer = load_tokenizer(args.model_path)
+        self._admission = Admission(self._tokenizer, args.context_length)
         self._policy = make_policy(args.routing_policy)
         self._requests = RequestTable()
         self._status = StatusCollector()
         self._rid_prefix = secrets.token_hex(4)
         self._rid_counter = 0
         self._ready_once = False
-        self._rng = secrets.SystemRandom()
         # Client frames are checked against max_message_bytes in the app (to answer with an
         # error); zmq's limit is only a hard guard. Instances batch the outputs of hundreds of
         # requests into one frame: their guard never drops below the default limit, since zmq
@@ -110,9 +106,15 @@ class Frontend:
             self._run_timers(time.monotonic(), caught_up)
 
     def close(self) -> None:
-        self._clients.close(linger=0)
+        """Fail the live requests (``shutting_down``), abort them at their instances, and
+        close the sockets, giving the last replies a moment to leave."""
+        for req in list(self._requests):
+            self._requests.remove(req)
+            self._abort_at_instance(req, "abort")
+            self._send_error(req.conn, req.client_rid, SHUTTING_DOWN, "the front end is shutting down")
+        self._clients.close(linger=CLOSE_LINGER_MS)
         self._outputs.close(linger=0)
-        self._pool.close()
+        self._pool.close(linger_ms=CLOSE_LINGER_MS)
 
     def _poll_timeout_ms(self) -> int:
         deadline = self._status.next_deadline
@@ -120,9 +122,10 @@ class Frontend:
             return MAX_POLL_MS
         return max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1e3) + 1))
 
-    def _drain(self, sock: zmq.Socket, handle) -> bool:
-        """Handle what is queued on ``sock``, at most MAX_BATCH; True when nothing is left."""
-        for _ in range(MAX_BATCH):
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> bool:
+        """Handle what is queued on ``sock`` for up to DRAIN_BUDGET_S; True when nothing is left."""
+        deadline = time.monotonic() + DRAIN_BUDGET_S
+        while time.monotonic() < deadline:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -165,6 +168,9 @@ class Frontend:
                 self._start_status(conn, cmd)
         except InvalidRequest as e:
             self._refuse(conn, cmd.rid, e)
+        except Exception as e:  # a bug must cost one request, not the service
+            log.exception("rid=%s (client): internal error", cmd.rid)
+            self._send_error(conn, cmd.rid, INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
     def _refuse(self, conn: bytes, rid: str | None, e: InvalidRequest) -> None:
         log.info("rid=%s (client) invalid request: %s", rid, e)
@@ -174,26 +180,24 @@ class Frontend:
         if self._requests.find(conn, cmd.rid) is not None:
             raise InvalidRequest(f"rid {cmd.rid!r} is already in use by a live request")
         candidates = self._pool.routable("unified")
-        if not (self._ready_once and candidates and self._limits is not None):
+        if not (self._ready_once and candidates):
             ready = sum(inst.routable for inst in self._pool)
             self._send_error(
                 conn, cmd.rid, PEER_UNAVAILABLE, f"not ready: {ready} of {len(self._pool)} instances ready"
             )
             return
-        input_ids = self._tokenize(cmd)
-        check_prompt(input_ids, cmd.sampling, self._limits)
+        input_ids = self._admission.input_ids(cmd)
         inst = self._policy.pick(candidates, input_ids)
-        req = self._new_request(conn, cmd, inst, len(input_ids))
+        req = self._live_request(conn, cmd, inst, len(input_ids))
+        msg = TokenizedRequest(
+            rid=req.rid,
+            input_ids=input_ids,
+            sampling=self._admission.sampling_params(cmd),
+            priority=cmd.priority,
+            arrival_time=time.time(),
+        )
         try:
-            inst.send(
-                TokenizedRequest(
-                    rid=req.rid,
-                    input_ids=input_ids,
-                    sampling=self._sampling_params(cmd),
-                    priority=cmd.priority,
-                    arrival_time=time.time(),
-                )
-            )
+            inst.send(msg)
         except zmq.Again:
             self._send_error(conn, cmd.rid, INTERNAL, f"instance {inst.name} is not accepting requests")
             return
@@ -203,18 +207,9 @@ class Frontend:
             "rid=%s (client rid %s): %d prompt tokens to %s", req.rid, cmd.rid, len(input_ids), inst.name
         )
 
-    def _tokenize(self, cmd: GenerateCommand) -> list[int]:
-        if cmd.input_ids is not None:
-            return cmd.input_ids
-        if not self._tokenizer.has_text:
-            raise InvalidRequest("this model has no tokenizer.json: send input_ids instead of text")
-        return self._tokenizer.encode(cmd.text or "")
-
-    def _new_request(
+    def _live_request(
         self, conn: bytes, cmd: GenerateCommand, inst: Instance, prompt_tokens: int
     ) -> LiveRequest:
-        if cmd.sampling.stop and not self._tokenizer.has_text:
-            raise InvalidRequest("stop strings need a tokenizer (this model has none): use stop_token_ids")
         self._rid_counter += 1
         return LiveRequest(
             conn=conn,
@@ -228,24 +223,6 @@ class Frontend:
             arrival=time.perf_counter(),
         )
 
-    def _sampling_params(self, cmd: GenerateCommand) -> SamplingParams:
-        s = cmd.sampling
-        stop_ids = (
-            list(s.stop_token_ids)
-            if s.ignore_eos
-            else list(dict.fromkeys([*s.stop_token_ids, *self._eos_ids]))
-        )
-        return SamplingParams(
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=-1 if s.top_k == 0 else s.top_k,
-            seed=s.seed if s.seed is not None else self._rng.randrange(SEED_LIMIT),
-            stop_token_ids=stop_ids,
-            ignore_eos=s.ignore_eos,
-            return_logprob=cmd.return_logprob,
-        )
-
     def _abort(self, conn: bytes, client_rid: str) -> None:
         req = self._requests.find(conn, client_rid)
         if req is None:
@@ -255,7 +232,8 @@ class Frontend:
         self._abort_at_instance(req, "abort")  # the instance answers with the final output
 
     def _start_status(self, conn: bytes, cmd: StatusCommand) -> None:
-        pending = self._status.start(conn, cmd.rid, self._pool, time.monotonic() + STATUS_TIMEOUT_S)
+        timeout = min(STATUS_TIMEOUT_S, self.cfg.args.heartbeat_timeout)
+        pending = self._status.start(conn, cmd.rid, self._pool, time.monotonic() + timeout)
         if pending.complete:
             self._reply_status(pending)
 
@@ -268,7 +246,8 @@ class Frontend:
     def _send(self, conn: bytes, msg: Message) -> bool:
         """Send to a client; a client that left has its live requests aborted."""
         try:
-            self._clients.send_multipart([conn, encode(msg)])
+            self._clients.send(conn, zmq.SNDMORE)
+            self._clients.send(encode(msg))
             return True
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
@@ -304,6 +283,12 @@ class Frontend:
         except ProtocolError as e:
             log.error("unreadable message from an instance: %s", e)
             return
+        try:
+            self._on_instance_message(msg)
+        except Exception:  # keep serving the other requests; the traceback names the bug
+            log.exception("failed to handle %s from an instance", msg.TYPE)
+
+    def _on_instance_message(self, msg: Message) -> None:
         if isinstance(msg, BatchOutput):
             self._on_batch_output(msg)
         elif isinstance(msg, Heartbeat):
@@ -346,36 +331,13 @@ class Frontend:
         inst = self._pool.on_heartbeat(hb, time.monotonic())
         if inst is None:
             return
-        if inst.model is not None and self._limits is None:
-            self._learn_model(inst.model)
+        if inst.model is not None and self._admission.limits is None:
+            self._admission.learn_model(inst.model)
         if self._pool.all_ready and not self._ready_once:
             self._ready_once = True
-            if self._limits is None:
-                self._limits = self._tokenizer_limits()
+            if self._admission.limits is None:
+                self._admission.assume_tokenizer_limits()
             log.info("front end ready: %d instance(s)", len(self._pool))
-
-    def _tokenizer_limits(self) -> ModelLimits:
-        """Limits when no instance reported its model: the tokenizer's vocabulary, the
-        configured (or embedded default's) context length."""
-        log.warning("no instance reported its model: limits come from the tokenizer")
-        context_len = self.cfg.args.context_length
-        if context_len is None and isinstance(self._tokenizer, ByteTokenizer):
-            context_len = EMBEDDED.context_len
-        return ModelLimits(vocab_size=self._tokenizer.vocab_size, context_len=context_len)
-
-    def _learn_model(self, model: ModelInfo) -> None:
-        context_len = self.cfg.args.context_length or model.context_len
-        self._limits = ModelLimits(vocab_size=model.vocab_size, context_len=context_len)
-        self._eos_ids = list(dict.fromkeys([*self._tokenizer.eos_token_ids, *model.eos_token_ids]))
-        if isinstance(self._tokenizer, ByteTokenizer) and model.vocab_size != self._tokenizer.vocab_size:
-            log.warning(
-                "byte tokenizer expects %d tokens; the model has %d",
-                self._tokenizer.vocab_size,
-                model.vocab_size,
-            )
-        log.info(
-            "model %s: vocab %d, context %d, eos %s", model.name, model.vocab_size, context_len, self._eos_ids
-        )
 
 
 def run_frontend(cfg: FrontendConfig, stop: threading.Event | None = None) -> None:

@@ -55,6 +55,7 @@ class Instance:
 class InstancePool:
     instances: list[Instance] = field(default_factory=list)
     _by_addr: dict[str, Instance] = field(default_factory=dict)
+    _strangers: set[str] = field(default_factory=set)  # input addresses warned about
 
     @classmethod
     def connect(cls, ctx: zmq.Context, addrs: dict[str, list[str]], max_message_bytes: int) -> InstancePool:
@@ -83,7 +84,11 @@ class InstancePool:
     def on_heartbeat(self, hb: Heartbeat, now: float) -> Instance | None:
         inst = self._by_addr.get(hb.input_addr)
         if inst is None:
-            log.warning("heartbeat from unknown instance %s at %s", hb.name, hb.input_addr)
+            if hb.input_addr not in self._strangers:
+                self._strangers.add(hb.input_addr)
+                log.warning(
+                    "heartbeat from an instance not configured here: %s at %s", hb.name, hb.input_addr
+                )
             return None
         if not inst.alive:
             log.info("instance %s (%s) is alive, ready=%s", hb.name, inst.addr, hb.ready)
@@ -117,6 +122,6 @@ class InstancePool:
                     log.debug("instance %s: attach not sent (queue full)", inst.addr)
                 inst.next_attach = now + interval
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
         for inst in self.instances:
-            inst.sock.close(linger=0)
+            inst.sock.close(linger=linger_ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from protocol.messages import ClientOutput, ReqOutput
@@ -113,6 +114,9 @@ class RequestTable:
 
     def __len__(self) -> int:
         return len(self._by_rid)
+
+    def __iter__(self) -> Iterator[LiveRequest]:
+        return iter(self._by_rid.values())
 
     def add(self, req: LiveRequest) -> None:
         self._by_rid[req.rid] = req

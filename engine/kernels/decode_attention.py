@@ -5,8 +5,8 @@ Stage 1 runs one program per (request, KV head, split). The program serves every
 that shares the KV head, as the rows of one ``tl.dot`` (the group padded to at least 16 rows,
 the smallest tensor-core tile): decode is bound by reading K/V, so the padding costs idle
 tensor-core slots, not bandwidth, and each K/V tile is read once for the whole group. A split
-covers a contiguous, ``BLOCK_N``-aligned share of the request's context and keeps an online
-softmax; it writes its unnormalised-then-divided partial output and its log-sum-exp.
+covers a contiguous, ``BLOCK_N``-aligned share of the request's context with an online
+softmax in fp32, and writes its normalised partial output and its log-sum-exp (base 2).
 Stage 2 combines the splits of each (request, query head) by their log-sum-exp.
 
 CUDA-graph safety: the grid and every tensor shape depend only on static sizes (batch, heads,
@@ -241,10 +241,12 @@ def decode_attention(
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Splits per (request, KV head), from static sizes only: enough programs to fill the GPU
     when the batch alone does not, but never splits shorter than ``MIN_TOKENS_PER_SPLIT`` of the
-    longest possible context."""
+    longest possible context. A power of two, so the captured batch sizes share a few compiled
+    variants (``NUM_SPLITS`` is a compile-time constant)."""
     wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, batch * num_kv_heads)
     useful = triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT)
-    return max(1, min(wanted, useful, MAX_SPLITS))
+    bound = max(1, min(wanted, useful, MAX_SPLITS))
+    return 1 << (bound.bit_length() - 1)
 
 
 @functools.cache

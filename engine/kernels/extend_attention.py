@@ -96,7 +96,9 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    q_block = tl.program_id(0)
+    # Last query block first: under the causal mask it has the most KV blocks, so the longest
+    # programs start early and the short ones fill the tail.
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     req = tl.program_id(2)
 

@@ -91,3 +91,25 @@ def extend_attention_ref(
         v = gather_kv_ref(v_cache, page_table[i], seq_len)
         out[lo:hi] = _attend(q[lo:hi], k, v, sm_scale, prefix).to(q.dtype)
     return out
+
+
+def rms_norm_ref(
+    x: torch.Tensor,  # [N, H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [N, H]: added to x first, when given
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(normalized, x + residual or None). Normalizes in float32, rounds to x's dtype, then
+    scales by the weight, as Hugging Face's LlamaRMSNorm does."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * normed, residual
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for the fused ``[..., 2 * I]`` output of the gate_up projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -6,6 +6,7 @@ Both spellings that transformers has used are accepted: ``rope_theta`` / ``rope_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -83,8 +84,17 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str) -> ModelConfig:
+        """``config.json``, plus the EOS ids of ``generation_config.json`` when there is one
+        (instruct checkpoints list their end-of-turn token only there)."""
         with open(os.path.join(path, "config.json")) as f:
-            return cls.from_hf(json.load(f))
+            cfg = cls.from_hf(json.load(f))
+        generation = os.path.join(path, "generation_config.json")
+        if not os.path.exists(generation):
+            return cfg
+        with open(generation) as f:
+            extra = _as_tuple(json.load(f).get("eos_token_id"))
+        eos = cfg.eos_token_ids + tuple(e for e in extra if e not in cfg.eos_token_ids)
+        return dataclasses.replace(cfg, eos_token_ids=eos)
 
     @classmethod
     def embedded(cls) -> ModelConfig:

@@ -8,17 +8,23 @@ import pytest
 import torch
 
 from tests.unit.kernels.kernel_cases import (
+    ACTIVATION_CASES,
     DECODE_CASES,
     EXTEND_CASES,
+    NORM_CASES,
     NUM_KV_HEADS,
     STORE_CASES,
+    ActivationCase,
     DecodeCase,
     ExtendCase,
+    NormCase,
     StoreCase,
     assert_matches,
     case_id,
     check_decode,
     check_extend,
+    check_rms_norm,
+    check_silu_and_mul,
     check_store_kv,
     make_paged_kv,
 )
@@ -48,12 +54,25 @@ BF16_STORE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", DECODE_CASES + LARGE_DECODE_CASES, ids=case_id)
+LARGE_NORM_CASES = [
+    NormCase(64, 4096, residual=True, dtype="bfloat16", weight_dtype="bfloat16", seed=21),
+    NormCase(7, 8192, residual=False, dtype="bfloat16", weight_dtype="bfloat16", seed=22),
+]
+
+LARGE_ACTIVATION_CASES = [ActivationCase(64, 14336, dtype="bfloat16", seed=21)]
+
+
+def gpu_id(case: object) -> str:
+    """The dtype fields of the interpreter cases do not apply: everything runs in bf16 here."""
+    return case_id(case, skip=("seed", "dtype"))
+
+
+@pytest.mark.parametrize("case", DECODE_CASES + LARGE_DECODE_CASES, ids=gpu_id)
 def test_decode_attention_bf16(case: DecodeCase) -> None:
     check_decode(case, device="cuda", dtype="bfloat16")
 
 
-@pytest.mark.parametrize("case", EXTEND_CASES + LARGE_EXTEND_CASES, ids=case_id)
+@pytest.mark.parametrize("case", EXTEND_CASES + LARGE_EXTEND_CASES, ids=gpu_id)
 def test_extend_attention_bf16(case: ExtendCase) -> None:
     check_extend(case, device="cuda", dtype="bfloat16")
 
@@ -61,6 +80,16 @@ def test_extend_attention_bf16(case: ExtendCase) -> None:
 @pytest.mark.parametrize("case", STORE_CASES + BF16_STORE_CASES, ids=case_id)
 def test_store_kv(case: StoreCase) -> None:
     check_store_kv(case, device="cuda")
+
+
+@pytest.mark.parametrize("case", NORM_CASES + LARGE_NORM_CASES, ids=gpu_id)
+def test_rms_norm_bf16(case: NormCase) -> None:
+    check_rms_norm(case, device="cuda", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("case", ACTIVATION_CASES + LARGE_ACTIVATION_CASES, ids=gpu_id)
+def test_silu_and_mul_bf16(case: ActivationCase) -> None:
+    check_silu_and_mul(case, device="cuda", dtype="bfloat16")
 
 
 def test_decode_attention_replays_in_cuda_graph() -> None:

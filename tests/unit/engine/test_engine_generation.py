@@ -3,6 +3,10 @@ against the dense reference and Hugging Face ``generate``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -58,3 +62,27 @@ def test_stop_token_ends_a_request_and_the_extra_token_is_discarded(embedded_wor
     driver = driver_for(embedded_worker)
     (req,) = driver.generate([PROMPTS[0]], [greedy(6, stop_token_ids=[stop_at])])
     assert req.outputs == full[: full.index(stop_at) + 1]
+
+
+TRITON_SCRIPT = """
+import torch
+torch.set_num_threads(1)
+from engine.worker import Worker
+from tests.oracles import greedy_reference
+from tests.unit.engine.engine_driver import driver_for, greedy, small_args
+worker = Worker.create(small_args(attention_backend="triton"))
+prompts = [[256, 1, 2, 3, 4, 5, 6, 7, 8, 9], [256, 50, 60]]
+reqs = driver_for(worker).generate(prompts, [greedy(4)] * 2)
+assert [r.outputs for r in reqs] == greedy_reference(None, prompts, 4), [r.outputs for r in reqs]
+"""
+
+
+def test_triton_backend_in_the_interpreter_equals_the_reference() -> None:
+    """The Triton kernels behind the engine's attention interface (interpreter mode is chosen
+    when triton is first imported, hence a fresh process)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PDSERVE_TORCH_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -215,3 +215,9 @@ def test_pool_sizing() -> None:
     assert budget.num_pages(torch.device("cpu")) == int(CPU_POOL_BUDGET_BYTES * 0.5) // per_token // 16 + 1
     capped = PoolSizing(16, per_token, max_total_tokens=None, mem_fraction_static=0.5, max_useful_tokens=640)
     assert capped.num_pages(torch.device("cpu")) == 640 // 16 + 1
+
+
+def test_generation_config_adds_its_eos_ids(tmp_path: Path) -> None:
+    write_config_only(str(tmp_path), eos_token_id=7)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert ModelConfig.from_dir(str(tmp_path)).eos_token_ids == (7, 9)

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kernels.reference import decode_attention_ref, extend_attention_ref, store_kv_ref
+from engine.kernels.reference import (
+    decode_attention_ref,
+    extend_attention_ref,
+    rms_norm_ref,
+    silu_and_mul_ref,
+    store_kv_ref,
+)
 
 NUM_KV_HEADS = 2
 
@@ -36,6 +42,7 @@ class ExtendCase:
     group: int
     head_dim: int
     requests: tuple[tuple[int, int], ...]  # (prefix_len, extend_len) per request
+    bound_grid: bool = False  # pass the host-side max_extend_len (a smaller grid)
     block_m: int = 128
     block_n: int = 64
     dtype: str = "float32"
@@ -52,6 +59,24 @@ class StoreCase:
     loc_dtype: str = "int64"
     seed: int = 0
     num_kv_heads: int = field(default=NUM_KV_HEADS)
+
+
+@dataclass(frozen=True)
+class NormCase:
+    rows: int
+    hidden: int
+    residual: bool
+    dtype: str = "float32"
+    weight_dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ActivationCase:
+    rows: int
+    inter: int
+    dtype: str = "float32"
+    seed: int = 0
 
 
 def _boundary_lens(page_size: int, longest: int) -> tuple[int, ...]:
@@ -74,13 +99,13 @@ DECODE_CASES = [
 ]
 
 EXTEND_CASES = [
-    ExtendCase(1, 1, 64, ((0, 1), (0, 19), (3, 5)), block_m=16, block_n=16, seed=1),
+    ExtendCase(1, 1, 64, ((0, 1), (0, 19), (3, 5)), bound_grid=True, block_m=16, block_n=16, seed=1),
     ExtendCase(1, 4, 128, ((0, 33), (7, 1)), seed=2),
     ExtendCase(1, 8, 64, ((2, 17), (0, 0), (0, 9)), block_m=16, block_n=32, seed=3),  # an empty request
     ExtendCase(4, 1, 128, ((4, 4), (0, 37), (9, 12)), block_m=16, block_n=16, seed=4),
     ExtendCase(4, 4, 64, ((0, 20), (16, 16)), seed=5),
     ExtendCase(4, 8, 128, ((5, 11), (0, 4)), block_m=32, block_n=16, dtype="float16", seed=6),
-    ExtendCase(16, 1, 64, ((0, 40), (16, 17), (31, 2)), block_m=16, block_n=16, seed=7),
+    ExtendCase(16, 1, 64, ((0, 40), (16, 17), (31, 2)), bound_grid=True, block_m=16, block_n=16, seed=7),
     ExtendCase(16, 4, 128, ((32, 17), (0, 16)), block_m=16, block_n=32, seed=8),
     ExtendCase(16, 8, 64, ((15, 1), (0, 48)), seed=9),
     ExtendCase(256, 4, 128, ((200, 60), (0, 7)), block_m=32, block_n=64, seed=10),
@@ -94,8 +119,23 @@ STORE_CASES = [
 ]
 
 
-def case_id(case: object) -> str:
-    return "-".join(f"{v}" for v in vars(case).values() if not isinstance(v, tuple))
+NORM_CASES = [
+    NormCase(3, 64, residual=False, seed=1),
+    NormCase(5, 96, residual=True, seed=2),  # hidden not a power of two
+    NormCase(4, 128, residual=True, dtype="float16", weight_dtype="float16", seed=3),
+    NormCase(2, 64, residual=False, dtype="float16", weight_dtype="float32", seed=4),  # fp32 output
+]
+
+ACTIVATION_CASES = [
+    ActivationCase(3, 64, seed=1),
+    ActivationCase(2, 1500, seed=2),  # two column blocks, the second ragged
+    ActivationCase(4, 96, dtype="float16", seed=3),
+]
+
+
+def case_id(case: object, skip: tuple[str, ...] = ("seed",)) -> str:
+    """``page_size=16,group=4,...``: the scalar fields (lengths are in the case list)."""
+    return ",".join(f"{k}={v}" for k, v in vars(case).items() if not isinstance(v, tuple) and k not in skip)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -191,7 +231,8 @@ def check_extend(case: ExtendCase, device: str = "cpu", dtype: str | None = None
 
     config = ExtendConfig(block_m=case.block_m, block_n=case.block_n)
     out = extend_attention(
-        q, kv.k_cache, kv.v_cache, kv.page_table, indptr, prefix_lens, scale, config=config
+        q, kv.k_cache, kv.v_cache, kv.page_table, indptr, prefix_lens, scale,
+        max_extend_len=max(extends) if case.bound_grid else None, config=config,
     )
     ref = extend_attention_ref(
         q.float(), kv.k_cache.float(), kv.v_cache.float(), kv.page_table, indptr, prefix_lens, scale
@@ -224,8 +265,36 @@ def check_store_kv(case: StoreCase, device: str = "cpu") -> float:
     return 0.0
 
 
+def check_rms_norm(case: NormCase, device: str = "cpu", dtype: str | None = None) -> float:
+    from engine.kernels.norm import rms_norm
+
+    dt = _dtype(dtype or case.dtype)
+    gen = _generator(case.seed)
+    x = torch.randn(case.rows, case.hidden, generator=gen).to(dt).to(device)
+    weight = (1 + 0.1 * torch.randn(case.hidden, generator=gen)).to(_dtype(case.weight_dtype)).to(device)
+    residual = torch.randn(case.rows, case.hidden, generator=gen).to(dt).to(device) if case.residual else None
+    out, new_residual = rms_norm(x, weight, 1e-6, residual)
+    ref, ref_residual = rms_norm_ref(x, weight, 1e-6, residual)
+    assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
+    if case.residual:
+        assert torch.equal(new_residual, ref_residual), "the residual sum differs"
+    else:
+        assert new_residual is None
+    return assert_matches(out, ref, dt)
+
+
+def check_silu_and_mul(case: ActivationCase, device: str = "cpu", dtype: str | None = None) -> float:
+    from engine.kernels.activation import silu_and_mul
+
+    dt = _dtype(dtype or case.dtype)
+    gate_up = torch.randn(case.rows, 2 * case.inter, generator=_generator(case.seed)).to(dt).to(device)
+    return assert_matches(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), dt)
+
+
 CHECKS = {
     "decode": (check_decode, DecodeCase),
     "extend": (check_extend, ExtendCase),
     "store_kv": (check_store_kv, StoreCase),
+    "rms_norm": (check_rms_norm, NormCase),
+    "silu_and_mul": (check_silu_and_mul, ActivationCase),
 }

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 H100 = ("cuda", 90, 32)
 NOT_MULTIPLE_OF_16 = {"stride_pt", "stride_lb", "stride_lh", "group_size", "num_kv_heads", "head_dim"}
-SCALARS = {"qk_scale": "fp32"}
+SCALARS = {"qk_scale": "fp32", "eps": "fp32"}
 
 
 @dataclass
@@ -31,13 +31,15 @@ class Build:
 def builds() -> list[Build]:
     import triton
 
+    from engine.kernels import activation as act
     from engine.kernels import decode_attention as da
     from engine.kernels import extend_attention as ea
     from engine.kernels import kv_store as ks
+    from engine.kernels import norm
 
     dc, ec = da.DEFAULT_DECODE_CONFIG, ea.DEFAULT_EXTEND_CONFIG
     out: list[Build] = []
-    for group, head_dim, page_size, splits in ((4, 128, 16, 8), (1, 64, 1, 1), (8, 128, 256, 33)):
+    for group, head_dim, page_size, splits in ((4, 128, 16, 8), (1, 64, 1, 1), (8, 128, 256, 32)):
         out.append(Build(
             f"decode split g={group} d={head_dim} page={page_size} splits={splits}",
             da._decode_split_kernel,
@@ -74,6 +76,13 @@ def builds() -> list[Build]:
             {"BLOCK_H": triton.next_power_of_2(heads), "BLOCK_D": triton.next_power_of_2(head_dim)},
             4, 1,
         ))
+    for hidden, residual in ((4096, True), (8192, False)):
+        block = triton.next_power_of_2(hidden)
+        out.append(Build(
+            f"rms_norm hidden={hidden} residual={residual}", norm._rms_norm_kernel, {},
+            {"HAS_RESIDUAL": residual, "BLOCK": block}, norm.num_warps_for(block), 1,
+        ))
+    out.append(Build("silu_and_mul", act._silu_and_mul_kernel, {}, {"BLOCK": act.BLOCK}, 4, 1))
     return out
 
 

@@ -7,6 +7,8 @@ packages' test setups run."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -26,6 +28,27 @@ def test_splits_are_bounded_by_the_longest_context_and_the_cap() -> None:
     assert choose_num_splits(1, 1, 2 * MIN_TOKENS_PER_SPLIT, num_sms=132) == 2
     assert choose_num_splits(1, 1, 1 << 20, num_sms=1024) == MAX_SPLITS
     assert choose_num_splits(1, 1, 1, num_sms=132) == 1
+
+
+def test_splits_are_powers_of_two() -> None:
+    from engine.kernels.decode_attention import choose_num_splits
+
+    for batch in range(1, 200, 7):
+        splits = choose_num_splits(batch, 8, 8192, num_sms=132)
+        assert splits & (splits - 1) == 0, (batch, splits)
+
+
+def test_backend_order_and_signatures_follow_the_references() -> None:
+    from engine.kernels import reference
+    from engine.kernels.triton_backend import TRITON_FUNCTIONS
+
+    refs = (reference.store_kv_ref, reference.extend_attention_ref, reference.decode_attention_ref)
+    for kernel, ref in zip(TRITON_FUNCTIONS, refs, strict=True):
+        positional = [
+            name for name, p in inspect.signature(kernel).parameters.items()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+        assert positional == list(inspect.signature(ref).parameters), kernel.__name__
 
 
 def test_comparator_rejects_one_wrong_row_in_low_precision() -> None:

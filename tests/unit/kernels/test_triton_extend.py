@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.kernels.interpreter_worker import InterpreterWorker
+from tests.unit.kernels.interpreter_worker import InterpreterWorker, expect_pass
 from tests.unit.kernels.kernel_cases import EXTEND_CASES, ExtendCase, case_id
 
 
 @pytest.mark.parametrize("case", EXTEND_CASES, ids=case_id)
 def test_matches_reference(interpreter: InterpreterWorker, case: ExtendCase) -> None:
     reply = interpreter.run("extend", case)
-    assert reply["ok"], reply["error"]
+    expect_pass(reply)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+Caches = tuple[list[torch.Tensor], list[torch.Tensor]]  # per-layer k caches, v caches
+
 
 @dataclass(frozen=True)
 class KernelCase:
@@ -53,21 +55,23 @@ CASES = (
 )
 
 
-def make_pool(case: KernelCase, fill: bool, generator: torch.Generator) -> tuple[list, list]:
+def make_pool(case: KernelCase, fill: bool, generator: torch.Generator, device: str = "cpu") -> Caches:
     """Per-layer k and v caches, random (``fill``) or zero."""
     dtype = getattr(torch, case.dtype)
     page = (case.page_size, case.num_kv_heads, case.head_dim)
     shape = (2 * case.num_layers, case.num_pages, *page)
     data = torch.randn(shape, generator=generator).to(dtype) if fill else torch.zeros(shape, dtype=dtype)
+    data = data.to(device)
     arrays = list(data.unbind(0)) if case.one_allocation else [a.clone() for a in data.unbind(0)]
     return arrays[0::2], arrays[1::2]
 
 
-def check(case: KernelCase) -> None:
+def check(case: KernelCase, device: str = "cpu") -> None:
+    """Raise AssertionError unless every kernel matches its reference bit-exactly on ``device``."""
     from kvtransfer import kernels
 
     g = torch.Generator().manual_seed(case.seed)
-    src = kernels.PagedCaches(*make_pool(case, True, g))
+    src = kernels.PagedCaches(*make_pool(case, True, g, device))
     src_pages = (torch.randperm(case.num_pages - 1, generator=g)[: case.move] + 1).tolist()
     dst_pages = (torch.randperm(case.num_pages - 1, generator=g)[: case.move] + 1).tolist()
 
@@ -75,12 +79,12 @@ def check(case: KernelCase) -> None:
     expected = kernels.gather_pages_ref(src, src_pages)
     assert torch.equal(staging.view(torch.uint8), expected.view(torch.uint8)), "gather differs"
 
-    got, want = (kernels.PagedCaches(*make_pool(case, False, g)) for _ in range(2))
+    got, want = (kernels.PagedCaches(*make_pool(case, False, g, device)) for _ in range(2))
     kernels.scatter_pages(got, dst_pages, staging)
     kernels.scatter_pages_ref(want, dst_pages, expected)
     _assert_pools_equal(got, want, "scatter")
 
-    got, want = (kernels.PagedCaches(*make_pool(case, False, g)) for _ in range(2))
+    got, want = (kernels.PagedCaches(*make_pool(case, False, g, device)) for _ in range(2))
     kernels.copy_pages(src, src_pages, got, dst_pages)
     kernels.copy_pages_ref(src, src_pages, want, dst_pages)
     _assert_pools_equal(got, want, "copy")

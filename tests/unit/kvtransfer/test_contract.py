@@ -6,6 +6,7 @@ import pytest
 
 from kvtransfer import DuplicateRoom, RegistrationRefused, TransferConfig, TransferState, make_backend
 from tests.unit.kvtransfer.kv_helpers import (
+    FAST,
     HEAD_DIM,
     Pair,
     address,
@@ -80,6 +81,15 @@ def test_abort_from_the_prefill_side_fails_both_sides(pair: Pair) -> None:
     assert failed.state == TransferState.FAILED and "prefill oom" in (failed.error or "")
 
 
+def test_an_announcement_after_the_prefill_side_failed_the_room_is_refused(pair: Pair) -> None:
+    pair.sender.add_room(13)
+    pair.sender.abort(13, "prefill oom")
+    assert wait_results(pair.sender)[0].state == TransferState.FAILED  # reported and forgotten
+    pair.receiver.expect(13, pair.peer, [1])  # arrives late: must not look like a new room
+    (failed,) = wait_results(pair.receiver)
+    assert failed.state == TransferState.FAILED and "prefill oom" in (failed.error or "")
+
+
 def test_abort_of_an_unknown_room_is_ignored(pair: Pair) -> None:
     pair.sender.abort(99)
     pair.receiver.abort(99)
@@ -110,7 +120,7 @@ def test_duplicate_rooms_are_refused(pair: Pair) -> None:
     with pytest.raises(DuplicateRoom):
         pair.sender.add_room(5)
     # A second decode worker announcing the same room to this prefill worker is refused too.
-    other = make_backend(pair.backend, "decode", layout(pair.backend), *pool(), config=pair.receiver.rooms.config)
+    other = make_backend(pair.backend, "decode", layout(pair.backend), *pool(), config=FAST)
     try:
         other.expect(5, other.register(pair.sender.address), [3])
         (refused,) = wait_results(other)
@@ -140,7 +150,8 @@ def test_a_last_chunk_that_leaves_pages_unwritten_fails(pair: Pair) -> None:
 @pytest.mark.parametrize("backend", ["zmq", "fake"])
 def test_registration_refuses_a_mismatching_layout_naming_the_field(backend: str) -> None:
     sender = make_backend(backend, "prefill", layout(backend), *pool(0), address=address(backend))
-    receiver = make_backend(backend, "decode", layout(backend, head_dim=2 * HEAD_DIM), *pool(head_dim=2 * HEAD_DIM))
+    wide = layout(backend, head_dim=2 * HEAD_DIM)
+    receiver = make_backend(backend, "decode", wide, *pool(head_dim=2 * HEAD_DIM))
     try:
         with pytest.raises(RegistrationRefused, match="'head_dim'"):
             receiver.register(sender.address, timeout=5.0)

@@ -70,3 +70,10 @@ def test_pool_checks_name_the_problem() -> None:
 def test_page_ops_pick_the_torch_reference_on_cpu() -> None:
     assert kernels.page_ops_for(torch.device("cpu")) is kernels.TORCH_OPS
     assert kernels.page_ops_for(torch.device("cuda", 0)) is kernels.TRITON_OPS
+
+
+def test_vector_alignment_hint_divides_every_offset() -> None:
+    pool = _pool()  # separate allocations: offsets are whatever the allocator gave
+    assert all(off % pool.alignment == 0 for off in [pool.page_elems, *pool.table.tolist()])
+    odd = torch.zeros(2 * 6 * 3 * 1 * 5 + 1)[1:].view(2, 6, 3, 1, 5)  # 15-element pages, odd start
+    assert kernels.PagedCaches([odd[0]], [odd[1]]).alignment == 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvtransfer import DuplicateRoom, KVLayout, LayoutMismatch, TransferConfig, TransferState, make_backend
-from kvtransfer.base import RoomTable
+from kvtransfer.rooms import RoomTable
 from tests.unit.kvtransfer.kv_helpers import layout, pool
 
 S = TransferState
@@ -17,6 +17,12 @@ S = TransferState
 
 def table(timeout: float = 30.0) -> RoomTable:
     return RoomTable(TransferConfig.uniform(timeout))
+
+
+def test_the_transition_rule() -> None:
+    assert S.BOOTSTRAPPING.may_move_to(S.TRANSFERRING) and S.TRANSFERRING.may_move_to(S.TRANSFERRING)
+    assert not S.TRANSFERRING.may_move_to(S.WAITING_FOR_INPUT)
+    assert not S.FAILED.may_move_to(S.FAILED) and not S.DONE.may_move_to(S.FAILED)
 
 
 def test_states_only_move_forward() -> None:
@@ -74,6 +80,19 @@ def test_a_room_the_peer_announced_is_reported_only_once_claimed() -> None:
     assert [r.room for r in t.poll()] == [2]
 
 
+def test_a_reported_failure_is_remembered_for_late_announcements() -> None:
+    t = RoomTable(TransferConfig.uniform(0.2))
+    t.add(1, S.WAITING_FOR_INPUT)
+    t.add(2, S.WAITING_FOR_INPUT)
+    t.fail(1, "oom")
+    t.advance(2, S.DONE)
+    assert t.failed_recently(1) is None  # not reported yet: the room itself still answers
+    t.poll()
+    assert t.failed_recently(1) == "oom" and t.failed_recently(2) is None
+    time.sleep(0.25)
+    assert t.failed_recently(1) is None
+
+
 def test_held_failure_waits_for_the_writer() -> None:
     t = table()
     t.add(1, S.TRANSFERRING, peer="p")
@@ -122,6 +141,7 @@ def test_layout_mismatch_names_the_field() -> None:
 def test_layout_checks_the_local_pool() -> None:
     k, v = pool()
     layout("zmq").check_caches(k, v)
+    assert KVLayout.from_caches(k, model="tiny", backend="zmq") == layout("zmq")
     with pytest.raises(LayoutMismatch, match="'num_layers'"):
         layout("zmq", num_layers=3).check_caches(k, v)
     with pytest.raises(LayoutMismatch, match="'head_dim'"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import zmq
 
-from kvtransfer import TransferConfig, TransferState, make_backend
+from kvtransfer import RegistrationRefused, TransferConfig, TransferState, make_backend
 from kvtransfer.kernels import PagedCaches, gather_pages_ref
 from kvtransfer.link_receiver import LinkReceiver
 from kvtransfer.zmq_backend import ZmqReceiver
@@ -69,6 +69,15 @@ def test_pages_move_between_two_processes(tmp_path: Path) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_registration_with_a_bad_address_fails_at_once() -> None:
+    receiver = make_backend("zmq", "decode", layout("zmq"), *pool(), config=FAST)
+    try:
+        with pytest.raises(RegistrationRefused, match="could not connect"):
+            receiver.register("bogus://nowhere", timeout=30.0)
+    finally:
+        receiver.close()
 
 
 def test_a_dead_prefill_peer_fails_its_rooms() -> None:
@@ -232,10 +241,11 @@ def test_sender_ignores_frames_for_unknown_rooms() -> None:
         rogue = ctx.socket(zmq.DEALER)
         rogue.setsockopt(zmq.LINGER, 0)
         rogue.connect(p.sender.address)
-        rogue.send(msgpack.packb({"k": "ack", "room": 1}))  # not registered: ignored
+        rogue.send(msgpack.packb({"k": "ack", "room": 1}))  # not registered: told so, and ignored
         rogue.send(msgpack.packb({"k": "room", "room": 3, "dst_pages": [1]}))
-        assert rogue.poll(5000)
-        assert msgpack.unpackb(rogue.recv())["k"] == "room_refused"
+        for _ in range(2):
+            assert rogue.poll(5000)
+            assert msgpack.unpackb(rogue.recv())["k"] == "unregistered"
         rogue.close()
         ctx.term()
         p.sender.add_room(1)
@@ -245,3 +255,31 @@ def test_sender_ignores_frames_for_unknown_rooms() -> None:
     finally:
         p.receiver.close()
         p.sender.close()
+
+
+def test_a_decode_peer_dropped_as_dead_learns_it_and_registers_again() -> None:
+    sender_cfg = TransferConfig.uniform(5.0, heartbeat_interval=0.05, heartbeat_timeout=0.3)
+    silent_cfg = TransferConfig.uniform(5.0, heartbeat_interval=30.0, heartbeat_timeout=60.0)
+    src, dst = pool(seed=0), pool()
+    addr = "tcp://127.0.0.1:*"
+    sender = make_backend("zmq", "prefill", layout("zmq"), *src, address=addr, config=sender_cfg)
+    receiver = make_backend("zmq", "decode", layout("zmq"), *dst, config=silent_cfg)
+    try:
+        peer = receiver.register(sender.address, timeout=5.0)
+        receiver.expect(1, peer, [1])
+        sender.add_room(1)
+        (dropped,) = wait_results(sender)  # the receiver sends no heartbeat for 30 s
+        assert "stopped answering" in (dropped.error or "")
+        (failed,) = wait_results(receiver)
+        assert failed.room == 1 and "dropped us" in (failed.error or "")
+        receiver.expect(2, peer, [2])  # a dead peer fails the room instead of raising
+        assert "unavailable" in (wait_results(receiver)[0].error or "")
+        assert receiver.register(sender.address, timeout=5.0) == peer
+        receiver.expect(3, peer, [3])
+        sender.add_room(3)
+        sender.send(3, [4], [3], first_token=2)
+        assert wait_results(receiver)[0].ok and wait_results(sender)[0].ok
+        assert pages_equal(src, [4], dst, [3])
+    finally:
+        receiver.close()
+        sender.close()

@@ -132,22 +132,24 @@ class Scheduler:
 
 
 class FrontEnd:
-    def __init__(self, ctx, addrs: InstanceAddrs):
-        self.output_addr = addrs.input_addr + "-frontend"
+    def __init__(self, ctx, addrs: InstanceAddrs, name: str = "frontend"):
+        self.output_addr = f"{addrs.input_addr}-{name}"
         self.inbox = transport.bind(ctx, zmq.PULL, self.output_addr)
         self.to_instance = transport.connect(ctx, zmq.PUSH, addrs.input_addr)
         self.heartbeats: list[Heartbeat] = []
+        self.received: list[Message] = []
 
     def send(self, msg):
         transport.send(self.to_instance, msg)
 
     def recv(self, kind):
-        """The next message of type ``kind`` (heartbeats are recorded on the way)."""
+        """The next message of type ``kind``; every message received on the way is recorded."""
         deadline = time.monotonic() + TIMEOUT_MS / 1000
         while time.monotonic() < deadline:
             if not self.inbox.poll(100):
                 continue
             msg = transport.recv(self.inbox)
+            self.received.append(msg)
             if isinstance(msg, Heartbeat):
                 self.heartbeats.append(msg)
             if isinstance(msg, kind):
@@ -171,6 +173,7 @@ def test_serves_requests_status_and_heartbeats_then_shuts_down(ctx, addrs, start
         requests = [make_request(f"r{i}", [i + 1, 2, 3, 4, 5, 6], max_new=6, seed=i) for i in range(3)]
         for req in requests:
             front.send(req)
+        front.to_instance.send(b"\xc1 not msgpack")  # dropped with a warning; serving goes on
         front.send(make_request("r0", [1]))
         failed = front.recv(RequestFailed)
         assert failed.rid == "r0" and failed.code == INVALID_REQUEST
@@ -197,6 +200,28 @@ def test_serves_requests_status_and_heartbeats_then_shuts_down(ctx, addrs, start
         assert isinstance(worker.seen[-1], Shutdown)
     finally:
         front.close()
+
+
+def test_replies_go_to_the_most_recent_front_end_and_heartbeats_to_all(ctx, addrs, start_worker):
+    start_worker()
+    scheduler = Scheduler(config(addrs))
+    first, second = FrontEnd(ctx, addrs, "fe1"), FrontEnd(ctx, addrs, "fe2")
+    try:
+        first.send(AttachFrontend(first.output_addr))
+        first.recv(Heartbeat)
+        second.send(AttachFrontend(second.output_addr))
+        second.recv(Heartbeat)
+        second.send(StatusQuery(qid=1))
+        assert second.recv(StatusReport).qid == 1
+        beats = len(first.heartbeats)
+        while len(first.heartbeats) < beats + 2:  # the first one still gets heartbeats
+            first.recv(Heartbeat)
+        assert all(isinstance(m, Heartbeat) for m in first.received)
+        second.send(Shutdown())
+        scheduler.join()
+    finally:
+        first.close()
+        second.close()
 
 
 def test_shutdown_fails_live_requests(ctx, addrs, start_worker):

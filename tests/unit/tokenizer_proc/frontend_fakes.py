@@ -16,6 +16,7 @@ import zmq
 from protocol import transport
 from protocol.config import EMBEDDED, FrontendConfig, ServerArgs
 from protocol.messages import (
+    QUEUE_FULL,
     AbortRequest,
     AttachFrontend,
     BatchOutput,
@@ -24,6 +25,7 @@ from protocol.messages import (
     Message,
     ModelInfo,
     ReqOutput,
+    RequestFailed,
     StatusQuery,
     StatusReport,
     TokenizedRequest,
@@ -62,10 +64,13 @@ class FakeInstance:
     input_addr: str
     name: str = "fake-0"
     ready: bool = True
+    answers_status: bool = True
+    max_queued_tokens: int = 100  # longer prompts are refused with queue_full
     script: list[int] = field(default_factory=lambda: list(b"Hello, world!"))
     heartbeats: threading.Event = field(default_factory=threading.Event)
     generating: threading.Event = field(default_factory=threading.Event)
     received: list[Message] = field(default_factory=list)
+    attached: threading.Event = field(default_factory=threading.Event)
     got_request: threading.Event = field(default_factory=threading.Event)
     got_abort: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -104,6 +109,7 @@ class FakeInstance:
                         self.received.append(msg)
                         if isinstance(msg, AttachFrontend) and push is None:
                             push = transport.connect(ctx, zmq.PUSH, msg.output_addr)
+                            self.attached.set()
                         elif push is not None:
                             self._handle(push, msg)
                 if push is None:
@@ -121,14 +127,17 @@ class FakeInstance:
 
     def _handle(self, push: zmq.Socket, msg: Message) -> None:
         if isinstance(msg, TokenizedRequest):
-            self._live[msg.rid] = FakeRequest(msg)
             self.got_request.set()
+            if len(msg.input_ids) > self.max_queued_tokens:
+                transport.send(push, RequestFailed(msg.rid, QUEUE_FULL, "the fake's queue is full"))
+                return
+            self._live[msg.rid] = FakeRequest(msg)
         elif isinstance(msg, AbortRequest):
             self.got_abort.set()
             if self._live.pop(msg.rid, None) is not None:
                 final = ReqOutput(rid=msg.rid, token_ids=[], finished=True, finish_reason=msg.reason)
                 transport.send(push, BatchOutput(outputs=[final]))
-        elif isinstance(msg, StatusQuery):
+        elif isinstance(msg, StatusQuery) and self.answers_status:
             transport.send(push, StatusReport(qid=msg.qid, status=self._status()))
 
     def _step(self) -> BatchOutput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 import msgpack
 import pytest
@@ -14,6 +15,7 @@ from frontend_fakes import FakeInstance, frontend_config
 from protocol.config import EMBEDDED, config_to_json
 from protocol.messages import TokenizedRequest
 from tokenizer_proc.client import Client, ServerError
+from tokenizer_proc.tokenizer import ByteTokenizer
 
 BOS, EOS = EMBEDDED.bos_token_id, EMBEDDED.eos_token_id
 
@@ -271,3 +273,69 @@ def test_process_entry_point_serves_and_exits_on_sigterm(ipc_dir):
         proc.kill()
         proc.wait()
         fake.stop()
+
+
+def test_status_answers_in_time_when_an_instance_does_not(make_deployment):
+    dep = make_deployment({}, {"answers_status": False})
+    with dep.client() as client:
+        start = time.monotonic()
+        status = client.status()
+        assert time.monotonic() - start < 2.0
+    alive = [(i["name"], i["alive"]) for i in status["instances"]]
+    assert alive == [("fake-0", True), ("fake-1", False)]
+
+
+def test_leaving_a_stream_early_aborts_the_request(deployment, client):
+    for chunk in client.stream("x", max_new_tokens=200, ignore_eos=True):
+        assert not chunk["finished"]
+        break
+    assert deployment.fake.got_abort.wait(5)
+    assert client.generate("x", max_new_tokens=2)["text"] == "He"  # the abort's answer is dropped
+    assert client.next_message(timeout=0.05) is None
+
+
+def test_shutdown_fails_live_requests(make_deployment):
+    dep = make_deployment()
+    dep.fake.generating.clear()
+    with dep.client() as client:
+        rid = client.submit("x", max_new_tokens=5)
+        assert dep.fake.got_request.wait(5)
+        dep.stop.set()
+        with pytest.raises(ServerError) as err:
+            client.result(rid)
+    assert err.value.code == "shutting_down" and err.value.rid == rid
+    dep.thread.join(timeout=5)
+    assert dep.fake.got_abort.wait(5)
+
+
+def test_a_bug_costs_one_request_not_the_service(monkeypatch, client):
+    encode = ByteTokenizer.encode
+
+    def encode_or_fail(self, text):
+        if text == "boom":
+            raise RuntimeError("kaput")
+        return encode(self, text)
+
+    monkeypatch.setattr(ByteTokenizer, "encode", encode_or_fail)
+    with pytest.raises(ServerError) as err:
+        client.generate("boom", max_new_tokens=1)
+    assert err.value.code == "internal" and "kaput" in err.value.message
+    assert client.generate("x", max_new_tokens=2)["text"] == "He"
+
+
+def test_restarted_instance_is_attached_again(deployment, client):
+    deployment.fake.stop()
+    replacement = FakeInstance(deployment.cfg.unified[0], name="fake-0-restarted")
+    deployment.fakes[0] = replacement.start()  # stopped by the fixture
+    assert replacement.attached.wait(5)
+    status = client.wait_ready(timeout=5)
+    assert status["instances"][0]["name"] == "fake-0-restarted"
+    assert client.generate("x", max_new_tokens=2)["text"] == "He"
+
+
+def test_instance_refusal_reaches_the_client_with_its_code(client):
+    with pytest.raises(ServerError) as err:
+        client.generate(input_ids=[BOS] * 101, max_new_tokens=1)
+    assert err.value.code == "queue_full" and "queue is full" in err.value.message
+    assert client.generate(input_ids=[BOS] * 100, max_new_tokens=1)["finished"]
+    assert client.status()["instances"][0]["decoding"] == 0
