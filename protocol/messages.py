@@ -257,7 +257,8 @@ class TokenizedRequest(Message):
     sampling: SamplingParams
     priority: int = 0
     arrival_time: float = 0.0  # time.time() at the front end
-    room: int | None = None  # disaggregation only
+    room: int | None = None  # disaggregation: the pairing id, minted by the front end
+    prefill_addr: str | None = None  # disaggregation, to the decode side: the prefill instance
 
 
 @dataclass
@@ -269,6 +270,15 @@ class AbortRequest(Message):
     TYPE: ClassVar[str] = "abort_request"
     rid: str
     reason: str = "abort"
+
+
+@dataclass
+class ConnectPrefill(Message):
+    """Front end → decode instance at start-up (repeated until its heartbeat lists them): the
+    prefill instances to register with. Registration results come back in ``Heartbeat.peers``."""
+
+    TYPE: ClassVar[str] = "connect_prefill"
+    prefill_addrs: list[str]
 
 
 @dataclass
@@ -331,6 +341,8 @@ class Heartbeat(Message):
     model: ModelInfo | None = None
     queued_tokens: int = 0
     running: int = 0
+    # decode instances: prefill input address → "registered" | "connecting" | "refused: <why>"
+    peers: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
