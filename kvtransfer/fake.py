@@ -102,7 +102,8 @@ class FakeSender(KVSender):
                 return True
             due = time.monotonic() + self.faults.delays.get(room, 0.0)
             self._deliveries.append(_Delivery(due, room, list(src_pages), list(dst_pages), first_token))
-            self.rooms.advance(room, TransferState.TRANSFERRING)
+            if entry.dst_pages is not None:  # announced: the chunk is on its way
+                self.rooms.advance(room, TransferState.TRANSFERRING)
             self._pump()
             return True
 
@@ -175,6 +176,7 @@ class FakeSender(KVSender):
         assert target is not None
         target.received.update(d.dst_pages)
         if d.first_token is None:
+            self.rooms.advance(d.room, TransferState.TRANSFERRING)
             receiver.rooms.advance(d.room, TransferState.TRANSFERRING)
             return
         if len(target.received) != len(target.dst_pages or []):

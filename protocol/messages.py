@@ -285,6 +285,7 @@ class ConnectPrefill(Message):
 class StatusQuery(Message):
     TYPE: ClassVar[str] = "status_query"
     qid: int
+    reply_to: str | None = None  # send the StatusReport there instead of to the front end
 
 
 # --------------------------------------------------------------------------------------------
