@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -20,7 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import zmq
 
 from protocol.config import (
     FrontendConfig,
@@ -30,10 +34,11 @@ from protocol.config import (
     WorkerConfig,
     config_to_json,
 )
-from protocol.transport import ipc_addr, ipc_dir
+from protocol.messages import StatusQuery, StatusReport
+from protocol.transport import bind, connect, ipc_addr, ipc_dir, recv, send
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-MODES = ("unified",)
+MODES = ("unified", "prefill", "decode", "frontend", "pd")
 STOP_GRACE_S = 10.0
 
 logger = logging.getLogger("pdserve.launch")
@@ -67,6 +72,12 @@ FLAG_HELP = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Launch a pdserve deployment.")
     parser.add_argument("--mode", choices=MODES, default="unified", help="what to start")
+    parser.add_argument("--prefill", nargs="+", default=[], metavar="ADDR",
+                        help="frontend mode: input addresses of the prefill instances")
+    parser.add_argument("--decode", nargs="+", default=[], metavar="ADDR",
+                        help="frontend mode: input addresses of the decode instances")
+    parser.add_argument("--num-prefill", type=int, default=1, help="pd mode: prefill instances")
+    parser.add_argument("--num-decode", type=int, default=1, help="pd mode: decode instances")
     for f in dataclasses.fields(ServerArgs):
         flag = "--" + f.name.replace("_", "-")
         help_text = FLAG_HELP.get(f.name)
@@ -85,12 +96,19 @@ def _flag_type(f: dataclasses.Field) -> type:
     return str
 
 
-def parse_server_args(argv: list[str]) -> tuple[str, ServerArgs]:
-    ns = vars(build_parser().parse_args(argv))
-    mode = ns.pop("mode")
-    args = ServerArgs(**ns)
+LAUNCH_ONLY = ("mode", "prefill", "decode", "num_prefill", "num_decode")
+
+
+def parse_args(argv: list[str]) -> tuple[str, ServerArgs, argparse.Namespace]:
+    ns = build_parser().parse_args(argv)
+    fields = {k: v for k, v in vars(ns).items() if k not in LAUNCH_ONLY}
+    args = ServerArgs(**fields)
     args.validate()
-    return mode, args
+    if ns.mode == "frontend" and not (ns.prefill and ns.decode):
+        raise ValueError("--mode frontend needs --prefill ADDR... and --decode ADDR...")
+    if ns.mode == "pd" and (ns.num_prefill < 1 or ns.num_decode < 1):
+        raise ValueError("--num-prefill and --num-decode must be at least 1")
+    return ns.mode, args, ns
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,34 +151,101 @@ def spawn(name: str, package: str, config: object) -> Child:
 
 @dataclass
 class Deployment:
-    client_addr: str
+    """What a mode started: its children, and how to tell when it is ready."""
+
+    mode: str
+    address: str  # what the deployment serves on (a front end's or an instance's address)
     children: list[Child]
+    probe: Callable[[], bool]  # one readiness check; True once ready
 
 
-def start_unified(args: ServerArgs) -> Deployment:
-    directory = ipc_dir()
+WORKER_PACKAGES = {"unified": "engine", "prefill": "prefill_worker", "decode": "decode_worker"}
+
+
+def start_instance(args: ServerArgs, name: str, role: str, input_addr: str, directory: str) -> list[Child]:
+    """One instance: its worker and its scheduler."""
     addrs = InstanceAddrs(
-        input_addr=ipc_addr(directory, "unified0-input"),
-        step_addr=ipc_addr(directory, "unified0-step"),
-        result_addr=ipc_addr(directory, "unified0-result"),
+        input_addr=input_addr,
+        step_addr=ipc_addr(directory, f"{name}-step"),
+        result_addr=ipc_addr(directory, f"{name}-result"),
     )
+    worker = WorkerConfig(args=args, name=name, role=role, addrs=addrs)
+    scheduler = SchedulerConfig(args=args, name=name, role=role, addrs=addrs)
+    return [
+        spawn(f"{name}-worker", WORKER_PACKAGES[role], worker),
+        spawn(f"{name}-scheduler", "scheduler_proc", scheduler),
+    ]
+
+
+def start_frontend(
+    args: ServerArgs, directory: str, unified: list[str], prefill: list[str], decode: list[str]
+) -> tuple[str, Child]:
     client_addr = f"tcp://{args.host}:{args.port}"
-    frontend = FrontendConfig(
+    cfg = FrontendConfig(
         args=args,
         client_addr=client_addr,
         output_addr=ipc_addr(directory, "frontend-output"),
-        unified=[addrs.input_addr],
+        unified=unified,
+        prefill=prefill,
+        decode=decode,
     )
-    children = [
-        spawn("worker", "engine", WorkerConfig(args=args, name="unified0", role="unified", addrs=addrs)),
-        spawn(
-            "scheduler",
-            "scheduler_proc",
-            SchedulerConfig(args=args, name="unified0", role="unified", addrs=addrs),
-        ),
-        spawn("frontend", "tokenizer_proc", frontend),
-    ]
-    return Deployment(client_addr, children)
+    return client_addr, spawn("frontend", "tokenizer_proc", cfg)
+
+
+def start(mode: str, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
+    directory = ipc_dir()
+    if mode in ("prefill", "decode"):
+        addr = f"tcp://{args.host}:{args.port}"
+        children = start_instance(args, mode, mode, addr, directory)
+        return Deployment(mode, addr, children, instance_probe(addr, directory))
+    unified: list[str] = []
+    prefill: list[str] = list(ns.prefill)
+    decode: list[str] = list(ns.decode)
+    children: list[Child] = []
+    if mode == "unified":
+        unified = [ipc_addr(directory, "unified0-input")]
+        children += start_instance(args, "unified0", "unified", unified[0], directory)
+    elif mode == "pd":
+        prefill = [ipc_addr(directory, f"prefill{i}-input") for i in range(ns.num_prefill)]
+        decode = [ipc_addr(directory, f"decode{i}-input") for i in range(ns.num_decode)]
+        for i, addr in enumerate(prefill):
+            children += start_instance(args, f"prefill{i}", "prefill", addr, directory)
+        for i, addr in enumerate(decode):
+            children += start_instance(args, f"decode{i}", "decode", addr, directory)
+    client_addr, frontend = start_frontend(args, directory, unified, prefill, decode)
+    return Deployment(mode, client_addr, [*children, frontend], frontend_probe(client_addr))
+
+
+def frontend_probe(client_addr: str) -> Callable[[], bool]:
+    from tokenizer_proc.client import Client
+
+    client = Client(client_addr, timeout=2.0)
+
+    def probe() -> bool:
+        try:
+            return bool(client.status().get("ready"))
+        except TimeoutError:
+            return False
+
+    return probe
+
+
+def instance_probe(input_addr: str, directory: str) -> Callable[[], bool]:
+    """Ask a standalone instance for its status (reply to our own socket) until it is ready."""
+    ctx = zmq.Context.instance()
+    reply_addr = ipc_addr(directory, "launch-probe")
+    replies = bind(ctx, zmq.PULL, reply_addr)
+    requests = connect(ctx, zmq.PUSH, input_addr)
+    qids = itertools.count()
+
+    def probe() -> bool:
+        send(requests, StatusQuery(qid=next(qids), reply_to=reply_addr))
+        if not replies.poll(2000):
+            return False
+        report = recv(replies)
+        return isinstance(report, StatusReport) and report.status.ready
+
+    return probe
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,21 +274,15 @@ class Supervisor:
         return next((c for c in self.deployment.children if c.proc.poll() is not None), None)
 
     def wait_ready(self, timeout_s: float) -> bool:
-        """True once the front end says ready; False on a signal or a dead child."""
-        from tokenizer_proc.client import Client
-
+        """True once the deployment says ready; False on a signal or a dead child."""
         deadline = time.monotonic() + timeout_s
-        with Client(self.deployment.client_addr, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.stop_signal is not None or self.dead_child() is not None:
-                    return False
-                try:
-                    if client.status().get("ready"):
-                        return True
-                except TimeoutError:
-                    pass
-                self.wake.wait(0.2)
-                self.wake.clear()
+        while time.monotonic() < deadline:
+            if self.stop_signal is not None or self.dead_child() is not None:
+                return False
+            if self.deployment.probe():
+                return True
+            self.wake.wait(0.2)
+            self.wake.clear()
         raise TimeoutError(f"the deployment was not ready within {timeout_s:.0f} s")
 
     def wait_until_stopped(self) -> Child | None:
@@ -244,18 +323,18 @@ def report_failure(child: Child) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        mode, args = parse_server_args(sys.argv[1:] if argv is None else argv)
+        mode, args, ns = parse_args(sys.argv[1:] if argv is None else argv)
     except ValueError as e:
         print(f"launch: {e}", file=sys.stderr)
         return 2
-    deployment = start_unified(args)
+    deployment = start(mode, args, ns)
     supervisor = Supervisor(deployment)
     supervisor.install_signal_handlers()
     pids = " ".join(f"{c.name}={c.proc.pid}" for c in deployment.children)
     print(f"pdserve: started {mode}: {pids}", flush=True)
     try:
         if supervisor.wait_ready(timeout_s=float(os.environ.get("PDSERVE_READY_TIMEOUT", "900"))):
-            print(f"pdserve ready: {mode} on {deployment.client_addr}", flush=True)
+            print(f"pdserve ready: {mode} on {deployment.address}", flush=True)
             dead = supervisor.wait_until_stopped()
         else:
             dead = supervisor.dead_child()

@@ -76,7 +76,12 @@ def from_dict(obj: Any) -> Message:
     return _decode_dataclass(cls, obj)
 
 
+_SCALARS = (str, int, float, bool, bytes, type(None))
+
+
 def _encode_value(value: Any) -> Any:
+    if isinstance(value, _SCALARS):
+        return value
     if dataclasses.is_dataclass(value):
         return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
@@ -104,6 +109,8 @@ def _decode_dataclass(cls: type, obj: dict[str, Any]) -> Any:
 
 
 def _decode_value(hint: Any, value: Any) -> Any:
+    if isinstance(value, _SCALARS):
+        return value
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return _decode_dataclass(hint, value)

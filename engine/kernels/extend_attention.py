@@ -168,7 +168,7 @@ def extend_attention(
     out = torch.empty_like(q)
     if num_tokens == 0 or num_requests == 0:
         return out
-    longest = num_tokens if max_extend_len is None else min(max_extend_len // 2, num_tokens)
+    longest = num_tokens if max_extend_len is None else min(max_extend_len, num_tokens)
     grid = (triton.cdiv(longest, config.block_m), num_heads, num_requests)
     _extend_kernel[grid](
         q, k_cache, v_cache, page_table, qo_indptr, prefix_lens, out,

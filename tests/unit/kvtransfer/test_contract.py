@@ -100,13 +100,16 @@ def test_abort_of_an_unknown_room_is_ignored(pair: Pair) -> None:
 def test_each_non_final_state_times_out(backend: str) -> None:
     p = connect(backend, TransferConfig.uniform(0.3, heartbeat_interval=0.05, heartbeat_timeout=5.0))
     try:
-        p.receiver.expect(1, p.peer, [1])  # the prefill never sends: WAITING_FOR_INPUT expires
+        p.receiver.expect(1, p.peer, [5])  # the prefill never sends: WAITING_FOR_INPUT expires
         p.sender.add_room(2)  # never announced: BOOTSTRAPPING expires
-        (r1,) = wait_results(p.receiver)
-        assert r1.state == TransferState.FAILED and "timed out in WAITING_FOR_INPUT" in (r1.error or "")
-        results = {r.room: r for r in wait_results(p.sender, count=1)}
-        assert set(results) == {2}  # room 1 was never added on the prefill side: not reported
-        assert "timed out in BOOTSTRAPPING" in (results[2].error or "")
+        p.receiver.expect(3, p.peer, [6, 7])
+        p.sender.add_room(3)
+        p.sender.send(3, [1], [6])  # and never the rest: TRANSFERRING expires
+        decode = {r.room: r.error or "" for r in wait_results(p.receiver, count=2)}
+        prefill = {r.room: r.error or "" for r in wait_results(p.sender, count=2)}
+        assert "timed out in WAITING_FOR_INPUT" in decode[1] and "timed out in BOOTSTRAPPING" in prefill[2]
+        assert "timed out in TRANSFERRING" in decode[3] + prefill[3]
+        assert set(prefill) == {2, 3}  # room 1 was never added on the prefill side: not reported
     finally:
         p.receiver.close()
         p.sender.close()
