@@ -131,6 +131,9 @@ class Worker:
         if not batch.extends and not batch.decode_slots:
             return StepResult(step_id=batch.step_id, slots=[], token_ids=[])
 
+        logger.debug(
+            "step %d: %d extends, %d decodes", batch.step_id, len(batch.extends), len(batch.decode_slots)
+        )
         inputs = self.runner.prepare(batch.extends, batch.decode_slots, batch.decode_positions)
         logits = self.runner.logits(inputs)
         if not inputs.sample_slots:

@@ -360,10 +360,13 @@ class Heartbeat(Message):
 
 @dataclass
 class NewReq:
-    """A request that takes a worker slot; its page table row starts empty."""
+    """A request that takes a worker slot; its page table row starts empty. ``next_token``
+    (disaggregation, decode side) seeds the slot's future-token map with the first token that
+    the prefill instance sampled, so the slot decodes from its first step here."""
 
     slot: int
     sampling: SamplingParams
+    next_token: int | None = None
 
 
 @dataclass
@@ -386,6 +389,30 @@ class ExtendReq:
 
 
 @dataclass
+class KVSend:
+    """Prefill worker, after this step's forward: send the KV of ``src_pages`` (this worker's)
+    into ``dst_pages`` (the decode worker's) for ``room``. ``first`` opens the room on the data
+    plane; ``last`` also carries the token this step sampled for ``slot`` (the first token)."""
+
+    room: int
+    slot: int
+    src_pages: list[int]
+    dst_pages: list[int]
+    first: bool = False
+    last: bool = False
+
+
+@dataclass
+class KVExpect:
+    """Decode worker, before this step: ``room``'s KV will arrive from the prefill worker whose
+    KV sender is at ``peer`` (a registered transfer address) into ``dst_pages``."""
+
+    room: int
+    peer: str
+    dst_pages: list[int]
+
+
+@dataclass
 class StepBatch(Message):
     """One forward step. Applied in this order: ``released`` slots, ``new_reqs``,
     ``page_appends``, then the forward over ``extends`` followed by decodes.
@@ -403,6 +430,11 @@ class StepBatch(Message):
     extends: list[ExtendReq] = field(default_factory=list)
     decode_slots: list[int] = field(default_factory=list)
     decode_positions: list[int] = field(default_factory=list)
+    # Disaggregation (data-plane deltas, applied in step order): rooms to abort and rooms to
+    # expect before the forward, pages to send after it. Each room ends in one TransferResult.
+    abort_rooms: list[int] = field(default_factory=list)
+    expects: list[KVExpect] = field(default_factory=list)
+    transfers: list[KVSend] = field(default_factory=list)
 
 
 @dataclass
@@ -419,6 +451,15 @@ class StepResult(Message):
 
 
 @dataclass
+class TransferEndpoint:
+    """A disaggregated worker's end of the KV data plane: the backend, and for a prefill worker
+    the address its KV sender is bound to (decode workers connect there)."""
+
+    backend: str
+    address: str = ""
+
+
+@dataclass
 class WorkerReady(Message):
     """The worker has loaded its model, sized its KV pool and warmed up (compiled kernels,
     captured graphs). Page 0 is reserved as the padding page: usable pages are 1..num_pages-1."""
@@ -430,6 +471,7 @@ class WorkerReady(Message):
     max_slots: int
     max_context_len: int
     device: str
+    transfer: TransferEndpoint | None = None  # prefill and decode workers
 
 
 @dataclass
@@ -444,3 +486,114 @@ class WorkerFailed(Message):
 class Shutdown(Message):
     TYPE: ClassVar[str] = "shutdown"
     reason: str = ""
+
+
+@dataclass
+class RegisterKVPeer(Message):
+    """Decode scheduler → its worker: register the KV receiver with the prefill worker whose KV
+    sender is at ``transfer_addr`` (the prefill instance ``prefill_addr``); answered by
+    ``KVPeerRegistered``."""
+
+    TYPE: ClassVar[str] = "register_kv_peer"
+    prefill_addr: str
+    transfer_addr: str
+
+
+@dataclass
+class KVPeerRegistered(Message):
+    TYPE: ClassVar[str] = "kv_peer_registered"
+    prefill_addr: str
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class TransferResult(Message):
+    """Prefill or decode worker → its scheduler, once per room it opened: the room's pages are
+    the scheduler's again. Prefill side: ``ok`` means the decode side acknowledged every page.
+    Decode side: ``ok`` means every destination page is written; ``first_token`` is set."""
+
+    TYPE: ClassVar[str] = "transfer_result"
+    room: int
+    ok: bool
+    first_token: int | None = None
+    error: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Decode instance ⇄ prefill instance (control plane; scheduler to scheduler, input addresses)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerInfo:
+    """What a (decode, prefill) pair must agree on, checked once at registration; a mismatch
+    is refused with a message naming the field."""
+
+    name: str
+    input_addr: str
+    model: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: str
+    transfer_backend: str
+    tp_size: int = 1
+    tp_rank: int = 0
+    protocol_version: int = PROTOCOL_VERSION
+    transfer: TransferEndpoint | None = None
+
+
+@dataclass
+class RegisterDecode(Message):
+    """Decode → prefill instance, once per pair (repeated until answered)."""
+
+    TYPE: ClassVar[str] = "register_decode"
+    info: PeerInfo
+
+
+@dataclass
+class RegisterReply(Message):
+    """Prefill → decode instance: registration accepted (``info`` is the prefill side's, with
+    its KV sender's address) or refused (``error`` names the mismatching field)."""
+
+    TYPE: ClassVar[str] = "register_reply"
+    prefill_addr: str
+    ok: bool
+    error: str = ""
+    info: PeerInfo | None = None
+
+
+@dataclass
+class PeerHeartbeat(Message):
+    """Between registered prefill and decode instances; ``addr`` is the sender's input address."""
+
+    TYPE: ClassVar[str] = "peer_heartbeat"
+    addr: str
+
+
+@dataclass
+class RoomDest(Message):
+    """Decode → prefill instance: ``room``'s KV goes into ``dst_pages``, one per page of the
+    prompt after its first ``cached_tokens`` (page-aligned), which the decode side already holds."""
+
+    TYPE: ClassVar[str] = "room_dest"
+    room: int
+    rid: str
+    decode_addr: str
+    dst_pages: list[int]
+    cached_tokens: int = 0
+
+
+@dataclass
+class RoomAbort(Message):
+    """Either instance → the other: ``room`` (request ``rid``) ended here without a transfer
+    (abort, failure, refusal); the other side ends it too, with ``code`` and ``message``."""
+
+    TYPE: ClassVar[str] = "room_abort"
+    room: int
+    rid: str
+    addr: str  # the sender's input address
+    code: str
+    message: str

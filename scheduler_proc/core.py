@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 
-from protocol.config import ServerArgs
+from protocol.config import SchedulerConfig, ServerArgs
 from protocol.messages import (
     AbortRequest,
     BatchOutput,
@@ -40,6 +40,10 @@ NEW_TOKEN_RATIO_DECAY_STEPS = 600  # decode steps for the ratio to fall from ini
 
 
 class SchedulerCore:
+    @classmethod
+    def from_config(cls, cfg: SchedulerConfig, worker: WorkerReady) -> SchedulerCore:
+        return cls(cfg.args, cfg.name, cfg.role, worker)
+
     def __init__(self, args: ServerArgs, name: str, role: str, worker: WorkerReady) -> None:
         self.args = args
         self.name = name
@@ -63,6 +67,8 @@ class SchedulerCore:
         self._next_step_id = 0
         self._next_seq = 0
         self._outbox: list[Message] = []
+        self._peer_outbox: list[tuple[str, Message]] = []  # (input address of a peer instance, message)
+        self._worker_outbox: list[Message] = []  # to the worker, outside the step pipeline
 
     # ---------------------------------------------------------------------------- inputs
 
@@ -119,6 +125,32 @@ class SchedulerCore:
         out, self._outbox = self._outbox, []
         return out
 
+    def take_peer_outbox(self) -> list[tuple[str, Message]]:
+        out, self._peer_outbox = self._peer_outbox, []
+        return out
+
+    def take_worker_outbox(self) -> list[Message]:
+        out, self._worker_outbox = self._worker_outbox, []
+        return out
+
+    # Hooks of the disaggregated roles; the unified role has no peers and no data plane.
+
+    def on_peer_message(self, msg: Message) -> bool:
+        """Handle a message from a peer instance (or a front end's ``ConnectPrefill``); False
+        when this role does not take it."""
+        return False
+
+    def on_worker_message(self, msg: Message) -> bool:
+        """Handle a worker message other than a step result; False when this role does not take it."""
+        return False
+
+    def tick(self, now: float) -> None:
+        """Periodic work (peer heartbeats, timeouts); ``now`` is ``time.monotonic()``."""
+
+    def peer_states(self) -> dict[str, str]:
+        """Registration state per peer instance, for the heartbeat to the front end."""
+        return {}
+
     # ---------------------------------------------------------------------------- state
 
     @property
@@ -157,8 +189,15 @@ class SchedulerCore:
         """The next step: every running decode plus as much prefill as the budgets allow.
         None when there is nothing to run."""
         step = StepBuilder(self._next_step_id)
+        self._fill_step(step)
+        return self._finish_step(step)
+
+    def _fill_step(self, step: StepBuilder) -> None:
         self._schedule_decodes(step)
         self._schedule_prefills(step)
+
+    def _finish_step(self, step: StepBuilder) -> StepBatch | None:
+        """The batch to send for ``step`` (recorded until its result arrives); None if empty."""
         if step.empty:
             return None
         batch, sent = step.build(self._released)
@@ -342,15 +381,24 @@ class SchedulerCore:
 
     def _end(self, req: Request, state: ReqState) -> None:
         """Move ``req`` to a terminal state and give back everything it holds."""
+        self._detach(req)
+        req.transition(state)
+        del self.requests[req.rid]
+        self._release_ended(req, cache=state is not ReqState.FAILED)
+
+    def _detach(self, req: Request) -> None:
+        """Take a live ``req`` out of the queue or batch that holds it."""
         if req.state is ReqState.PENDING:
             self.waiting.remove(req)
         elif req is self.chunked_req:
             self.chunked_req = None
         elif req.state is ReqState.DECODING:
             self.running.remove(req)
-        req.transition(state)
-        self._release(req, cache=state is not ReqState.FAILED)
-        del self.requests[req.rid]
+
+    def _release_ended(self, req: Request, cache: bool) -> None:
+        """Give back an ended request's resources (the disaggregated roles may defer this while
+        the data plane still uses its pages)."""
+        self._release(req, cache)
 
     def _release(self, req: Request, cache: bool) -> None:
         slot = req.res.release(self.pool, req.kv_tokens() if cache else None)

@@ -31,9 +31,9 @@ class ReqState(enum.Enum):
 _TERMINAL = frozenset({ReqState.FINISHED, ReqState.ABORTED, ReqState.FAILED})
 _ENDS = frozenset({ReqState.ABORTED, ReqState.FAILED})  # reachable from every live state
 _ALLOWED: dict[ReqState, frozenset[ReqState]] = {
-    ReqState.PENDING: _ENDS | {ReqState.PREFILLING},
+    ReqState.PENDING: _ENDS | {ReqState.PREFILLING, ReqState.TRANSFERRING},  # → transferring: decode side
     ReqState.PREFILLING: _ENDS | {ReqState.TRANSFERRING, ReqState.DECODING, ReqState.PENDING},
-    ReqState.TRANSFERRING: _ENDS | {ReqState.DECODING},
+    ReqState.TRANSFERRING: _ENDS | {ReqState.DECODING, ReqState.FINISHED},  # → finished: prefill side
     ReqState.DECODING: _ENDS | {ReqState.FINISHED, ReqState.PENDING},
 }
 
@@ -71,6 +71,7 @@ class Request:
     first_scheduled_time: float | None = None
     sent_first_output: bool = False
     stop_ids: frozenset[int] = frozenset()
+    room: int | None = None  # disaggregation: the pairing id minted by the front end
 
     @classmethod
     def from_message(cls, msg: TokenizedRequest, seq: int) -> Request:
@@ -82,6 +83,7 @@ class Request:
             arrival_time=msg.arrival_time or time.time(),
             seq=seq,
             stop_ids=frozenset(msg.sampling.stop_token_ids),
+            room=msg.room,
         )
 
     @property

@@ -36,12 +36,14 @@ from protocol.messages import (
     decode,
 )
 from scheduler_proc.core import SchedulerCore
+from scheduler_proc.decode_mode import DecodeCore
+from scheduler_proc.prefill_mode import PrefillCore
 
 logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 600.0
 
-CORES: dict[str, type[SchedulerCore]] = {"unified": SchedulerCore}
+CORES: dict[str, type[SchedulerCore]] = {"unified": SchedulerCore, "prefill": PrefillCore, "decode": DecodeCore}
 
 
 class WorkerLost(RuntimeError):
@@ -70,12 +72,12 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
             ready.page_size,
             ready.max_slots,
         )
-        core = CORES[cfg.role](args, cfg.name, cfg.role, ready)
+        core = CORES[cfg.role].from_config(cfg, ready)
         loop = _Loop(cfg, core, ready, ctx, inputs, results, steps)
         try:
             loop.run()
         finally:
-            sockets += loop.frontends.values()
+            sockets += [*loop.frontends.values(), *loop.peers.values()]
     finally:
         for sock in sockets:
             sock.close()
@@ -125,6 +127,7 @@ class _Loop:
         self.ctx = ctx
         self.inputs, self.results, self.steps = inputs, results, steps
         self.frontends: dict[str, zmq.Socket] = {}
+        self.peers: dict[str, zmq.Socket] = {}  # PUSH to peer instances and status reply_to addresses
         self.reply_to: zmq.Socket | None = None  # the most recently attached front end
         self.max_inflight = 1 if cfg.args.disable_overlap_schedule else 2
         self.heartbeat_interval = cfg.args.heartbeat_interval
@@ -145,6 +148,7 @@ class _Loop:
             if self.inputs in events:
                 for msg in _recv_valid(self.inputs, self.cfg.name):
                     self._on_input(msg)
+            self.core.tick(time.monotonic())
             self._flush()
             if time.monotonic() >= next_heartbeat:
                 self._heartbeat_all()
@@ -167,7 +171,8 @@ class _Loop:
             self.core.fail_all(INTERNAL, f"the worker of instance {self.cfg.name} failed: {msg.message}")
             self._flush()
             raise WorkerLost(msg.message)
-        logger.error("%s: unexpected %s from the worker; ignored", self.cfg.name, msg.TYPE)
+        if not self.core.on_worker_message(msg):
+            logger.error("%s: unexpected %s from the worker; ignored", self.cfg.name, msg.TYPE)
 
     def _on_input(self, msg: Message) -> None:
         if isinstance(msg, TokenizedRequest):
@@ -175,7 +180,11 @@ class _Loop:
         elif isinstance(msg, AbortRequest):
             self.core.on_abort(msg)
         elif isinstance(msg, StatusQuery):
-            self._reply(StatusReport(qid=msg.qid, status=self.core.status()))
+            report = StatusReport(qid=msg.qid, status=self.core.status())
+            if msg.reply_to:
+                transport.send(self._peer(msg.reply_to), report)
+            else:
+                self._reply(report)
         elif isinstance(msg, AttachFrontend):
             self._attach(msg.output_addr)
         elif isinstance(msg, Shutdown):
@@ -183,7 +192,7 @@ class _Loop:
             self.core.fail_all(SHUTTING_DOWN, f"instance {self.cfg.name} is shutting down")
             transport.send(self.steps, msg)
             self.running = False
-        else:
+        elif not self.core.on_peer_message(msg):
             logger.warning("%s: unexpected %s on the input socket; ignored", self.cfg.name, msg.TYPE)
 
     def _attach(self, addr: str) -> None:
@@ -211,6 +220,7 @@ class _Loop:
             model=self.model,
             queued_tokens=self.core.queued_tokens,
             running=self.core.num_running,
+            peers=self.core.peer_states(),
         )
 
     def _heartbeat_all(self) -> None:
@@ -225,6 +235,16 @@ class _Loop:
             return
         transport.send(self.reply_to, msg)
 
+    def _peer(self, addr: str) -> zmq.Socket:
+        sock = self.peers.get(addr)
+        if sock is None:
+            sock = self.peers[addr] = transport.connect(self.ctx, zmq.PUSH, addr)
+        return sock
+
     def _flush(self) -> None:
         for msg in self.core.take_outbox():
             self._reply(msg)
+        for addr, msg in self.core.take_peer_outbox():
+            transport.send(self._peer(addr), msg)
+        for msg in self.core.take_worker_outbox():
+            transport.send(self.steps, msg)

@@ -1,8 +1,11 @@
 """The front end: client socket, validation, tokenization, routing, detokenization, streaming.
 
 One thread, one poll loop over two sockets: the client ROUTER and the PULL where instances
-send outputs, reports and heartbeats. Timers (attach, liveness, status deadlines) run on every
-turn of the loop; the poll timeout is bounded so that a stop request is seen promptly.
+send outputs, reports and heartbeats. Timers (attach, liveness, status deadlines, introducing
+decode instances to prefill instances) run on every turn of the loop; the poll timeout is
+bounded so that a stop request is seen promptly. Whether each request goes to one unified
+instance or to a prefill + decode pair is the topology's business (``topology.py``): the rest
+of the front end sees a ``Route`` and treats both alike.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ from protocol.messages import (
 )
 from tokenizer_proc.admission import Admission
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
-from tokenizer_proc.instances import Instance, InstancePool
+from tokenizer_proc.instances import InstancePool
 from tokenizer_proc.request_state import LiveRequest, RequestTable
-from tokenizer_proc.router import make_policy
 from tokenizer_proc.status import PendingStatus, StatusCollector
 from tokenizer_proc.tokenizer import load_tokenizer
+from tokenizer_proc.topology import Route, topology_for
 from tokenizer_proc.validation import (
     AbortCommand,
     GenerateCommand,
@@ -64,10 +67,10 @@ class Frontend:
     def __init__(self, cfg: FrontendConfig) -> None:
         self.cfg = cfg
         args = cfg.args
+        topology = topology_for(cfg)
         self._ctx = zmq.Context.instance()
         self._tokenizer = load_tokenizer(args.model_path)
         self._admission = Admission(self._tokenizer, args.context_length)
-        self._policy = make_policy(args.routing_policy)
         self._requests = RequestTable()
         self._status = StatusCollector()
         self._rid_prefix = secrets.token_hex(4)
@@ -82,14 +85,18 @@ class Frontend:
         self._clients = transport.bind(self._ctx, zmq.ROUTER, cfg.client_addr, client_guard)
         self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._outputs = transport.bind(self._ctx, zmq.PULL, cfg.output_addr, instance_guard)
-        self._pool = InstancePool.connect(self._ctx, {"unified": cfg.unified}, instance_guard)
+        roles = {"unified": cfg.unified, "prefill": cfg.prefill, "decode": cfg.decode}
+        self._pool = InstancePool.connect(self._ctx, roles, instance_guard)
+        self._topology = topology(self._pool, args.routing_policy)
         self._poller = zmq.Poller()
         self._poller.register(self._clients, zmq.POLLIN)
         self._poller.register(self._outputs, zmq.POLLIN)
         log.info(
-            "front end on %s, %d instance(s), outputs on %s",
+            "front end on %s, %d unified + %d prefill + %d decode instance(s), outputs on %s",
             cfg.client_addr,
-            len(self._pool),
+            len(cfg.unified),
+            len(cfg.prefill),
+            len(cfg.decode),
             cfg.output_addr,
         )
 
@@ -110,7 +117,7 @@ class Frontend:
         close the sockets, giving the last replies a moment to leave."""
         for req in list(self._requests):
             self._requests.remove(req)
-            self._abort_at_instance(req, "abort")
+            self._abort_everywhere(req, "abort")
             self._send_error(req.conn, req.client_rid, SHUTTING_DOWN, "the front end is shutting down")
         self._clients.close(linger=CLOSE_LINGER_MS)
         self._outputs.close(linger=0)
@@ -139,9 +146,10 @@ class Frontend:
         args = self.cfg.args
         if outputs_caught_up:
             for inst in self._pool.expire(now, args.heartbeat_timeout):
-                reqs = self._requests.of_instance(inst)
-                self._fail_requests(reqs, f"instance {inst.name} stopped responding")
+                reqs = self._requests.involving(inst)
+                self._fail_requests(reqs, f"instance {inst.name} ({inst.role}) stopped responding")
         self._pool.attach_due(now, args.heartbeat_interval, self.cfg.output_addr)
+        self._topology.tick(now, args.heartbeat_interval)
         for pending in self._status.expired(now):
             self._reply_status(pending)
 
@@ -179,16 +187,16 @@ class Frontend:
     def _generate(self, conn: bytes, cmd: GenerateCommand) -> None:
         if self._requests.find(conn, cmd.rid) is not None:
             raise InvalidRequest(f"rid {cmd.rid!r} is already in use by a live request")
-        candidates = self._pool.routable("unified")
-        if not (self._ready_once and candidates):
-            ready = sum(inst.routable for inst in self._pool)
-            self._send_error(
-                conn, cmd.rid, PEER_UNAVAILABLE, f"not ready: {ready} of {len(self._pool)} instances ready"
-            )
+        if not self._ready_once:
+            self._send_error(conn, cmd.rid, PEER_UNAVAILABLE, f"not ready: {self._topology.unavailable()}")
             return
         input_ids = self._admission.input_ids(cmd)
-        inst = self._policy.pick(candidates, input_ids)
-        req = self._live_request(conn, cmd, inst, len(input_ids))
+        route = self._topology.route(input_ids)
+        if route is None:
+            reason = f"no instance can serve it now: {self._topology.unavailable()}"
+            self._send_error(conn, cmd.rid, PEER_UNAVAILABLE, reason)
+            return
+        req = self._live_request(conn, cmd, route, len(input_ids))
         msg = TokenizedRequest(
             rid=req.rid,
             input_ids=input_ids,
@@ -197,25 +205,28 @@ class Frontend:
             arrival_time=time.time(),
         )
         try:
-            inst.send(msg)
+            route.submit(msg)
         except zmq.Again:
-            self._send_error(conn, cmd.rid, INTERNAL, f"instance {inst.name} is not accepting requests")
+            self._send_error(conn, cmd.rid, INTERNAL, f"{route.describe()} is not accepting requests")
             return
-        inst.routed_tokens += len(input_ids)
         self._requests.add(req)
         log.debug(
-            "rid=%s (client rid %s): %d prompt tokens to %s", req.rid, cmd.rid, len(input_ids), inst.name
+            "rid=%s (client rid %s): %d prompt tokens to %s",
+            req.rid,
+            cmd.rid,
+            len(input_ids),
+            route.describe(),
         )
 
     def _live_request(
-        self, conn: bytes, cmd: GenerateCommand, inst: Instance, prompt_tokens: int
+        self, conn: bytes, cmd: GenerateCommand, route: Route, prompt_tokens: int
     ) -> LiveRequest:
         self._rid_counter += 1
         return LiveRequest(
             conn=conn,
             client_rid=cmd.rid,
             rid=f"{self._rid_prefix}-{self._rid_counter}",
-            instance=inst,
+            route=route,
             stream=cmd.stream,
             return_logprob=cmd.return_logprob,
             detok=IncrementalDetokenizer(self._tokenizer, cmd.sampling.stop),
@@ -229,7 +240,7 @@ class Frontend:
             log.debug("abort of unknown rid %s ignored", client_rid)
             return
         log.info("rid=%s (client rid %s): aborted by the client", req.rid, client_rid)
-        self._abort_at_instance(req, "abort")  # the instance answers with the final output
+        self._abort_everywhere(req, "abort")  # the (decode) instance answers with the final output
 
     def _start_status(self, conn: bytes, cmd: StatusCommand) -> None:
         timeout = min(STATUS_TIMEOUT_S, self.cfg.args.heartbeat_timeout)
@@ -238,7 +249,7 @@ class Frontend:
             self._reply_status(pending)
 
     def _reply_status(self, pending: PendingStatus) -> None:
-        self._send(pending.conn, pending.reply(self._pool.all_ready))
+        self._send(pending.conn, pending.reply(self._topology.ready))
 
     def _send_error(self, conn: bytes, rid: str | None, code: str, message: str) -> None:
         self._send(conn, ClientError(rid=rid, code=code, message=message))
@@ -259,20 +270,25 @@ class Frontend:
         for req in self._requests.of_conn(conn):
             log.info("rid=%s (client rid %s): client left, aborting", req.rid, req.client_rid)
             self._requests.remove(req)
-            self._abort_at_instance(req, "abort")
+            self._abort_everywhere(req, "abort")
 
-    def _abort_at_instance(self, req: LiveRequest, reason: str) -> None:
-        try:
-            req.instance.send(AbortRequest(rid=req.rid, reason=reason))
-        except zmq.Again:
-            log.warning("rid=%s: abort not sent to %s (queue full)", req.rid, req.instance.name)
+    def _abort_everywhere(self, req: LiveRequest, reason: str) -> None:
+        """Abort ``req`` at every instance of its route; one that no longer holds it ignores it."""
+        for inst in req.route.instances:
+            try:
+                inst.send(AbortRequest(rid=req.rid, reason=reason))
+            except zmq.Again:
+                log.warning("rid=%s: abort not sent to %s (queue full)", req.rid, inst.name)
 
     def _fail_requests(self, reqs: Iterable[LiveRequest], message: str) -> None:
-        """Fail requests of a dead instance; should it come back, it is told to drop them."""
+        """Fail requests of a dead instance: the surviving side of a pair is told to drop them,
+        and so is the dead one, should it come back."""
         for req in reqs:
-            log.warning("rid=%s (client rid %s): %s", req.rid, req.client_rid, message)
+            log.warning(
+                "rid=%s (client rid %s, %s): %s", req.rid, req.client_rid, req.route.describe(), message
+            )
             self._requests.remove(req)
-            self._abort_at_instance(req, "abort")
+            self._abort_everywhere(req, "abort")
             self._send_error(req.conn, req.client_rid, PEER_UNAVAILABLE, message)
 
     # ----------------------------------------------------------------------- instance side
@@ -312,7 +328,7 @@ class Frontend:
             if req.finished:
                 self._requests.remove(req)
                 if not out.finished:
-                    self._abort_at_instance(req, "stop")
+                    self._abort_everywhere(req, "stop")
                 log.debug(
                     "rid=%s finished (%s), %d tokens", req.rid, req.finish_reason, req.completion_tokens
                 )
@@ -323,8 +339,16 @@ class Frontend:
         req = self._requests.get(msg.rid)
         if req is None:
             return
-        log.warning("rid=%s (client rid %s) failed: %s: %s", req.rid, req.client_rid, msg.code, msg.message)
+        log.warning(
+            "rid=%s (client rid %s, %s) failed: %s: %s",
+            req.rid,
+            req.client_rid,
+            req.route.describe(),
+            msg.code,
+            msg.message,
+        )
         self._requests.remove(req)
+        self._abort_everywhere(req, "abort")  # the other side of a pair still holds it
         self._send_error(req.conn, req.client_rid, msg.code, msg.message)
 
     def _on_heartbeat(self, hb: Heartbeat) -> None:
@@ -333,7 +357,7 @@ class Frontend:
             return
         if inst.model is not None and self._admission.limits is None:
             self._admission.learn_model(inst.model)
-        if self._pool.all_ready and not self._ready_once:
+        if self._topology.ready and not self._ready_once:
             self._ready_once = True
             if self._admission.limits is None:
                 self._admission.assume_tokenizer_limits()

@@ -3,7 +3,8 @@
 An instance is attached by sending it ``AttachFrontend`` (repeated every heartbeat interval
 until a heartbeat comes back), alive while its heartbeats keep coming, and routable when
 alive and ready. Silence for ``heartbeat_timeout`` makes it dead; it is attached again as soon
-as it may come back.
+as it may come back. A decode instance's heartbeats also carry the state of its registration
+with each prefill instance (``peers``); a change of that state is logged, refusals loudly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Instance:
     queued_tokens: int = 0  # from the last heartbeat
     routed_tokens: int = 0  # tokens routed here since the last heartbeat
     model: ModelInfo | None = None
+    # decode instances: prefill input address -> "registered" | "connecting" | "refused: <why>"
+    peers: dict[str, str] = field(default_factory=dict)
 
     @property
     def load_tokens(self) -> int:
@@ -81,6 +84,16 @@ class InstancePool:
     def routable(self, role: str) -> list[Instance]:
         return [inst for inst in self.instances if inst.role == role and inst.routable]
 
+    def of_role(self, role: str) -> list[Instance]:
+        return [inst for inst in self.instances if inst.role == role]
+
+    def get(self, addr: str) -> Instance | None:
+        return self._by_addr.get(addr)
+
+    def name_of(self, addr: str) -> str:
+        inst = self._by_addr.get(addr)
+        return addr if inst is None else inst.name
+
     def on_heartbeat(self, hb: Heartbeat, now: float) -> Instance | None:
         inst = self._by_addr.get(hb.input_addr)
         if inst is None:
@@ -99,7 +112,18 @@ class InstancePool:
         inst.queued_tokens, inst.routed_tokens = hb.queued_tokens, 0
         if hb.model is not None:
             inst.model = hb.model
+        self._log_peer_changes(inst, hb.peers)
+        inst.peers = hb.peers
         return inst
+
+    def _log_peer_changes(self, inst: Instance, peers: dict[str, str]) -> None:
+        for addr, state in peers.items():
+            if inst.peers.get(addr) == state:
+                continue
+            if state.startswith("refused"):
+                log.error("%s refused by %s: %s", inst.name, self.name_of(addr), refusal_reason(state))
+            else:
+                log.info("%s with %s: %s", inst.name, self.name_of(addr), state)
 
     def expire(self, now: float, timeout: float) -> list[Instance]:
         """Instances whose heartbeats stopped: mark them dead and return them."""
@@ -109,6 +133,7 @@ class InstancePool:
                 "instance %s (%s): no heartbeat for %.1fs, marking it dead", inst.name, inst.addr, timeout
             )
             inst.alive = inst.ready = False
+            inst.peers = {}  # a decode instance that comes back registers again
             inst.next_attach = now
         return dead
 
@@ -125,3 +150,8 @@ class InstancePool:
     def close(self, linger_ms: int = 0) -> None:
         for inst in self.instances:
             inst.sock.close(linger=linger_ms)
+
+
+def refusal_reason(state: str) -> str:
+    """The reason in a peer state ``"refused: <why>"``."""
+    return state.removeprefix("refused").lstrip(": ") or "no reason given"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from protocol.messages import ClientOutput, ReqOutput
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.instances import Instance
+from tokenizer_proc.topology import Route
 
 ClientKey = tuple[bytes, str]  # (connection identity, client rid)
 
@@ -17,7 +18,7 @@ class LiveRequest:
     conn: bytes
     client_rid: str
     rid: str  # internal id, unique across connections
-    instance: Instance
+    route: Route
     stream: bool
     return_logprob: bool
     detok: IncrementalDetokenizer
@@ -135,5 +136,5 @@ class RequestTable:
     def of_conn(self, conn: bytes) -> list[LiveRequest]:
         return [req for req in self._by_rid.values() if req.conn == conn]
 
-    def of_instance(self, inst: Instance) -> list[LiveRequest]:
-        return [req for req in self._by_rid.values() if req.instance is inst]
+    def involving(self, inst: Instance) -> list[LiveRequest]:
+        return [req for req in self._by_rid.values() if req.route.involves(inst)]

@@ -1,7 +1,9 @@
 """Routing policies: which instance serves a request.
 
 A policy picks among the instances that can take a request now (alive and ready) of one role.
-Disaggregation applies one policy to the prefill instances and one to the decode instances.
+Disaggregation applies one policy to the prefill instances and one to the decode instances
+(``pair_policies``): prefix affinity matters only where the prompt is computed, so with
+``prefix`` the decode side goes by load.
 """
 
 from __future__ import annotations
@@ -63,3 +65,10 @@ def make_policy(name: str) -> RoutingPolicy:
         return _POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(_POLICIES)}") from None
+
+
+def pair_policies(name: str) -> tuple[RoutingPolicy, RoutingPolicy]:
+    """The (prefill, decode) policies of a disaggregated deployment routed by ``name``."""
+    prefill = make_policy(name)
+    decode = LeastLoad() if isinstance(prefill, PrefixAffinity) else make_policy(name)
+    return prefill, decode

@@ -18,7 +18,8 @@ MAX_NEW = 48
 @pytest.fixture(scope="module")
 def server():
     flags = ("--dtype", "float32", "--page-size", str(PAGE), "--max-total-tokens", str(POOL_TOKENS),
-             "--chunked-prefill-size", "64", "--max-queued-requests", "12", "--max-running-requests", "8")
+             "--chunked-prefill-size", "64", "--max-queued-requests", "12", "--max-running-requests", "8",
+             "--init-new-token-ratio", "0.1")
     with running_server(*flags) as s:
         yield s
 

@@ -180,3 +180,19 @@ def test_worker_process_exits_cleanly_on_sigterm(tmp_path: Path, zmq_ctx: zmq.Co
         proc.stderr.close()
         sched.step.close()
         sched.result.close()
+
+
+def test_a_failing_step_is_reported(tmp_path: Path, zmq_ctx: zmq.Context) -> None:
+    cfg = worker_config(tmp_path, small_args())
+    sched = connect_scheduler(zmq_ctx, cfg)
+    thread, errors = start_worker_thread(cfg)
+    try:
+        assert isinstance(sched.recv(), WorkerReady)
+        sched.send(StepBatch(step_id=7, new_reqs=[NewReq(0, greedy(2))], extends=[ExtendReq(0, 0, [1, 2])]))
+        failed = sched.recv()
+        assert isinstance(failed, WorkerFailed) and "step 7" in failed.message and "pages" in failed.message
+        thread.join(timeout=TIMEOUT_MS / 1000)
+        assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    finally:
+        sched.step.close()
+        sched.result.close()

@@ -6,7 +6,14 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from frontend_fakes import Deployment, FakeInstance, frontend_config, start_deployment, stop_deployment
+from frontend_fakes import (
+    Deployment,
+    FakeInstance,
+    frontend_config,
+    pd_fakes,
+    start_deployment,
+    stop_deployment,
+)
 
 from protocol import transport
 from tokenizer_proc.client import Client
@@ -33,6 +40,29 @@ def make_deployment(ipc_dir) -> Iterator:
             for i, (addr, kw) in enumerate(zip(cfg.unified, kws, strict=True))
         ]
         dep = start_deployment(cfg, fakes)
+        started.append(dep)
+        if wait_ready:
+            with dep.client() as client:
+                client.wait_ready(timeout=5)
+        return dep
+
+    yield make
+    for dep in started:
+        stop_deployment(dep)
+
+
+@pytest.fixture
+def make_pd(ipc_dir) -> Iterator:
+    """Start a front end with fake prefill and decode instances, one per keyword map in
+    ``prefill`` and ``decode`` (default: 1P1D); everything stops at the end of the test."""
+    started: list[Deployment] = []
+
+    def make(
+        prefill: list[dict] | None = None, decode: list[dict] | None = None, wait_ready: bool = True, **args
+    ) -> Deployment:
+        prefill, decode = prefill or [{}], decode or [{}]
+        cfg = frontend_config(ipc_dir, num_prefill=len(prefill), num_decode=len(decode), **args)
+        dep = start_deployment(cfg, pd_fakes(cfg, prefill, decode))
         started.append(dep)
         if wait_ready:
             with dep.client() as client:

@@ -1,8 +1,11 @@
-"""A fake instance (scheduler) thread and a front end thread for the front end's tests.
+"""Fake instance (scheduler) threads and a front end thread for the front end's tests.
 
 The fake binds a PULL on its input address, answers ``AttachFrontend`` with heartbeats,
 ``TokenizedRequest`` with one token per step per live request (from ``script``, then EOS),
 ``AbortRequest`` with a final output and ``StatusQuery`` with a ``StatusReport``.
+A fake decode instance does the same and registers with the prefill instances that
+``ConnectPrefill`` names (or refuses, as told), reporting it in its heartbeats; a fake prefill
+instance holds its requests without output (or fails them, as told) until aborted.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from protocol.messages import (
     AbortRequest,
     AttachFrontend,
     BatchOutput,
+    ConnectPrefill,
     Heartbeat,
     InstanceStatus,
     Message,
@@ -63,6 +67,7 @@ class FakeRequest:
 class FakeInstance:
     input_addr: str
     name: str = "fake-0"
+    role: str = "unified"
     ready: bool = True
     answers_status: bool = True
     max_queued_tokens: int = 100  # longer prompts are refused with queue_full
@@ -131,14 +136,20 @@ class FakeInstance:
             if len(msg.input_ids) > self.max_queued_tokens:
                 transport.send(push, RequestFailed(msg.rid, QUEUE_FULL, "the fake's queue is full"))
                 return
-            self._live[msg.rid] = FakeRequest(msg)
+            self._admit(push, msg)
         elif isinstance(msg, AbortRequest):
             self.got_abort.set()
-            if self._live.pop(msg.rid, None) is not None:
-                final = ReqOutput(rid=msg.rid, token_ids=[], finished=True, finish_reason=msg.reason)
-                transport.send(push, BatchOutput(outputs=[final]))
+            self._abort(push, msg)
         elif isinstance(msg, StatusQuery) and self.answers_status:
             transport.send(push, StatusReport(qid=msg.qid, status=self._status()))
+
+    def _admit(self, push: zmq.Socket, msg: TokenizedRequest) -> None:
+        self._live[msg.rid] = FakeRequest(msg)
+
+    def _abort(self, push: zmq.Socket, msg: AbortRequest) -> None:
+        if self._live.pop(msg.rid, None) is not None:
+            final = ReqOutput(rid=msg.rid, token_ids=[], finished=True, finish_reason=msg.reason)
+            transport.send(push, BatchOutput(outputs=[final]))
 
     def _step(self) -> BatchOutput:
         outputs = [self._next_token(fake) for fake in self._live.values()]
@@ -168,7 +179,7 @@ class FakeInstance:
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(
             name=self.name,
-            role="unified",
+            role=self.role,
             ready=self.ready,
             input_addr=self.input_addr,
             model=embedded_model_info(),
@@ -180,7 +191,7 @@ class FakeInstance:
         used = len(self._live)
         return InstanceStatus(
             name=self.name,
-            role="unified",
+            role=self.role,
             alive=True,
             ready=self.ready,
             decoding=used,
@@ -188,6 +199,62 @@ class FakeInstance:
             cached_pages=0,
             total_pages=TOTAL_PAGES,
         )
+
+
+@dataclass
+class FakeDecode(FakeInstance):
+    """Registers with the prefill instances of each ``ConnectPrefill`` after ignoring the first
+    ``ignore_connects`` of them; ``refuse`` maps a prefill address to the refusal's reason."""
+
+    role: str = "decode"
+    refuse: dict[str, str] = field(default_factory=dict)
+    ignore_connects: int = 0
+    peers: dict[str, str] = field(default_factory=dict)
+
+    def connects(self) -> list[ConnectPrefill]:
+        return [m for m in self.received if isinstance(m, ConnectPrefill)]
+
+    def _handle(self, push: zmq.Socket, msg: Message) -> None:
+        if not isinstance(msg, ConnectPrefill):
+            super()._handle(push, msg)
+        elif self.ignore_connects > 0:
+            self.ignore_connects -= 1
+        else:
+            self.peers = {addr: self._registration(addr) for addr in msg.prefill_addrs}
+
+    def _registration(self, prefill_addr: str) -> str:
+        reason = self.refuse.get(prefill_addr)
+        return "registered" if reason is None else f"refused: {reason}"
+
+    def _heartbeat(self) -> Heartbeat:
+        hb = super()._heartbeat()
+        hb.peers = dict(self.peers)
+        return hb
+
+
+@dataclass
+class FakePrefill(FakeInstance):
+    """Holds each request, as if prefilling it for its decode instance, until it is aborted;
+    with ``fail`` set, fails each request with that (code, message) instead."""
+
+    role: str = "prefill"
+    fail: tuple[str, str] | None = None
+    _held: dict[str, TokenizedRequest] = field(default_factory=dict)
+
+    def _admit(self, push: zmq.Socket, msg: TokenizedRequest) -> None:
+        if self.fail is None:
+            self._held[msg.rid] = msg
+        else:
+            transport.send(push, RequestFailed(msg.rid, *self.fail))
+
+    def _abort(self, push: zmq.Socket, msg: AbortRequest) -> None:
+        self._held.pop(msg.rid, None)
+
+    def _status(self) -> InstanceStatus:
+        status = super()._status()
+        status.prefilling = len(self._held)
+        status.free_pages -= len(self._held)
+        return status
 
 
 @dataclass
@@ -201,20 +268,49 @@ class Deployment:
     def fake(self) -> FakeInstance:
         return self.fakes[0]
 
+    @property
+    def prefills(self) -> list[FakePrefill]:
+        return [f for f in self.fakes if isinstance(f, FakePrefill)]
+
+    @property
+    def decodes(self) -> list[FakeDecode]:
+        return [f for f in self.fakes if isinstance(f, FakeDecode)]
+
     def client(self, timeout: float = 5.0) -> Client:
         return Client(self.cfg.client_addr, timeout=timeout)
 
 
-def frontend_config(ipc: str, num_instances: int = 1, **args) -> FrontendConfig:
+def frontend_config(
+    ipc: str, num_instances: int = 1, num_prefill: int = 0, num_decode: int = 0, **args
+) -> FrontendConfig:
+    """Unified instances by default; with ``num_prefill`` and ``num_decode``, only those."""
     server_args = ServerArgs(
         heartbeat_interval=HEARTBEAT_S, heartbeat_timeout=0.4, max_message_bytes=4096, **args
     )
+    disaggregated = num_prefill or num_decode
     return FrontendConfig(
         args=server_args,
         client_addr=f"tcp://127.0.0.1:{transport.free_tcp_port()}",
         output_addr=transport.ipc_addr(ipc, "frontend-out"),
-        unified=[transport.ipc_addr(ipc, f"instance-{i}") for i in range(num_instances)],
+        unified=[]
+        if disaggregated
+        else [transport.ipc_addr(ipc, f"instance-{i}") for i in range(num_instances)],
+        prefill=[transport.ipc_addr(ipc, f"prefill-{i}") for i in range(num_prefill)],
+        decode=[transport.ipc_addr(ipc, f"decode-{i}") for i in range(num_decode)],
     )
+
+
+def pd_fakes(cfg: FrontendConfig, prefill_kws: list[dict], decode_kws: list[dict]) -> list[FakeInstance]:
+    """Fake prefill instances ``prefill0``.. and decode instances ``decode0``.. of ``cfg``."""
+    prefills = [
+        FakePrefill(addr, name=f"prefill{i}", **kw)
+        for i, (addr, kw) in enumerate(zip(cfg.prefill, prefill_kws, strict=True))
+    ]
+    decodes = [
+        FakeDecode(addr, name=f"decode{i}", **kw)
+        for i, (addr, kw) in enumerate(zip(cfg.decode, decode_kws, strict=True))
+    ]
+    return [*prefills, *decodes]
 
 
 def start_deployment(cfg: FrontendConfig, fakes: list[FakeInstance]) -> Deployment:
