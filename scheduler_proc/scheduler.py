@@ -43,7 +43,11 @@ logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 600.0
 
-CORES: dict[str, type[SchedulerCore]] = {"unified": SchedulerCore, "prefill": PrefillCore, "decode": DecodeCore}
+CORES: dict[str, type[SchedulerCore]] = {
+    "unified": SchedulerCore,
+    "prefill": PrefillCore,
+    "decode": DecodeCore,
+}
 
 
 class WorkerLost(RuntimeError):
