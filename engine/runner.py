@@ -145,8 +145,7 @@ class ModelRunner:
         self, extends: Sequence[ExtendReq], decode_slots: Sequence[int], decode_positions: Sequence[int]
     ) -> StepInputs:
         """Device inputs and attention metadata of one step (extends first, then decodes)."""
-        layout = StepLayout.of(extends, decode_slots, decode_positions)
-        self._check_pages(layout)
+        layout = self.layout(extends, decode_slots, decode_positions)
         (ext_ids, token_slots, positions, sample_rows, sample_slots, ext_slots, ext_prefix, ext_indptr) = (
             _to_device(
                 self.device,
@@ -186,6 +185,14 @@ class ModelRunner:
             sample_slots=layout.sample_slots,
             sample_positions=layout.sample_positions,
         )
+
+    def layout(
+        self, extends: Sequence[ExtendReq], decode_slots: Sequence[int], decode_positions: Sequence[int]
+    ) -> StepLayout:
+        """The host-side layout of one step, checked against the pages of its slots."""
+        layout = StepLayout.of(extends, decode_slots, decode_positions)
+        self._check_pages(layout)
+        return layout
 
     def _check_pages(self, layout: StepLayout) -> None:
         """Refuse a step that would write past a slot's pages (a scheduler bug that would

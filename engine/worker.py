@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
+from engine.cuda_graph import StepRunner, make_step_runner
 from engine.kv_pool import KVPool, PoolSizing, kv_bytes_per_token
 from engine.layers.attention import make_attention_backend
 from engine.models.config import ModelConfig
@@ -54,10 +55,11 @@ class Worker:
     num_pages: int
     max_context_len: int
     sampling: list[SamplingParams | None]  # per slot
+    step_runner: StepRunner  # decode steps by CUDA-graph replay, or everything eagerly
 
     @classmethod
     def create(cls, args: ServerArgs) -> Worker:
-        """Load the model, size and allocate the KV pool, warm up."""
+        """Load the model, size and allocate the KV pool, capture the decode graphs, warm up."""
         loaded = load_model(args)
         cfg = loaded.config
         context_len = _context_len(args, cfg)
@@ -67,7 +69,8 @@ class Worker:
         backend = make_attention_backend(args.attention_backend, loaded.device)
         runner = ModelRunner(loaded.model, pool, backend, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
-        worker = cls(runner, loaded, pool.num_pages, max_context_len, [None] * max_slots)
+        step_runner = make_step_runner(runner, args)
+        worker = cls(runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner)
         worker.warm_up()
         return worker
 
@@ -134,8 +137,7 @@ class Worker:
         logger.debug(
             "step %d: %d extends, %d decodes", batch.step_id, len(batch.extends), len(batch.decode_slots)
         )
-        inputs = self.runner.prepare(batch.extends, batch.decode_slots, batch.decode_positions)
-        logits = self.runner.logits(inputs)
+        inputs, logits = self.step_runner.run(batch.extends, batch.decode_slots, batch.decode_positions)
         if not inputs.sample_slots:
             return StepResult(step_id=batch.step_id, slots=[], token_ids=[])
         params = [self.sampling[slot] for slot in inputs.sample_slots]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from protocol.config import SchedulerConfig, ServerArgs
 from protocol.messages import (
     PROTOCOL_VERSION,
+    TRANSFER_FAILED,
     KVExpect,
     Message,
     PeerHeartbeat,
@@ -124,7 +125,7 @@ class DisaggCore(SchedulerCore):
         self.clock: Callable[[], float] = time.monotonic
         self.rooms: dict[int, Request] = {}  # live rooms
         self.links: dict[int, RoomLink] = {}
-        self.recent_rooms: dict[int, tuple[float, str]] = {}  # ended room -> (forget at, why it ended)
+        self.recent_rooms: dict[int, tuple[float, str, str]] = {}  # ended room -> (forget at, code, why)
         self.open_rooms: dict[int, Request] = {}  # live rooms the worker holds open
         self.draining: dict[int, tuple[Request, bool]] = {}  # ended, room still open: (req, cache)
         self.peers: dict[str, PeerLink] = {}
@@ -164,10 +165,8 @@ class DisaggCore(SchedulerCore):
         if room is not None and self.rooms.get(room) is req:
             del self.rooms[room]
             self.links.pop(room, None)
-            self.recent_rooms[room] = (
-                self.clock() + ROOM_MEMORY_S,
-                f"room {room} already ended ({state.value})",
-            )
+            why = f"room {room} already ended ({state.value})"
+            self.recent_rooms[room] = (self.clock() + ROOM_MEMORY_S, TRANSFER_FAILED, why)
 
     def _release_ended(self, req: Request, cache: bool) -> None:
         room = req.room

@@ -111,7 +111,7 @@ class PrefillCore(DisaggCore):
             return
         ended = self.recent_rooms.get(msg.room)
         if ended is not None:
-            self._tell_abort(msg.decode_addr, msg.room, msg.rid, TRANSFER_FAILED, ended[1])
+            self._tell_abort(msg.decode_addr, msg.room, msg.rid, ended[1], ended[2])
             return
         req = self.rooms.get(msg.room)
         if req is None:
@@ -155,7 +155,7 @@ class PrefillCore(DisaggCore):
         if early is not None:
             self._tell_abort(early[0].decode_addr, room, early[0].rid, code, message)
         elif room not in self.rooms:
-            self.recent_rooms[room] = (self.clock() + self.args.transfer_timeout, message)
+            self.recent_rooms[room] = (self.clock() + self.args.transfer_timeout, code, message)
 
     def _on_peer_abort(self, req: Request, msg: RoomAbort) -> None:
         """The decode side ended the request (and told the front end): end it here silently."""
@@ -165,7 +165,7 @@ class PrefillCore(DisaggCore):
     def _on_unmatched_abort(self, msg: RoomAbort) -> None:
         early = self.early_dests.pop(msg.room, None)
         if early is not None and early[0].rid == msg.rid:
-            self.recent_rooms[msg.room] = (self.clock() + self.args.transfer_timeout, msg.message)
+            self.recent_rooms[msg.room] = (self.clock() + self.args.transfer_timeout, msg.code, msg.message)
 
     def _peer_lost(self, peer: PeerLink, why: str) -> None:
         message = f"decode instance {peer.addr} stopped answering ({why})"

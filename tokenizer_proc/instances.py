@@ -112,8 +112,9 @@ class InstancePool:
         inst.queued_tokens, inst.routed_tokens = hb.queued_tokens, 0
         if hb.model is not None:
             inst.model = hb.model
-        self._log_peer_changes(inst, hb.peers)
-        inst.peers = hb.peers
+        if inst.role == "decode":  # the decode side's view of each pair is the one that counts
+            self._log_peer_changes(inst, hb.peers)
+            inst.peers = hb.peers
         return inst
 
     def _log_peer_changes(self, inst: Instance, peers: dict[str, str]) -> None:

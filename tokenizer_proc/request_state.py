@@ -39,6 +39,11 @@ class LiveRequest:
         return (self.conn, self.client_rid)
 
     @property
+    def streaming(self) -> bool:
+        """An instance has sent outputs of it (the decode side, when disaggregated)."""
+        return self.first_token_at is not None
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -137,4 +142,4 @@ class RequestTable:
         return [req for req in self._by_rid.values() if req.conn == conn]
 
     def involving(self, inst: Instance) -> list[LiveRequest]:
-        return [req for req in self._by_rid.values() if req.route.involves(inst)]
+        return [req for req in self._by_rid.values() if req.route.involves(inst, req.streaming)]

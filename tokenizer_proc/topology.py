@@ -41,7 +41,8 @@ class Route(ABC):
         """Send the request to its instances; raises ``zmq.Again`` when one does not take it,
         in which case none of them keeps it."""
 
-    def involves(self, inst: Instance) -> bool:
+    def involves(self, inst: Instance, streaming: bool) -> bool:
+        """Whether the request still depends on ``inst`` (``streaming``: outputs have come)."""
         return inst in self.instances
 
     def describe(self) -> str:
@@ -77,6 +78,12 @@ class PairRoute(Route):
             raise
         for inst in self.instances:
             inst.routed_tokens += len(msg.input_ids)
+
+    def involves(self, inst: Instance, streaming: bool) -> bool:
+        """Once outputs stream, the decode instance holds the whole KV cache: the request no
+        longer depends on the prefill instance (whose loss must not fail it)."""
+        prefill, decode = self.instances
+        return inst is decode or (inst is prefill and not streaming)
 
 
 class Topology(ABC):

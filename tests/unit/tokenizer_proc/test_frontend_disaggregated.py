@@ -15,6 +15,12 @@ from tokenizer_proc.client import ServerError
 BOS = EMBEDDED.bos_token_id
 
 
+def barrier(client) -> None:
+    """Return once every instance has handled what the front end sent it so far: a status
+    query travels behind those messages, and each fake answers it only after them."""
+    assert all(inst["alive"] for inst in client.status()["instances"])
+
+
 def wait_for(predicate, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -28,6 +34,7 @@ def test_both_sides_get_the_request_with_one_room_and_the_decode_side_answers(ma
     with dep.client() as client:
         out = client.generate("hi", max_new_tokens=5, temperature=0)
         second = client.generate("hi", max_new_tokens=1)
+        barrier(client)  # the prefill side, which does not answer, has seen everything
     assert out["text"] == "Hello" and out["finish_reason"] == "length"
     assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "cached_tokens": 0}
     assert second["text"] == "H"
@@ -70,14 +77,17 @@ def test_refused_registration_is_named_in_the_error(make_pd, ipc_dir):
     dep = make_pd(decode=[{"refuse": refuse}], wait_ready=False)
     (prefill,), (decode,) = dep.prefills, dep.decodes
     assert prefill.input_addr in refuse
-    wait_for(lambda: decode.peers)
-    time.sleep(0.1)  # two heartbeats: the refusal has reached the front end
     with dep.client() as client:
+
+        def error_message() -> str:
+            with pytest.raises(ServerError) as err:
+                client.generate("x", max_new_tokens=1)
+            assert err.value.code == "peer_unavailable"
+            return err.value.message
+
+        wait_for(lambda: "refused" in error_message())
+        assert "decode0 refused by prefill0: page_size mismatch (decode 16, prefill 32)" in error_message()
         assert client.status()["ready"] is False
-        with pytest.raises(ServerError) as err:
-            client.generate("x", max_new_tokens=1)
-    assert err.value.code == "peer_unavailable"
-    assert "decode0 refused by prefill0: page_size mismatch (decode 16, prefill 32)" in err.value.message
     assert not prefill.requests() and not decode.requests()
 
 
@@ -87,6 +97,7 @@ def test_every_policy_serves_over_pairs(make_pd, policy):
     with dep.client() as client:
         rids = [client.submit(input_ids=[BOS, i % 2] * 3, max_new_tokens=2) for i in range(8)]
         assert all(client.result(rid)["text"] == "He" for rid in rids)
+        barrier(client)
     p_rooms = {r.room for p in dep.prefills for r in p.requests()}
     d_rooms = {r.room for d in dep.decodes for r in d.requests()}
     assert len(p_rooms) == 8 and p_rooms == d_rooms
@@ -173,3 +184,23 @@ def test_a_restarted_decode_instance_is_introduced_again(make_pd):
         assert "decode0-restarted" in [i["name"] for i in status["instances"]]
         assert client.generate("x", max_new_tokens=2)["text"] == "He"
     assert replacement.connects()[0].prefill_addrs == [prefill.input_addr]
+
+
+def test_dead_prefill_fails_requests_in_prefill_but_not_those_already_decoding(make_pd):
+    dep = make_pd()
+    (prefill,), (decode,) = dep.prefills, dep.decodes
+    with dep.client() as client:
+        decoding = client.submit("x", stream=True, max_new_tokens=20, ignore_eos=True)
+        assert not client.next_message(timeout=5)["finished"]
+        decode.generating.clear()
+        prefilling = client.submit("y", max_new_tokens=3)
+        wait_for(lambda: len(decode.requests()) == 2)
+        prefill.heartbeats.clear()
+        with pytest.raises(ServerError) as err:
+            client.result(prefilling)
+        assert err.value.code == "peer_unavailable" and "prefill0" in err.value.message
+        wait_for(lambda: decode.aborts())
+        assert [a.rid for a in decode.aborts()] == [decode.requests()[1].rid]
+        decode.generating.set()
+        out = client.result(decoding)
+    assert out["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 20

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tokenizer_proc.instances import Instance
-from tokenizer_proc.router import LeastLoad, PrefixAffinity, RoundRobin, make_policy
+from tokenizer_proc.router import LeastLoad, PrefixAffinity, RoundRobin, make_policy, pair_policies
 
 
 def instances(n: int) -> list[Instance]:
@@ -39,3 +39,10 @@ def test_make_policy():
     assert isinstance(make_policy("least_load"), LeastLoad)
     with pytest.raises(ValueError, match="round_robin"):
         make_policy("random")
+
+
+def test_pair_policies_route_prefix_for_prefill_and_load_for_decode():
+    prefill, decode = pair_policies("prefix")
+    assert isinstance(prefill, PrefixAffinity) and isinstance(decode, LeastLoad)
+    prefill, decode = pair_policies("round_robin")
+    assert isinstance(prefill, RoundRobin) and isinstance(decode, RoundRobin) and prefill is not decode

@@ -1,0 +1,57 @@
+"""bench/one_batch.py at tiny shapes on CPU (its numbers mean nothing; this keeps it running),
+and the roofline's arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import one_batch, one_batch_peers
+from bench.report import collect
+from engine.kv_pool import kv_bytes_per_token
+from engine.weights import load_model
+from protocol.config import ServerArgs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def test_tiny_run_writes_every_row_with_its_comparisons(tmp_path):
+    out = tmp_path / "one_batch.json"
+    assert one_batch.main(["--tiny", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert not data["meaningful"] and not data["skipped"]
+    plan = one_batch.TINY
+    names = [(r["phase"], r["batch"], r["context"]) for r in data["rows"]]
+    assert names == [("prefill", 1, n) for n in plan.prefill_lens] + [
+        ("decode", b, c) for b in plan.decode_batches for c in plan.decode_contexts
+    ]
+    for r in data["rows"]:
+        assert r["ms"] > 0 and r["roofline_ms"] > 0
+        assert (r["vs_matmuls"] is not None) == (r["phase"] == "decode")
+    with_peer = {(r["phase"], r["batch"], r["context"]) for r in data["rows"] if r["vs_hf"] is not None}
+    assert with_peer == {("prefill", 1, plan.peer_prefill_len)} | {
+        ("decode", b, plan.peer_decode_context) for b in plan.peer_decode_batches
+    }
+    lines, notes = collect([tmp_path])
+    assert not notes
+    assert any(line.metric == "decode b=1 ctx=16 / matmuls alone" for line in lines)
+
+
+def test_work_counts_weights_kv_and_flops():
+    model = load_model(ServerArgs(device="cpu")).model
+    cfg = model.cfg
+    kv = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    short, long = one_batch_peers.decode_work(model, 3, 9, kv), one_batch_peers.decode_work(model, 3, 10, kv)
+    assert long.bytes - short.bytes == 3 * kv
+    params = sum(p.numel() for p in model.parameters())
+    embed_rows_unread = cfg.vocab_size - 3
+    assert short.bytes == 4 * (params - embed_rows_unread * cfg.hidden_size) + 3 * 9 * kv
+    linear = params - model.embed_tokens.weight.numel() - sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    one_token = one_batch_peers.prefill_work(model, 1, kv)
+    assert one_token.flops == 2 * linear + 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers

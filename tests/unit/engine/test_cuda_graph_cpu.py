@@ -1,0 +1,127 @@
+"""The CPU-testable parts of the decode CUDA graphs: batch-size bucketing, padding, and the
+graph body (device-only decode inputs with padding rows) against the eager decode path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.cuda_graph import (
+    PADDING_SLOT,
+    CapturedDecode,
+    EagerStepRunner,
+    GraphStepRunner,
+    capture_batch_sizes,
+    decode_forward,
+    padded_batch_size,
+    padded_decode_inputs,
+)
+from engine.runner import ModelRunner
+from engine.worker import Worker
+from protocol.messages import ExtendReq, NewReq, PageAppend, SamplingParams, StepBatch
+from tests.unit.engine.engine_driver import driver_for, greedy
+
+
+def test_capture_batch_sizes_follow_the_list_and_end_at_the_maximum():
+    assert capture_batch_sizes(1) == [1]
+    assert capture_batch_sizes(5) == [1, 2, 4, 5]
+    assert capture_batch_sizes(20) == [1, 2, 4, 8, 12, 16, 20]
+    sizes = capture_batch_sizes(160)
+    assert sizes[:7] == [1, 2, 4, 8, 12, 16, 24] and sizes[-1] == 160
+    assert all(b - a == 8 for a, b in zip(sizes[5:], sizes[6:], strict=False))
+
+
+@pytest.mark.parametrize(
+    "batch,expected", [(1, 1), (3, 4), (8, 8), (9, 12), (13, 16), (17, 24), (160, 160), (161, None)]
+)
+def test_padded_batch_size_is_the_smallest_captured_size_that_fits(batch, expected):
+    assert padded_batch_size(capture_batch_sizes(160), batch) == expected
+
+
+def test_padded_inputs_put_padding_rows_after_the_real_ones():
+    host = padded_decode_inputs([5, 2, 7], [10, 3, 40], 4)
+    assert host.tolist() == [[5, 2, 7, PADDING_SLOT], [10, 3, 40, 0]]
+    assert host.dtype == torch.int64
+
+
+def test_eager_path_is_chosen_on_cpu(embedded_worker):
+    assert isinstance(embedded_worker.step_runner, EagerStepRunner)
+
+
+def _prefill(worker: Worker, prompts: list[list[int]]) -> list[int]:
+    """Prefill one prompt per slot (pages from 1 up); returns the decode positions."""
+    page_size = worker.runner.page_size
+    batch = StepBatch(step_id=0)
+    next_page = 1
+    for slot, prompt in enumerate(prompts):
+        pages = list(range(next_page, next_page + len(prompt) // page_size + 1))  # room for one decode
+        next_page += len(pages)
+        batch.new_reqs.append(NewReq(slot, SamplingParams(temperature=0.0)))
+        batch.page_appends.append(PageAppend(slot, pages))
+        batch.extends.append(ExtendReq(slot, 0, prompt))
+    worker.step(batch)
+    return [len(p) for p in prompts]
+
+
+def test_graph_body_with_padding_rows_matches_eager_decode_and_writes_only_page_zero(embedded_worker):
+    worker = embedded_worker
+    runner = worker.runner
+    prompts = [[256, *range(1, n)] for n in (3, 9, 14)]
+    positions = _prefill(worker, prompts)
+    slots = list(range(len(prompts)))
+    try:
+        eager = runner.logits(runner.prepare([], slots, positions))
+        before = [t.clone() for t in runner.kv_pool.k + runner.kv_pool.v]
+
+        host = padded_decode_inputs(slots, positions, 5)
+        out = decode_forward(runner, host[0], host[1])
+
+        torch.testing.assert_close(out.logits[: len(slots)], eager, rtol=1e-5, atol=1e-4)
+        assert out.meta.decode_seq_lens.tolist() == [p + 1 for p in positions] + [1, 1]
+        assert out.meta.out_loc[len(slots) :].tolist() == [0, 0]
+        assert not out.meta.decode_page_table[len(slots) :].any()
+        for old, new in zip(before, runner.kv_pool.k + runner.kv_pool.v, strict=True):
+            torch.testing.assert_close(new[1:], old[1:])  # the real rows rewrote their own K/V
+            assert torch.equal(new[0, 1:], old[0, 1:]), "padding rows may write only (page 0, offset 0)"
+    finally:
+        worker.step(StepBatch(step_id=1, released=slots))
+
+
+class EagerCapture:
+    """The CPU stand-in for CUDA-graph capture: ``replay`` re-runs the graph body on the static
+    input buffer and copies the results into the first run's output tensors, as a graph does.
+    ``replays`` records the batch size of every replay."""
+
+    def __init__(self) -> None:
+        self.replays: list[int] = []
+
+    def __call__(self, runner: ModelRunner, inputs: torch.Tensor, batch_sizes: list[int]) -> dict:
+        return {bs: self._capture(runner, inputs[:, :bs]) for bs in batch_sizes}
+
+    def _capture(self, runner: ModelRunner, inputs: torch.Tensor) -> CapturedDecode:
+        slots, positions = inputs
+        outputs = decode_forward(runner, slots, positions)
+
+        def replay() -> None:
+            self.replays.append(len(slots))
+            fresh = decode_forward(runner, slots, positions)
+            outputs.input_ids.copy_(fresh.input_ids)
+            outputs.logits.copy_(fresh.logits)
+
+        return CapturedDecode(replay, outputs)
+
+
+def test_graph_step_runner_generates_what_the_eager_runner_does(embedded_worker):
+    """Decode batches shrink from 4 through padded (3) and exact sizes; greedy tokens match."""
+    worker = embedded_worker
+    prompts = [[256, *range(5, 5 + n)] for n in (2, 11, 6, 17)]
+    sampling = [greedy(n) for n in (3, 9, 5, 7)]
+    eager = [r.outputs for r in driver_for(worker).generate(prompts, sampling)]
+    capture = EagerCapture()
+    worker.step_runner = GraphStepRunner(worker.runner, [1, 2, 4], capture=capture)
+    try:
+        replayed = [r.outputs for r in driver_for(worker).generate(prompts, sampling)]
+    finally:
+        worker.step_runner = EagerStepRunner(worker.runner)
+    assert replayed == eager
+    assert {1, 2, 4} <= set(capture.replays), capture.replays
