@@ -54,6 +54,9 @@ FLAG_HELP = {
     "load_format": "auto: weights from the directory; dummy: random weights of the configured shape",
     "dtype": "auto: float32 on CPU, the model's dtype (or bfloat16) on CUDA",
     "device": "auto: CUDA if present, else CPU",
+    "host": "interface to bind: the front end's client socket, or a prefill/decode instance's input",
+    "port": "the front end's client port (in frontend mode instances send outputs to port + 1), "
+    "or a prefill/decode instance's input port",
     "page_size": "tokens per KV-cache page",
     "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",
     "mem_fraction_static": "fraction of free device memory for the KV pool",
@@ -178,13 +181,13 @@ def start_instance(args: ServerArgs, name: str, role: str, input_addr: str, dire
 
 
 def start_frontend(
-    args: ServerArgs, directory: str, unified: list[str], prefill: list[str], decode: list[str]
+    args: ServerArgs, output_addr: str, unified: list[str], prefill: list[str], decode: list[str]
 ) -> tuple[str, Child]:
     client_addr = f"tcp://{args.host}:{args.port}"
     cfg = FrontendConfig(
         args=args,
         client_addr=client_addr,
-        output_addr=ipc_addr(directory, "frontend-output"),
+        output_addr=output_addr,
         unified=unified,
         prefill=prefill,
         decode=decode,
@@ -212,7 +215,13 @@ def start(mode: str, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
             children += start_instance(args, f"prefill{i}", "prefill", addr, directory)
         for i, addr in enumerate(decode):
             children += start_instance(args, f"decode{i}", "decode", addr, directory)
-    client_addr, frontend = start_frontend(args, directory, unified, prefill, decode)
+    # Instances on other hosts send their outputs back over TCP, beside the client port;
+    # a deployment that launch starts whole stays on this host and uses ipc.
+    if mode == "frontend":
+        output_addr = f"tcp://{args.host}:{args.port + 1}"
+    else:
+        output_addr = ipc_addr(directory, "frontend-output")
+    client_addr, frontend = start_frontend(args, output_addr, unified, prefill, decode)
     return Deployment(mode, client_addr, [*children, frontend], frontend_probe(client_addr))
 
 

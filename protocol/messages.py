@@ -574,6 +574,15 @@ class PeerHeartbeat(Message):
 
 
 @dataclass
+class PeerUnknown(Message):
+    """Prefill → decode instance, in answer to a heartbeat: ``addr`` (the prefill instance) does
+    not have this decode instance registered (it was dropped after a silence): register again."""
+
+    TYPE: ClassVar[str] = "peer_unknown"
+    addr: str
+
+
+@dataclass
 class RoomDest(Message):
     """Decode → prefill instance: ``room``'s KV goes into ``dst_pages``, one per page of the
     prompt after its first ``cached_tokens`` (page-aligned), which the decode side already holds."""

@@ -30,9 +30,11 @@ from protocol.messages import (
     KVExpect,
     KVPeerRegistered,
     Message,
+    PeerUnknown,
     RegisterDecode,
     RegisterKVPeer,
     RegisterReply,
+    RequestFailed,
     RoomAbort,
     RoomDest,
     TokenizedRequest,
@@ -64,6 +66,11 @@ class DecodeCore(DisaggCore):
                     self._peer_outbox.append((addr, RegisterDecode(self.info)))
         elif isinstance(msg, RegisterReply):
             self._on_register_reply(msg)
+        elif isinstance(msg, PeerUnknown):
+            peer = self.peers.get(msg.addr)
+            if peer is not None and peer.state == REGISTERED:
+                logger.warning("prefill instance %s dropped this instance; registering again", peer.addr)
+                peer.state = CONNECTING  # registers again at the next heartbeat
         else:
             return False
         return True
@@ -127,13 +134,8 @@ class DecodeCore(DisaggCore):
         req = self.requests.get(msg.rid)
         if req is None or req.room != msg.room:  # refused by the common checks
             failed = self._outbox[-1]
-            self._tell_abort(
-                msg.prefill_addr,
-                msg.room,
-                msg.rid,
-                getattr(failed, "code", INVALID_REQUEST),
-                getattr(failed, "message", "refused by the decode instance"),
-            )
+            assert isinstance(failed, RequestFailed)
+            self._tell_abort(msg.prefill_addr, msg.room, msg.rid, failed.code, failed.message)
             return
         self.waiting.remove(req)
         self.transfer_queue.append(req)

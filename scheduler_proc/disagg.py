@@ -222,6 +222,8 @@ class DisaggCore(SchedulerCore):
             peer = self.peers.get(msg.addr)
             if peer is not None and peer.state == REGISTERED:
                 peer.last_seen = self.clock()
+            else:
+                self._on_stranger_heartbeat(msg.addr)
             return True
         if isinstance(msg, RoomAbort):
             req = self.rooms.get(msg.room)
@@ -234,6 +236,9 @@ class DisaggCore(SchedulerCore):
 
     def _on_peer_control(self, msg: Message) -> bool:
         return False
+
+    def _on_stranger_heartbeat(self, addr: str) -> None:
+        """A heartbeat from an instance not registered here (e.g. dropped after a silence)."""
 
     def _on_peer_abort(self, req: Request, msg: RoomAbort) -> None:
         raise NotImplementedError

@@ -25,6 +25,7 @@ from protocol.messages import (
     AbortRequest,
     KVSend,
     Message,
+    PeerUnknown,
     RegisterDecode,
     RegisterReply,
     RequestFailed,
@@ -49,6 +50,10 @@ class PrefillCore(DisaggCore):
     # ---------------------------------------------------------------------------- front end
 
     def on_request(self, msg: TokenizedRequest) -> None:
+        ended = self.recent_rooms.get(msg.room) if msg.room is not None else None
+        if ended is not None and msg.room not in self.rooms:  # e.g. the decode side refused it first
+            self._refuse(msg.rid, ended[1], f"room {msg.room}: {ended[2]}")
+            return
         error = self._room_error(msg.room)
         if error is not None:
             self._refuse(msg.rid, INVALID_REQUEST, error)
@@ -102,6 +107,10 @@ class PrefillCore(DisaggCore):
             logger.info("decode instance %s registered from %s", theirs.name, theirs.input_addr)
             peer = self.peers[theirs.input_addr] = PeerLink(theirs.input_addr)
         peer.state, peer.last_seen = REGISTERED, self.clock()
+
+    def _on_stranger_heartbeat(self, addr: str) -> None:
+        """A decode instance that still believes itself registered: tell it to register again."""
+        self._peer_outbox.append((addr, PeerUnknown(self.input_addr)))
 
     def _on_dest(self, msg: RoomDest) -> None:
         peer = self.peers.get(msg.decode_addr)
@@ -163,9 +172,13 @@ class PrefillCore(DisaggCore):
         self._end(req, ReqState.FAILED)
 
     def _on_unmatched_abort(self, msg: RoomAbort) -> None:
-        early = self.early_dests.pop(msg.room, None)
-        if early is not None and early[0].rid == msg.rid:
-            self.recent_rooms[msg.room] = (self.clock() + self.args.transfer_timeout, msg.code, msg.message)
+        """The decode side ended a request whose own message has not arrived here yet: refuse it
+        when it does."""
+        early = self.early_dests.get(msg.room)
+        if msg.room in self.rooms or (early is not None and early[0].rid != msg.rid):
+            return  # a live room of another request (the abort was about a duplicate)
+        self.early_dests.pop(msg.room, None)
+        self.recent_rooms[msg.room] = (self.clock() + self.args.transfer_timeout, msg.code, msg.message)
 
     def _peer_lost(self, peer: PeerLink, why: str) -> None:
         message = f"decode instance {peer.addr} stopped answering ({why})"

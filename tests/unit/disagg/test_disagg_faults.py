@@ -188,3 +188,33 @@ def test_dead_prefill_instance_fails_its_requests_on_the_decode_side():
     assert c.log.tokens["after"] == expected(PROMPT, stop=False)
     c.instances.pop(c.prefills[0].addr)
     c.assert_no_leak()
+
+
+def test_a_decode_instance_dropped_after_a_silence_registers_again():
+    c = cluster()
+    d = c.decodes[0]
+    d.dead = True  # a long pause: nothing reaches it, it sends nothing
+    c.advance(6.0)
+    assert d.addr not in c.prefills[0].core.peers
+    d.dead = False
+    c.advance(3.0)
+    assert c.decodes[0].core.peer_states() == {c.prefills[0].addr: "registered"}
+    assert d.addr in c.prefills[0].core.peers
+    c.submit("after", PROMPT, stop=False)
+    c.run()
+    assert c.log.tokens["after"] == expected(PROMPT, stop=False)
+    c.assert_no_leak()
+
+
+def test_a_prefill_instance_tells_an_unregistered_decode_instance_to_register_again():
+    c = cluster()
+    p, d = c.prefills[0], c.decodes[0]
+    del p.core.peers[d.addr]  # dropped while the decode side still counts itself registered
+    c.advance(1.0)
+    assert d.core.peer_states() == {p.addr: "connecting"}  # told by the prefill side's answer
+    c.advance(1.0)
+    assert d.core.peer_states() == {p.addr: "registered"} and d.addr in p.core.peers
+    c.submit("after", [1, 2, 3], stop=False)
+    c.run()
+    assert c.log.tokens["after"] == expected([1, 2, 3], stop=False)
+    c.assert_no_leak()

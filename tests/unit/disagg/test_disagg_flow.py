@@ -68,6 +68,9 @@ def test_prefix_cache_hits_on_both_sides_move_only_the_rest():
     cluster.run()
     assert cluster.log.cached["hit"] == 16  # the decode side held the prefix: 2 of 6 pages move
     assert cluster.link.pages_moved - moved_before == 2
+    steps = cluster.prefills[0].worker.steps
+    (new,) = [b for b in steps if b.new_reqs][-1].extends
+    assert new.start_pos == 16  # the prefill side computed only what its own cache lacked
     assert cluster.log.tokens["hit"] == expected(second, stop=False)
     cluster.assert_no_leak()
 
