@@ -596,6 +596,17 @@ class RoomDest(Message):
 
 
 @dataclass
+class FirstLogprob(Message):
+    """Prefill → decode instance, for a request with ``return_logprob``: the logprob of the first
+    token (the KV data plane carries the token only)."""
+
+    TYPE: ClassVar[str] = "first_logprob"
+    room: int
+    rid: str
+    logprob: float
+
+
+@dataclass
 class RoomAbort(Message):
     """Either instance → the other: ``room`` (request ``rid``) ended here without a transfer
     (abort, failure, refusal); the other side ends it too, with ``code`` and ``message``."""

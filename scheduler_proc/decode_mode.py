@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+from protocol.config import ServerArgs
 from protocol.messages import (
     INVALID_REQUEST,
     PEER_UNAVAILABLE,
     TRANSFER_FAILED,
     BatchOutput,
     ConnectPrefill,
+    FirstLogprob,
     KVExpect,
     KVPeerRegistered,
     Message,
@@ -39,6 +42,7 @@ from protocol.messages import (
     RoomDest,
     TokenizedRequest,
     TransferResult,
+    WorkerReady,
 )
 from scheduler_proc.batch import StepBuilder, pages_to_finish
 from scheduler_proc.disagg import CONNECTING, REGISTERED, DisaggCore, PeerLink, RoomLink, check_peer
@@ -50,11 +54,29 @@ REGISTERING = "registering"
 TRANSFER_GUARD_FACTOR = 2  # the data plane times out first; this only catches a room it never reports
 
 
+@dataclass
+class Transferred:
+    """A request whose KV and first token are here; it joins the running batch at the next step
+    (with ``return_logprob``, once the first token's logprob arrived, or gave up waiting for it)."""
+
+    req: Request
+    first_token: int
+    since: float
+
+    @property
+    def room(self) -> int:
+        assert self.req.room is not None
+        return self.req.room
+
+
 class DecodeCore(DisaggCore):
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, args: ServerArgs, name: str, role: str, worker: WorkerReady, input_addr: str = ""
+    ) -> None:
+        super().__init__(args, name, role, worker, input_addr)
         self.transfer_queue: list[Request] = []  # pending: no destination pages yet
-        self.ready: list[tuple[Request, int]] = []  # transferred: join the running batch next step
+        self.ready: list[Transferred] = []  # transferred: join the running batch next step
+        self.first_logprobs: dict[int, float] = {}  # room -> the first token's logprob (FirstLogprob)
 
     # ---------------------------------------------------------------------------- registration
 
@@ -66,6 +88,10 @@ class DecodeCore(DisaggCore):
                     self._peer_outbox.append((addr, RegisterDecode(self.info)))
         elif isinstance(msg, RegisterReply):
             self._on_register_reply(msg)
+        elif isinstance(msg, FirstLogprob):
+            req = self.rooms.get(msg.room)
+            if req is not None and req.rid == msg.rid:
+                self.first_logprobs[msg.room] = msg.logprob
         elif isinstance(msg, PeerUnknown):
             peer = self.peers.get(msg.addr)
             if peer is not None and peer.state == REGISTERED:
@@ -160,7 +186,7 @@ class DecodeCore(DisaggCore):
 
     def _on_transfer_result(self, req: Request, msg: TransferResult) -> None:
         if msg.ok and msg.first_token is not None:
-            self.ready.append((req, msg.first_token))
+            self.ready.append(Transferred(req, msg.first_token, self.clock()))
             return
         peer = self.links[msg.room].peer
         self._fail(
@@ -170,13 +196,18 @@ class DecodeCore(DisaggCore):
         )
 
     def _is_ready(self, req: Request) -> bool:
-        return any(r is req for r, _ in self.ready)
+        return any(t.req is req for t in self.ready)
+
+    def _end(self, req: Request, state: ReqState) -> None:
+        super()._end(req, state)
+        if req.room is not None:
+            self.first_logprobs.pop(req.room, None)
 
     def _detach(self, req: Request) -> None:
         if req.state is ReqState.PENDING and req in self.transfer_queue:
             self.transfer_queue.remove(req)
         elif req.state is ReqState.TRANSFERRING:
-            self.ready = [(r, t) for r, t in self.ready if r is not req]
+            self.ready = [t for t in self.ready if t.req is not req]
         else:
             super()._detach(req)
 
@@ -207,22 +238,38 @@ class DecodeCore(DisaggCore):
         self._admit_transfers()
 
     def _join_ready(self, step: StepBuilder) -> None:
-        ready, self.ready = self.ready, []
-        outputs = []
-        for req, token in ready:
+        now, waiting, outputs = self.clock(), [], []
+        for entry in self.ready:
+            if not self._may_join(entry, now):
+                waiting.append(entry)
+                continue
+            req, token = entry.req, entry.first_token
             req.transition(ReqState.DECODING)
             req.kv_len = len(req.prompt)
             req.scheduled_outputs = 1
             self.running.append(req)
-            outputs.append(self._emit_token(req, token, None))
+            logprob = self.first_logprobs.pop(entry.room, None)
+            outputs.append(self._emit_token(req, token, logprob))
             if not req.live:  # the first token ended it: it never takes a worker slot
                 continue
             (req.res.slot,) = self.pool.slots.alloc(1) or (None,)
             assert req.res.slot is not None, "admission kept a slot for every transferring request"
             step.add_new(req)
             step.batch.new_reqs[-1].next_token = token
+        self.ready = waiting
         if outputs:
             self._outbox.append(BatchOutput(outputs=outputs))
+
+    def _may_join(self, entry: Transferred, now: float) -> bool:
+        req = entry.req
+        if not req.sampling.return_logprob or entry.room in self.first_logprobs:
+            return True
+        if now - entry.since <= self.args.heartbeat_timeout:
+            return False
+        logger.warning(
+            "rid=%s room=%s: no logprob of the first token from the prefill side", req.rid, req.room
+        )
+        return True
 
     def _admit_transfers(self) -> None:
         if not self.transfer_queue or not self._has_room():

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from protocol.config import SchedulerConfig, ServerArgs
 from protocol.messages import (
     PROTOCOL_VERSION,
-    TRANSFER_FAILED,
     KVExpect,
     Message,
     PeerHeartbeat,
@@ -125,7 +124,7 @@ class DisaggCore(SchedulerCore):
         self.clock: Callable[[], float] = time.monotonic
         self.rooms: dict[int, Request] = {}  # live rooms
         self.links: dict[int, RoomLink] = {}
-        self.recent_rooms: dict[int, tuple[float, str, str]] = {}  # ended room -> (forget at, code, why)
+        self.recent_rooms: dict[int, tuple[float, str]] = {}  # ended room -> (forget at, how it ended)
         self.open_rooms: dict[int, Request] = {}  # live rooms the worker holds open
         self.draining: dict[int, tuple[Request, bool]] = {}  # ended, room still open: (req, cache)
         self.peers: dict[str, PeerLink] = {}
@@ -165,8 +164,10 @@ class DisaggCore(SchedulerCore):
         if room is not None and self.rooms.get(room) is req:
             del self.rooms[room]
             self.links.pop(room, None)
-            why = f"room {room} already ended ({state.value})"
-            self.recent_rooms[room] = (self.clock() + ROOM_MEMORY_S, TRANSFER_FAILED, why)
+            self.recent_rooms[room] = (
+                self.clock() + ROOM_MEMORY_S,
+                f"room {room} already ended ({state.value})",
+            )
 
     def _release_ended(self, req: Request, cache: bool) -> None:
         room = req.room
@@ -252,19 +253,30 @@ class DisaggCore(SchedulerCore):
         return {addr: peer.state for addr, peer in self.peers.items()}
 
     def tick(self, now: float) -> None:
-        if now >= self._next_beat:
-            self._next_beat = now + self.args.heartbeat_interval
-            beat = PeerHeartbeat(addr=self.input_addr)
-            for peer in self.peers.values():
-                if peer.state == REGISTERED:
-                    self._peer_outbox.append((peer.addr, beat))
-            self._on_beat()
+        """Once per heartbeat interval: heartbeats to the registered peers, dead peers, timeouts."""
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.args.heartbeat_interval
+        beat = PeerHeartbeat(addr=self.input_addr)
         for peer in list(self.peers.values()):
+            if peer.state != REGISTERED:
+                continue
             silent = now - peer.last_seen
-            if peer.state == REGISTERED and silent > self.args.heartbeat_timeout:
+            if silent > self.args.heartbeat_timeout:
                 self._peer_lost(peer, f"no heartbeat for {silent:.1f} s")
+            else:
+                self._peer_outbox.append((peer.addr, beat))
+        self._on_beat()
         self._expire(now)
-        self.recent_rooms = {r: v for r, v in self.recent_rooms.items() if v[0] > now}
+        self._forget_rooms(now)
+
+    def _forget_rooms(self, now: float) -> None:
+        """Drop ended rooms past their memory (oldest first: the dict is in end order)."""
+        while self.recent_rooms:
+            room, (until, _) = next(iter(self.recent_rooms.items()))
+            if until > now:
+                return
+            del self.recent_rooms[room]
 
     def _on_beat(self) -> None:
         """Extra work at each heartbeat (the decode side retries registrations)."""

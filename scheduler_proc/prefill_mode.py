@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 
+from protocol.config import ServerArgs
 from protocol.messages import (
     INVALID_REQUEST,
     PEER_UNAVAILABLE,
     TRANSFER_FAILED,
     AbortRequest,
+    FirstLogprob,
     KVSend,
     Message,
     PeerUnknown,
@@ -31,8 +33,10 @@ from protocol.messages import (
     RequestFailed,
     RoomAbort,
     RoomDest,
+    StepResult,
     TokenizedRequest,
     TransferResult,
+    WorkerReady,
 )
 from scheduler_proc.batch import StepBuilder
 from scheduler_proc.disagg import REGISTERED, DisaggCore, PeerLink, RoomLink, check_peer, with_max_new_tokens
@@ -42,17 +46,22 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillCore(DisaggCore):
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, args: ServerArgs, name: str, role: str, worker: WorkerReady, input_addr: str = ""
+    ) -> None:
+        super().__init__(args, name, role, worker, input_addr)
         self.awaiting: dict[int, Request] = {}  # room -> request still waiting for its destination
         self.early_dests: dict[int, tuple[RoomDest, float]] = {}  # destinations that came first
+        # Rooms refused by one side before the other side's message arrived: (forget at, code, why).
+        self.refused_rooms: dict[int, tuple[float, str, str]] = {}
+        self.acknowledged: set[Request] = set()  # transferred, its last step's result still due
 
     # ---------------------------------------------------------------------------- front end
 
     def on_request(self, msg: TokenizedRequest) -> None:
-        ended = self.recent_rooms.get(msg.room) if msg.room is not None else None
-        if ended is not None and msg.room not in self.rooms:  # e.g. the decode side refused it first
-            self._refuse(msg.rid, ended[1], f"room {msg.room}: {ended[2]}")
+        refused = self.refused_rooms.pop(msg.room, None) if msg.room is not None else None
+        if refused is not None:  # the decode side ended it before it arrived here
+            self._refuse(msg.rid, refused[1], refused[2])
             return
         error = self._room_error(msg.room)
         if error is not None:
@@ -118,9 +127,13 @@ class PrefillCore(DisaggCore):
             why = f"decode instance {msg.decode_addr} is not registered with prefill instance {self.name}"
             self._tell_abort(msg.decode_addr, msg.room, msg.rid, PEER_UNAVAILABLE, why)
             return
+        refused = self.refused_rooms.pop(msg.room, None)
+        if refused is not None:  # refused here before its destination arrived
+            self._tell_abort(msg.decode_addr, msg.room, msg.rid, refused[1], refused[2])
+            return
         ended = self.recent_rooms.get(msg.room)
         if ended is not None:
-            self._tell_abort(msg.decode_addr, msg.room, msg.rid, ended[1], ended[2])
+            self._tell_abort(msg.decode_addr, msg.room, msg.rid, TRANSFER_FAILED, ended[1])
             return
         req = self.rooms.get(msg.room)
         if req is None:
@@ -164,7 +177,7 @@ class PrefillCore(DisaggCore):
         if early is not None:
             self._tell_abort(early[0].decode_addr, room, early[0].rid, code, message)
         elif room not in self.rooms:
-            self.recent_rooms[room] = (self.clock() + self.args.transfer_timeout, code, message)
+            self.refused_rooms[room] = (self.clock() + self.args.transfer_timeout, code, message)
 
     def _on_peer_abort(self, req: Request, msg: RoomAbort) -> None:
         """The decode side ended the request (and told the front end): end it here silently."""
@@ -178,7 +191,7 @@ class PrefillCore(DisaggCore):
         if msg.room in self.rooms or (early is not None and early[0].rid != msg.rid):
             return  # a live room of another request (the abort was about a duplicate)
         self.early_dests.pop(msg.room, None)
-        self.recent_rooms[msg.room] = (self.clock() + self.args.transfer_timeout, msg.code, msg.message)
+        self.refused_rooms[msg.room] = (self.clock() + self.args.transfer_timeout, msg.code, msg.message)
 
     def _peer_lost(self, peer: PeerLink, why: str) -> None:
         message = f"decode instance {peer.addr} stopped answering ({why})"
@@ -215,6 +228,23 @@ class PrefillCore(DisaggCore):
             link.opened = True
             self.open_rooms[req.room] = req
 
+    def on_result(self, result: StepResult) -> None:
+        """Also forward the first token's logprob (the data plane carries the token only) and end
+        the requests whose acknowledgement came before this result."""
+        sent = self.sent[0]
+        if result.logprobs is not None:
+            for row, logprob in zip(sent.rows, result.logprobs, strict=True):
+                req, room = row.req, row.req.room
+                link = self.links.get(room) if room is not None else None
+                if link is not None and req.sampling.return_logprob and req.state is ReqState.TRANSFERRING:
+                    assert room is not None
+                    self._peer_outbox.append((link.peer, FirstLogprob(room, req.rid, logprob)))
+        super().on_result(result)
+        for req in [r for r in sent.members if r in self.acknowledged and not r.inflight]:
+            self.acknowledged.discard(req)
+            if req.live:
+                self._end(req, ReqState.FINISHED)
+
     def _prefill_done(self, req: Request) -> None:
         """The last chunk is scheduled: the request waits for the decode side's acknowledgement."""
         assert req.room is not None
@@ -222,10 +252,15 @@ class PrefillCore(DisaggCore):
         self.links[req.room].since = self.clock()
 
     def _on_transfer_result(self, req: Request, msg: TransferResult) -> None:
-        if msg.ok:
+        if msg.ok and req.inflight:  # acknowledged before the last step's result was read here
+            self.acknowledged.add(req)
+        elif msg.ok:
             logger.debug("rid=%s room=%d: transferred", req.rid, msg.room)
             self._end(req, ReqState.FINISHED)
-            return
+        else:
+            self._transfer_failed(req, msg)
+
+    def _transfer_failed(self, req: Request, msg: TransferResult) -> None:
         peer = self.links[msg.room].peer
         self._fail(
             req,
@@ -234,6 +269,7 @@ class PrefillCore(DisaggCore):
         )
 
     def _expire(self, now: float) -> None:
+        self.refused_rooms = {r: v for r, v in self.refused_rooms.items() if v[0] > now}
         timeout = self.args.transfer_timeout
         for room, req in list(self.awaiting.items()):
             if now - self.links[room].since > timeout:

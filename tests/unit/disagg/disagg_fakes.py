@@ -201,6 +201,7 @@ class FrontendLog:
     """What the front end received, per request: tokens from decode instances, failures from either."""
 
     tokens: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    logprobs: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     finish: dict[str, str] = field(default_factory=dict)
     cached: dict[str, int] = field(default_factory=dict)
     failed: dict[str, list[RequestFailed]] = field(default_factory=lambda: defaultdict(list))
@@ -215,14 +216,22 @@ class FrontendLog:
         for out in msg.outputs:
             assert out.rid not in self.finish, f"rid={out.rid}: output after its final one"
             self.tokens[out.rid].extend(out.token_ids)
+            self.logprobs[out.rid].extend(out.logprobs or [])
             if out.finished:
                 self.finish[out.rid] = out.finish_reason or ""
                 self.cached[out.rid] = out.cached_tokens
 
 
-def sampling(max_new: int = 8, seed: int = 1, stop: bool = True) -> SamplingParams:
+def sampling(
+    max_new: int = 8, seed: int = 1, stop: bool = True, return_logprob: bool = False
+) -> SamplingParams:
+    stop_ids = [STOP] if stop else []
     return SamplingParams(
-        max_new_tokens=max_new, seed=seed, temperature=0.0, stop_token_ids=[STOP] if stop else []
+        max_new_tokens=max_new,
+        seed=seed,
+        temperature=0.0,
+        stop_token_ids=stop_ids,
+        return_logprob=return_logprob,
     )
 
 
@@ -234,9 +243,9 @@ class Cluster:
         num_prefill: int = 1,
         num_decode: int = 1,
         overlap: bool = False,
-        decode_page_size: int | None = None,
         worker: dict[str, int] | None = None,
         prefill_worker: dict[str, int] | None = None,
+        decode_worker: dict[str, int] | None = None,
         **overrides: object,
     ) -> None:
         self.link = FakeLink()
@@ -250,7 +259,7 @@ class Cluster:
             self._add(PrefillCore, FakePrefillWorker, f"prefill{i}", p_shape, overrides)
             for i in range(num_prefill)
         ]
-        d_shape = shape | ({"page_size": decode_page_size} if decode_page_size else {})
+        d_shape = shape | (decode_worker or {})
         self.decodes = [
             self._add(DecodeCore, FakeDecodeWorker, f"decode{i}", d_shape, overrides)
             for i in range(num_decode)

@@ -3,6 +3,9 @@ ends in one terminal message, and both instances get every page back."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 from disagg_fakes import Cluster, ConnectPrefill, TokenizedRequest, expected, sampling
 
 from protocol.messages import (
@@ -14,6 +17,7 @@ from protocol.messages import (
     RoomDest,
     TransferResult,
 )
+from scheduler_proc.disagg import check_peer
 from scheduler_proc.request import ReqState
 
 PROMPT = list(range(1, 22))  # 21 tokens: 3 chunks of 8 with chunked_prefill_size=8
@@ -143,7 +147,7 @@ def test_no_destination_within_the_transfer_timeout():
 
 
 def test_registration_refused_for_another_page_size():
-    c = Cluster(decode_page_size=8, chunked_prefill_size=8)
+    c = Cluster(decode_worker={"page_size": 8}, chunked_prefill_size=8)
     for d in c.decodes:
         d.inbox.append(ConnectPrefill([c.prefills[0].addr]))
     c.run()
@@ -218,3 +222,35 @@ def test_a_prefill_instance_tells_an_unregistered_decode_instance_to_register_ag
     c.run()
     assert c.log.tokens["after"] == expected([1, 2, 3], stop=False)
     c.assert_no_leak()
+
+
+@pytest.mark.parametrize("decode_first", [False, True])
+def test_a_decode_refusal_ends_the_request_on_the_prefill_side_whatever_the_order(decode_first):
+    c = cluster(decode_worker={"num_pages": 4})  # the decode pool is too small for this prompt
+    c.submit("a", PROMPT, decode_first=decode_first)
+    c.run()
+    assert {f.code for f in c.log.failed["a"]} == {INVALID_REQUEST}
+    assert not c.prefills[0].core.requests  # at once, not after a timeout
+    c.advance(31.0)
+    assert not c.prefills[0].core.refused_rooms  # remembered for late messages, then forgotten
+    c.assert_no_leak()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("model", "another-model"),
+        ("dtype", "bfloat16"),
+        ("num_kv_heads", 8),
+        ("transfer_backend", "zmq"),
+        ("protocol_version", 0),
+        ("tp_size", 2),
+    ],
+)
+def test_registration_check_names_the_mismatching_field(field, value):
+    c = Cluster()
+    ours = c.prefills[0].core.info
+    theirs = dataclasses.replace(c.decodes[0].core.info, **{field: value})
+    error = check_peer(ours, theirs)
+    assert error is not None and error.startswith(f"{field} mismatch") and repr(value) in error
+    assert check_peer(ours, c.decodes[0].core.info) is None

@@ -8,8 +8,9 @@ import random
 import pytest
 from disagg_fakes import Cluster, expected
 
-from protocol.messages import KVSend, StepBatch
+from protocol.messages import FirstLogprob, KVSend, StepBatch
 from scheduler_proc.request import ReqState
+from tests.unit.scheduler.sched_fakes import fake_logprob
 
 
 def prompts(rng: random.Random, lengths: list[int], prefix: list[int] | None = None) -> list[list[int]]:
@@ -126,4 +127,38 @@ def test_retracted_decode_request_resumes_with_a_local_prefill():
     for rid, prompt in reqs.items():
         assert cluster.log.tokens[rid] == expected(prompt, max_new=10, stop=False), rid
     assert any(b.extends for b in cluster.decodes[0].worker.steps), "a retracted request was recomputed"
+    cluster.assert_no_leak()
+
+
+@pytest.mark.parametrize("overlap", [False, True])  # with overlap the ack comes before the step result
+def test_logprobs_include_the_first_token_sampled_on_the_prefill_side(overlap):
+    cluster = Cluster(chunked_prefill_size=8, overlap=overlap)
+    cluster.connect()
+    prompt = list(range(1, 22))
+    cluster.submit("a", prompt, max_new=5, stop=False, return_logprob=True)
+    cluster.run()
+    tokens = cluster.log.tokens["a"]
+    assert tokens == expected(prompt, max_new=5, stop=False)
+    assert cluster.log.logprobs["a"] == [fake_logprob(t) for t in tokens]
+    assert not cluster.prefills[0].core.acknowledged
+    cluster.assert_no_leak()
+
+
+def test_a_lost_first_logprob_delays_the_request_by_the_heartbeat_timeout_only():
+    cluster = Cluster(chunked_prefill_size=8)
+    cluster.connect()
+    route = cluster._route
+
+    def drop_first_logprobs(inst):
+        peer = inst.core._peer_outbox
+        inst.core._peer_outbox = [(a, m) for a, m in peer if not isinstance(m, FirstLogprob)]
+        return route(inst)
+
+    cluster._route = drop_first_logprobs  # type: ignore[method-assign]
+    cluster.submit("a", [1, 2, 3], max_new=4, stop=False, return_logprob=True)
+    cluster.run()
+    assert "a" not in cluster.log.finish  # waiting for the logprob
+    cluster.advance(6.0)
+    assert cluster.log.tokens["a"] == expected([1, 2, 3], max_new=4, stop=False)
+    assert len(cluster.log.logprobs["a"]) == 3
     cluster.assert_no_leak()
