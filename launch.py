@@ -199,7 +199,8 @@ def start(mode: str, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
     directory = ipc_dir()
     if mode in ("prefill", "decode"):
         addr = f"tcp://{args.host}:{args.port}"
-        children = start_instance(args, mode, mode, addr, directory)
+        # Named by address: instances of one deployment start from separate launches.
+        children = start_instance(args, f"{mode}@{args.host}:{args.port}", mode, addr, directory)
         return Deployment(mode, addr, children, instance_probe(addr, directory))
     unified: list[str] = []
     prefill: list[str] = list(ns.prefill)

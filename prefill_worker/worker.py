@@ -10,6 +10,7 @@ failed) reach the scheduler as ``TransferResult`` from a forwarder thread with i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -177,7 +178,9 @@ def run_prefill_worker(cfg: WorkerConfig) -> None:
     forwarder: ResultForwarder | None = None
     try:
         try:
-            worker = Worker.create(cfg.args)
+            # A prefill instance never decodes: capturing decode graphs would only cost
+            # start-up time and memory.
+            worker = Worker.create(dataclasses.replace(cfg.args, disable_cuda_graph=True))
             backend = cfg.args.transfer_backend
             sender = make_backend(  # type: ignore[assignment]
                 backend,

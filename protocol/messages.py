@@ -1,131 +1,18 @@
-"""Every message that crosses a process boundary, typed, in one place.
-
-Each message is a dataclass. On the wire it is one msgpack map with a ``type`` tag (the
-class's ``TYPE``) and, for internal messages, the protocol version ``v``. Nested dataclasses
-(lists of them, or optional ones) are encoded as maps and rebuilt on decode from the type
-hints, so a receiver always gets typed objects. No pickle anywhere.
+"""Every message that crosses a process boundary, typed, in one place (the codec that puts
+them on the wire is ``protocol.codec``).
 
 Client messages (``generate``, ``abort``, ``status``, ``output``, ``error``) follow the public
 client protocol of DESIGN.md exactly; the front end validates them field by field
-(``tokenizer_proc/validation.py``) rather than trusting this codec.
+(``tokenizer_proc/validation.py``) rather than trusting the codec.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, ClassVar
 
-import msgpack
-
-PROTOCOL_VERSION = 1
-
-
-class ProtocolError(ValueError):
-    """A frame that is not a well-formed message of this protocol."""
-
-
-_REGISTRY: dict[str, type[Message]] = {}
-
-
-@dataclass
-class Message:
-    TYPE: ClassVar[str] = ""
-    INTERNAL: ClassVar[bool] = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.TYPE:
-            assert cls.TYPE not in _REGISTRY, f"duplicate message type {cls.TYPE}"
-            _REGISTRY[cls.TYPE] = cls
-
-    def to_dict(self) -> dict[str, Any]:
-        d = _encode_value(self)
-        d["type"] = self.TYPE
-        if self.INTERNAL:
-            d["v"] = PROTOCOL_VERSION
-        return d
-
-
-def encode(msg: Message) -> bytes:
-    return msgpack.packb(msg.to_dict(), use_bin_type=True)
-
-
-def decode(frame: bytes) -> Message:
-    """Decode one internal frame into its typed message; raises ProtocolError."""
-    try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    except Exception as e:  # msgpack raises several unrelated types
-        raise ProtocolError(f"frame is not msgpack: {e}") from None
-    return from_dict(obj)
-
-
-def from_dict(obj: Any) -> Message:
-    if not isinstance(obj, dict):
-        raise ProtocolError("message must be a map")
-    cls = _REGISTRY.get(obj.get("type"))  # type: ignore[arg-type]
-    if cls is None:
-        raise ProtocolError(f"unknown message type {obj.get('type')!r}")
-    if cls.INTERNAL and obj.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {obj.get('v')!r} of {cls.TYPE!r} does not match ours ({PROTOCOL_VERSION})"
-        )
-    return _decode_dataclass(cls, obj)
-
-
-_SCALARS = (str, int, float, bool, bytes, type(None))
-
-
-def _encode_value(value: Any) -> Any:
-    if isinstance(value, _SCALARS):
-        return value
-    if dataclasses.is_dataclass(value):
-        return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_encode_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _encode_value(v) for k, v in value.items()}
-    return value
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _decode_dataclass(cls: type, obj: dict[str, Any]) -> Any:
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in obj:
-            kwargs[f.name] = _decode_value(hints[f.name], obj[f.name])
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ProtocolError(f"{cls.__name__}: {e}") from None
-
-
-def _decode_value(hint: Any, value: Any) -> Any:
-    if isinstance(value, _SCALARS):
-        return value
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return _decode_dataclass(hint, value)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return _decode_dataclass(arg, value)
-        return value
-    if origin is list and isinstance(value, list):
-        (arg,) = typing.get_args(hint) or (Any,)
-        if dataclasses.is_dataclass(arg):
-            return [_decode_dataclass(arg, v) for v in value]
-        return value
-    return value
-
+# Re-exported: a process imports its messages and their codec from this one module.
+from protocol.codec import PROTOCOL_VERSION, Message, ProtocolError, decode, encode, from_dict  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces

@@ -18,7 +18,7 @@ from tokenizer_proc.client import DEFAULT_ADDR, Client, ServerError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tokenizer_proc.cli", description=__doc__.splitlines()[0])
-    p.add_argument("prompts", nargs="*", help="prompts to send, one request each, in order")
+    p.add_argument("prompts", nargs=argparse.ZERO_OR_MORE, help="prompts to send, one request each, in order")
     p.add_argument("--file", help="a file with one prompt per line (blank lines are skipped)")
     p.add_argument("--addr", default=DEFAULT_ADDR, help="front end address (default %(default)s)")
     p.add_argument("--status", action="store_true", help="print the server status as JSON and exit")
