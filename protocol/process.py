@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import logging
 import os
 import signal
 import sys
+from typing import TypeVar
+
+from protocol.config import config_from_json
+
+T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -26,3 +33,22 @@ def die_with_parent() -> None:
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit(0), so ``finally`` blocks close sockets on the way out."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+
+def start_process(prog: str, config_cls: type[T], description: str | None, *,
+                  argv: list[str] | None = None, sigterm_exits: bool = True) -> T:
+    """The common start of every pdserve process: parse ``--config`` (the role's config as
+    JSON), log under the process's name, die with the parent, and unless the process handles
+    SIGTERM itself (``sigterm_exits=False``), turn SIGTERM into a clean exit."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=f"{config_cls.__name__} as JSON")
+    cfg = config_from_json(config_cls, parser.parse_args(argv).config)
+    name = getattr(cfg, "name", prog.split()[-1])
+    logging.basicConfig(
+        level=cfg.args.log_level.upper(),  # type: ignore[attr-defined]
+        format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s",
+    )
+    die_with_parent()
+    if sigterm_exits:
+        exit_on_sigterm()
+    return cfg
