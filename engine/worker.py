@@ -5,17 +5,23 @@ Messages are handled strictly in order. With the overlap schedule the scheduler 
 N+1 before it has seen step N's result, so a decode's input token always comes from the
 worker's own future-token map (``ModelRunner.next_tokens``), never from the message.
 
-``Worker`` is the reusable core (the prefill and decode workers build on it); ``run_worker``
-is the plain loop of a unified instance.
+``Worker`` is the reusable core, ``worker_process`` / ``WorkerProcess.serve`` the reusable
+process around it (sockets, start-up failure, the step loop); the prefill and decode workers
+build on both with their own ``StepHooks``. ``run_worker`` is the plain worker of a unified
+instance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import torch
 import zmq
@@ -31,6 +37,7 @@ from protocol import transport
 from protocol.config import ServerArgs, WorkerConfig
 from protocol.messages import (
     ExtendReq,
+    Message,
     ModelInfo,
     NewReq,
     PageAppend,
@@ -38,6 +45,7 @@ from protocol.messages import (
     Shutdown,
     StepBatch,
     StepResult,
+    TransferEndpoint,
     WorkerFailed,
     WorkerReady,
 )
@@ -46,6 +54,15 @@ logger = logging.getLogger("pdserve.worker")
 
 SPARE_SLOTS = 2  # the overlap schedule admits new requests before the finished ones are released
 RESULT_LINGER_MS = 2000  # let the last message (WorkerFailed) leave before the socket closes
+
+T = TypeVar("T")
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closable)
 
 
 @dataclass
@@ -92,7 +109,7 @@ class Worker:
             eos_token_ids=list(cfg.eos_token_ids),
         )
 
-    def ready_message(self) -> WorkerReady:
+    def ready_message(self, transfer: TransferEndpoint | None = None) -> WorkerReady:
         return WorkerReady(
             model=self.model_info(),
             num_pages=self.num_pages,
@@ -100,6 +117,7 @@ class Worker:
             max_slots=self.runner.max_slots,
             max_context_len=self.max_context_len,
             device=str(self.loaded.device),
+            transfer=transfer,
         )
 
     def warm_up(self) -> None:
@@ -184,48 +202,101 @@ def _context_len(args: ServerArgs, cfg: ModelConfig) -> int:
     return min(args.context_length or limit, limit)
 
 
-def serve(worker: Worker, step_sock: zmq.Socket, result_sock: zmq.Socket) -> None:
-    """Run steps until ``Shutdown``; a failing step sends ``WorkerFailed`` and re-raises."""
-    while True:
-        msg = transport.recv(step_sock)
-        if isinstance(msg, Shutdown):
-            logger.info("shutdown: %s", msg.reason or "requested")
-            return
-        if not isinstance(msg, StepBatch):
-            logger.warning("ignoring unexpected message %s", msg.TYPE)
-            continue
+@dataclass
+class StepHooks:
+    """What a role adds to the plain step loop: how a ``StepBatch`` is run, the messages sent
+    right after each step's result, and handlers for message types beyond the step protocol."""
+
+    step: Callable[[StepBatch], StepResult]
+    after_step: Callable[[], Iterable[Message]] = lambda: ()
+    handlers: Mapping[type[Message], Callable[[Any], None]] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerProcess:
+    """A worker process's end of its scheduler's two sockets, and what it closes on exit."""
+
+    name: str
+    ctx: zmq.Context
+    step_sock: zmq.Socket
+    result_sock: zmq.Socket
+    exit_stack: ExitStack
+
+    def start(self, create: Callable[[], T]) -> T:
+        """Run the start-up ``create``; if it fails, tell the scheduler (``WorkerFailed``) and re-raise."""
         try:
-            result = worker.step(msg)
+            return create()
         except Exception as e:
-            _report_failure(result_sock, f"step {msg.step_id} failed: {type(e).__name__}: {e}")
+            self.report_failure(f"{self.name}: start-up failed: {type(e).__name__}: {e}")
             raise
-        transport.send(result_sock, result)
+
+    def closing(self, resource: C) -> C:
+        """Close ``resource`` when the process ends: the last one registered first, all before the sockets."""
+        return self.exit_stack.enter_context(contextlib.closing(resource))
+
+    def announce_ready(self, ready: WorkerReady) -> None:
+        transport.send(self.result_sock, ready)
+        sender = ready.transfer.address if ready.transfer else ""
+        kv_sender = f", KV sender at {sender}" if sender else ""
+        logger.info("%s ready: %d pages, %d slots%s", self.name, ready.num_pages, ready.max_slots, kv_sender)
+
+    def serve(self, hooks: StepHooks) -> None:
+        """Run steps until ``Shutdown``; a failing step sends ``WorkerFailed`` and re-raises."""
+        while True:
+            msg = transport.recv(self.step_sock)
+            if isinstance(msg, Shutdown):
+                logger.info("shutdown: %s", msg.reason or "requested")
+                return
+            if (handle := hooks.handlers.get(type(msg))) is not None:
+                handle(msg)
+            elif isinstance(msg, StepBatch):
+                self._run_step(hooks, msg)
+            else:
+                logger.warning("ignoring unexpected message %s", msg.TYPE)
+
+    def _run_step(self, hooks: StepHooks, batch: StepBatch) -> None:
+        try:
+            result = hooks.step(batch)
+        except Exception as e:
+            self.report_failure(f"step {batch.step_id} failed: {type(e).__name__}: {e}")
+            raise
+        transport.send(self.result_sock, result)
+        for msg in hooks.after_step():
+            transport.send(self.result_sock, msg)
+
+    def report_failure(self, message: str) -> None:
+        logger.error("%s\n%s", message, traceback.format_exc())
+        transport.send(self.result_sock, WorkerFailed(message=message))
 
 
-def run_worker(cfg: WorkerConfig) -> None:
-    """The worker process of an instance: bind the step socket, connect the result socket,
-    start up (or report ``WorkerFailed`` and raise), report ready, serve until shutdown."""
-    threads = os.environ.get("PDSERVE_TORCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
+@contextlib.contextmanager
+def worker_process(cfg: WorkerConfig) -> Iterator[WorkerProcess]:
+    """Set torch's threads (``PDSERVE_TORCH_THREADS``), bind the step socket and connect the
+    result socket; on exit close what the role registered, then the sockets (the result socket
+    lingers, so that a last ``WorkerFailed`` still leaves)."""
+    _set_torch_threads_from_env()
     ctx = zmq.Context()
     step_sock = transport.bind(ctx, zmq.PULL, cfg.addrs.step_addr)
     result_sock = transport.connect(ctx, zmq.PUSH, cfg.addrs.result_addr)
     try:
-        try:
-            worker = Worker.create(cfg.args)
-        except Exception as e:
-            _report_failure(result_sock, f"{cfg.name}: start-up failed: {type(e).__name__}: {e}")
-            raise
-        transport.send(result_sock, worker.ready_message())
-        logger.info("%s ready: %d pages, %d slots", cfg.name, worker.num_pages, worker.runner.max_slots)
-        serve(worker, step_sock, result_sock)
+        with ExitStack() as exit_stack:
+            yield WorkerProcess(cfg.name, ctx, step_sock, result_sock, exit_stack)
     finally:
         step_sock.close()
         result_sock.close(linger=RESULT_LINGER_MS)
         ctx.term()
 
 
-def _report_failure(result_sock: zmq.Socket, message: str) -> None:
-    logger.error("%s\n%s", message, traceback.format_exc())
-    transport.send(result_sock, WorkerFailed(message=message))
+def _set_torch_threads_from_env() -> None:
+    threads = os.environ.get("PDSERVE_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def run_worker(cfg: WorkerConfig) -> None:
+    """The worker process of a unified instance: start up (or report ``WorkerFailed`` and
+    raise), report ready, serve until shutdown."""
+    with worker_process(cfg) as proc:
+        worker = proc.start(lambda: Worker.create(cfg.args))
+        proc.announce_ready(worker.ready_message())
+        proc.serve(StepHooks(worker.step))

@@ -16,29 +16,19 @@ import os
 import queue
 import threading
 import time
-import traceback
 from typing import Any
 
-import torch
 import zmq
 
-from engine.worker import Worker
+from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, make_backend
 from protocol import transport
 from protocol.config import ServerArgs, WorkerConfig
-from protocol.messages import (
-    Shutdown,
-    StepBatch,
-    StepResult,
-    TransferEndpoint,
-    TransferResult,
-    WorkerFailed,
-)
+from protocol.messages import StepBatch, StepResult, TransferEndpoint, TransferResult
 
 logger = logging.getLogger("pdserve.prefill_worker")
 
 RESULT_POLL_S = 0.1  # the forwarder's wait per poll (bounds how long stopping it takes)
-RESULT_LINGER_MS = 2000
 SEND_DELAY_ENV = "PDSERVE_TEST_KV_SEND_DELAY_S"
 
 
@@ -85,7 +75,8 @@ class ResultForwarder:
 
 class DelayedSender:
     """Test hook (``PDSERVE_TEST_KV_SEND_DELAY_S``): every send leaves ``delay`` seconds late, in
-    order, from a thread of its own, so that tests can abort or kill during a slow transfer."""
+    order, from a thread of its own, so that tests can abort or kill during a slow transfer.
+    Closing it lets the queued sends leave; the wrapped sender is closed by its owner."""
 
     def __init__(self, sender: KVSender, delay: float) -> None:
         self._sender = sender
@@ -110,7 +101,6 @@ class DelayedSender:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=5.0)
-        self._sender.close()
 
 
 class PrefillWorker:
@@ -145,76 +135,42 @@ class PrefillWorker:
         return out
 
 
-def serve(pw: PrefillWorker, step_sock: zmq.Socket, result_sock: zmq.Socket) -> None:
-    """Run steps until ``Shutdown``; a failing step sends ``WorkerFailed`` and re-raises."""
-    while True:
-        msg = transport.recv(step_sock)
-        if isinstance(msg, Shutdown):
-            logger.info("shutdown: %s", msg.reason or "requested")
-            return
-        if not isinstance(msg, StepBatch):
-            logger.warning("ignoring unexpected message %s", msg.TYPE)
-            continue
-        try:
-            result = pw.step(msg)
-        except Exception as e:
-            _report_failure(result_sock, f"step {msg.step_id} failed: {type(e).__name__}: {e}")
-            raise
-        transport.send(result_sock, result)
-        for refused in pw.take_refused():
-            transport.send(result_sock, refused)
+def start_prefill(cfg: WorkerConfig) -> tuple[Worker, KVSender]:
+    """The engine's worker and the KV sender over its pool."""
+    # A prefill instance never decodes: capturing decode graphs would only cost start-up time
+    # and memory.
+    worker = Worker.create(dataclasses.replace(cfg.args, disable_cuda_graph=True))
+    backend = cfg.args.transfer_backend
+    sender = make_backend(
+        backend,
+        "prefill",
+        kv_layout(worker, backend),
+        worker.runner.kv_pool.k,
+        worker.runner.kv_pool.v,
+        address=transfer_address(cfg),
+        config=transfer_config(cfg.args),
+    )
+    assert isinstance(sender, KVSender)
+    return worker, sender
+
+
+def test_send_delay(name: str) -> float:
+    """The send delay the test hook asks for (``PDSERVE_TEST_KV_SEND_DELAY_S``); 0 without it."""
+    delay = float(os.environ.get(SEND_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        logger.warning("%s: every KV send is delayed by %g s (%s)", name, delay, SEND_DELAY_ENV)
+    return delay
 
 
 def run_prefill_worker(cfg: WorkerConfig) -> None:
     """The worker process of a prefill instance: start up (or report ``WorkerFailed``), report
     ready with the KV sender's address, serve until shutdown."""
-    threads = os.environ.get("PDSERVE_TORCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    ctx = zmq.Context()
-    step_sock = transport.bind(ctx, zmq.PULL, cfg.addrs.step_addr)
-    result_sock = transport.connect(ctx, zmq.PUSH, cfg.addrs.result_addr)
-    sender: KVSender | None = None
-    forwarder: ResultForwarder | None = None
-    try:
-        try:
-            # A prefill instance never decodes: capturing decode graphs would only cost
-            # start-up time and memory.
-            worker = Worker.create(dataclasses.replace(cfg.args, disable_cuda_graph=True))
-            backend = cfg.args.transfer_backend
-            sender = make_backend(  # type: ignore[assignment]
-                backend,
-                "prefill",
-                kv_layout(worker, backend),
-                worker.runner.kv_pool.k,
-                worker.runner.kv_pool.v,
-                address=transfer_address(cfg),
-                config=transfer_config(cfg.args),
-            )
-        except Exception as e:
-            _report_failure(result_sock, f"{cfg.name}: start-up failed: {type(e).__name__}: {e}")
-            raise
-        assert sender is not None
-        delay = float(os.environ.get(SEND_DELAY_ENV, "0") or 0)
-        if delay > 0:
-            logger.warning("%s: every KV send is delayed by %g s (%s)", cfg.name, delay, SEND_DELAY_ENV)
-            sender = DelayedSender(sender, delay)  # type: ignore[assignment]
-        forwarder = ResultForwarder(ctx, cfg.addrs.result_addr, sender)
-        ready = worker.ready_message()
-        ready.transfer = TransferEndpoint(backend=backend, address=sender.address)
-        transport.send(result_sock, ready)
-        logger.info("%s ready: %d pages, KV sender at %s", cfg.name, worker.num_pages, sender.address)
-        serve(PrefillWorker(worker, sender), step_sock, result_sock)
-    finally:
-        if forwarder is not None:
-            forwarder.close()
-        if sender is not None:
-            sender.close()
-        step_sock.close()
-        result_sock.close(linger=RESULT_LINGER_MS)
-        ctx.term()
-
-
-def _report_failure(result_sock: zmq.Socket, message: str) -> None:
-    logger.error("%s\n%s", message, traceback.format_exc())
-    transport.send(result_sock, WorkerFailed(message=message))
+    with worker_process(cfg) as proc:
+        worker, sender = proc.start(lambda: start_prefill(cfg))
+        sender = proc.closing(sender)
+        if delay := test_send_delay(cfg.name):
+            sender = proc.closing(DelayedSender(sender, delay))
+        proc.closing(ResultForwarder(proc.ctx, cfg.addrs.result_addr, sender))
+        proc.announce_ready(worker.ready_message(TransferEndpoint(cfg.args.transfer_backend, sender.address)))
+        pw = PrefillWorker(worker, sender)
+        proc.serve(StepHooks(pw.step, after_step=pw.take_refused))

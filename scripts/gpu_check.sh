@@ -6,7 +6,8 @@
 #
 # Steps: tests     tests/gpu except the end-to-end file (kernels, kvtransfer, CUDA graphs)
 #        e2e_cuda  tests/gpu/test_e2e_gpu.py (greedy vs reference and transformers, float32,
-#                  CUDA graphs on and off; bf16 smoke)
+#                  CUDA graphs on and off; bf16 smoke) and tests/gpu/test_disagg_gpu.py (1P1D on
+#                  the one GPU, cuda_ipc and zmq)
 #        e2e       tests/e2e (the CPU end-to-end suite; --device auto puts its servers on CUDA)
 #        kernels one_batch transfer serving   the benchmarks (bench/*.py)
 #        report    the table of what the results folder holds (also printed after any step)
@@ -55,11 +56,11 @@ pytest_step() {
 }
 
 step_tests() {
-  pytest_step gpu-tests tests/gpu --ignore=tests/gpu/test_e2e_gpu.py
+  pytest_step gpu-tests tests/gpu --ignore=tests/gpu/test_e2e_gpu.py --ignore=tests/gpu/test_disagg_gpu.py
 }
 
 step_e2e_cuda() {
-  pytest_step e2e-cuda-tests tests/gpu/test_e2e_gpu.py
+  pytest_step e2e-cuda-tests tests/gpu/test_e2e_gpu.py tests/gpu/test_disagg_gpu.py
 }
 
 step_e2e() {
@@ -80,27 +81,40 @@ step_transfer() {
 
 # serve the llama-3-8b-shaped dummy model in unified mode, then drive it at full load and at a
 # fixed request rate
-step_serving() {
-  local port=31000 log="$RESULTS/serving-server.log" rc=0
-  timeout --kill-after=20 540 "$PY" launch.py --mode unified --port "$port" --model-path "$MODEL" --load-format dummy \
+# serve_and_drive NAME LAUNCH_FLAGS...: serve the llama-3-8b-shaped dummy model, then drive it at
+# full load and at a fixed request rate
+serve_and_drive() {
+  local name=$1 port=31000 rc=0
+  shift
+  local log="$RESULTS/$name-server.log"
+  timeout --kill-after=20 270 "$PY" launch.py "$@" --port "$port" --model-path "$MODEL" --load-format dummy \
     >"$log" 2>&1 &
   local server=$!
   local waited=0
   until grep -q "pdserve ready" "$log"; do
-    if ! kill -0 "$server" 2>/dev/null || [ "$waited" -ge 240 ]; then
+    if ! kill -0 "$server" 2>/dev/null || [ "$waited" -ge 150 ]; then
       echo "the server did not get ready"; tail -n 30 "$log"; kill -TERM "$server" 2>/dev/null
       wait "$server" 2>/dev/null; return 1
     fi
     sleep 1; waited=$((waited + 1))
   done
-  echo "server ready after ${waited}s"
+  echo "$name server ready after ${waited}s"
   local common=(--addr "tcp://127.0.0.1:$port" --vocab-size 128000 --no-progress --timeout 120)
-  run serving-max 200 "$PY" -m bench.serving "${common[@]}" --num-prompts 256 --input-len 128 1024 \
-    --output-len 64 256 --request-rate inf --output "$RESULTS/serving-max.json" || rc=1
-  run serving-rate 150 "$PY" -m bench.serving "${common[@]}" --num-prompts 200 --input-len 128 1024 \
-    --output-len 64 256 --request-rate 16 --output "$RESULTS/serving-rate16.json" || rc=1
+  run "$name-max" 100 "$PY" -m bench.serving "${common[@]}" --num-prompts 256 --input-len 128 1024 \
+    --output-len 64 256 --request-rate inf --output "$RESULTS/$name-max.json" || rc=1
+  run "$name-rate" 80 "$PY" -m bench.serving "${common[@]}" --num-prompts 200 --input-len 128 1024 \
+    --output-len 64 256 --request-rate 16 --output "$RESULTS/$name-rate16.json" || rc=1
   kill -TERM "$server" 2>/dev/null
   wait "$server" 2>/dev/null
+  return "$rc"
+}
+
+# unified next to 1P1D on the one GPU (each worker's KV pool capped so both 8B copies fit)
+step_serving() {
+  local rc=0
+  serve_and_drive serving --mode unified || rc=1
+  serve_and_drive serving-1p1d --mode pd --num-prefill 1 --num-decode 1 --transfer-backend cuda_ipc \
+    --max-total-tokens 131072 || rc=1
   return "$rc"
 }
 
