@@ -45,13 +45,17 @@ def test_one_table_from_every_bench(tmp_path, capsys):
     assert vs_mm.result == "MISS" and abs(vs_mm.ratio - (5.0 / 4.5) / 1.05) < 1e-9
     assert by_metric[("kernels", "decode B=1 L=512 speed vs best peer")].value == 1.5
     assert not any(line.metric.startswith("decode B=1 L=512") and "sdpa" in line.metric for line in lines)
+    vs_sdpa = by_metric[("kernels", "decode B=1 L=512 time / SDPA's")]
+    assert (vs_sdpa.target, vs_sdpa.result) == (1.12, "pass") and abs(vs_sdpa.value - 0.01 / 0.015) < 1e-9
     assert by_metric[("kvtransfer", "cuda_ipc/ipc / device-to-device copy")].value == 0.25
+    ipc_ms = by_metric[("kvtransfer", "cuda_ipc/ipc median ms")]
+    assert (ipc_ms.target, ipc_ms.result) == (0.6, "MISS")
     assert by_metric[("serving", "failed requests")].result == "MISS"
     assert notes == [f"{tmp_path / 'notes.json'}: not a benchmark result this report knows"]
 
     assert report.main([str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "1/3 targets met" in printed and "MISS" in printed
+    assert "2/5 targets met" in printed and "MISS" in printed
 
 
 def test_cpu_runs_get_no_verdict(tmp_path):
