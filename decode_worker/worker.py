@@ -12,14 +12,12 @@ outcome and the room results reach the scheduler through a forwarder with its ow
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import traceback
+from typing import cast
 
-import torch
 import zmq
 
-from engine.worker import Worker
+from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import KVLayout, KVReceiver, TransferConfig, TransferError, make_backend
 from protocol import transport
 from protocol.config import ServerArgs, WorkerConfig
@@ -27,18 +25,15 @@ from protocol.messages import (
     KVPeerRegistered,
     Message,
     RegisterKVPeer,
-    Shutdown,
     StepBatch,
     StepResult,
     TransferEndpoint,
     TransferResult,
-    WorkerFailed,
 )
 
 logger = logging.getLogger("pdserve.decode_worker")
 
 RESULT_POLL_S = 0.1  # the forwarder's wait per poll (bounds how long stopping it takes)
-RESULT_LINGER_MS = 2000
 
 
 def transfer_config(args: ServerArgs) -> TransferConfig:
@@ -113,73 +108,29 @@ class DecodeWorker:
         self.notifier.notify(KVPeerRegistered(msg.prefill_addr, ok=True))
 
 
-def serve(dw: DecodeWorker, step_sock: zmq.Socket, result_sock: zmq.Socket) -> None:
-    """Run steps until ``Shutdown``; a failing step sends ``WorkerFailed`` and re-raises."""
-    while True:
-        msg = transport.recv(step_sock)
-        if isinstance(msg, Shutdown):
-            logger.info("shutdown: %s", msg.reason or "requested")
-            return
-        if isinstance(msg, RegisterKVPeer):
-            dw.register(msg)
-            continue
-        if not isinstance(msg, StepBatch):
-            logger.warning("ignoring unexpected message %s", msg.TYPE)
-            continue
-        try:
-            result = dw.step(msg)
-        except Exception as e:
-            _report_failure(result_sock, f"step {msg.step_id} failed: {type(e).__name__}: {e}")
-            raise
-        transport.send(result_sock, result)
-        for refused in dw.take_refused():
-            transport.send(result_sock, refused)
+def start_decode(cfg: WorkerConfig) -> tuple[Worker, KVReceiver]:
+    """The engine's worker and the KV receiver over its pool."""
+    worker = Worker.create(cfg.args)
+    backend = cfg.args.transfer_backend
+    layout = KVLayout.from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)
+    receiver = make_backend(
+        backend,
+        "decode",
+        layout,
+        worker.runner.kv_pool.k,
+        worker.runner.kv_pool.v,
+        config=transfer_config(cfg.args),
+    )
+    return worker, cast(KVReceiver, receiver)
 
 
 def run_decode_worker(cfg: WorkerConfig) -> None:
     """The worker process of a decode instance: start up (or report ``WorkerFailed``), report
     ready, serve until shutdown."""
-    threads = os.environ.get("PDSERVE_TORCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    ctx = zmq.Context()
-    step_sock = transport.bind(ctx, zmq.PULL, cfg.addrs.step_addr)
-    result_sock = transport.connect(ctx, zmq.PUSH, cfg.addrs.result_addr)
-    receiver: KVReceiver | None = None
-    notifier: Notifier | None = None
-    try:
-        try:
-            worker = Worker.create(cfg.args)
-            backend = cfg.args.transfer_backend
-            layout = KVLayout.from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)
-            receiver = make_backend(  # type: ignore[assignment]
-                backend,
-                "decode",
-                layout,
-                worker.runner.kv_pool.k,
-                worker.runner.kv_pool.v,
-                config=transfer_config(cfg.args),
-            )
-        except Exception as e:
-            _report_failure(result_sock, f"{cfg.name}: start-up failed: {type(e).__name__}: {e}")
-            raise
-        assert receiver is not None
-        notifier = Notifier(ctx, cfg.addrs.result_addr, receiver)
-        ready = worker.ready_message()
-        ready.transfer = TransferEndpoint(backend=backend)
-        transport.send(result_sock, ready)
-        logger.info("%s ready: %d pages, %d slots", cfg.name, worker.num_pages, worker.runner.max_slots)
-        serve(DecodeWorker(worker, receiver, notifier, cfg.args.transfer_timeout), step_sock, result_sock)
-    finally:
-        if notifier is not None:
-            notifier.close()
-        if receiver is not None:
-            receiver.close()
-        step_sock.close()
-        result_sock.close(linger=RESULT_LINGER_MS)
-        ctx.term()
-
-
-def _report_failure(result_sock: zmq.Socket, message: str) -> None:
-    logger.error("%s\n%s", message, traceback.format_exc())
-    transport.send(result_sock, WorkerFailed(message=message))
+    with worker_process(cfg) as proc:
+        worker, receiver = proc.start(lambda: start_decode(cfg))
+        receiver = proc.closing(receiver)
+        notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, receiver))
+        proc.announce_ready(worker.ready_message(TransferEndpoint(backend=cfg.args.transfer_backend)))
+        dw = DecodeWorker(worker, receiver, notifier, cfg.args.transfer_timeout)
+        proc.serve(StepHooks(dw.step, after_step=dw.take_refused, handlers={RegisterKVPeer: dw.register}))

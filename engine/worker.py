@@ -19,7 +19,6 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -208,7 +207,7 @@ class StepHooks:
     right after each step's result, and handlers for message types beyond the step protocol."""
 
     step: Callable[[StepBatch], StepResult]
-    after_step: Callable[[], Iterable[Message]] = lambda: ()
+    after_step: Callable[[], Iterable[Message]] = lambda: ()  # e.g. the rooms the KV side refused
     handlers: Mapping[type[Message], Callable[[Any], None]] = field(default_factory=dict)
 
 
@@ -220,14 +219,14 @@ class WorkerProcess:
     ctx: zmq.Context
     step_sock: zmq.Socket
     result_sock: zmq.Socket
-    exit_stack: ExitStack
+    exit_stack: contextlib.ExitStack
 
     def start(self, create: Callable[[], T]) -> T:
         """Run the start-up ``create``; if it fails, tell the scheduler (``WorkerFailed``) and re-raise."""
         try:
             return create()
         except Exception as e:
-            self.report_failure(f"{self.name}: start-up failed: {type(e).__name__}: {e}")
+            self._report_failure(f"{self.name}: start-up failed: {type(e).__name__}: {e}")
             raise
 
     def closing(self, resource: C) -> C:
@@ -235,6 +234,7 @@ class WorkerProcess:
         return self.exit_stack.enter_context(contextlib.closing(resource))
 
     def announce_ready(self, ready: WorkerReady) -> None:
+        """Tell the scheduler the worker is ready, and log what it offers."""
         transport.send(self.result_sock, ready)
         sender = ready.transfer.address if ready.transfer else ""
         kv_sender = f", KV sender at {sender}" if sender else ""
@@ -258,13 +258,13 @@ class WorkerProcess:
         try:
             result = hooks.step(batch)
         except Exception as e:
-            self.report_failure(f"step {batch.step_id} failed: {type(e).__name__}: {e}")
+            self._report_failure(f"step {batch.step_id} failed: {type(e).__name__}: {e}")
             raise
         transport.send(self.result_sock, result)
         for msg in hooks.after_step():
             transport.send(self.result_sock, msg)
 
-    def report_failure(self, message: str) -> None:
+    def _report_failure(self, message: str) -> None:
         logger.error("%s\n%s", message, traceback.format_exc())
         transport.send(self.result_sock, WorkerFailed(message=message))
 
@@ -279,7 +279,7 @@ def worker_process(cfg: WorkerConfig) -> Iterator[WorkerProcess]:
     step_sock = transport.bind(ctx, zmq.PULL, cfg.addrs.step_addr)
     result_sock = transport.connect(ctx, zmq.PUSH, cfg.addrs.result_addr)
     try:
-        with ExitStack() as exit_stack:
+        with contextlib.ExitStack() as exit_stack:
             yield WorkerProcess(cfg.name, ctx, step_sock, result_sock, exit_stack)
     finally:
         step_sock.close()

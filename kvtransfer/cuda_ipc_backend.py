@@ -15,15 +15,13 @@ a message saying so, and the ``zmq`` backend is the way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import zmq
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
-from kvtransfer.base import KVLayout, TransferConfig
-from kvtransfer.kernels import PagedCaches, copy_pages
+from kvtransfer.kernels import DeviceLane, PagedCaches, copy_pages
 from kvtransfer.link_receiver import LinkReceiver
 from kvtransfer.link_sender import Chunk, LinkSender
 
@@ -69,12 +67,16 @@ def _local_device_with_uuid(uuid: str) -> int:
     )
 
 
+def _require_cuda(pool: PagedCaches) -> PagedCaches:
+    if pool.device.type != "cuda":
+        raise ValueError("the cuda_ipc backend needs a KV pool on a CUDA device")
+    return pool
+
+
 class CudaIpcSenderMover:
     def __init__(self, pool: PagedCaches) -> None:
-        if pool.device.type != "cuda":
-            raise ValueError("the cuda_ipc backend needs a KV pool on a CUDA device")
-        self._pool = pool
-        self._stream = torch.cuda.Stream(pool.device)
+        self._pool = _require_cuda(pool)
+        self._lane = DeviceLane(pool)
         self._peers: dict[str, PagedCaches] = {}
 
     def open_peer(self, peer: str, extra: dict[str, Any]) -> None:
@@ -97,11 +99,8 @@ class CudaIpcSenderMover:
 
     def transmit(self, peer: str, chunk: Chunk) -> list[Any]:
         if chunk.src_pages:
-            with torch.cuda.device(self._pool.device), torch.cuda.stream(self._stream):
-                if chunk.ready is not None:
-                    self._stream.wait_event(chunk.ready)
+            with self._lane.running(after=chunk.ready):
                 copy_pages(self._pool, chunk.src_pages, self._peers[peer], chunk.dst_pages)
-            self._stream.synchronize()
         return []
 
 
@@ -109,9 +108,7 @@ class CudaIpcReceiverMover:
     remote_writes = True
 
     def __init__(self, pool: PagedCaches) -> None:
-        if pool.device.type != "cuda":
-            raise ValueError("the cuda_ipc backend needs a KV pool on a CUDA device")
-        self._pool = pool
+        self._pool = _require_cuda(pool)
 
     def registration(self) -> dict[str, Any]:
         return {"arrays": [share_cuda_tensor(a) for a in self._pool.arrays]}
@@ -124,26 +121,10 @@ class CudaIpcReceiverMover:
 class CudaIpcSender(LinkSender):
     """Prefill side of the cuda_ipc backend; binds ``address`` for its peers' control frames."""
 
-    def __init__(
-        self,
-        layout: KVLayout,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        address: str,
-        config: TransferConfig | None = None,
-    ) -> None:
-        super().__init__(layout, k_caches, v_caches, address, CudaIpcSenderMover, config)
+    mover_class = CudaIpcSenderMover
 
 
 class CudaIpcReceiver(LinkReceiver):
     """Decode side of the cuda_ipc backend: shares its pool once, at registration."""
 
-    def __init__(
-        self,
-        layout: KVLayout,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        config: TransferConfig | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(layout, k_caches, v_caches, CudaIpcReceiverMover, config, name)
+    mover_class = CudaIpcReceiverMover

@@ -16,25 +16,13 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from kvtransfer.base import (
-    KVLayout,
-    KVReceiver,
-    KVSender,
-    LayoutMismatch,
-    RegistrationRefused,
-    RoomResult,
-    TransferConfig,
-    TransferError,
-    TransferState,
-)
-from kvtransfer.kernels import PagedCaches, copy_pages_ref
-from kvtransfer.rooms import Room, RoomTable
+from kvtransfer.base import LayoutMismatch, RegistrationRefused, RoomResult, TransferError, TransferState
+from kvtransfer.kernels import copy_pages_ref
+from kvtransfer.rooms import RoomTable
+from kvtransfer.sides import PoolReceiver, PoolSender
 
 _LOCK = threading.RLock()  # every fake side of this process: one transfer at a time
 _SENDERS: dict[str, FakeSender] = {}
@@ -65,19 +53,8 @@ class _Delivery:
     first_token: int | None
 
 
-class FakeSender(KVSender):
-    def __init__(
-        self,
-        layout: KVLayout,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        address: str,
-        config: TransferConfig | None = None,
-    ) -> None:
-        layout.check_caches(k_caches, v_caches)
-        self.layout, self.address = layout, address
-        self.pool = PagedCaches(k_caches, v_caches)
-        self.rooms = RoomTable(config or TransferConfig())
+class FakeSender(PoolSender):
+    def _bind(self, address: str) -> str:
         self.faults = FakeFaults()
         self._receivers: dict[int, FakeReceiver] = {}  # room -> the receiver that announced it
         self._deliveries: list[_Delivery] = []
@@ -85,10 +62,7 @@ class FakeSender(KVSender):
             if address in _SENDERS:
                 raise ValueError(f"fake KV sender address {address!r} is in use")
             _SENDERS[address] = self
-
-    def add_room(self, room: int) -> None:
-        with _LOCK:
-            self.rooms.claim(room, TransferState.BOOTSTRAPPING)
+        return address
 
     def send(
         self, room: int, src_pages: Sequence[int], dst_pages: Sequence[int], first_token: int | None = None
@@ -125,18 +99,10 @@ class FakeSender(KVSender):
         """A receiver announces ``room``; returns why it is refused, or None."""
         if self.faults.dead:
             return "prefill peer is dead"
-        entry = self.rooms.get(room)
-        gone = self.rooms.failed_recently(room)
-        if entry is None and gone is not None:
-            return gone
-        if entry is None:
-            entry = self.rooms.add(room, TransferState.WAITING_FOR_INPUT, reported=False)
-        elif entry.dst_pages is not None or entry.state.final:
-            return entry.error or f"room {room} was already announced"
-        entry.peer, entry.dst_pages = receiver.name, dst_pages
-        self.rooms.advance(room, TransferState.WAITING_FOR_INPUT)
-        self._receivers[room] = receiver
-        return None
+        refused = self.rooms.announce(room, receiver.name, dst_pages)
+        if refused is None:
+            self._receivers[room] = receiver
+        return refused
 
     # ---- moving pages ------------------------------------------------------------------
 
@@ -167,24 +133,20 @@ class FakeSender(KVSender):
         if receiver is None or entry.dst_pages is None:  # not announced yet: try again later
             self._deliveries.append(d)
             return
-        problem = _check(d, entry.dst_pages, receiver.rooms.get(d.room))
-        if problem:
-            self._fail_both(d.room, problem)
-            return
-        copy_pages_ref(self.pool, d.src_pages, receiver.pool, d.dst_pages)
         target = receiver.rooms.get(d.room)
-        assert target is not None
-        target.received.update(d.dst_pages)
-        if d.first_token is None:
+        assert target is not None  # a receiver's room leaves ``_receivers`` when it fails
+        problem = _prefixed("prefill side", entry.check_send(d.src_pages, d.dst_pages))
+        problem = problem or _prefixed("decode side", target.check_landing(d.dst_pages))
+        if problem is None:
+            copy_pages_ref(self.pool, d.src_pages, receiver.pool, d.dst_pages)
+            problem = _prefixed("decode side", receiver.rooms.land(target, d.dst_pages, d.first_token))
+        if problem is not None:
+            self._fail_both(d.room, problem)
+        elif d.first_token is None:
             self.rooms.advance(d.room, TransferState.TRANSFERRING)
-            receiver.rooms.advance(d.room, TransferState.TRANSFERRING)
-            return
-        if len(target.received) != len(target.dst_pages or []):
-            self._fail_both(d.room, "decode side: the last chunk left destination pages unwritten")
-            return
-        receiver.rooms.advance(d.room, TransferState.DONE, first_token=d.first_token)
-        self.rooms.advance(d.room, TransferState.DONE)
-        del self._receivers[d.room]
+        else:
+            self.rooms.advance(d.room, TransferState.DONE)
+            del self._receivers[d.room]
 
     def _fail_both(self, room: int, error: str) -> None:
         self.rooms.fail(room, error)
@@ -193,20 +155,8 @@ class FakeSender(KVSender):
             receiver.rooms.fail(room, error)
 
 
-class FakeReceiver(KVReceiver):
-    def __init__(
-        self,
-        layout: KVLayout,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        config: TransferConfig | None = None,
-        name: str | None = None,
-    ) -> None:
-        layout.check_caches(k_caches, v_caches)
-        self.layout = layout
-        self.pool = PagedCaches(k_caches, v_caches)
-        self.rooms = RoomTable(config or TransferConfig())
-        self.name = name or f"decode-{uuid.uuid4().hex[:12]}"
+class FakeReceiver(PoolReceiver):
+    def _start(self) -> None:
         self._senders: dict[str, FakeSender] = {}
 
     def register(self, address: str, timeout: float = 30.0) -> str:
@@ -281,11 +231,5 @@ def _next_deadline(rooms: RoomTable, default: float) -> float:
     return default if deadline is None else deadline
 
 
-def _check(d: _Delivery, announced: list[int], target: Room | None) -> str | None:
-    if len(d.src_pages) != len(d.dst_pages):
-        return f"prefill side: {len(d.src_pages)} source pages but {len(d.dst_pages)} destination pages"
-    if not set(d.dst_pages) <= set(announced):
-        return "prefill side: destination pages were not announced for this room"
-    if target is not None and target.received & set(d.dst_pages):
-        return "decode side: a chunk writes pages a second time"
-    return None
+def _prefixed(side: str, problem: str | None) -> str | None:
+    return None if problem is None else f"{side}: {problem}"

@@ -14,8 +14,9 @@ The ``*_ref`` functions beside each entry point are the plain-torch oracles and 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -264,3 +265,28 @@ TORCH_OPS = PageOps(gather_pages_ref, scatter_pages_ref, copy_pages_ref)
 def page_ops_for(device: torch.device) -> PageOps:
     """Triton on CUDA; the torch reference elsewhere (CPU has no Triton backend)."""
     return TRITON_OPS if device.type == "cuda" else TORCH_OPS
+
+
+class DeviceLane:
+    """Where a backend's device work on ``pool`` runs: its own CUDA stream, or inline on CPU."""
+
+    def __init__(self, pool: PagedCaches) -> None:
+        self.pool = pool
+        self.ops = page_ops_for(pool.device)
+        self.stream = torch.cuda.Stream(pool.device) if pool.device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def running(self, after: torch.cuda.Event | None = None) -> Iterator[None]:
+        """Run the body's device work on this lane (after ``after``) and wait for it."""
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.device(self.pool.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            yield
+        self.stream.synchronize()
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A host byte buffer; pinned (from torch's caching host allocator) next to a GPU."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)

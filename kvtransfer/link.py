@@ -24,12 +24,15 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
 from kvtransfer.base import log
+
+if TYPE_CHECKING:
+    from kvtransfer.rooms import Room, RoomTable
 
 REGISTER = "register"
 REGISTERED = "registered"
@@ -75,20 +78,22 @@ class IoLoop:
 
     API calls from the worker thread never touch a socket: they queue a command (a callable)
     and wake the thread through an inproc pipe. The thread sleeps in ``zmq.Poller.poll`` until a
-    frame, a command, the next heartbeat or the next room deadline.
+    frame, a command, the next heartbeat or the next deadline of a room in ``rooms``; a room
+    that overstays its state is handed to ``on_expired``.
     """
 
     def __init__(
         self,
         name: str,
+        rooms: RoomTable,
         on_frames: Callable[[zmq.Socket, list[zmq.Frame]], None],
-        on_tick: Callable[[float], None],
-        next_deadline: Callable[[], float | None],
-        heartbeat_interval: float,
+        on_expired: Callable[[Room], None],
+        on_heartbeat: Callable[[float], None],
     ) -> None:
         self.ctx = zmq.Context()
-        self._on_frames, self._on_tick, self._next_deadline = on_frames, on_tick, next_deadline
-        self._interval = heartbeat_interval
+        self._rooms = rooms
+        self._on_frames, self._on_expired, self._on_heartbeat = on_frames, on_expired, on_heartbeat
+        self._interval = rooms.config.heartbeat_interval
         wake_addr = f"inproc://kvtransfer-wake-{next(_instances)}"
         self._wake_rx = socket(self.ctx, zmq.PULL)
         self._wake_rx.bind(wake_addr)
@@ -139,9 +144,10 @@ class IoLoop:
         while not self._stopping:
             now = time.monotonic()
             if now >= next_tick:
-                self._guard(self._on_tick, now)
+                self._expire(now)
+                self._guard(self._on_heartbeat, now)
                 next_tick = now + self._interval
-            deadline = self._next_deadline()
+            deadline = self._rooms.next_deadline()
             wake_at = next_tick if deadline is None else min(next_tick, deadline)
             ready = dict(self._poller.poll(max(0, int((wake_at - now) * 1000)) + 1))
             if self._wake_rx in ready:
@@ -153,7 +159,11 @@ class IoLoop:
                 if sock in ready:
                     self._guard(self._read, sock)
             if deadline is not None and time.monotonic() >= deadline:
-                self._guard(self._on_tick, time.monotonic())
+                self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        for entry in self._rooms.expired(now):
+            self._guard(self._on_expired, entry)
 
     def _drain_wakeups(self) -> None:
         try:

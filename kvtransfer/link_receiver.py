@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-import torch
 import zmq
 
 from kvtransfer import link
-from kvtransfer.base import (
-    KVLayout,
-    KVReceiver,
-    RegistrationRefused,
-    TransferConfig,
-    TransferError,
-    TransferState,
-    log,
-)
-from kvtransfer.kernels import PagedCaches
-from kvtransfer.rooms import Room, RoomTable
+from kvtransfer.base import RegistrationRefused, TransferError, TransferState, log
+from kvtransfer.rooms import Room
+from kvtransfer.sides import PoolReceiver
 
 
 class ReceiverMover(Protocol):
@@ -48,28 +38,17 @@ class _Peer:
     last_seen: float = 0.0
 
 
-class LinkReceiver(KVReceiver):
-    def __init__(
-        self,
-        layout: KVLayout,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        mover: Callable[[PagedCaches], ReceiverMover],
-        config: TransferConfig | None = None,
-        name: str | None = None,
-    ) -> None:
-        layout.check_caches(k_caches, v_caches)
-        self.layout = layout
-        self.pool = PagedCaches(k_caches, v_caches)
-        self.rooms = RoomTable(config or TransferConfig())
-        self.name = name or f"decode-{uuid.uuid4().hex[:12]}"
-        self._mover = mover(self.pool)
+class LinkReceiver(PoolReceiver):
+    """A backend names its page mover with ``mover_class`` (built once, over the pool)."""
+
+    mover_class: ClassVar[type[ReceiverMover]]
+
+    def _start(self) -> None:
+        self._mover = self.mover_class(self.pool)
         self._peers: dict[str, _Peer] = {}
         self._by_sock: dict[zmq.Socket, _Peer] = {}
-        self._next_heartbeat = 0.0
         self._io = link.IoLoop(
-            f"kv-receiver-{self.name}", self._on_frames, self._on_tick, self.rooms.next_deadline,
-            self.rooms.config.heartbeat_interval,
+            f"kv-receiver-{self.name}", self.rooms, self._on_frames, self._on_expired, self._on_heartbeat
         )
         self._io.start()
 
@@ -192,33 +171,24 @@ class LinkReceiver(KVReceiver):
             log.debug("ignoring a late chunk for room %s", msg["room"])
             return
         dst_pages = [int(p) for p in msg["dst_pages"]]
-        problem = _check_chunk(entry, dst_pages)
+        first_token = int(msg["first_token"]) if msg["last"] else None
+        problem = entry.check_landing(dst_pages)
         if problem is None:
             try:
                 self._mover.apply(dst_pages, payload)
             except Exception as e:  # a malformed payload fails this room only
                 problem = f"could not land the pages: {e}"
+        problem = problem or self.rooms.land(entry, dst_pages, first_token)
         if problem is not None:
             self._fail_and_tell(entry, f"decode side: {problem}")
-            return
-        entry.received.update(dst_pages)
-        if not msg["last"]:
-            self.rooms.advance(entry.room, TransferState.TRANSFERRING)
-            return
-        missing = len(entry.dst_pages or []) - len(entry.received)
-        if missing:
-            self._fail_and_tell(entry, f"decode side: the last chunk left {missing} pages unwritten")
-            return
-        self.rooms.advance(entry.room, TransferState.DONE, first_token=int(msg["first_token"]))
-        assert peer.sock is not None
-        peer.sock.send(link.pack(link.ACK, room=entry.room))
+        elif first_token is not None:
+            assert peer.sock is not None
+            peer.sock.send(link.pack(link.ACK, room=entry.room))
 
-    def _on_tick(self, now: float) -> None:
-        for entry in self.rooms.expired(now):
-            self._fail_and_tell(entry, f"decode side: timed out in {entry.state.name}")
-        if now < self._next_heartbeat:
-            return
-        self._next_heartbeat = now + self.rooms.config.heartbeat_interval
+    def _on_expired(self, entry: Room) -> None:
+        self._fail_and_tell(entry, f"decode side: timed out in {entry.state.name}")
+
+    def _on_heartbeat(self, now: float) -> None:
         for peer in list(self._peers.values()):
             if not peer.registered or peer.sock is None:
                 continue
@@ -239,14 +209,3 @@ class LinkReceiver(KVReceiver):
             del self._by_sock[peer.sock]
             self._io.remove_socket(peer.sock)
             peer.sock = None
-
-
-def _check_chunk(entry: Room, dst_pages: list[int]) -> str | None:
-    expected = set(entry.dst_pages or [])
-    stray = [p for p in dst_pages if p not in expected]
-    if stray:
-        return f"chunk writes pages {stray[:8]} that were not announced for room {entry.room}"
-    again = [p for p in dst_pages if p in entry.received]
-    if again:
-        return f"chunk writes pages {again[:8]} of room {entry.room} a second time"
-    return None

@@ -4,24 +4,17 @@ moves the page data (host-staged frames for zmq, device-to-device copies for cud
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import zmq
 
 from kvtransfer import link
-from kvtransfer.base import (
-    KVLayout,
-    KVSender,
-    LayoutMismatch,
-    TransferConfig,
-    TransferState,
-    log,
-)
-from kvtransfer.kernels import PagedCaches
-from kvtransfer.rooms import Room, RoomTable
+from kvtransfer.base import KVLayout, LayoutMismatch, TransferState, log
+from kvtransfer.rooms import Room
+from kvtransfer.sides import PoolSender
 
 
 @dataclass
@@ -50,39 +43,26 @@ class SenderMover(Protocol):
         When it returns, the source pages are no longer read."""
 
 
-class LinkSender(KVSender):
-    def __init__(
-        self,
-        layout: KVLayout,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        address: str,
-        mover: Callable[[PagedCaches], SenderMover],
-        config: TransferConfig | None = None,
-    ) -> None:
-        layout.check_caches(k_caches, v_caches)
-        self.layout = layout
-        self.pool = PagedCaches(k_caches, v_caches)
-        self.rooms = RoomTable(config or TransferConfig())
-        self._mover = mover(self.pool)
+class LinkSender(PoolSender):
+    """A backend names its page mover with ``mover_class`` (built once, over the pool)."""
+
+    mover_class: ClassVar[type[SenderMover]]
+
+    def _bind(self, address: str) -> str:
+        self._mover = self.mover_class(self.pool)
         self._cuda = self.pool.device.type == "cuda"
         self._peers: dict[str, float] = {}  # registered decode peer -> last time heard from
-        self._next_heartbeat = 0.0
         self._io = link.IoLoop(
-            f"kv-sender-{address}", self._on_frames, self._on_tick, self.rooms.next_deadline,
-            self.rooms.config.heartbeat_interval,
+            f"kv-sender-{address}", self.rooms, self._on_frames, self._on_expired, self._on_heartbeat
         )
         self._router = link.socket(self._io.ctx, zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted decode worker keeps its name
         self._router.bind(address)
-        self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._io.add_socket(self._router)
         self._io.start()
+        return self._router.getsockopt_string(zmq.LAST_ENDPOINT)
 
     # ---- API (worker thread) -----------------------------------------------------------
-
-    def add_room(self, room: int) -> None:
-        self.rooms.claim(room, TransferState.BOOTSTRAPPING)
 
     def send(
         self, room: int, src_pages: Sequence[int], dst_pages: Sequence[int], first_token: int | None = None
@@ -115,7 +95,7 @@ class LinkSender(KVSender):
         self._transmit(entry, chunk)
 
     def _transmit(self, entry: Room, chunk: Chunk) -> None:
-        problem = _check_pages(chunk, entry.dst_pages or [])
+        problem = entry.check_send(chunk.src_pages, chunk.dst_pages)
         if problem:
             self._fail(entry.room, f"prefill side: {problem}")
             return
@@ -189,34 +169,22 @@ class LinkSender(KVSender):
         log.info("decode peer %s registered", peer)
 
     def _announce(self, peer: str, room: int, dst_pages: list[int]) -> None:
-        entry = self.rooms.get(room)
-        gone = self.rooms.failed_recently(room)
-        if entry is None and gone is not None:  # failed here before the announcement arrived
-            self._reply(peer, link.ROOM_REFUSED, room=room, error=gone)
+        refused = self.rooms.announce(room, peer, dst_pages)
+        if refused is not None:
+            self._reply(peer, link.ROOM_REFUSED, room=room, error=refused)
             return
-        if entry is None:
-            entry = self.rooms.add(
-                room, TransferState.WAITING_FOR_INPUT, reported=False, peer=peer, dst_pages=dst_pages
-            )
-        elif entry.dst_pages is not None or entry.state.final:
-            error = entry.error or f"room {room} was already announced"
-            self._reply(peer, link.ROOM_REFUSED, room=room, error=error)
-            return
-        else:
-            entry.peer, entry.dst_pages = peer, dst_pages
-            self.rooms.advance(room, TransferState.WAITING_FOR_INPUT)
         self._reply(peer, link.ROOM_OK, room=room)
+        entry = self.rooms.get(room)
+        assert entry is not None  # announced just now, on this thread
         pending, entry.pending = entry.pending, []
         for chunk in pending:
             if self.rooms.live(room) is not None:
                 self._transmit(entry, chunk)
 
-    def _on_tick(self, now: float) -> None:
-        for entry in self.rooms.expired(now):
-            self._fail(entry.room, f"prefill side: timed out in {entry.state.name}")
-        if now < self._next_heartbeat:
-            return
-        self._next_heartbeat = now + self.rooms.config.heartbeat_interval
+    def _on_expired(self, entry: Room) -> None:
+        self._fail(entry.room, f"prefill side: timed out in {entry.state.name}")
+
+    def _on_heartbeat(self, now: float) -> None:
         for peer, seen in list(self._peers.items()):
             if now - seen > self.rooms.config.heartbeat_timeout:
                 self._drop_peer(peer, f"decode peer {peer} stopped answering")
@@ -234,12 +202,3 @@ class LinkSender(KVSender):
 
     def _reply(self, peer: str, kind: str, **fields: Any) -> None:
         self._router.send_multipart([peer.encode("latin-1"), link.pack(kind, **fields)])
-
-
-def _check_pages(chunk: Chunk, announced: list[int]) -> str | None:
-    if len(chunk.src_pages) != len(chunk.dst_pages):
-        return f"{len(chunk.src_pages)} source pages but {len(chunk.dst_pages)} destination pages"
-    stray = set(chunk.dst_pages) - set(announced)
-    if stray:
-        return f"destination pages {sorted(stray)[:8]} were not announced for this room"
-    return None

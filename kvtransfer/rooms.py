@@ -27,6 +27,31 @@ class Room:
     reported: bool = True  # False: created by the peer; dropped silently unless adopted locally
     held: bool = False  # final, but its result waits until a remote writer has stopped
 
+    @property
+    def unwritten(self) -> int:
+        """Decode side: announced destination pages no chunk has written yet."""
+        return len(self.dst_pages or []) - len(self.received)
+
+    def check_send(self, src_pages: list[int], dst_pages: list[int]) -> str | None:
+        """Prefill side: why a chunk copying ``src_pages`` into ``dst_pages`` may not go out."""
+        if len(src_pages) != len(dst_pages):
+            return f"{len(src_pages)} source pages but {len(dst_pages)} destination pages"
+        stray = set(dst_pages) - set(self.dst_pages or [])
+        if stray:
+            return f"destination pages {sorted(stray)[:8]} were not announced for this room"
+        return None
+
+    def check_landing(self, dst_pages: list[int]) -> str | None:
+        """Decode side: why a chunk may not land in ``dst_pages``."""
+        expected = set(self.dst_pages or [])
+        stray = [p for p in dst_pages if p not in expected]
+        if stray:
+            return f"chunk writes pages {stray[:8]} that were not announced for room {self.room}"
+        again = [p for p in dst_pages if p in self.received]
+        if again:
+            return f"chunk writes pages {again[:8]} of room {self.room} a second time"
+        return None
+
 
 class RoomTable:
     """Thread-safe table of one side's rooms; the single owner of state transitions."""
@@ -86,6 +111,36 @@ class RoomTable:
             return [r for r in self._rooms.values() if r.peer == peer and not r.state.final]
 
     # ---- transitions -------------------------------------------------------------------
+
+    def announce(self, room: int, peer: str, dst_pages: list[int]) -> str | None:
+        """Prefill side: ``peer`` announced ``room`` with its destination pages. Returns why it
+        is refused, or None: the room then waits for input (created unreported if this side
+        has not added it yet, so it is dropped silently unless ``claim`` adopts it)."""
+        with self._cond:
+            entry = self._rooms.get(room)
+            if entry is None:
+                gone = self.failed_recently(room)
+                if gone is not None:  # failed here before the announcement arrived
+                    return gone
+                entry = self.add(room, TransferState.WAITING_FOR_INPUT, reported=False)
+            elif entry.dst_pages is not None or entry.state.final:
+                return entry.error or f"room {room} was already announced"
+            entry.peer, entry.dst_pages = peer, dst_pages
+            self._move(room, TransferState.WAITING_FOR_INPUT)
+            return None
+
+    def land(self, entry: Room, dst_pages: list[int], first_token: int | None) -> str | None:
+        """Decode side: a chunk was written into ``dst_pages``; the last one (``first_token``
+        set) completes the room. Returns why the room must fail instead, or None."""
+        with self._cond:
+            entry.received.update(dst_pages)
+            if first_token is None:
+                self._move(entry.room, TransferState.TRANSFERRING)
+                return None
+            if entry.unwritten:
+                return f"the last chunk left {entry.unwritten} pages unwritten"
+            self._move(entry.room, TransferState.DONE, first_token=first_token)
+            return None
 
     def advance(self, room: int, state: TransferState, first_token: int | None = None) -> bool:
         """Move ``room`` forward to ``state`` (re-arming its timeout). Backward moves, moves out

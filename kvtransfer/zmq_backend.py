@@ -10,48 +10,20 @@ stream, ordered after the forward that wrote the pages by an event recorded at `
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import zmq
 
-from kvtransfer.base import KVLayout, TransferConfig
-from kvtransfer.kernels import PagedCaches, page_ops_for
+from kvtransfer.kernels import DeviceLane, PagedCaches
 from kvtransfer.link_receiver import LinkReceiver
 from kvtransfer.link_sender import Chunk, LinkSender
 
 
-class _DeviceLane:
-    """Where a backend's device work runs: its own CUDA stream, or inline on CPU."""
-
-    def __init__(self, pool: PagedCaches) -> None:
-        self.pool = pool
-        self.ops = page_ops_for(pool.device)
-        self.stream = torch.cuda.Stream(pool.device) if pool.device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def running(self, after: torch.cuda.Event | None = None) -> Iterator[None]:
-        """Run the body's device work on this lane (after ``after``) and wait for it."""
-        if self.stream is None:
-            yield
-            return
-        with torch.cuda.device(self.pool.device), torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
-            yield
-        self.stream.synchronize()
-
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        """A host byte buffer; pinned (from torch's caching host allocator) next to a GPU."""
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
-
-
 class ZmqSenderMover:
     def __init__(self, pool: PagedCaches) -> None:
-        self._lane = _DeviceLane(pool)
+        self._lane = DeviceLane(pool)
 
     def open_peer(self, peer: str, extra: dict[str, Any]) -> None:
         pass
@@ -78,7 +50,7 @@ class ZmqReceiverMover:
     remote_writes = False
 
     def __init__(self, pool: PagedCaches) -> None:
-        self._lane = _DeviceLane(pool)
+        self._lane = DeviceLane(pool)
 
     def registration(self) -> dict[str, Any]:
         return {}
@@ -104,26 +76,10 @@ class ZmqSender(LinkSender):
     """Prefill side of the zmq backend; ``address`` is ``tcp://host:port`` or ``ipc://path``
     (``tcp://host:*`` picks a free port; read the bound one from ``.address``)."""
 
-    def __init__(
-        self,
-        layout: KVLayout,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        address: str,
-        config: TransferConfig | None = None,
-    ) -> None:
-        super().__init__(layout, k_caches, v_caches, address, ZmqSenderMover, config)
+    mover_class = ZmqSenderMover
 
 
 class ZmqReceiver(LinkReceiver):
     """Decode side of the zmq backend."""
 
-    def __init__(
-        self,
-        layout: KVLayout,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        config: TransferConfig | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(layout, k_caches, v_caches, ZmqReceiverMover, config, name)
+    mover_class = ZmqReceiverMover

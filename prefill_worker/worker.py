@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -150,11 +150,10 @@ def start_prefill(cfg: WorkerConfig) -> tuple[Worker, KVSender]:
         address=transfer_address(cfg),
         config=transfer_config(cfg.args),
     )
-    assert isinstance(sender, KVSender)
-    return worker, sender
+    return worker, cast(KVSender, sender)
 
 
-def test_send_delay(name: str) -> float:
+def send_delay_for_tests(name: str) -> float:
     """The send delay the test hook asks for (``PDSERVE_TEST_KV_SEND_DELAY_S``); 0 without it."""
     delay = float(os.environ.get(SEND_DELAY_ENV, "0") or 0)
     if delay > 0:
@@ -168,7 +167,7 @@ def run_prefill_worker(cfg: WorkerConfig) -> None:
     with worker_process(cfg) as proc:
         worker, sender = proc.start(lambda: start_prefill(cfg))
         sender = proc.closing(sender)
-        if delay := test_send_delay(cfg.name):
+        if delay := send_delay_for_tests(cfg.name):
             sender = proc.closing(DelayedSender(sender, delay))
         proc.closing(ResultForwarder(proc.ctx, cfg.addrs.result_addr, sender))
         proc.announce_ready(worker.ready_message(TransferEndpoint(cfg.args.transfer_backend, sender.address)))

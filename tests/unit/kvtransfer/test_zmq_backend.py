@@ -201,8 +201,12 @@ class RemoteWriterMover:
         pass
 
 
+class RemoteWriterReceiver(LinkReceiver):
+    mover_class = RemoteWriterMover
+
+
 def test_with_a_remote_writer_an_abort_is_reported_after_its_ack(raw: RawPrefill) -> None:
-    receiver = LinkReceiver(layout("zmq"), *pool(), RemoteWriterMover, config=QUIET_PEER)
+    receiver = RemoteWriterReceiver(layout("zmq"), *pool(), config=QUIET_PEER)
     try:
         receiver.expect(1, raw.accept(receiver), [2, 3])
         raw.recv("room")
@@ -220,7 +224,7 @@ def test_with_a_remote_writer_an_abort_is_reported_after_its_ack(raw: RawPrefill
 
 def test_with_a_remote_writer_a_timeout_is_reported_when_the_writer_dies(raw: RawPrefill) -> None:
     config = TransferConfig.uniform(0.2, heartbeat_interval=0.05, heartbeat_timeout=1.0)
-    receiver = LinkReceiver(layout("zmq"), *pool(), RemoteWriterMover, config=config)
+    receiver = RemoteWriterReceiver(layout("zmq"), *pool(), config=config)
     try:
         receiver.expect(1, raw.accept(receiver), [2])
         raw.recv("room")

@@ -1,0 +1,76 @@
+"""What every backend's sender and receiver set up the same way: the worker's own KV pool,
+checked against the layout, and the room table. Each backend adds only its transport, started
+by the ``_bind`` / ``_start`` hook at the end of construction."""
+
+from __future__ import annotations
+
+import uuid
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from kvtransfer.base import KVLayout, KVReceiver, KVSender, TransferConfig, TransferState
+from kvtransfer.kernels import PagedCaches
+from kvtransfer.rooms import RoomTable
+
+
+class _PoolSide:
+    layout: KVLayout
+    pool: PagedCaches
+    rooms: RoomTable
+
+    def _own_pool(
+        self,
+        layout: KVLayout,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        config: TransferConfig | None,
+    ) -> None:
+        """Check the pool (per-layer ``k_caches`` / ``v_caches``) against ``layout``; keep it."""
+        layout.check_caches(k_caches, v_caches)
+        self.layout = layout
+        self.pool = PagedCaches(k_caches, v_caches)
+        self.rooms = RoomTable(config or TransferConfig())
+
+
+class PoolSender(_PoolSide, KVSender):
+    """A prefill side over this worker's KV pool."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        address: str,
+        config: TransferConfig | None = None,
+    ) -> None:
+        self._own_pool(layout, k_caches, v_caches, config)
+        self.address = self._bind(address)
+
+    @abstractmethod
+    def _bind(self, address: str) -> str:
+        """Start the transport at ``address``; returns the address decode sides reach us at."""
+
+    def add_room(self, room: int) -> None:
+        self.rooms.claim(room, TransferState.BOOTSTRAPPING)
+
+
+class PoolReceiver(_PoolSide, KVReceiver):
+    """A decode side over this worker's KV pool; ``name`` identifies it to its prefill peers."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        config: TransferConfig | None = None,
+        name: str | None = None,
+    ) -> None:
+        self._own_pool(layout, k_caches, v_caches, config)
+        self.name = name or f"decode-{uuid.uuid4().hex[:12]}"
+        self._start()
+
+    @abstractmethod
+    def _start(self) -> None:
+        """Start the transport (no peer yet: ``register`` connects to them)."""
