@@ -15,5 +15,6 @@ until grep -q "pdserve ready" "$log"; do
   sleep 0.5
 done
 grep "pdserve ready" "$log"
+echo "(the embedded model has random weights, so its answer is gibberish; the pipeline is real)"
 .venv/bin/python -m tokenizer_proc.cli --addr "tcp://127.0.0.1:$PORT" --max-new-tokens 48 \
   --temperature 0.8 --seed 1 "$PROMPT"
