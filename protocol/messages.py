@@ -215,6 +215,7 @@ class RequestFailed(Message):
     rid: str
     code: str
     message: str
+    role: str = ""  # of the sending instance: "unified" | "prefill" | "decode"
 
 
 @dataclass

@@ -10,10 +10,11 @@ until it fits this instance's KV budget with decode headroom reserved. Admission
 radix cache (page-aligned), allocates destination pages for the rest of the prompt, has the
 worker expect the room (``KVExpect``) and tells the prefill instance ``RoomDest``; the request
 is ``transferring``. When the worker reports the room done with the first token, the request
-joins the running batch: the first token is streamed, the worker's future-token map is seeded
-with it (``NewReq.next_token``) and it decodes like any running request. A decode request
-retracted for memory resumes with a local prefill of its tokens (the decode worker is a full
-engine worker), exactly as in the unified role.
+is *ready*; it joins the running batch at a step whose decodes leave room for its first decode
+page (so a step never retracts a request it just joined): the first token is streamed, the
+worker's future-token map is seeded with it (``NewReq.next_token``) and it decodes like any
+running request. A decode request retracted for memory resumes with a local prefill of its
+tokens (the decode worker is a full engine worker), exactly as in the unified role.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from protocol.messages import (
     RegisterDecode,
     RegisterKVPeer,
     RegisterReply,
+    ReqOutput,
     RequestFailed,
     RoomAbort,
     RoomDest,
@@ -51,7 +53,6 @@ from scheduler_proc.request import ReqState, Request
 logger = logging.getLogger(__name__)
 
 REGISTERING = "registering"
-TRANSFER_GUARD_FACTOR = 2  # the data plane times out first; this only catches a room it never reports
 
 
 @dataclass
@@ -141,8 +142,9 @@ class DecodeCore(DisaggCore):
         message = f"prefill instance {peer.addr} stopped answering ({why})"
         logger.warning("%s: failing its pending and transferring requests", message)
         peer.state = CONNECTING  # registers again if it comes back
+        queued = set(self.transfer_queue)
         for req in self._requests_of(peer.addr):
-            if req.state in (ReqState.PENDING, ReqState.TRANSFERRING) and not self._is_ready(req):
+            if req in queued or (req.state is ReqState.TRANSFERRING and not self._is_ready(req)):
                 self._fail(req, PEER_UNAVAILABLE, message, tell_peer=False)
 
     # ---------------------------------------------------------------------------- requests
@@ -163,7 +165,8 @@ class DecodeCore(DisaggCore):
             assert isinstance(failed, RequestFailed)
             self._tell_abort(msg.prefill_addr, msg.room, msg.rid, failed.code, failed.message)
             return
-        self.waiting.remove(req)
+        queued = self.waiting.pop()  # just queued by the common path; it waits for its transfer
+        assert queued is req
         self.transfer_queue.append(req)
         self.rooms[msg.room] = req
         self.links[msg.room] = RoomLink(peer=msg.prefill_addr, since=self.clock())
@@ -182,7 +185,15 @@ class DecodeCore(DisaggCore):
         return None
 
     def _on_peer_abort(self, req: Request, msg: RoomAbort) -> None:
+        if self._transferred(req):  # a late failure of the prefill side no longer concerns it
+            logger.info(
+                "rid=%s room=%s: prefill side ended after the transfer: %s", req.rid, req.room, msg.message
+            )
+            return
         self._fail(req, msg.code, f"prefill instance {msg.addr}: {msg.message}", tell_peer=False)
+
+    def _transferred(self, req: Request) -> bool:
+        return req.state is ReqState.DECODING or bool(req.output_ids) or self._is_ready(req)
 
     def _on_transfer_result(self, req: Request, msg: TransferResult) -> None:
         if msg.ok and msg.first_token is not None:
@@ -229,36 +240,91 @@ class DecodeCore(DisaggCore):
     def _has_room(self) -> bool:
         return self.num_running < self.max_running and self.pool.slots.num_free > self._slot_debt
 
+    def queued_requests(self) -> int:
+        """Requests not started yet: waiting for destination pages, or retracted."""
+        return len(self.transfer_queue) + len(self.waiting)
+
     # ---------------------------------------------------------------------------- steps
 
     def _fill_step(self, step: StepBuilder) -> None:
-        self._join_ready(step)
-        self._schedule_decodes(step)
+        if self._join_and_decode(step) and not step.batch.decode_slots:
+            self._join_and_decode(step)  # retraction emptied the batch and gave pages back: join now
         self._schedule_prefills(step)  # retracted requests resume with a local prefill
         self._admit_transfers()
 
-    def _join_ready(self, step: StepBuilder) -> None:
-        now, waiting, outputs = self.clock(), [], []
+    def _join_and_decode(self, step: StepBuilder) -> bool:
+        """Join what fits, then schedule the running decodes; True if that retracted any."""
+        released_before = len(self._released)
+        joined = self._join_ready(step)
+        self._schedule_decodes(step)
+        retracted = self._released[released_before:]
+        assert not joined.intersection(retracted), "a request was retracted in the step it joined"
+        return bool(retracted)
+
+    def _join_ready(self, step: StepBuilder) -> set[int]:
+        """Move ready requests into the running batch while this step's decodes leave room for
+        their first decode page; the others stay ready, holding their pages but no slot.
+        Returns the slots the joined requests took."""
+        if not self.ready:
+            return set()
+        now, still, outputs, joined = self.clock(), [], [], set()
+        spare = self.pool.available_pages() - self._decode_pages_needed()
         for entry in self.ready:
             if not self._may_join(entry, now):
-                waiting.append(entry)
-                continue
-            req, token = entry.req, entry.first_token
-            req.transition(ReqState.DECODING)
-            req.kv_len = len(req.prompt)
-            req.scheduled_outputs = 1
-            self.running.append(req)
-            logprob = self.first_logprobs.pop(entry.room, None)
-            outputs.append(self._emit_token(req, token, logprob))
-            if not req.live:  # the first token ended it: it never takes a worker slot
-                continue
+                still.append(entry)
+            elif (need := self._first_page_need(entry.req)) <= spare:
+                spare -= need
+                outputs.append(self._join(entry, step, joined))
+            elif self._stalled():
+                outputs.append(self._spill(entry))
+                spare = self.pool.available_pages() - self._decode_pages_needed()
+            else:
+                still.append(entry)
+        self.ready = still
+        if outputs:
+            self._outbox.append(BatchOutput(outputs=outputs))
+        return joined
+
+    def _decode_pages_needed(self) -> int:
+        return sum(self._needs_page(r) for r in self.running if r.remaining_new_tokens > 0)
+
+    def _first_page_need(self, req: Request) -> int:
+        """Pages its first decode takes (the first token's KV), unless that token is its last."""
+        fills_row = len(req.prompt) >= len(req.res.row) * self.page_size
+        return int(fills_row and req.sampling.max_new_tokens > 1)
+
+    def _stalled(self) -> bool:
+        """Nothing that would free pages runs or drains: only ready or transferring requests hold them."""
+        return not self.running and self.chunked_req is None and not self.draining
+
+    def _start_decoding(self, entry: Transferred) -> ReqOutput:
+        """``entry`` joins the running batch and streams its first token."""
+        req = entry.req
+        req.transition(ReqState.DECODING)
+        req.kv_len = len(req.prompt)
+        req.scheduled_outputs = 1
+        self.running.append(req)
+        return self._emit_token(req, entry.first_token, self.first_logprobs.pop(entry.room, None))
+
+    def _join(self, entry: Transferred, step: StepBuilder, joined: set[int]) -> ReqOutput:
+        out = self._start_decoding(entry)
+        req = entry.req
+        if req.live:  # unless the first token ended it, it takes a worker slot
             (req.res.slot,) = self.pool.slots.alloc(1) or (None,)
             assert req.res.slot is not None, "admission kept a slot for every transferring request"
             step.add_new(req)
-            step.batch.new_reqs[-1].next_token = token
-        self.ready = waiting
-        if outputs:
-            self._outbox.append(BatchOutput(outputs=outputs))
+            step.batch.new_reqs[-1].next_token = entry.first_token
+            joined.add(req.res.slot)
+        return out
+
+    def _spill(self, entry: Transferred) -> ReqOutput:
+        """Nothing else can free pages and ``entry``'s first decode page does not fit: it streams
+        its first token and is retracted before taking a slot (its prompt's KV enters the prefix
+        cache), so the next ready request can join; it resumes with a local prefill."""
+        out = self._start_decoding(entry)
+        if entry.req.live:
+            self._retract(entry.req)
+        return out
 
     def _may_join(self, entry: Transferred, now: float) -> bool:
         req = entry.req
@@ -275,9 +341,9 @@ class DecodeCore(DisaggCore):
         if not self.transfer_queue or not self._has_room():
             return
         self._sort_waiting(self.transfer_queue, self.pool.cache)
-        holders = self._admitted() + [r for r in self.rooms.values() if r.state is ReqState.TRANSFERRING]
+        holders = self._admitted() + list(self.open_rooms.values()) + [t.req for t in self.ready]
         reserved = sum(pages_to_finish(r, len(r.res.row), self.pool, self.new_token_ratio) for r in holders)
-        admitted = []
+        admitted: set[Request] = set()
         for req in self.transfer_queue:
             if not self._has_room():
                 break
@@ -285,8 +351,9 @@ class DecodeCore(DisaggCore):
             if need is None:
                 break
             reserved += need
-            admitted.append(req)
-        self.transfer_queue = [r for r in self.transfer_queue if r not in admitted]
+            admitted.add(req)
+        if admitted:
+            self.transfer_queue = [r for r in self.transfer_queue if r not in admitted]
 
     def _try_admit_transfer(self, req: Request, reserved: int) -> int | None:
         """Admit ``req``: destination pages, the worker's expect, the prefill side's RoomDest.
@@ -315,9 +382,3 @@ class DecodeCore(DisaggCore):
             "rid=%s room=%d: %d destination pages, %d tokens cached", req.rid, req.room, len(pages), prefix
         )
         return need - len(pages)
-
-    def _expire(self, now: float) -> None:
-        limit = TRANSFER_GUARD_FACTOR * self.args.transfer_timeout + self.args.heartbeat_timeout
-        for room, req in list(self.open_rooms.items()):
-            if now - self.links[room].since > limit:
-                self._fail(req, TRANSFER_FAILED, f"room {room}: no transfer result within {limit:g} s")

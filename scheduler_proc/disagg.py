@@ -7,6 +7,8 @@
   decode: the expect), the worker's KV transfer may read or write the request's pages until it
   reports the room's ``TransferResult``. A request that ends before that is *draining*: its
   room is aborted in the next step and its pages return only with the worker's result.
+  The data plane reports every room it opened within its own timeouts; a guard well past them
+  catches a room it never reports: the request fails (if still live) and its pages return.
 - **Peers.** Registered prefill/decode instances exchange ``PeerHeartbeat``; one silent for
   ``heartbeat_timeout`` is dead and the requests paired with it fail with ``peer_unavailable``.
 - **Steps.** A step may carry only data-plane deltas (aborts, expects); it is sent like any
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from protocol.config import SchedulerConfig, ServerArgs
 from protocol.messages import (
     PROTOCOL_VERSION,
+    TRANSFER_FAILED,
     KVExpect,
     Message,
     PeerHeartbeat,
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 ROOM_MEMORY_S = 120.0  # how long an ended room is remembered (duplicates refused, late messages ignored)
 REGISTERED = "registered"
 CONNECTING = "connecting"
+TRANSFER_GUARD_FACTOR = 2  # the data plane times out first; the guard only catches a room it never reports
 
 # The fields a (decode, prefill) pair must agree on, in the order they are checked.
 MATCHED_FIELDS = (
@@ -110,6 +114,15 @@ class RoomLink:
     opened: bool = False  # the worker opened the room on the data plane
 
 
+@dataclass
+class Draining:
+    """An ended request whose room the worker still holds open: its pages wait for the report."""
+
+    req: Request
+    cache: bool  # cache its KV when the pages return
+    since: float
+
+
 class DisaggCore(SchedulerCore):
     @classmethod
     def from_config(cls, cfg: SchedulerConfig, worker: WorkerReady) -> SchedulerCore:
@@ -126,7 +139,7 @@ class DisaggCore(SchedulerCore):
         self.links: dict[int, RoomLink] = {}
         self.recent_rooms: dict[int, tuple[float, str]] = {}  # ended room -> (forget at, how it ended)
         self.open_rooms: dict[int, Request] = {}  # live rooms the worker holds open
-        self.draining: dict[int, tuple[Request, bool]] = {}  # ended, room still open: (req, cache)
+        self.draining: dict[int, Draining] = {}  # ended, room still open on the data plane
         self.peers: dict[str, PeerLink] = {}
         self._abort_rooms: list[int] = []
         self._expects: list[KVExpect] = []
@@ -143,7 +156,7 @@ class DisaggCore(SchedulerCore):
 
     def _refuse(self, rid: str, code: str, message: str) -> None:
         logger.info("rid=%s refused (%s): %s", rid, code, message)
-        self._outbox.append(RequestFailed(rid=rid, code=code, message=message))
+        self._outbox.append(RequestFailed(rid=rid, code=code, message=message, role=self.role))
 
     def _fail(self, req: Request, code: str, message: str, tell_peer: bool = True) -> None:
         """End ``req`` as failed: one ``RequestFailed`` to the front end, and (unless the failure
@@ -151,7 +164,7 @@ class DisaggCore(SchedulerCore):
         link = self.links.get(req.room) if req.room is not None else None
         logger.warning("rid=%s room=%s failed (%s): %s", req.rid, req.room, code, message)
         self._end(req, ReqState.FAILED)
-        self._outbox.append(RequestFailed(rid=req.rid, code=code, message=message))
+        self._outbox.append(RequestFailed(rid=req.rid, code=code, message=message, role=self.role))
         if tell_peer and link is not None and link.peer:
             self._tell_abort(link.peer, req.room, req.rid, code, message)  # type: ignore[arg-type]
 
@@ -173,7 +186,7 @@ class DisaggCore(SchedulerCore):
         room = req.room
         if room is not None and self.open_rooms.get(room) is req:
             del self.open_rooms[room]
-            self.draining[room] = (req, cache)
+            self.draining[room] = Draining(req, cache, self.clock())
             self._abort_rooms.append(room)
             logger.debug("rid=%s room=%d: pages held until the worker closes the room", req.rid, room)
             return
@@ -186,9 +199,8 @@ class DisaggCore(SchedulerCore):
             return self._on_worker_event(msg)
         drained = self.draining.pop(msg.room, None)
         if drained is not None:
-            req, cache = drained
-            self._release(req, cache)
-            logger.debug("rid=%s room=%d: pages released after the room closed", req.rid, msg.room)
+            self._release(drained.req, drained.cache)
+            logger.debug("rid=%s room=%d: pages released after the room closed", drained.req.rid, msg.room)
             return True
         req = self.open_rooms.pop(msg.room, None)
         if req is None:
@@ -268,7 +280,28 @@ class DisaggCore(SchedulerCore):
                 self._peer_outbox.append((peer.addr, beat))
         self._on_beat()
         self._expire(now)
+        self._guard_rooms(now)
         self._forget_rooms(now)
+
+    def _guard_rooms(self, now: float) -> None:
+        """Rooms the worker never reported, long after every data-plane timeout passed: a live
+        request fails, and the pages of either come back (the worker is told to drop the room)."""
+        limit = TRANSFER_GUARD_FACTOR * self.args.transfer_timeout + self.args.heartbeat_timeout
+        for room, req in list(self.open_rooms.items()):
+            if req.state is ReqState.TRANSFERRING and now - self.links[room].since > limit:
+                del self.open_rooms[room]  # so that ending it releases the pages at once
+                self._abort_rooms.append(room)
+                self._fail(req, TRANSFER_FAILED, f"room {room}: no transfer result within {limit:g} s")
+        for room, drain in list(self.draining.items()):
+            if now - drain.since > limit:
+                del self.draining[room]
+                logger.warning(
+                    "rid=%s room=%d: no report of the aborted room within %g s; pages released",
+                    drain.req.rid,
+                    room,
+                    limit,
+                )
+                self._release(drain.req, drain.cache)
 
     def _forget_rooms(self, now: float) -> None:
         """Drop ended rooms past their memory (oldest first: the dict is in end order)."""
@@ -285,7 +318,7 @@ class DisaggCore(SchedulerCore):
         raise NotImplementedError
 
     def _expire(self, now: float) -> None:
-        """Fail requests whose wait (a non-final transfer state) exceeded its timeout."""
+        """Role-specific timeouts of waits the data plane does not cover."""
 
     def _requests_of(self, peer: str) -> list[Request]:
         return [self.rooms[r] for r, link in self.links.items() if link.peer == peer and r in self.rooms]

@@ -77,7 +77,8 @@ class PrefillCore(DisaggCore):
             self._refuse_early_dest(msg.room, failed.code, failed.message)
             return
         with_max_new_tokens(req, 1)  # this side samples the first token only
-        self.waiting.remove(req)
+        queued = self.waiting.pop()  # just queued by the common path; it waits for its destination
+        assert queued is req
         self.rooms[msg.room] = req
         self.links[msg.room] = RoomLink(since=self.clock())
         self.awaiting[msg.room] = req
@@ -203,6 +204,10 @@ class PrefillCore(DisaggCore):
 
     # ---------------------------------------------------------------------------- scheduling
 
+    def queued_requests(self) -> int:
+        """Requests not started yet: waiting for their destination, or for a prefill slot."""
+        return len(self.awaiting) + len(self.waiting)
+
     def _detach(self, req: Request) -> None:
         if req.room is not None and self.awaiting.get(req.room) is req:
             del self.awaiting[req.room]
@@ -269,13 +274,11 @@ class PrefillCore(DisaggCore):
         )
 
     def _expire(self, now: float) -> None:
+        """A destination whose request never came is dropped (and its decode side told). A request
+        waiting for its destination has no timeout: it may queue on a busy decode instance for
+        long, holding no pages; if that instance dies, the front end aborts it here."""
         self.refused_rooms = {r: v for r, v in self.refused_rooms.items() if v[0] > now}
         timeout = self.args.transfer_timeout
-        for room, req in list(self.awaiting.items()):
-            if now - self.links[room].since > timeout:
-                self._fail(
-                    req, TRANSFER_FAILED, f"no destination from the decode instance within {timeout:g} s"
-                )
         for room, (dest, since) in list(self.early_dests.items()):
             if now - since > timeout:
                 del self.early_dests[room]

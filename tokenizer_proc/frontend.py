@@ -339,6 +339,11 @@ class Frontend:
         req = self._requests.get(msg.rid)
         if req is None:
             return
+        if msg.role == "prefill" and req.streaming:
+            # The decode side already holds the whole KV cache and streams: a late prefill-side
+            # failure (e.g. a lost acknowledgement) must not end the request.
+            log.info("rid=%s: ignored a late prefill-side failure: %s", req.rid, msg.message)
+            return
         log.warning(
             "rid=%s (client rid %s, %s) failed: %s: %s",
             req.rid,

@@ -239,7 +239,14 @@ class FakePrefill(FakeInstance):
 
     role: str = "prefill"
     fail: tuple[str, str] | None = None
+    late_fail: tuple[str, str] | None = None  # sent for every held request at each status query
     _held: dict[str, TokenizedRequest] = field(default_factory=dict)
+
+    def _handle(self, push: zmq.Socket, msg: Message) -> None:
+        if isinstance(msg, StatusQuery) and self.late_fail is not None:
+            for rid in self._held:
+                transport.send(push, RequestFailed(rid, *self.late_fail, role="prefill"))
+        super()._handle(push, msg)
 
     def _admit(self, push: zmq.Socket, msg: TokenizedRequest) -> None:
         if self.fail is None:

@@ -149,6 +149,19 @@ def test_prefill_failure_reaches_the_client_once_and_aborts_decode(make_pd):
         assert client.next_message(timeout=0.1) is None  # decode's abort answer is dropped
 
 
+def test_late_prefill_failure_does_not_end_a_request_the_decode_side_streams(make_pd):
+    dep = make_pd(prefill=[{"late_fail": (TRANSFER_FAILED, "the acknowledgement was lost")}])
+    (decode,) = dep.decodes
+    with dep.client() as client:
+        rid = client.submit("x", stream=True, max_new_tokens=10, ignore_eos=True)
+        assert not client.next_message(timeout=5)["finished"]
+        decode.generating.clear()
+        client.status()  # the prefill fake sends its late failure first, on the same socket
+        decode.generating.set()
+        out = client.result(rid)
+    assert out["finish_reason"] == "length"
+
+
 def test_dead_decode_fails_its_requests_and_new_ones_go_to_the_live_one(make_pd):
     dep = make_pd(prefill=[{}], decode=[{}, {}], routing_policy="round_robin")
     (prefill,), (d0, d1) = dep.prefills, dep.decodes
