@@ -76,8 +76,9 @@ class SchedulerCore:
         error = check_request(msg, self)
         if error is not None:
             code, text = error
-            logger.info("rid=%s rejected (%s): %s", msg.rid, code, text)
-            self._outbox.append(RequestFailed(rid=msg.rid, code=code, message=text))
+            logger.info("rid=%r rejected (%s): %s", msg.rid, code, text)
+            if isinstance(msg.rid, str):  # else no front end could match the answer to a request
+                self._outbox.append(RequestFailed(rid=msg.rid, code=code, message=text))
             return
         req = Request.from_message(msg, self._next_seq)
         self._next_seq += 1
@@ -161,6 +162,10 @@ class SchedulerCore:
     def num_running(self) -> int:
         return len(self.running) + (self.chunked_req is not None)
 
+    def queued_requests(self) -> int:
+        """Requests queued here and not yet admitted (what ``--max-queued-requests`` bounds)."""
+        return len(self.waiting)
+
     @property
     def queued_tokens(self) -> int:
         return sum(r.num_tokens for r in self.waiting)
@@ -211,12 +216,13 @@ class SchedulerCore:
         if not decoders:
             return
         self._retract_until_decodes_fit(decoders)
+        needy = [r for r in decoders if self._needs_page(r)]
+        pages = self.pool.alloc_pages(len(needy))  # one allocation (and eviction) for the step
+        assert pages is not None, "retraction left room for every decode"
+        for req, page in zip(needy, pages, strict=True):
+            req.res.append_pages([page])
+            step.add_pages(req, [page])
         for req in decoders:
-            if self._needs_page(req):
-                pages = self.pool.alloc_pages(1)
-                assert pages is not None, "retraction left room for every decode"
-                req.res.append_pages(pages)
-                step.add_pages(req, pages)
             step.add_decode(req, req.kv_len)
             req.kv_len += 1
             req.scheduled_outputs += 1
@@ -263,10 +269,10 @@ class SchedulerCore:
         )
         if self.chunked_req is not None:
             self._continue_chunked(self.chunked_req, step, budget)
-        budget.reserved_pages = sum(
-            pages_to_finish(r, len(r.res.row), self.pool, self.new_token_ratio) for r in self._admitted()
-        )
-        if self.waiting:
+        if self.waiting and self._has_room():
+            budget.reserved_pages = sum(
+                pages_to_finish(r, len(r.res.row), self.pool, self.new_token_ratio) for r in self._admitted()
+            )
             self._admit_waiting(step, budget)
 
     def _admitted(self) -> list[Request]:
@@ -286,8 +292,6 @@ class SchedulerCore:
         self._schedule_chunk(req, chunk, step)
 
     def _admit_waiting(self, step: StepBuilder, budget: PrefillBudget) -> None:
-        if not self._has_room():
-            return
         self._sort_waiting(self.waiting, self.pool.cache)
         admitted = set()
         for req in self.waiting:
@@ -305,7 +309,8 @@ class SchedulerCore:
         return self.num_running < self.max_running and self.pool.slots.num_free > 0
 
     def _try_admit(self, req: Request, step: StepBuilder, budget: PrefillBudget) -> bool:
-        match = self.pool.cache.match_prefix(req.tokens[: req.num_tokens - 1])  # ≥ 1 token to compute
+        # ≥ 1 token to compute; a blocked head request is tried every step, so its match is memoized
+        match = self.pool.match_prefix_of(req, req.num_tokens - 1, lambda: req.tokens[: req.num_tokens - 1])
         prefix_len = len(match.pages) * self.page_size
         extend_len = req.num_tokens - prefix_len
         if step.has_prefill and self.pool.pages_for(extend_len) * self.page_size > budget.input_tokens:

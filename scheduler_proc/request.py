@@ -72,6 +72,10 @@ class Request:
     sent_first_output: bool = False
     stop_ids: frozenset[int] = frozenset()
     room: int | None = None  # disaggregation: the pairing id minted by the front end
+    priority_order: tuple[int, int] = field(init=False)  # sort key of the priority policy
+
+    def __post_init__(self) -> None:
+        self.priority_order = (-self.priority, self.seq)
 
     @classmethod
     def from_message(cls, msg: TokenizedRequest, seq: int) -> Request:

@@ -2,7 +2,18 @@
 ``SchedulerCore``.
 
 Sockets: PULL ``input_addr`` (front ends and peers), PULL ``result_addr`` (worker → scheduler),
-PUSH ``step_addr`` (scheduler → worker), and one PUSH per attached front end.
+PUSH ``step_addr`` (scheduler → worker), one PUSH per attached front end, per peer instance and
+per recent ``StatusQuery.reply_to`` address (at most ``MAX_REPLY_TO_SOCKETS`` of those).
+
+Front ends: messages carry no sender, so an instance cannot tell which front end a request came
+from. Outputs, failures and status reports therefore go to every attached front end: internal
+request ids are unique across front ends (each mints them under its own random prefix) and a
+front end drops outputs and failures of rids it does not know, so each reply reaches the front
+end that owns the request. One front end per instance is the intended deployment; a second one
+is logged as an error (every reply is then sent to each).
+
+A message from a front end or a peer that makes a handler raise is logged and, when it names a
+request id, answered with ``RequestFailed(INVALID_REQUEST)``; the instance keeps serving.
 
 Overlap: up to two steps are in flight, so while the worker runs step N the scheduler has
 already formed and sent step N+1; then it processes N's result. With
@@ -13,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 
 import zmq
 
@@ -20,12 +32,14 @@ from protocol import transport
 from protocol.config import SchedulerConfig
 from protocol.messages import (
     INTERNAL,
+    INVALID_REQUEST,
     SHUTTING_DOWN,
     AbortRequest,
     AttachFrontend,
     Heartbeat,
     Message,
     ProtocolError,
+    RequestFailed,
     Shutdown,
     StatusQuery,
     StatusReport,
@@ -34,6 +48,7 @@ from protocol.messages import (
     WorkerFailed,
     WorkerReady,
     decode,
+    encode,
 )
 from scheduler_proc.core import SchedulerCore
 from scheduler_proc.decode_mode import DecodeCore
@@ -42,6 +57,7 @@ from scheduler_proc.prefill_mode import PrefillCore
 logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 600.0
+MAX_REPLY_TO_SOCKETS = 16  # status reply_to addresses kept connected (least recently used closed)
 
 CORES: dict[str, type[SchedulerCore]] = {
     "unified": SchedulerCore,
@@ -81,7 +97,7 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
         try:
             loop.run()
         finally:
-            sockets += [*loop.frontends.values(), *loop.peers.values()]
+            sockets += [*loop.frontends.values(), *loop.peers.values(), *loop.reply_to.values()]
     finally:
         for sock in sockets:
             sock.close()
@@ -130,9 +146,9 @@ class _Loop:
         self.model = ready.model
         self.ctx = ctx
         self.inputs, self.results, self.steps = inputs, results, steps
-        self.frontends: dict[str, zmq.Socket] = {}
-        self.peers: dict[str, zmq.Socket] = {}  # PUSH to peer instances and status reply_to addresses
-        self.reply_to: zmq.Socket | None = None  # the most recently attached front end
+        self.frontends: dict[str, zmq.Socket] = {}  # in attach order
+        self.peers: dict[str, zmq.Socket] = {}  # PUSH to peer instances
+        self.reply_to: OrderedDict[str, zmq.Socket] = OrderedDict()  # status reply_to addresses, LRU
         self.max_inflight = 1 if cfg.args.disable_overlap_schedule else 2
         self.heartbeat_interval = cfg.args.heartbeat_interval
         self.running = True
@@ -151,7 +167,7 @@ class _Loop:
                     self._on_worker_message(msg)
             if self.inputs in events:
                 for msg in _recv_valid(self.inputs, self.cfg.name):
-                    self._on_input(msg)
+                    self._on_input_guarded(msg)
             self.core.tick(time.monotonic())
             self._flush()
             if time.monotonic() >= next_heartbeat:
@@ -178,6 +194,18 @@ class _Loop:
         if not self.core.on_worker_message(msg):
             logger.error("%s: unexpected %s from the worker; ignored", self.cfg.name, msg.TYPE)
 
+    def _on_input_guarded(self, msg: Message) -> None:
+        """``_on_input``, but a message that makes a handler raise (a frame the codec accepts can
+        still carry fields of the wrong type) costs only that message, never the instance."""
+        try:
+            self._on_input(msg)
+        except Exception as e:  # noqa: BLE001 - logged with its traceback; serving goes on
+            rid = getattr(msg, "rid", None)
+            logger.exception("%s: rid=%r: %s could not be handled; dropped", self.cfg.name, rid, msg.TYPE)
+            if isinstance(rid, str):
+                text = f"the instance could not handle this {msg.TYPE}: {type(e).__name__}: {e}"
+                self._reply(RequestFailed(rid=rid, code=INVALID_REQUEST, message=text))
+
     def _on_input(self, msg: Message) -> None:
         if isinstance(msg, TokenizedRequest):
             self.core.on_request(msg)
@@ -186,7 +214,7 @@ class _Loop:
         elif isinstance(msg, StatusQuery):
             report = StatusReport(qid=msg.qid, status=self.core.status())
             if msg.reply_to:
-                transport.send(self._peer(msg.reply_to), report)
+                transport.send(self._reply_to(msg.reply_to), report)
             else:
                 self._reply(report)
         elif isinstance(msg, AttachFrontend):
@@ -206,13 +234,13 @@ class _Loop:
             self.frontends[addr] = sock
             logger.info("%s: front end attached at %s", self.cfg.name, addr)
             if len(self.frontends) > 1:
-                logger.warning(
-                    "%s: %d front ends attached; replies go to the most recent (%s)",
+                logger.error(
+                    "%s: another front end attached at %s while %s is attached; an instance is meant "
+                    "to serve one front end: every reply now goes to each of them",
                     self.cfg.name,
-                    len(self.frontends),
                     addr,
+                    ", ".join(a for a in self.frontends if a != addr),
                 )
-        self.reply_to = sock
         transport.send(sock, self._heartbeat())
 
     def _heartbeat(self) -> Heartbeat:
@@ -234,15 +262,31 @@ class _Loop:
                 transport.send(sock, beat)
 
     def _reply(self, msg: Message) -> None:
-        if self.reply_to is None:
+        if not self.frontends:
             logger.warning("%s: no front end attached; %s dropped", self.cfg.name, msg.TYPE)
             return
-        transport.send(self.reply_to, msg)
+        frame = encode(msg)
+        for sock in self.frontends.values():
+            sock.send(frame, copy=False)
 
     def _peer(self, addr: str) -> zmq.Socket:
         sock = self.peers.get(addr)
         if sock is None:
             sock = self.peers[addr] = transport.connect(self.ctx, zmq.PUSH, addr)
+        return sock
+
+    def _reply_to(self, addr: str) -> zmq.Socket:
+        """The socket to a status ``reply_to`` address; the least recently used of more than
+        ``MAX_REPLY_TO_SOCKETS`` is closed, so callers that each use a fresh address cannot
+        make the instance hold sockets without bound."""
+        sock = self.reply_to.get(addr)
+        if sock is not None:
+            self.reply_to.move_to_end(addr)
+            return sock
+        sock = self.reply_to[addr] = transport.connect(self.ctx, zmq.PUSH, addr)
+        if len(self.reply_to) > MAX_REPLY_TO_SOCKETS:
+            _, oldest = self.reply_to.popitem(last=False)
+            oldest.close()
         return sock
 
     def _flush(self) -> None:

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from scheduler_proc.memory import PageAllocator
@@ -110,3 +112,61 @@ def test_disabled_cache_takes_nothing():
     assert cache.match_prefix([1] * 8).pages == []
     assert cache.insert([1] * 8, [5, 6]).cached_before == 2
     assert cache.cached_pages == 0 and cache.evict(4) == 0
+
+
+def test_eviction_does_not_walk_the_tree(cache, alloc, monkeypatch):
+    """Eviction pops candidates from a maintained heap: its cost must not grow with the tree."""
+    for i in range(10):
+        cached(cache, alloc, [i] * 4)
+    cache.match_prefix([0] * 4)  # touched: now the most recently used
+
+    def walk(self):
+        raise AssertionError("evict walked the whole tree")
+
+    monkeypatch.setattr(RadixCache, "_nodes", walk)
+    assert cache.evict(9) == 9
+    assert [leaf.key for leaf in cache.root.children.values()] == [[0] * 4]
+
+
+def _candidates(cache):
+    """Brute force: the unlocked leaves, the only nodes eviction may take."""
+    out, stack = [], list(cache.root.children.values())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        if not node.children and node.lock_ref == 0:
+            out.append(node)
+    return out
+
+
+def test_randomized_eviction_takes_the_least_recently_used_unlocked_leaf():
+    rng = random.Random(0)
+    alloc = PageAllocator(num_pages=400)
+    cache = RadixCache(PS, alloc)
+    locked = []
+    for _ in range(600):
+        op = rng.random()
+        tokens = [rng.randrange(3) for _ in range(PS * rng.randrange(1, 5))]
+        if op < 0.45 and alloc.num_free >= 8:
+            cached(cache, alloc, tokens)
+        elif op < 0.6:
+            cache.match_prefix(tokens)
+        elif op < 0.7:
+            node = cache.match_prefix(tokens).node
+            if node is not cache.root:
+                cache.lock(node)
+                locked.append(node)
+        elif op < 0.8 and locked:
+            cache.unlock(locked.pop(rng.randrange(len(locked))))
+        else:
+            candidates = _candidates(cache)
+            if not candidates:
+                assert cache.evict(1) == 0
+                continue
+            victim = min(candidates, key=lambda n: n.last_access)
+            assert cache.evict(1) == len(victim.pages)
+            assert victim not in cache._nodes()
+        assert cache.cached_pages + alloc.num_free == alloc.capacity
+        assert cache.evictable_pages == sum(
+            len(n.pages) for n in cache._nodes() if n is not cache.root and n.lock_ref == 0
+        )

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import msgpack
 import pytest
 import zmq
 from sched_fakes import FakeWorker, make_args, make_request, reference_generate
@@ -18,7 +19,9 @@ from protocol.config import InstanceAddrs, SchedulerConfig, config_to_json
 from protocol.messages import (
     INTERNAL,
     INVALID_REQUEST,
+    PROTOCOL_VERSION,
     SHUTTING_DOWN,
+    AbortRequest,
     AttachFrontend,
     BatchOutput,
     Heartbeat,
@@ -30,7 +33,8 @@ from protocol.messages import (
     StepBatch,
     WorkerFailed,
 )
-from scheduler_proc.scheduler import WorkerLost, run_scheduler
+from scheduler_proc.core import SchedulerCore
+from scheduler_proc.scheduler import MAX_REPLY_TO_SOCKETS, WorkerLost, _Loop, run_scheduler
 
 TIMEOUT_MS = 10_000
 
@@ -179,8 +183,9 @@ def test_serves_requests_status_and_heartbeats_then_shuts_down(ctx, addrs, start
         assert failed.rid == "r0" and failed.code == INVALID_REQUEST
         tokens: dict[str, list[int]] = {r.rid: [] for r in requests}
         finished = set()
+        batches = [m for m in front.received if isinstance(m, BatchOutput)]  # before the failure
         while len(finished) < len(requests):
-            for out in front.recv(BatchOutput).outputs:
+            for out in (batches.pop(0) if batches else front.recv(BatchOutput)).outputs:
                 tokens[out.rid] += out.token_ids
                 if out.finished:
                     finished.add(out.rid)
@@ -202,7 +207,9 @@ def test_serves_requests_status_and_heartbeats_then_shuts_down(ctx, addrs, start
         front.close()
 
 
-def test_replies_go_to_the_most_recent_front_end_and_heartbeats_to_all(ctx, addrs, start_worker):
+def test_replies_go_to_every_attached_front_end(ctx, addrs, start_worker):
+    """Messages carry no sender: every attached front end gets every reply (each drops the rids
+    it does not own), so a request from either one is answered there."""
     start_worker()
     scheduler = Scheduler(config(addrs))
     first, second = FrontEnd(ctx, addrs, "fe1"), FrontEnd(ctx, addrs, "fe2")
@@ -211,17 +218,97 @@ def test_replies_go_to_the_most_recent_front_end_and_heartbeats_to_all(ctx, addr
         first.recv(Heartbeat)
         second.send(AttachFrontend(second.output_addr))
         second.recv(Heartbeat)
-        second.send(StatusQuery(qid=1))
-        assert second.recv(StatusReport).qid == 1
-        beats = len(first.heartbeats)
-        while len(first.heartbeats) < beats + 2:  # the first one still gets heartbeats
-            first.recv(Heartbeat)
-        assert all(isinstance(m, Heartbeat) for m in first.received)
+        second.send(make_request("r", [1, 2, 3], max_new=1, stop=False))
+        for front in (first, second):
+            assert front.recv(BatchOutput).outputs[0].rid == "r"
+        first.send(StatusQuery(qid=1))
+        for front in (first, second):
+            assert front.recv(StatusReport).qid == 1
         second.send(Shutdown())
         scheduler.join()
     finally:
         first.close()
         second.close()
+
+
+def raw_frame(kind: str, **fields: object) -> bytes:
+    """A frame the codec accepts, whatever the types of ``fields``."""
+    return msgpack.packb({"type": kind, "v": PROTOCOL_VERSION, **fields})
+
+
+def test_a_message_that_makes_a_handler_raise_is_answered_and_serving_goes_on(ctx, addrs, start_worker):
+    start_worker()
+    scheduler = Scheduler(config(addrs))
+    front = FrontEnd(ctx, addrs)
+    try:
+        front.send(AttachFrontend(front.output_addr))
+        front.recv(Heartbeat)
+        bad = {"max_new_tokens": 4, "seed": 1, "temperature": 0.0}
+        for fields in (
+            dict(rid="bad1", input_ids=[1, 2], sampling=5),
+            dict(rid="bad2", input_ids=[1, 2], sampling={**bad, "max_new_tokens": "9"}),
+            dict(rid="bad3", input_ids=[1, 10**9], sampling=bad),
+            dict(rid=[1], input_ids=[1, 2], sampling=bad),  # unreadable rid: logged only
+        ):
+            front.to_instance.send(raw_frame("tokenized_request", **fields))
+        front.to_instance.send(raw_frame("abort_request", rid={"x": 1}))
+        for rid in ("bad1", "bad2", "bad3"):
+            failed = front.recv(RequestFailed)
+            assert failed.rid == rid and failed.code == INVALID_REQUEST
+        req = make_request("good", [1, 2, 3], max_new=3, stop=False)
+        front.send(req)
+        tokens = []
+        while len(tokens) < 3:
+            tokens += front.recv(BatchOutput).outputs[0].token_ids
+        assert tokens == reference_generate(req.input_ids, req.sampling)
+        assert [m.rid for m in front.received if isinstance(m, RequestFailed)] == ["bad1", "bad2", "bad3"]
+        front.send(Shutdown())
+        scheduler.join()
+        assert scheduler.error is None
+    finally:
+        front.close()
+
+
+def test_the_loop_survives_a_handler_that_raises(ctx, addrs, start_worker, monkeypatch):
+    """The guard, not only the validation: whatever a handler raises costs that message only."""
+    start_worker()
+
+    def broken(self, msg):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(SchedulerCore, "on_abort", broken)
+    scheduler = Scheduler(config(addrs))
+    front = FrontEnd(ctx, addrs)
+    try:
+        front.send(AttachFrontend(front.output_addr))
+        front.recv(Heartbeat)
+        front.send(AbortRequest(rid="x"))
+        failed = front.recv(RequestFailed)
+        assert failed.rid == "x" and failed.code == INVALID_REQUEST and "KeyError" in failed.message
+        front.send(StatusQuery(qid=3))
+        assert front.recv(StatusReport).qid == 3
+        front.send(Shutdown())
+        scheduler.join()
+        assert scheduler.error is None
+    finally:
+        front.close()
+
+
+def test_status_reply_to_sockets_are_bounded(ctx, addrs):
+    """A caller using a fresh reply_to address per query cannot make the instance hold a socket
+    per address: the least recently used one is closed."""
+    loop = _Loop(config(addrs), None, FakeWorker().ready(), ctx, None, None, None)  # type: ignore[arg-type]
+    reply_addrs = [f"{addrs.input_addr}-reply{i}" for i in range(MAX_REPLY_TO_SOCKETS + 2)]
+    socks = [loop._reply_to(addr) for addr in reply_addrs[:MAX_REPLY_TO_SOCKETS]]
+    assert loop._reply_to(reply_addrs[0]) is socks[0]  # reused, and now the most recently used
+    later = [loop._reply_to(addr) for addr in reply_addrs[MAX_REPLY_TO_SOCKETS:]]
+    try:
+        assert len(loop.reply_to) == MAX_REPLY_TO_SOCKETS
+        assert socks[1].closed and socks[2].closed and not socks[0].closed
+        assert list(loop.reply_to)[-3:] == [reply_addrs[0], *reply_addrs[MAX_REPLY_TO_SOCKETS:]]
+    finally:
+        for sock in [*socks, *later]:
+            sock.close()
 
 
 def test_shutdown_fails_live_requests(ctx, addrs, start_worker):
