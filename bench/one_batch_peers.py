@@ -3,10 +3,9 @@ roofline), the decode step's matmuls alone in a CUDA graph, and Hugging Face tra
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.config import ModelConfig
+from engine.models.registry import default_dtype
 
 if TYPE_CHECKING:
     from bench.one_batch import Plan
@@ -135,7 +135,7 @@ def _hf_model(cfg: ModelConfig, dtype: torch.dtype, device: str) -> nn.Module:
         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
     )
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         model = transformers.LlamaForCausalLM(hf_cfg)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -167,13 +167,3 @@ def _timed(fn: Callable[[], object], device: str, plan: Plan) -> float:
         if i >= plan.warmup:
             samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)

@@ -32,7 +32,7 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> n
     meta device and materialized without any CPU-side init, so the weight loader (or the dummy
     initializer) must fill every parameter. Buffers (the rotary table) are filled here."""
     cls = model_class(cfg.architecture)
-    with torch.device("meta"), _default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype):
         model = cls(cfg)
     model = model.to_empty(device=device)
     for module in model.modules():
@@ -42,7 +42,8 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> n
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create tensors in ``dtype`` inside the block (so weights are never made in fp32 first)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
