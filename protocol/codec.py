@@ -79,8 +79,12 @@ def _encode_value(value: Any) -> Any:
     if isinstance(value, _SCALARS):
         return value
     if dataclasses.is_dataclass(value):
-        return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: _encode_value(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, (list, tuple)):
+        # Lists in messages are homogeneous: token ids, page ids, or nested messages. A list of
+        # scalars goes to msgpack as it is, without a Python call per element (the hot path).
+        if not value or isinstance(value[0], _SCALARS):
+            return value
         return [_encode_value(v) for v in value]
     if isinstance(value, dict):
         return {k: _encode_value(v) for k, v in value.items()}
@@ -88,16 +92,27 @@ def _encode_value(value: Any) -> Any:
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@cache
+def _nested_fields(cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` whose values may hold nested dataclasses, with their type hints;
+    every other field is taken from the wire as it is."""
+    hints = typing.get_type_hints(cls)
+    return {name: hints[name] for name in _field_names(cls) if _mentions_dataclass(hints[name])}
+
+
+def _mentions_dataclass(hint: Any) -> bool:
+    return dataclasses.is_dataclass(hint) or any(_mentions_dataclass(a) for a in typing.get_args(hint))
 
 
 def _decode_dataclass(cls: type, obj: dict[str, Any]) -> Any:
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in obj:
-            kwargs[f.name] = _decode_value(hints[f.name], obj[f.name])
+    kwargs = {name: obj[name] for name in _field_names(cls) if name in obj}
+    for name, hint in _nested_fields(cls).items():
+        if name in kwargs:
+            kwargs[name] = _decode_value(hint, kwargs[name])
     try:
         return cls(**kwargs)
     except TypeError as e:
