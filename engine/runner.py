@@ -170,6 +170,7 @@ class ModelRunner:
             meta.extend_page_table = self.page_table[ext_slots, : self._pages_for(layout.max_extend_len)]
             meta.extend_qo_indptr = ext_indptr.to(torch.int32)
             meta.extend_prefix_lens = ext_prefix.to(torch.int32)
+            meta.extend_max_new_tokens = max(len(e.token_ids) for e in extends)
         if decode_slots:
             meta.decode_page_table = self.page_table[
                 token_slots[n:], : self._pages_for(layout.max_decode_len)

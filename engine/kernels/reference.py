@@ -77,6 +77,8 @@ def extend_attention_ref(
     qo_indptr: torch.Tensor,  # [R + 1] int32, offsets of each request's tokens in q
     prefix_lens: torch.Tensor,  # [R] int32, tokens already cached before this step
     sm_scale: float,
+    *,
+    max_extend_len: int | None = None,  # a launch bound for the kernel; the reference needs none
 ) -> torch.Tensor:
     """Each request's new tokens attend to its cached prefix and causally to themselves."""
     out = torch.empty_like(q)

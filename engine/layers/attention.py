@@ -33,6 +33,7 @@ class AttentionMetadata:
     extend_page_table: torch.Tensor | None = None  # [R, max_pages] int32
     extend_qo_indptr: torch.Tensor | None = None  # [R + 1] int32
     extend_prefix_lens: torch.Tensor | None = None  # [R] int32
+    extend_max_new_tokens: int | None = None  # longest run of new tokens: bounds the kernel's grid
     decode_page_table: torch.Tensor | None = None  # [B, max_pages] int32
     decode_seq_lens: torch.Tensor | None = None  # [B] int32, including the current token
 
@@ -85,6 +86,7 @@ class AttentionBackend:
             meta.extend_qo_indptr,
             meta.extend_prefix_lens,
             sm_scale,
+            max_extend_len=meta.extend_max_new_tokens,
         )
 
 
