@@ -60,13 +60,28 @@ def decode_attention_ref(
     seq_lens: torch.Tensor,  # [B] int32, including the current token
     sm_scale: float,
 ) -> torch.Tensor:
-    out = torch.empty_like(q)
-    lens = seq_lens.tolist()
-    for i, seq_len in enumerate(lens):
-        k = gather_kv_ref(k_cache, page_table[i], seq_len)
-        v = gather_kv_ref(v_cache, page_table[i], seq_len)
-        out[i] = _attend(q[i : i + 1], k, v, sm_scale, seq_len - 1)[0].to(q.dtype)
-    return out
+    """The whole batch at once over its KV padded to the longest sequence (masked), so that
+    the CPU path costs a few tensor ops per layer rather than a Python loop over requests."""
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return torch.empty_like(q)
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_len = int(seq_lens.max())
+    num_pages = (max_len + page_size - 1) // page_size
+    lens = seq_lens.long()
+    page_idx = torch.arange(num_pages, device=q.device)
+    used = page_idx[None, :] * page_size < lens[:, None]  # [B, P]: pages that hold tokens
+    pages = torch.where(used, page_table[:, :num_pages].long(), 0)
+    k = k_cache[pages].flatten(1, 2)[:, :max_len].float()  # [B, L, Hkv, D]
+    v = v_cache[pages].flatten(1, 2)[:, :max_len].float()
+    qf = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qf, k) * sm_scale
+    beyond = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # [B, L]
+    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    # a length-0 row (CUDA-graph padding) attends to nothing: zeros, not the NaN of an empty softmax
+    probs = torch.softmax(scores, dim=-1).masked_fill(beyond[:, None, None, :], 0.0)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
 def extend_attention_ref(
