@@ -111,14 +111,15 @@ def _decode_split_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
 
         k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale
+        # "ieee": float32 inputs (the greedy tests) must not drop to TF32; bf16 ignores it
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
     o_offs = req * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]

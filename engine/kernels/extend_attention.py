@@ -59,7 +59,8 @@ def _attend_kv_block(
     kv_mask = in_range[:, None] & (offs_d[None, :] < HEAD_DIM)
 
     k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-    scores = tl.dot(q, tl.trans(k)) * qk_scale
+    # "ieee": float32 inputs (the greedy tests) must not drop to TF32; bf16 ignores it
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     if CAUSAL:
         visible = (pos[None, :] <= q_pos[:, None]) & in_range[None, :]
         scores = tl.where(visible, scores, float("-inf"))
@@ -68,7 +69,7 @@ def _attend_kv_block(
     p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
 
 

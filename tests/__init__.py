@@ -1,0 +1,1 @@
+"""pdserve tests: a regular package, so `tests.*` never resolves to another installed `tests`."""
