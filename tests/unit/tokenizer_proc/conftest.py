@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from frontend_fakes import (
 )
 
 from protocol import transport
+from protocol.config import FrontendConfig
 from tokenizer_proc.client import Client
 
 
@@ -30,15 +32,46 @@ def ipc_dir() -> Iterator[str]:
 def make_deployment(ipc_dir) -> Iterator:
     """Start a front end with one fake instance per keyword map (default: one); everything
     stops at the end of the test."""
-    started: list[Deployment] = []
 
-    def make(*fakes_kw: dict, wait_ready: bool = True, **args) -> Deployment:
-        kws = fakes_kw or ({},)
-        cfg = frontend_config(ipc_dir, num_instances=len(kws), **args)
-        fakes = [
+    def fakes(cfg: FrontendConfig, kws: tuple[dict, ...]) -> list[FakeInstance]:
+        return [
             FakeInstance(addr, name=f"fake-{i}", **kw)
             for i, (addr, kw) in enumerate(zip(cfg.unified, kws, strict=True))
         ]
+
+    with _deployments() as start:
+
+        def make(*fakes_kw: dict, wait_ready: bool = True, **args) -> Deployment:
+            kws = fakes_kw or ({},)
+            cfg = frontend_config(ipc_dir, num_instances=len(kws), **args)
+            return start(cfg, fakes(cfg, kws), wait_ready)
+
+        yield make
+
+
+@pytest.fixture
+def make_pd(ipc_dir) -> Iterator:
+    """Start a front end with fake prefill and decode instances, one per keyword map in
+    ``prefill`` and ``decode`` (default: 1P1D); everything stops at the end of the test."""
+    with _deployments() as start:
+
+        def make(
+            prefill: list[dict] | None = None, decode: list[dict] | None = None, wait_ready: bool = True,
+            **args,
+        ) -> Deployment:
+            prefill, decode = prefill or [{}], decode or [{}]
+            cfg = frontend_config(ipc_dir, num_prefill=len(prefill), num_decode=len(decode), **args)
+            return start(cfg, pd_fakes(cfg, prefill, decode), wait_ready)
+
+        yield make
+
+
+@contextlib.contextmanager
+def _deployments() -> Iterator:
+    """A starter of deployments (optionally waiting until ready) that stops each at the end."""
+    started: list[Deployment] = []
+
+    def start(cfg: FrontendConfig, fakes: list[FakeInstance], wait_ready: bool) -> Deployment:
         dep = start_deployment(cfg, fakes)
         started.append(dep)
         if wait_ready:
@@ -46,32 +79,11 @@ def make_deployment(ipc_dir) -> Iterator:
                 client.wait_ready(timeout=5)
         return dep
 
-    yield make
-    for dep in started:
-        stop_deployment(dep)
-
-
-@pytest.fixture
-def make_pd(ipc_dir) -> Iterator:
-    """Start a front end with fake prefill and decode instances, one per keyword map in
-    ``prefill`` and ``decode`` (default: 1P1D); everything stops at the end of the test."""
-    started: list[Deployment] = []
-
-    def make(
-        prefill: list[dict] | None = None, decode: list[dict] | None = None, wait_ready: bool = True, **args
-    ) -> Deployment:
-        prefill, decode = prefill or [{}], decode or [{}]
-        cfg = frontend_config(ipc_dir, num_prefill=len(prefill), num_decode=len(decode), **args)
-        dep = start_deployment(cfg, pd_fakes(cfg, prefill, decode))
-        started.append(dep)
-        if wait_ready:
-            with dep.client() as client:
-                client.wait_ready(timeout=5)
-        return dep
-
-    yield make
-    for dep in started:
-        stop_deployment(dep)
+    try:
+        yield start
+    finally:
+        for dep in started:
+            stop_deployment(dep)
 
 
 @pytest.fixture
