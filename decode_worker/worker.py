@@ -20,7 +20,7 @@ import zmq
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import KVLayout, KVReceiver, TransferConfig, TransferError, make_backend
 from protocol import transport
-from protocol.config import ServerArgs, WorkerConfig
+from protocol.config import WorkerConfig
 from protocol.messages import (
     KVPeerRegistered,
     Message,
@@ -34,10 +34,6 @@ from protocol.messages import (
 logger = logging.getLogger("pdserve.decode_worker")
 
 RESULT_POLL_S = 0.1  # the forwarder's wait per poll (bounds how long stopping it takes)
-
-
-def transfer_config(args: ServerArgs) -> TransferConfig:
-    return TransferConfig.uniform(args.transfer_timeout, args.heartbeat_interval, args.heartbeat_timeout)
 
 
 class Notifier:
@@ -119,7 +115,7 @@ def start_decode(cfg: WorkerConfig) -> tuple[Worker, KVReceiver]:
         layout,
         worker.runner.kv_pool.k,
         worker.runner.kv_pool.v,
-        config=transfer_config(cfg.args),
+        config=TransferConfig.from_args(cfg.args),
     )
     return worker, cast(KVReceiver, receiver)
 

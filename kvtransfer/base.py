@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from protocol.config import ServerArgs
 from protocol.messages import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -84,6 +85,11 @@ class TransferConfig:
     @classmethod
     def uniform(cls, timeout: float, heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0):
         return cls(timeout, timeout, timeout, heartbeat_interval, heartbeat_timeout)
+
+    @classmethod
+    def from_args(cls, args: ServerArgs) -> TransferConfig:
+        """The data plane's timeouts from the instance's flags."""
+        return cls.uniform(args.transfer_timeout, args.heartbeat_interval, args.heartbeat_timeout)
 
     def timeout(self, state: TransferState) -> float:
         return {

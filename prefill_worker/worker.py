@@ -23,17 +23,13 @@ import zmq
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, make_backend
 from protocol import transport
-from protocol.config import ServerArgs, WorkerConfig
+from protocol.config import WorkerConfig
 from protocol.messages import StepBatch, StepResult, TransferEndpoint, TransferResult
 
 logger = logging.getLogger("pdserve.prefill_worker")
 
 RESULT_POLL_S = 0.1  # the forwarder's wait per poll (bounds how long stopping it takes)
 SEND_DELAY_ENV = "PDSERVE_TEST_KV_SEND_DELAY_S"
-
-
-def transfer_config(args: ServerArgs) -> TransferConfig:
-    return TransferConfig.uniform(args.transfer_timeout, args.heartbeat_interval, args.heartbeat_timeout)
 
 
 def transfer_address(cfg: WorkerConfig) -> str:
@@ -148,7 +144,7 @@ def start_prefill(cfg: WorkerConfig) -> tuple[Worker, KVSender]:
         worker.runner.kv_pool.k,
         worker.runner.kv_pool.v,
         address=transfer_address(cfg),
-        config=transfer_config(cfg.args),
+        config=TransferConfig.from_args(cfg.args),
     )
     return worker, cast(KVSender, sender)
 

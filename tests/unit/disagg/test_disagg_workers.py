@@ -12,8 +12,8 @@ import zmq
 
 from decode_worker.worker import DecodeWorker, Notifier
 from engine.worker import Worker
-from kvtransfer import KVLayout, make_backend
-from prefill_worker.worker import PrefillWorker, transfer_config
+from kvtransfer import KVLayout, TransferConfig, make_backend
+from prefill_worker.worker import PrefillWorker
 from protocol import transport
 from protocol.config import EMBEDDED
 from protocol.messages import (
@@ -50,9 +50,8 @@ def workers():
             layout = KVLayout.from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend="fake")
             pool = worker.runner.kv_pool
             kw = {"address": SENDER} if role == "prefill" else {}
-            sides.append(
-                make_backend("fake", role, layout, pool.k, pool.v, config=transfer_config(args), **kw)
-            )
+            config = TransferConfig.from_args(args)
+            sides.append(make_backend("fake", role, layout, pool.k, pool.v, config=config, **kw))
         sender, receiver = sides
         notifier = Notifier(ctx, results_addr, receiver)
         yield (
