@@ -126,6 +126,7 @@ class Child:
     name: str
     proc: subprocess.Popen
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
+    forwarder: threading.Thread | None = None
 
     def forward_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -148,7 +149,8 @@ def spawn(name: str, package: str, config: object) -> Child:
         start_new_session=True,
     )
     child = Child(name, proc)
-    threading.Thread(target=child.forward_stderr, name=f"stderr-{name}", daemon=True).start()
+    child.forwarder = threading.Thread(target=child.forward_stderr, name=f"stderr-{name}", daemon=True)
+    child.forwarder.start()
     return child
 
 
@@ -322,6 +324,8 @@ class Supervisor:
 
 
 def report_failure(child: Child) -> None:
+    if child.forwarder is not None:
+        child.forwarder.join(timeout=5.0)  # the child has exited: its stderr is about to end
     print(
         f"launch: {child.name} exited with code {child.proc.returncode}; its last output:",
         file=sys.stderr,
