@@ -4,8 +4,10 @@
   has it) on the same K/V laid out contiguously; batch {1, 16, 64} x context {512, 4096};
 - extend attention vs SDPA causal (bottom-right aligned when part of the context is a cached
   prefix) for 512 and 4096 tokens, without and with half the context as a cached prefix;
-- store_kv vs the torch indexing reference;
-- candidates not yet used by the engine: fused RMSNorm(+residual) and SiLU-and-mul vs torch eager.
+- the rotary + KV store (one kernel per layer and step) vs torch eager doing the same work (the
+  reference: split, two rotaries, indexed stores) for decode (T = 1, 64, 128) and prefill
+  (T = 4096) token counts; fused RMSNorm(+residual) and SiLU-and-mul vs torch eager
+  (``bench/kernels_pointwise.py``).
 
 Each row gives the median time, the effective bandwidth (bytes that must move / time) or
 TFLOP/s, and the ratio to the peer and to the ceiling measured in the same run (a large
@@ -33,38 +35,8 @@ from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True)
-class KernelShapes:
-    dtype: torch.dtype
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int
-    decode_batches: tuple[int, ...]
-    decode_contexts: tuple[int, ...]
-    extend_contexts: tuple[int, ...]
-    store_tokens: tuple[int, ...]
-    pointwise_rows: tuple[int, ...]  # rows of the norm / activation candidates
-    hidden: int
-    intermediate: int
-    copy_bytes: int  # of the bandwidth ceiling's copy
-    matmul_n: int  # of the FLOP/s ceiling's square matmul
-
-
-FULL_SHAPES = KernelShapes(
-    dtype=torch.bfloat16, num_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
-    decode_batches=(1, 16, 64), decode_contexts=(512, 4096), extend_contexts=(512, 4096),
-    store_tokens=(64, 4096), pointwise_rows=(64, 4096), hidden=4096, intermediate=14336,
-    copy_bytes=1 << 30, matmul_n=8192,
-)
-# fp32: the interpreter's bf16 tl.dot is wrong (and the numbers mean nothing on CPU anyway).
-TINY_SHAPES = KernelShapes(
-    dtype=torch.float32, num_heads=4, num_kv_heads=2, head_dim=64, page_size=4,
-    decode_batches=(1, 2), decode_contexts=(24,), extend_contexts=(16,),
-    store_tokens=(8,), pointwise_rows=(3,), hidden=64, intermediate=96,
-    copy_bytes=1 << 20, matmul_n=128,
-)
+from bench.kernels_base import FULL_SHAPES, TINY_SHAPES, Case, KernelShapes, rel_err
+from bench.kernels_pointwise import rms_norm_case, rotary_store_kv_case, silu_and_mul_case
 
 
 @dataclass
@@ -154,27 +126,7 @@ def paged_batch(batch: int, context: int, shapes: KernelShapes, device: str) -> 
     return PagedBatch(k_cache, v_cache, page_table, dense(k_cache), dense(v_cache))
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 # ----------------------------------------------------------------------------- benchmarks
-
-
-@dataclass
-class Case:
-    """One shape: our kernel, its peers on the same inputs, and how to score a time."""
-
-    kernel: str
-    shape: str
-    ours: Callable[[], torch.Tensor | None]
-    peers: dict[str, Callable[[], object]]
-    metric: str
-    work: float  # bytes or FLOPs that must be moved / done
-    reference: Callable[[], torch.Tensor] | None = None  # a peer's output, to check ours against
-
-    def speed(self, ms: float) -> float:
-        return self.work / ms / (1e6 if self.metric == "GB/s" else 1e9)
 
 
 def decode_case(shapes: KernelShapes, batch: int, context: int, flex, device: str) -> Case:
@@ -223,55 +175,6 @@ def extend_case(shapes: KernelShapes, context: int, prefix: int, flex, device: s
         ),
         peers=peers, metric="TFLOP/s", work=4 * hq * d * (new * prefix + new * (new + 1) / 2),
         reference=lambda: peers["sdpa"]()[0].transpose(0, 1),
-    )
-
-
-def store_kv_case(shapes: KernelShapes, tokens: int, device: str) -> Case:
-    from engine.kernels.kv_store import store_kv
-    from engine.kernels.reference import store_kv_ref
-
-    hkv, d, ps = shapes.num_kv_heads, shapes.head_dim, shapes.page_size
-    num_pages = 1 + 2 * -(-tokens // ps)
-    k_cache = torch.zeros(num_pages, ps, hkv, d, device=device, dtype=shapes.dtype)
-    v_cache = torch.zeros_like(k_cache)
-    k = torch.randn(tokens, hkv, d, device=device, dtype=shapes.dtype)
-    v = torch.randn_like(k)
-    out_loc = torch.randperm((num_pages - 1) * ps, device=device)[:tokens] + ps
-    return Case(
-        "store_kv", f"T={tokens}",
-        ours=lambda: store_kv(k, v, k_cache, v_cache, out_loc),
-        peers={"torch": lambda: store_kv_ref(k, v, k_cache, v_cache, out_loc)},
-        metric="GB/s", work=2 * 2 * k.numel() * k.element_size(),  # K and V, read and written
-    )
-
-
-def rms_norm_case(shapes: KernelShapes, rows: int, device: str) -> Case:
-    from engine.kernels.norm import rms_norm
-    from engine.kernels.reference import rms_norm_ref
-
-    x = torch.randn(rows, shapes.hidden, device=device, dtype=shapes.dtype)
-    residual = torch.randn_like(x)
-    weight = torch.randn(shapes.hidden, device=device, dtype=shapes.dtype)
-    return Case(
-        "rms_norm+residual (candidate)", f"N={rows} H={shapes.hidden}",
-        ours=lambda: rms_norm(x, weight, 1e-6, residual)[0],
-        peers={"torch": lambda: rms_norm_ref(x, weight, 1e-6, residual)},
-        metric="GB/s", work=4 * x.numel() * x.element_size(),  # x, residual in; out, residual out
-        reference=lambda: rms_norm_ref(x, weight, 1e-6, residual)[0],
-    )
-
-
-def silu_and_mul_case(shapes: KernelShapes, rows: int, device: str) -> Case:
-    from engine.kernels.activation import silu_and_mul
-    from engine.kernels.reference import silu_and_mul_ref
-
-    gate_up = torch.randn(rows, 2 * shapes.intermediate, device=device, dtype=shapes.dtype)
-    return Case(
-        "silu_and_mul (candidate)", f"N={rows} I={shapes.intermediate}",
-        ours=lambda: silu_and_mul(gate_up),
-        peers={"torch": lambda: silu_and_mul_ref(gate_up)},
-        metric="GB/s", work=1.5 * gate_up.numel() * gate_up.element_size(),
-        reference=lambda: silu_and_mul_ref(gate_up),
     )
 
 
@@ -332,8 +235,8 @@ def all_cases(shapes: KernelShapes, flex, device: str):
     for context in shapes.extend_contexts:
         for prefix in (0, context // 2):
             yield extend_case(shapes, context, prefix, flex, device)
-    for tokens in shapes.store_tokens:
-        yield store_kv_case(shapes, tokens, device)
+    for tokens in shapes.rotary_tokens:
+        yield rotary_store_kv_case(shapes, tokens, device)
     for rows in shapes.pointwise_rows:
         yield rms_norm_case(shapes, rows, device)
         yield silu_and_mul_case(shapes, rows, device)

@@ -15,9 +15,9 @@ forward's output (one more cuBLAS call the graph launches for free). Sampling st
 its path (greedy, top-k, top-p, logprobs) is decided per step on the host from the requests'
 parameters, and it is a handful of kernels next to the model's hundreds.
 
-The page-table rows inside the graph are full width (the longest context), so the decode
-kernel picks its split count from that static width; eager steps slice the table to the
-step's longest sequence. Both are exact up to the order of floating-point sums.
+The page-table rows are full width (the longest context), in graphs and eager steps alike, so
+the decode kernel picks its split count from the batch size alone: capturing the graphs
+compiles the variants that eager decode steps use later.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def make_step_runner(runner: ModelRunner, args: ServerArgs) -> StepRunner:
     max_bs = min(args.cuda_graph_max_bs, runner.max_slots)
     if runner.device.type != "cuda" or args.disable_cuda_graph or max_bs < 1:
         return EagerStepRunner(runner)
-    if runner.backend.name != "triton":
+    if runner.kernels.name != "triton":
         logger.warning("CUDA graphs need the triton attention backend; decoding eagerly")
         return EagerStepRunner(runner)
     return GraphStepRunner(runner, capture_batch_sizes(max_bs))
@@ -123,6 +123,18 @@ def decode_forward(runner: ModelRunner, slots: torch.Tensor, positions: torch.Te
     input_ids, meta = decode_inputs(runner, slots, positions)
     hidden = runner.forward(input_ids, positions, meta)
     return DecodeOutputs(input_ids, meta, runner.model.compute_logits(hidden))
+
+
+@torch.inference_mode()
+def compile_decode_variants(runner: ModelRunner) -> None:
+    """Run an eager decode of padding rows at batch sizes 1, 2, 4, ... up to the slot count, so
+    that every decode-kernel variant an eager step can pick (its split count halves at most
+    once per doubling of the batch) is compiled before the worker reports ready."""
+    batch = 1
+    while batch <= runner.max_slots:
+        slots = torch.full((batch,), PADDING_SLOT, dtype=torch.int64, device=runner.device)
+        decode_forward(runner, slots, torch.zeros_like(slots))
+        batch *= 2
 
 
 @dataclass

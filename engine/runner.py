@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from engine.kv_pool import KVPool
-from engine.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
+from engine.layers.attention import AttentionMetadata, ForwardContext
+from engine.layers.backend import KernelBackend
 from protocol.messages import ExtendReq
 
 
@@ -49,8 +50,6 @@ class StepLayout:
     sample_slots: list[int]  # [N]
     sample_positions: list[int]  # [N] position of each sampled token
     seq_lens: dict[int, int]  # slot → tokens in its sequence after this step
-    max_extend_len: int  # longest sequence among the extends (0: none)
-    max_decode_len: int  # longest sequence among the decodes (0: none)
 
     @property
     def num_extend_tokens(self) -> int:
@@ -79,8 +78,6 @@ class StepLayout:
             sample_positions=[e.start_pos + len(e.token_ids) for _, e in sampling]
             + [p + 1 for p in decode_positions],
             seq_lens=extend_lens | decode_lens,
-            max_extend_len=max(extend_lens.values(), default=0),
-            max_decode_len=max(decode_lens.values(), default=0),
         )
 
 
@@ -89,14 +86,14 @@ class ModelRunner:
         self,
         model: nn.Module,
         kv_pool: KVPool,
-        backend: AttentionBackend,
+        kernels: KernelBackend,
         max_slots: int,
         max_pages_per_req: int,
         device: torch.device,
     ) -> None:
         self.model = model
         self.kv_pool = kv_pool
-        self.backend = backend
+        self.kernels = kernels
         self.device = device
         self.page_size = kv_pool.page_size
         self.page_table = torch.zeros(max_slots, max_pages_per_req, dtype=torch.int32, device=device)
@@ -144,7 +141,11 @@ class ModelRunner:
     def prepare(
         self, extends: Sequence[ExtendReq], decode_slots: Sequence[int], decode_positions: Sequence[int]
     ) -> StepInputs:
-        """Device inputs and attention metadata of one step (extends first, then decodes)."""
+        """Device inputs and attention metadata of one step (extends first, then decodes).
+
+        Page-table rows are passed full width, as in the decode CUDA graphs: the kernels'
+        launch shapes and compiled variants then depend on the batch alone, never on the
+        step's context lengths (which would compile new variants while serving)."""
         layout = self.layout(extends, decode_slots, decode_positions)
         (ext_ids, token_slots, positions, sample_rows, sample_slots, ext_slots, ext_prefix, ext_indptr) = (
             _to_device(
@@ -167,14 +168,12 @@ class ModelRunner:
         meta = AttentionMetadata(num_extend_tokens=n, out_loc=out_loc)
         input_ids = ext_ids
         if extends:
-            meta.extend_page_table = self.page_table[ext_slots, : self._pages_for(layout.max_extend_len)]
+            meta.extend_page_table = self.page_table[ext_slots]
             meta.extend_qo_indptr = ext_indptr.to(torch.int32)
             meta.extend_prefix_lens = ext_prefix.to(torch.int32)
             meta.extend_max_new_tokens = max(len(e.token_ids) for e in extends)
         if decode_slots:
-            meta.decode_page_table = self.page_table[
-                token_slots[n:], : self._pages_for(layout.max_decode_len)
-            ]
+            meta.decode_page_table = self.page_table[token_slots[n:]]
             meta.decode_seq_lens = (positions[n:] + 1).to(torch.int32)
             input_ids = torch.cat([ext_ids, self.next_tokens[token_slots[n:]]])
         return StepInputs(
@@ -205,13 +204,10 @@ class ModelRunner:
                     f"slot {slot} needs {num_tokens} tokens but has {pages} pages of {self.page_size}"
                 )
 
-    def _pages_for(self, num_tokens: int) -> int:
-        return min(-(-num_tokens // self.page_size), self.max_pages_per_req)
-
     # ------------------------------------------------------------------ forward
 
     def context(self, meta: AttentionMetadata) -> ForwardContext:
-        return ForwardContext(self.backend, self.kv_pool.k, self.kv_pool.v, meta)
+        return ForwardContext(self.kernels, self.kv_pool.k, self.kv_pool.v, meta)
 
     @torch.inference_mode()
     def forward(

@@ -25,9 +25,9 @@ from typing import Any, Protocol, TypeVar
 import torch
 import zmq
 
-from engine.cuda_graph import StepRunner, make_step_runner
+from engine.cuda_graph import StepRunner, compile_decode_variants, make_step_runner
 from engine.kv_pool import KVPool, PoolSizing, kv_bytes_per_token
-from engine.layers.attention import make_attention_backend
+from engine.layers.backend import make_kernel_backend
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner
 from engine.sampling import SamplingBatch, sample
@@ -82,8 +82,8 @@ class Worker:
         max_slots = args.max_running_requests + SPARE_SLOTS
         max_pages_per_req = -(-context_len // args.page_size)
         pool = _allocate_pool(args, loaded, max_useful_tokens=max_slots * max_pages_per_req * args.page_size)
-        backend = make_attention_backend(args.attention_backend, loaded.device)
-        runner = ModelRunner(loaded.model, pool, backend, max_slots, max_pages_per_req, loaded.device)
+        kernels = make_kernel_backend(args.attention_backend, loaded.device)
+        runner = ModelRunner(loaded.model, pool, kernels, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
         step_runner = make_step_runner(runner, args)
         worker = cls(runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner)
@@ -135,6 +135,8 @@ class Worker:
         self.step(StepBatch(step_id=-2, decode_slots=[0], decode_positions=[num_tokens]))
         self.step(StepBatch(step_id=-1, released=[0]))
         if self.loaded.device.type == "cuda":
+            if self.runner.kernels.name == "triton":
+                compile_decode_variants(self.runner)
             torch.cuda.synchronize()
 
     @torch.inference_mode()

@@ -1,5 +1,6 @@
-"""Plain-torch references of the attention kernels: the path that runs on CPU, and the oracle
-that every Triton kernel is tested against.
+"""Plain-torch references of the layer kernels (attention, rotary KV store, RMSNorm,
+SiLU-and-mul): the path that runs on CPU, and the oracle that every Triton kernel is tested
+against.
 
 KV cache layout (per layer): ``k_cache``/``v_cache`` of shape ``[num_pages, page_size,
 num_kv_heads, head_dim]``. Token ``pos`` of a request lives at page
@@ -7,7 +8,7 @@ num_kv_heads, head_dim]``. Token ``pos`` of a request lives at page
 ``page * page_size + offset`` (``out_loc`` below). Page 0 is the padding page.
 
 Attention reads *everything* through the page table, including the tokens of the current
-step: their K/V are stored first (``store_kv``), then attention runs.
+step: their K/V are stored first (``rotary_store_kv_ref``), then attention runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,34 @@ def store_kv_ref(
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_kv_heads, head_dim)[out_loc] = k.to(k_cache.dtype)
     v_cache.view(-1, num_kv_heads, head_dim)[out_loc] = v.to(v_cache.dtype)
+
+
+def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the neox / Hugging Face ``rotate_half`` layout: ``x`` [T, H, D] rotated
+    in float32 by ``cos``, ``sin`` [T, 1, D // 2] and returned in its own dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rotary_store_kv_ref(
+    qkv: torch.Tensor,  # [T, (Hq + 2 * Hkv) * D]: each token's q, k, v heads (the qkv projection)
+    positions: torch.Tensor,  # [T] int64
+    cos_sin: torch.Tensor,  # [max_positions, D] float32: cos of the D/2 rotary frequencies, then their sin
+    k_cache: torch.Tensor,  # [P, page_size, Hkv, D]
+    v_cache: torch.Tensor,
+    out_loc: torch.Tensor,  # [T] int64, flat token slots
+    num_heads: int,
+) -> torch.Tensor:
+    """Rotate q and k (``apply_rotary_ref``), store k and v into their slots (``store_kv_ref``),
+    and return the rotated q as a new contiguous [T, Hq, D] tensor in qkv's dtype."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+    q = apply_rotary_ref(q.reshape(-1, num_heads, head_dim), cos, sin)
+    k = apply_rotary_ref(k.reshape(-1, num_kv_heads, head_dim), cos, sin)
+    store_kv_ref(k, v.reshape(-1, num_kv_heads, head_dim), k_cache, v_cache, out_loc)
+    return q.contiguous()
 
 
 def gather_kv_ref(

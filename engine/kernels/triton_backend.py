@@ -1,12 +1,12 @@
 """The Triton attention backend, in the order the engine's attention interface expects:
-``(store_kv, extend_attention, decode_attention)``, each with its reference's signature."""
+``(rotary_store_kv, extend_attention, decode_attention)``, each with its reference's signature."""
 
 from __future__ import annotations
 
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.extend_attention import extend_attention
-from engine.kernels.kv_store import store_kv
+from engine.kernels.kv_store import rotary_store_kv
 
-TRITON_FUNCTIONS = (store_kv, extend_attention, decode_attention)
+TRITON_FUNCTIONS = (rotary_store_kv, extend_attention, decode_attention)
 
-__all__ = ["TRITON_FUNCTIONS", "decode_attention", "extend_attention", "store_kv"]
+__all__ = ["TRITON_FUNCTIONS", "decode_attention", "extend_attention", "rotary_store_kv"]

@@ -1,23 +1,20 @@
-"""Paged attention: one interface, several kernel backends, chosen once at start-up.
+"""Paged attention over the KV pool, with the kernels of the step's ``KernelBackend``.
 
 A step's tokens are packed extend-first: the first ``num_extend_tokens`` rows of q belong to
 extend requests (new prompt tokens, ragged), the remaining rows are one token per decode
-request. Every layer stores the step's K/V into the pool, then runs extend attention on the
-first part and decode attention on the rest. Signatures of the three kernels follow
-``engine.kernels.reference``.
+request. Every layer rotates q and k and stores the step's K/V into the pool (one fused
+kernel), then runs extend attention on the first part and decode attention on the rest.
+Signatures of the kernels follow ``engine.kernels.reference``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-ExtendAttention = Callable[..., torch.Tensor]
-DecodeAttention = Callable[..., torch.Tensor]
+from engine.layers.backend import KernelBackend
 
 
 @dataclass
@@ -38,80 +35,56 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None  # [B] int32, including the current token
 
 
-@dataclass(frozen=True)
-class AttentionBackend:
-    name: str
-    store_kv: StoreKV
-    extend_attention: ExtendAttention
-    decode_attention: DecodeAttention
-
-    def forward(
-        self,
-        q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        sm_scale: float,
-    ) -> torch.Tensor:
-        self.store_kv(k, v, k_cache, v_cache, meta.out_loc)
-        if meta.decode_page_table is None:
-            return self._extend(q, k_cache, v_cache, meta, sm_scale)
-        if meta.extend_page_table is None:
-            return self.decode_attention(
-                q, k_cache, v_cache, meta.decode_page_table, meta.decode_seq_lens, sm_scale
-            )
-        n = meta.num_extend_tokens
-        out = torch.empty_like(q)
-        out[:n] = self._extend(q[:n], k_cache, v_cache, meta, sm_scale)
-        out[n:] = self.decode_attention(
-            q[n:], k_cache, v_cache, meta.decode_page_table, meta.decode_seq_lens, sm_scale
+def paged_attention(
+    kernels: KernelBackend,
+    q: torch.Tensor,  # [T, Hq, D], extend rows first
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Extend attention on the step's first ``num_extend_tokens`` rows, decode attention on the
+    rest (the step's K/V are already in the cache)."""
+    if meta.decode_page_table is None:
+        return _extend(kernels, q, k_cache, v_cache, meta, sm_scale)
+    if meta.extend_page_table is None:
+        return kernels.decode_attention(
+            q, k_cache, v_cache, meta.decode_page_table, meta.decode_seq_lens, sm_scale
         )
-        return out
-
-    def _extend(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        sm_scale: float,
-    ) -> torch.Tensor:
-        return self.extend_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.extend_page_table,
-            meta.extend_qo_indptr,
-            meta.extend_prefix_lens,
-            sm_scale,
-            max_extend_len=meta.extend_max_new_tokens,
-        )
+    n = meta.num_extend_tokens
+    out = torch.empty_like(q)
+    out[:n] = _extend(kernels, q[:n], k_cache, v_cache, meta, sm_scale)
+    out[n:] = kernels.decode_attention(
+        q[n:], k_cache, v_cache, meta.decode_page_table, meta.decode_seq_lens, sm_scale
+    )
+    return out
 
 
-def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``torch``: the plain-torch references; ``triton``: our Triton kernels; ``auto``: Triton
-    on CUDA, torch elsewhere."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        from engine.kernels.reference import decode_attention_ref, extend_attention_ref, store_kv_ref
-
-        return AttentionBackend("torch", store_kv_ref, extend_attention_ref, decode_attention_ref)
-    if name == "triton":
-        from engine.kernels.triton_backend import TRITON_FUNCTIONS
-
-        store_kv, extend_attention, decode_attention = TRITON_FUNCTIONS
-        return AttentionBackend("triton", store_kv, extend_attention, decode_attention)
-    raise ValueError(f"unknown attention backend {name!r} (expected auto, torch or triton)")
+def _extend(
+    kernels: KernelBackend,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    sm_scale: float,
+) -> torch.Tensor:
+    return kernels.extend_attention(
+        q,
+        k_cache,
+        v_cache,
+        meta.extend_page_table,
+        meta.extend_qo_indptr,
+        meta.extend_prefix_lens,
+        sm_scale,
+        max_extend_len=meta.extend_max_new_tokens,
+    )
 
 
 @dataclass
 class ForwardContext:
-    """What every attention layer needs in one step: the kernels, the pool, the metadata."""
+    """What every layer needs in one step: the kernels, the pool, the attention metadata."""
 
-    backend: AttentionBackend
+    kernels: KernelBackend
     k_caches: list[torch.Tensor]  # one [P, page_size, Hkv, D] per layer
     v_caches: list[torch.Tensor]
     meta: AttentionMetadata
@@ -128,9 +101,14 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.sm_scale = head_dim**-0.5
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq * D]."""
-        out = ctx.backend.forward(
-            q, k, v, ctx.k_caches[self.layer_id], ctx.v_caches[self.layer_id], ctx.meta, self.sm_scale
+    def forward(
+        self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """qkv [T, (Hq + 2 * Hkv) * D] → [T, Hq * D]: rotary on q and k, K/V into the pool,
+        then attention over the pool."""
+        k_cache, v_cache = ctx.k_caches[self.layer_id], ctx.v_caches[self.layer_id]
+        q = ctx.kernels.rotary_store_kv(
+            qkv, positions, cos_sin, k_cache, v_cache, ctx.meta.out_loc, self.num_heads
         )
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        out = paged_attention(ctx.kernels, q, k_cache, v_cache, ctx.meta, self.sm_scale)
+        return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)

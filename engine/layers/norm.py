@@ -1,9 +1,11 @@
-"""RMSNorm with the residual add fused into the same call (one read of the residual stream)."""
+"""RMSNorm with the residual add fused into the same kernel (one read of the residual stream)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine.layers.backend import KernelBackend
 
 
 class RMSNorm(nn.Module):
@@ -12,15 +14,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize in float32, as Hugging Face does, then scale in the weight's dtype."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-    def forward_with_residual(
-        self, x: torch.Tensor, residual: torch.Tensor
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, kernels: KernelBackend
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``residual += x`` then normalize it: returns (normalized, new residual)."""
-        residual = x + residual
-        return self.forward(residual), residual
+        """``residual += x`` then normalize it: returns (normalized, new residual). A residual of
+        None (the first layer's input) starts the residual stream at ``x``."""
+        normed, new_residual = kernels.rms_norm(x, self.weight, self.eps, residual)
+        return normed, x if new_residual is None else new_residual

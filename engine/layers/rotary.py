@@ -1,5 +1,6 @@
-"""Rotary position embedding (neox / Hugging Face ``rotate_half`` layout), with the "linear"
-and "llama3" frequency scalings."""
+"""Rotary position embedding tables (neox / Hugging Face ``rotate_half`` layout), with the
+"linear" and "llama3" frequency scalings. The rotation itself is fused into the KV store
+(``rotary_store_kv`` of the kernel backend)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the cos/sin table of every position; one instance is shared by all layers."""
+    """Holds the cos/sin table of every position (``cos_sin`` [max_positions, head_dim]: the
+    cosines of the head_dim / 2 frequencies, then their sines), shared by all layers; the
+    attention's fused rotary-and-store kernel looks positions up in it."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling) -> None:
         super().__init__()
@@ -54,14 +57,3 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(self.max_positions, device=inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         self.cos_sin.copy_(torch.cat([freqs.cos(), freqs.sin()], dim=-1))
-
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of ``positions`` [T], each [T, 1, head_dim // 2] (broadcast over heads)."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, H, D] in float32 and return it in its own dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

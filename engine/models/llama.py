@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.activation import silu_and_mul
 from engine.layers.attention import ForwardContext, PagedAttention
+from engine.layers.backend import KernelBackend
 from engine.layers.linear import MergedLinear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
 
 
@@ -33,13 +33,9 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(layer_id, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+        self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, ctx))
+        return self.o_proj(self.attn(self.qkv_proj(x), positions, cos_sin, ctx))
 
 
 class LlamaMLP(nn.Module):
@@ -49,8 +45,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(cfg.hidden_size, (inter, inter), bias=False)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, kernels: KernelBackend) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -64,17 +60,17 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        residual: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
         ctx: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block; the residual add is fused into the norms (``hidden`` is the
-        previous block's output, not yet added to ``residual``)."""
-        x, residual = self.input_layernorm.forward_with_residual(hidden, residual)
-        x = self.self_attn(x, cos, sin, ctx)
-        x, residual = self.post_attention_layernorm.forward_with_residual(x, residual)
-        return self.mlp(x), residual
+        previous block's output, not yet added to ``residual``; None before the first block)."""
+        x, residual = self.input_layernorm(hidden, residual, ctx.kernels)
+        x = self.self_attn(x, positions, cos_sin, ctx)
+        x, residual = self.post_attention_layernorm(x, residual, ctx.kernels)
+        return self.mlp(x, ctx.kernels), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -101,12 +97,12 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
-        cos, sin = self.rotary_emb.lookup(positions)
+        cos_sin = self.rotary_emb.cos_sin
         hidden = self.embed_tokens(input_ids)
-        residual = torch.zeros_like(hidden)
+        residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, ctx)
-        hidden, _ = self.norm.forward_with_residual(hidden, residual)
+            hidden, residual = layer(hidden, residual, positions, cos_sin, ctx)
+        hidden, _ = self.norm(hidden, residual, ctx.kernels)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

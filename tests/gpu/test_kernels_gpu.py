@@ -13,19 +13,19 @@ from tests.unit.kernels.kernel_cases import (
     EXTEND_CASES,
     NORM_CASES,
     NUM_KV_HEADS,
-    STORE_CASES,
+    ROTARY_STORE_CASES,
     ActivationCase,
     DecodeCase,
     ExtendCase,
     NormCase,
-    StoreCase,
+    RotaryStoreCase,
     assert_matches,
     case_id,
     check_decode,
     check_extend,
     check_rms_norm,
+    check_rotary_store_kv,
     check_silu_and_mul,
-    check_store_kv,
     make_paged_kv,
 )
 
@@ -48,9 +48,9 @@ LARGE_EXTEND_CASES = [
     ExtendCase(256, 4, 128, ((300, 700),), seed=24),
 ]
 
-BF16_STORE_CASES = [
-    StoreCase(16, 128, 1000, src_dtype="bfloat16", cache_dtype="bfloat16", num_kv_heads=8, seed=21),
-    StoreCase(1, 64, 3, src_dtype="float32", cache_dtype="bfloat16", seed=22),
+LARGE_ROTARY_STORE_CASES = [  # Llama-3-8B's heads, long positions
+    RotaryStoreCase(16, 4, 128, 1000, row_pad=64, max_positions=8192, num_kv_heads=8, seed=21),
+    RotaryStoreCase(1, 8, 64, 3, max_positions=131072, seed=22),
 ]
 
 
@@ -77,9 +77,9 @@ def test_extend_attention_bf16(case: ExtendCase) -> None:
     check_extend(case, device="cuda", dtype="bfloat16")
 
 
-@pytest.mark.parametrize("case", STORE_CASES + BF16_STORE_CASES, ids=case_id)
-def test_store_kv(case: StoreCase) -> None:
-    check_store_kv(case, device="cuda")
+@pytest.mark.parametrize("case", ROTARY_STORE_CASES + LARGE_ROTARY_STORE_CASES, ids=gpu_id)
+def test_rotary_store_kv_bf16(case: RotaryStoreCase) -> None:
+    check_rotary_store_kv(case, device="cuda", dtype="bfloat16")
 
 
 @pytest.mark.parametrize("case", NORM_CASES + LARGE_NORM_CASES, ids=gpu_id)

@@ -3,6 +3,8 @@ graph body (device-only decode inputs with padding rows) against the eager decod
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from engine.cuda_graph import (
     EagerStepRunner,
     GraphStepRunner,
     capture_batch_sizes,
+    compile_decode_variants,
     decode_forward,
     padded_batch_size,
     padded_decode_inputs,
@@ -46,6 +49,30 @@ def test_padded_inputs_put_padding_rows_after_the_real_ones():
 
 def test_eager_path_is_chosen_on_cpu(embedded_worker):
     assert isinstance(embedded_worker.step_runner, EagerStepRunner)
+
+
+def test_compile_decode_variants_doubles_the_batch_and_writes_only_the_padding_page(embedded_worker):
+    runner = embedded_worker.runner
+    kernels = runner.kernels
+    batches: list[int] = []
+    widths: set[int] = set()
+
+    def spy(q, k_cache, v_cache, page_table, seq_lens, sm_scale):
+        batches.append(q.shape[0])
+        widths.add(page_table.shape[1])
+        return kernels.decode_attention(q, k_cache, v_cache, page_table, seq_lens, sm_scale)
+
+    k_before = [k[1:].clone() for k in runner.kv_pool.k]
+    runner.kernels = dataclasses.replace(kernels, decode_attention=spy)
+    try:
+        compile_decode_variants(runner)
+    finally:
+        runner.kernels = kernels
+    num_layers = len(runner.kv_pool.k)
+    expected = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= runner.max_slots]
+    assert batches == [b for b in expected for _ in range(num_layers)]
+    assert widths == {runner.max_pages_per_req}  # full-width rows, as in eager steps and graphs
+    assert all(torch.equal(k[1:], before) for k, before in zip(runner.kv_pool.k, k_before, strict=True))
 
 
 def _prefill(worker: Worker, prompts: list[list[int]]) -> list[int]:

@@ -8,8 +8,9 @@ import pytest
 import torch
 import transformers
 
-from engine.kernels.reference import store_kv_ref
-from engine.layers.attention import AttentionMetadata, make_attention_backend
+from engine.kernels import reference
+from engine.layers.attention import AttentionMetadata
+from engine.layers.backend import make_kernel_backend
 from engine.worker import Worker
 from protocol.messages import ExtendReq
 from tests.oracles import write_tiny_hf_model
@@ -93,9 +94,10 @@ def test_metadata_of_a_mixed_step(embedded_worker: Worker) -> None:
     assert meta.out_loc.tolist() == [9 * ps + 3, 4 * ps + 0, 4 * ps + 1, 6 * ps + 2]
     assert meta.extend_prefix_lens.tolist() == [3]
     assert meta.extend_qo_indptr.tolist() == [0, 3]
-    assert meta.extend_page_table.tolist() == [[9, 4]]
+    assert meta.extend_page_table[:, :2].tolist() == [[9, 4]]  # rows are full width
     assert meta.decode_seq_lens.tolist() == [3]
-    assert meta.decode_page_table.tolist() == [[6]]
+    assert meta.decode_page_table[:, :1].tolist() == [[6]]
+    assert meta.decode_page_table.shape[1] == meta.extend_page_table.shape[1] == runner.max_pages_per_req
     assert inputs.sample_slots == [2] and inputs.sample_rows.tolist() == [3]
     assert inputs.sample_positions == [3]
     runner.release_slots([1, 2])
@@ -111,9 +113,11 @@ def test_a_step_past_the_appended_pages_is_refused(embedded_worker: Worker) -> N
     runner.release_slots([1])
 
 
-def test_attention_backend_choice() -> None:
+def test_kernel_backend_choice() -> None:
     cpu = torch.device("cpu")
-    assert make_attention_backend("auto", cpu).name == "torch"
-    assert make_attention_backend("torch", cpu).store_kv is store_kv_ref
+    assert make_kernel_backend("auto", cpu).name == "torch"
+    kernels = make_kernel_backend("torch", cpu)
+    assert kernels.rotary_store_kv is reference.rotary_store_kv_ref
+    assert kernels.rms_norm is reference.rms_norm_ref
     with pytest.raises(ValueError, match="flash"):
-        make_attention_backend("flash", cpu)
+        make_kernel_backend("flash", cpu)

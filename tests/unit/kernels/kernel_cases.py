@@ -9,16 +9,17 @@ The kernels are imported inside the checks, so only the process that runs them i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from engine.kernels.reference import (
+    apply_rotary_ref,
     decode_attention_ref,
     extend_attention_ref,
     rms_norm_ref,
+    rotary_store_kv_ref,
     silu_and_mul_ref,
-    store_kv_ref,
 )
 
 NUM_KV_HEADS = 2
@@ -50,15 +51,18 @@ class ExtendCase:
 
 
 @dataclass(frozen=True)
-class StoreCase:
+class RotaryStoreCase:
     page_size: int
+    group: int
     head_dim: int
     num_tokens: int
-    src_dtype: str = "float32"
-    cache_dtype: str = "float32"
+    row_pad: int = 0  # extra columns after each qkv row: a row stride larger than its width
+    dtype: str = "float32"  # of qkv (and of the rotated q)
+    cache_dtype: str | None = None  # None: qkv's
     loc_dtype: str = "int64"
+    max_positions: int = 64
+    num_kv_heads: int = NUM_KV_HEADS
     seed: int = 0
-    num_kv_heads: int = field(default=NUM_KV_HEADS)
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,14 @@ EXTEND_CASES = [
     ExtendCase(256, 4, 128, ((200, 60), (0, 7)), block_m=32, block_n=64, seed=10),
 ]
 
-STORE_CASES = [
-    StoreCase(1, 64, 7, seed=1),
-    StoreCase(4, 128, 9, loc_dtype="int32", seed=2),
-    StoreCase(16, 64, 33, src_dtype="float32", cache_dtype="float16", seed=3),
-    StoreCase(16, 80, 5, src_dtype="float16", cache_dtype="float16", num_kv_heads=3, seed=4),
+ROTARY_STORE_CASES = [
+    RotaryStoreCase(1, 1, 64, 1, seed=1),
+    RotaryStoreCase(3, 4, 128, 9, loc_dtype="int32", row_pad=16, seed=2),
+    RotaryStoreCase(5, 8, 64, 13, dtype="float16", seed=3),
+    RotaryStoreCase(16, 1, 128, 6, dtype="float16", row_pad=8, seed=4),
+    RotaryStoreCase(4, 4, 64, 1, dtype="float16", max_positions=4096, seed=5),
+    RotaryStoreCase(1, 8, 128, 7, cache_dtype="float16", seed=6),  # k rounded to fp32, then to fp16
+    RotaryStoreCase(5, 2, 80, 5, dtype="float16", num_kv_heads=3, seed=7),  # no power of two
 ]
 
 
@@ -240,29 +247,50 @@ def check_extend(case: ExtendCase, device: str = "cpu", dtype: str | None = None
     return assert_matches(out, ref, dt)
 
 
-def check_store_kv(case: StoreCase, device: str = "cpu") -> float:
-    from engine.kernels.kv_store import store_kv
+def check_rotary_store_kv(case: RotaryStoreCase, device: str = "cpu", dtype: str | None = None) -> float:
+    """Against the reference on the same inputs: q and k within one rounding step of their dtype
+    (the kernel is meant to round exactly as the reference does), v exact, every slot not written
+    untouched. Returns q's relative error against a float32 rotation of the same inputs."""
+    from engine.kernels.kv_store import rotary_store_kv
 
+    dt = _dtype(dtype or case.dtype)
+    cache_dt = _dtype(case.cache_dtype) if case.cache_dtype else dt
     gen = _generator(case.seed)
-    heads, dim, tokens = case.num_kv_heads, case.head_dim, case.num_tokens
+    heads, kv_heads, dim = case.group * case.num_kv_heads, case.num_kv_heads, case.head_dim
+    tokens, width = case.num_tokens, (heads + 2 * kv_heads) * dim
     num_pages = 2 + 2 * -(-tokens // case.page_size)
-    cache_shape = (num_pages, case.page_size, heads, dim)
-    k_cache = torch.randn(cache_shape, generator=gen).to(_dtype(case.cache_dtype)).to(device)
-    v_cache = torch.randn(cache_shape, generator=gen).to(_dtype(case.cache_dtype)).to(device)
-    # k and v as strided views of one fused projection output, as the model produces them.
-    fused = torch.randn(tokens, 3 * heads * dim, generator=gen).to(_dtype(case.src_dtype)).to(device)
-    k = fused[:, heads * dim : 2 * heads * dim].view(tokens, heads, dim)
-    v = fused[:, 2 * heads * dim :].view(tokens, heads, dim)
+    cache_shape = (num_pages, case.page_size, kv_heads, dim)
+    k_cache = torch.randn(cache_shape, generator=gen).to(cache_dt).to(device)
+    v_cache = torch.randn(cache_shape, generator=gen).to(cache_dt).to(device)
+    qkv = torch.randn(tokens, width + case.row_pad, generator=gen).to(dt).to(device)[:, :width]
+    positions = torch.randint(0, case.max_positions, (tokens,), generator=gen).to(device)
+    cos_sin = rotary_table(case.max_positions, dim).to(device)
     usable = num_pages * case.page_size - case.page_size  # every slot but the padding page's
-    slots = torch.randperm(usable, generator=gen)[:tokens] + case.page_size
+    slots = torch.randperm(usable, generator=gen)[:tokens] + case.page_size  # scattered over pages
     out_loc = slots.to(_dtype(case.loc_dtype)).to(device)
 
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    store_kv_ref(k, v, k_ref, v_ref, out_loc.long())
-    store_kv(k, v, k_cache, v_cache, out_loc)
-    assert torch.equal(k_cache, k_ref), "k_cache differs from the reference store"
+    q_ref = rotary_store_kv_ref(qkv, positions, cos_sin, k_ref, v_ref, out_loc.long(), heads)
+    q = rotary_store_kv(qkv, positions, cos_sin, k_cache, v_cache, out_loc, heads)
+    assert q.shape == q_ref.shape and q.dtype == dt and q.is_contiguous(), (q.shape, q.dtype)
+    eps = max(torch.finfo(dt).eps, torch.finfo(cache_dt).eps)
+    torch.testing.assert_close(q, q_ref, rtol=eps, atol=1e-5, msg=lambda m: f"q: {m}")
+    torch.testing.assert_close(k_cache, k_ref, rtol=eps, atol=1e-5, msg=lambda m: f"k_cache: {m}")
     assert torch.equal(v_cache, v_ref), "v_cache differs from the reference store"
-    return 0.0
+    untouched = torch.ones(num_pages * case.page_size, dtype=torch.bool, device=device)
+    untouched[slots.to(device)] = False
+    assert torch.equal(k_cache.flatten(0, 1)[untouched], k_ref.flatten(0, 1)[untouched]), "stray k write"
+
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+    q32 = apply_rotary_ref(qkv[:, : heads * dim].float().view(tokens, heads, dim), cos, sin)
+    return assert_matches(q, q32, dt)
+
+
+def rotary_table(max_positions: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """``cos_sin`` [max_positions, head_dim] float32: the cosines of the frequencies, then their sines."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = torch.outer(torch.arange(max_positions).float(), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
 def check_rms_norm(case: NormCase, device: str = "cpu", dtype: str | None = None) -> float:
@@ -294,7 +322,7 @@ def check_silu_and_mul(case: ActivationCase, device: str = "cpu", dtype: str | N
 CHECKS = {
     "decode": (check_decode, DecodeCase),
     "extend": (check_extend, ExtendCase),
-    "store_kv": (check_store_kv, StoreCase),
+    "rotary_store_kv": (check_rotary_store_kv, RotaryStoreCase),
     "rms_norm": (check_rms_norm, NormCase),
     "silu_and_mul": (check_silu_and_mul, ActivationCase),
 }

@@ -26,6 +26,7 @@ class Build:
     num_warps: int
     num_stages: int
     expect_mma: bool = False
+    enable_fp_fusion: bool = True  # as the kernel's launch passes it
 
 
 def builds() -> list[Build]:
@@ -68,13 +69,15 @@ def builds() -> list[Build]:
              "BLOCK_D": triton.next_power_of_2(head_dim)},
             ec.num_warps, ec.num_stages, expect_mma=True,
         ))
-    for heads, head_dim in ((8, 128), (3, 80)):
+    for heads, kv_heads, head_dim in ((32, 8, 128), (16, 16, 64), (12, 3, 80)):
         out.append(Build(
-            f"store_kv h={heads} d={head_dim}",
-            ks._store_kv_kernel,
-            {"out_loc_ptr": "*i64"},
-            {"BLOCK_H": triton.next_power_of_2(heads), "BLOCK_D": triton.next_power_of_2(head_dim)},
-            4, 1,
+            f"rotary_store_kv hq={heads} hkv={kv_heads} d={head_dim}",
+            ks._rotary_store_kv_kernel,
+            {"positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "out_loc_ptr": "*i64"},
+            {"NUM_HEADS": heads, "NUM_KV_HEADS": kv_heads, "HEAD_DIM": head_dim,
+             "BLOCK_HQ": triton.next_power_of_2(heads), "BLOCK_HKV": triton.next_power_of_2(kv_heads),
+             "BLOCK_HALF": triton.next_power_of_2(head_dim // 2)},
+            ks.num_warps_for(heads, kv_heads, head_dim), 1, enable_fp_fusion=False,
         ))
     for hidden, residual in ((4096, True), (8192, False)):
         block = triton.next_power_of_2(hidden)
@@ -104,7 +107,8 @@ def compile_for_h100(build: Build):
         if name.endswith("_ptr") or (name.startswith("stride") and name not in NOT_MULTIPLE_OF_16):
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=build.kernel, signature=signature, constexprs=build.constexprs, attrs=attrs)
-    options = {"num_warps": build.num_warps, "num_stages": build.num_stages}
+    options = {"num_warps": build.num_warps, "num_stages": build.num_stages,
+               "enable_fp_fusion": build.enable_fp_fusion}
     return triton.compile(source, target=GPUTarget(*H100), options=options)
 
 

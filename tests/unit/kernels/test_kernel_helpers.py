@@ -42,7 +42,7 @@ def test_backend_order_and_signatures_follow_the_references() -> None:
     from engine.kernels import reference
     from engine.kernels.triton_backend import TRITON_FUNCTIONS
 
-    refs = (reference.store_kv_ref, reference.extend_attention_ref, reference.decode_attention_ref)
+    refs = (reference.rotary_store_kv_ref, reference.extend_attention_ref, reference.decode_attention_ref)
     def names(fn, kind):
         return [name for name, p in inspect.signature(fn).parameters.items() if p.kind is kind]
 
@@ -51,6 +51,25 @@ def test_backend_order_and_signatures_follow_the_references() -> None:
         assert names(kernel, positional) == names(ref, positional), kernel.__name__
         keyword_only = set(names(ref, inspect.Parameter.KEYWORD_ONLY))
         assert keyword_only <= set(names(kernel, inspect.Parameter.KEYWORD_ONLY)), kernel.__name__
+
+
+def test_rotary_store_kv_checks_shapes_without_launching() -> None:
+    from engine.kernels.kv_store import rotary_store_kv
+
+    heads, kv_heads, dim = 4, 2, 8
+    cache = torch.zeros(3, 2, kv_heads, dim)
+    cos_sin = torch.zeros(16, dim)
+    no_tokens = torch.zeros(0, dtype=torch.int64)
+    qkv = torch.zeros(0, (heads + 2 * kv_heads) * dim)
+    q = rotary_store_kv(qkv, no_tokens, cos_sin, cache, cache.clone(), no_tokens, heads)
+    assert q.shape == (0, heads, dim)
+    with pytest.raises(ValueError, match="qkv must be"):
+        rotary_store_kv(qkv[:, :-dim], no_tokens, cos_sin, cache, cache.clone(), no_tokens, heads)
+    with pytest.raises(ValueError, match="cos_sin must be"):
+        rotary_store_kv(qkv, no_tokens, cos_sin[:, :-2], cache, cache.clone(), no_tokens, heads)
+    one_slot = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="out_loc must be"):
+        rotary_store_kv(qkv, no_tokens, cos_sin, cache, cache.clone(), one_slot, heads)
 
 
 def test_comparator_rejects_one_wrong_row_in_low_precision() -> None:

@@ -1,4 +1,4 @@
-"""The fused RMSNorm(+residual) and SiLU-and-mul candidates against their torch references,
+"""The fused RMSNorm(+residual) and SiLU-and-mul kernels against their torch references,
 under the Triton interpreter (fp32/fp16)."""
 
 from __future__ import annotations

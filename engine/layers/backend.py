@@ -1,0 +1,66 @@
+"""The kernels of a decoder layer besides its matmuls, picked once at start-up.
+
+``--attention-backend torch`` runs the plain-torch references of ``engine.kernels.reference``
+(the CPU path, and the oracle); ``triton`` runs our Triton kernels: RMSNorm with the residual add
+fused in, SiLU-and-mul, rotary embedding fused into the KV store, and paged extend / decode
+attention. On CUDA a layer is then four cuBLAS matmuls and six of our kernels (two norms, the
+rotary store, one or two attention kernels, the activation), where plain torch launches ~40.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from protocol.config import ATTENTION_BACKENDS
+
+# (x [N, H], weight [H], eps, residual [N, H] | None) -> (normalized, x + residual | None)
+RMSNormFn = Callable[
+    [torch.Tensor, torch.Tensor, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]
+]
+# gate_up [..., 2 * I] -> [..., I]
+SiluAndMulFn = Callable[[torch.Tensor], torch.Tensor]
+# (qkv, positions, cos_sin, k_cache, v_cache, out_loc, num_heads) -> rotated q [T, Hq, D]
+RotaryStoreKVFn = Callable[..., torch.Tensor]
+ExtendAttentionFn = Callable[..., torch.Tensor]
+DecodeAttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    name: str
+    rms_norm: RMSNormFn
+    silu_and_mul: SiluAndMulFn
+    rotary_store_kv: RotaryStoreKVFn
+    extend_attention: ExtendAttentionFn
+    decode_attention: DecodeAttentionFn
+
+
+def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
+    """``torch``: the references; ``triton``: our kernels; ``auto``: Triton on CUDA, torch
+    elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from engine.kernels import reference as ref
+
+        return KernelBackend(
+            "torch",
+            ref.rms_norm_ref,
+            ref.silu_and_mul_ref,
+            ref.rotary_store_kv_ref,
+            ref.extend_attention_ref,
+            ref.decode_attention_ref,
+        )
+    if name == "triton":
+        from engine.kernels.activation import silu_and_mul
+        from engine.kernels.norm import rms_norm
+        from engine.kernels.triton_backend import TRITON_FUNCTIONS
+
+        rotary_store_kv, extend_attention, decode_attention = TRITON_FUNCTIONS
+        return KernelBackend(
+            "triton", rms_norm, silu_and_mul, rotary_store_kv, extend_attention, decode_attention
+        )
+    raise ValueError(f"unknown attention backend {name!r} (expected {', '.join(ATTENTION_BACKENDS)})")
