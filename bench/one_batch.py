@@ -14,6 +14,12 @@ Each row: ms per step, tokens/s, the roofline (bytes that must move / measured b
 FLOPs / measured matmul rate, whichever is longer) and our fraction of it, the ratio to the
 matmuls alone and to transformers, and the issue's H100 target where there is one.
 
+Then what the profile says is in the way (``bench/profile_step.py``; ``--no-profile`` skips it):
+``torch.profiler`` over decode steps at batch 1 and 128, context 512, as served (graph replay
+included), and over prefill 1x4096: kernels per step and per layer, device time per category
+(gemm, attention, KV store, norm, activation, copies, other), the top kernels, and the sum of
+kernel time against the step's wall time. In the JSON under "profile".
+
 ``python -m bench.one_batch --output bench/results/one_batch.json``       (GPU)
 ``python -m bench.one_batch --tiny --output /tmp/one_batch.json``         (CPU smoke test)
 
@@ -24,11 +30,10 @@ mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
-import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +41,8 @@ import torch
 
 from bench import one_batch_peers as peers
 from bench.kernels import FULL_SHAPES, TINY_SHAPES, make_timer, measure_ceilings
+from bench.profile_step import Profile, StepProfile, format_profile, has_category, profile_step, wall_ms
+from engine.cuda_graph import EagerStepRunner
 from engine.kv_pool import kv_bytes_per_token
 from engine.worker import Worker
 from protocol.config import ServerArgs
@@ -56,10 +63,16 @@ class Plan:
     peer_prefill_len: int
     warmup: int
     reps: int
+    profile_batches: tuple[int, ...]  # decode steps profiled at profile_context
+    profile_context: int
+    profile_prefill_len: int
+    profile_steps: int
 
 
-FULL = Plan("bfloat16", (512, 4096), (1, 32, 128), (512, 2048), (1, 128), 512, 4096, warmup=3, reps=20)
-TINY = Plan("float32", (16, 64), (1, 4), (16, 40), (1, 4), 16, 64, warmup=1, reps=3)
+FULL = Plan("bfloat16", (512, 4096), (1, 32, 128), (512, 2048), (1, 128), 512, 4096, warmup=3, reps=20,
+            profile_batches=(1, 128), profile_context=512, profile_prefill_len=4096, profile_steps=5)
+TINY = Plan("float32", (16, 64), (1, 4), (16, 40), (1, 4), 16, 64, warmup=1, reps=3,
+            profile_batches=(1, 4), profile_context=16, profile_prefill_len=64, profile_steps=2)
 
 # The issue's H100 targets: (phase, batch, context) → max ms, and max ratio to the matmuls alone.
 TARGET_MS = {("decode", 1, 512): 6.0, ("decode", 128, 512): 10.0, ("prefill", 1, 4096): 110.0}
@@ -86,9 +99,11 @@ class Row:
 
     @property
     def name(self) -> str:
-        if self.phase == "prefill":
-            return f"prefill 1x{self.context}"
-        return f"decode b={self.batch} ctx={self.context}"
+        return step_name(self.phase, self.batch, self.context)
+
+
+def step_name(phase: str, batch: int, context: int) -> str:
+    return f"prefill 1x{context}" if phase == "prefill" else f"decode b={batch} ctx={context}"
 
 
 @dataclass
@@ -101,22 +116,10 @@ class Report:
     ceilings: dict[str, float] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    profile: Profile | None = None  # what fills the profiled steps (bench/profile_step.py)
 
 
 # ----------------------------------------------------------------------------- our engine
-
-
-def time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median wall milliseconds of ``fn`` (which must end with a host sync, as ``Worker.step``
-    does when it reads the sampled tokens)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def make_worker(model_path: str | None, plan: Plan, device: str) -> Worker:
@@ -164,25 +167,39 @@ class StepBench:
         self._step(StepBatch(step_id=0, released=slots))
         self.free_pages += pages
 
-    def prefill_ms(self, length: int) -> float:
+    @contextlib.contextmanager
+    def prefill(self, length: int) -> Iterator[Callable[[], None]]:
+        """A prompt of ``length`` tokens in slot 0: yields its step (rerun, it rewrites the KV)."""
         slots, pages = self._open(1, length)
         ids = torch.randint(0, self.worker.config.vocab_size, (length,)).tolist()
         batch = StepBatch(step_id=0, extends=[ExtendReq(0, 0, ids)])
-        ms = time_ms(lambda: self._step(batch), self.plan.warmup, self.plan.reps)
-        self._close(slots, pages)
-        return ms
+        try:
+            yield lambda: self._step(batch)
+        finally:
+            self._close(slots, pages)
 
-    def decode_ms(self, batch: int, context: int) -> tuple[float, float]:
-        """Steps of ``batch`` decodes whose sequences are ``context`` tokens long: (whole step,
+    @contextlib.contextmanager
+    def decode(self, batch: int, context: int) -> Iterator[tuple[Callable[[], None], Callable[[], None]]]:
+        """``batch`` decodes whose sequences are ``context`` tokens long: yields (the whole step,
         the forward alone: inputs, graph replay and logits, without sampling)."""
         slots, pages = self._open(batch, context)
         positions = [context - 1] * batch
         step = StepBatch(step_id=0, decode_slots=slots, decode_positions=positions)
-        ms = time_ms(lambda: self._step(step), self.plan.warmup, self.plan.reps)
         run = self.worker.step_runner.run
-        forward_ms = time_ms(lambda: _synced(run([], slots, positions)[1]), self.plan.warmup, self.plan.reps)
-        self._close(slots, pages)
-        return ms, forward_ms
+        try:
+            yield lambda: self._step(step), lambda: _synced(run([], slots, positions)[1])
+        finally:
+            self._close(slots, pages)
+
+    def prefill_ms(self, length: int) -> float:
+        with self.prefill(length) as step:
+            return wall_ms(step, self.plan.warmup, self.plan.reps)
+
+    def decode_ms(self, batch: int, context: int) -> tuple[float, float]:
+        """(whole step, forward alone) of ``decode(batch, context)``."""
+        with self.decode(batch, context) as (step, forward):
+            return (wall_ms(step, self.plan.warmup, self.plan.reps),
+                    wall_ms(forward, self.plan.warmup, self.plan.reps))
 
 
 def measure_engine(worker: Worker, plan: Plan, ceilings: dict[str, float]) -> list[Row]:
@@ -201,6 +218,46 @@ def measure_engine(worker: Worker, plan: Plan, ceilings: dict[str, float]) -> li
             rows.append(_row("decode", batch, context, ms, batch, work, ceilings))
             rows[-1].forward_ms = forward_ms
     return rows
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def profile_engine(worker: Worker, plan: Plan) -> Profile:
+    """The decode steps of ``plan.profile_batches`` at ``plan.profile_context`` as served (CUDA-graph
+    replay on CUDA) and the prefill of ``plan.profile_prefill_len``. Should a graph replay's
+    profile hold no decode-attention kernel (the profiler did not see inside the graph), the
+    same decode steps are profiled eagerly as well."""
+    bench = StepBench(worker, plan)
+    prof = Profile(activity="cuda" if worker.loaded.device.type == "cuda" else "cpu")
+    graphs = not isinstance(worker.step_runner, EagerStepRunner)
+    prof.steps = [_profile_decode(bench, b, "graph" if graphs else "eager") for b in plan.profile_batches]
+    if graphs and not all(has_category(s, "attention-decode") for s in prof.steps):
+        prof.notes.append("no decode-attention kernel in the profile of a CUDA-graph replay: the "
+                          "profiler did not see inside the graph (or CATEGORIES in bench/profile_step.py "
+                          "misses a renamed kernel); the same decode steps are profiled eagerly below")
+        graph_runner, worker.step_runner = worker.step_runner, EagerStepRunner(worker.runner)
+        try:
+            prof.steps += [_profile_decode(bench, b, "eager") for b in plan.profile_batches]
+        finally:
+            worker.step_runner = graph_runner
+    elif graphs:
+        prof.notes.append("decode steps replay CUDA graphs; the kernels inside them are counted")
+    with bench.prefill(plan.profile_prefill_len) as step:
+        prof.steps.append(_profile(bench, step_name("prefill", 1, plan.profile_prefill_len), "eager", step))
+    return prof
+
+
+def _profile_decode(bench: StepBench, batch: int, mode: str) -> StepProfile:
+    context = bench.plan.profile_context
+    with bench.decode(batch, context) as (step, _):
+        return _profile(bench, step_name("decode", batch, context), mode, step)
+
+
+def _profile(bench: StepBench, name: str, mode: str, step: Callable[[], None]) -> StepProfile:
+    plan, worker = bench.plan, bench.worker
+    return profile_step(name, mode, step, steps=plan.profile_steps, warmup=plan.warmup,
+                        num_layers=worker.config.num_layers, device=worker.loaded.device.type)
 
 
 def _synced(tensor: torch.Tensor) -> None:
@@ -270,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--tiny", action="store_true", help="the embedded model at tiny shapes (CPU smoke)")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers (saves its load time)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="the kernel-time breakdown of decode and prefill steps (default: on)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
@@ -286,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     worker = make_worker(model_path, plan, device)
     report.rows = measure_engine(worker, plan, report.ceilings)
     matmuls_ms = {b: timer(peers.decode_matmuls(worker.runner.model, b)) for b in plan.decode_batches}
+    if args.profile:
+        try:
+            report.profile = profile_engine(worker, plan)
+        except Exception as exc:  # noqa: BLE001 - the timings above are worth writing without it
+            report.skipped.append(f"profile: {type(exc).__name__}: {exc}"[:300])
     config = worker.config
     del worker
     _free_memory(device)
@@ -295,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     add_comparisons(report.rows, matmuls_ms, hf)
 
     print_table(report)
+    if report.profile is not None:
+        print(format_profile(report.profile))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(asdict(report), indent=2) + "\n")
     print(f"wrote {args.output}")

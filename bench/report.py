@@ -62,6 +62,18 @@ def one_batch_lines(source: str, data: dict[str, Any]) -> Iterator[Line]:
             yield Line(source, f"{name} speed-up over transformers", r["vs_hf"])
     for name, value in data.get("ceilings", {}).items():
         yield Line(source, f"ceiling {name}", value)
+    yield from _profile_lines(source, data.get("profile"))
+
+
+def _profile_lines(source: str, profile: dict[str, Any] | None) -> Iterator[Line]:
+    """A profiled step in three numbers: kernels per layer, the share of its wall time no kernel
+    ran, and the share the matmuls ran."""
+    for s in (profile or {}).get("steps", []):
+        label = f"profile {s['name']} [{s['mode']}]"
+        yield Line(source, f"{label} kernels per layer", s["kernels_per_layer"])
+        yield Line(source, f"{label} idle share (wall - kernels)", s["idle_share"])
+        gemm = sum(c["share"] for c in s["categories"] if c["name"] == "gemm")
+        yield Line(source, f"{label} gemm share", gemm)
 
 
 # Issue targets on an H100: our time over SDPA's on the same inputs (decode attention over

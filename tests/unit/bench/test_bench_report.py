@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from bench import kernels, kvtransfer, one_batch, report
+from bench import kernels, kvtransfer, one_batch, profile_step, report
 
 
 def _write(path, obj) -> None:
@@ -62,3 +62,17 @@ def test_cpu_runs_get_no_verdict(tmp_path):
     _write(tmp_path / "one_batch.json", _one_batch(False, 50.0))
     lines, _ = report.collect([tmp_path / "one_batch.json"])
     assert {line.result for line in lines if line.target is not None} == {"n/a (CPU)"}
+
+
+def test_one_batch_profile_gives_three_lines_per_profiled_step():
+    data = _one_batch(True, 5.0)
+    gemm = profile_step.Category("gemm", 200.0, 4.0, 0.8, 20.0)
+    step = profile_step.StepProfile("decode b=1 ctx=512", "graph", 5, 5.0, 4.5, 0.5, 0.1, 4.8, 320.0, 10.0,
+                                    [gemm])
+    data["profile"] = asdict(profile_step.Profile("cuda", [], [step]))
+    lines = {line.metric: line for line in report.one_batch_lines("one_batch", data)}
+    label = "profile decode b=1 ctx=512 [graph]"
+    assert lines[f"{label} kernels per layer"].value == 10.0
+    assert lines[f"{label} idle share (wall - kernels)"].value == 0.1
+    assert lines[f"{label} gemm share"].value == 0.8
+    assert all(line.target is None for line in lines.values() if line.metric.startswith("profile"))

@@ -37,9 +37,27 @@ def test_tiny_run_writes_every_row_with_its_comparisons(tmp_path):
     assert with_peer == {("prefill", 1, plan.peer_prefill_len)} | {
         ("decode", b, plan.peer_decode_context) for b in plan.peer_decode_batches
     }
+    _assert_profiled(data["profile"], plan)
     lines, notes = collect([tmp_path])
     assert not notes
-    assert any(line.metric == "decode b=1 ctx=16 / matmuls alone" for line in lines)
+    metrics = {line.metric for line in lines}
+    assert "decode b=1 ctx=16 / matmuls alone" in metrics
+    assert "profile decode b=1 ctx=16 [eager] kernels per layer" in metrics
+
+
+def _assert_profiled(profile: dict, plan: one_batch.Plan) -> None:
+    """On CPU: the decode steps eagerly (no CUDA graphs) and the prefill, as torch CPU ops."""
+    assert profile["activity"] == "cpu"
+    names = [(s["name"], s["mode"]) for s in profile["steps"]]
+    ctx = plan.profile_context
+    assert names == [(f"decode b={b} ctx={ctx}", "eager") for b in plan.profile_batches] + [
+        (f"prefill 1x{plan.profile_prefill_len}", "eager")]
+    for step in profile["steps"]:
+        assert step["profiled_steps"] == plan.profile_steps and step["wall_ms"] > 0
+        categories = {c["name"]: c for c in step["categories"]}
+        assert categories["gemm"]["launches"] > 0 and categories["gemm"]["ms"] > 0
+        assert sum(c["launches"] for c in step["categories"]) == step["kernels"]
+        assert step["top"] and step["kernels_per_layer"] > 1
 
 
 def test_work_counts_weights_kv_and_flops():
