@@ -1,6 +1,6 @@
 """``silu(gate) * up`` over the fused gate_up projection output in one pass (reference:
-``silu_and_mul_ref``). A candidate for the engine's MLP; the gain over torch eager is owed to a
-GPU measurement (``bench/kernels.py``)."""
+``silu_and_mul_ref``): one launch and one read of the projection where torch eager runs two
+kernels and writes the intermediate; ``bench/kernels.py`` measures it against torch eager."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def _serve() -> None:
     from tests.unit.kernels.kernel_cases import CHECKS
 
     torch.set_num_threads(1)
-    unusable = _interpreter_unusable()
+    unusable = interpreter_unusable()
     for line in sys.stdin:
         request = json.loads(line)
         if request["check"] == "probe":
@@ -132,7 +132,7 @@ def _reply(protocol, reply: dict[str, Any]) -> None:
     protocol.flush()
 
 
-def _interpreter_unusable() -> str | None:
+def interpreter_unusable() -> str | None:
     """None if a loop with a run-time bound runs in this triton's interpreter, else why not."""
     import numpy
     import torch

@@ -1,6 +1,7 @@
-"""Compile every Triton kernel ahead of time for an H100 (sm_90) with triton's bundled ptxas; no
-GPU needed. The interpreter proves the kernels compute the right thing; this proves the real
-compiler accepts them, with the default configs and the alignment the JIT would see.
+"""Compile every Triton kernel (the engine's, and kvtransfer's page copy) ahead of time for an
+H100 (sm_90) with triton's bundled ptxas; no GPU needed. The interpreter proves the kernels
+compute the right thing; this proves the real compiler accepts them, with the default configs
+and the alignment the JIT would see.
 
 Run as ``python -m tests.unit.kernels.sm90_compile`` (prints one line per kernel, exits 1 on
 the first failure). It must run without ``TRITON_INTERPRET``.
@@ -27,6 +28,8 @@ class Build:
     num_stages: int
     expect_mma: bool = False
     enable_fp_fusion: bool = True  # as the kernel's launch passes it
+    scalar_types: dict[str, str] | None = None  # non-pointer arguments that are not i32 / SCALARS
+    divisible: tuple[str, ...] = ()  # integer arguments the JIT would see as multiples of 16
 
 
 def builds() -> list[Build]:
@@ -86,7 +89,26 @@ def builds() -> list[Build]:
             {"HAS_RESIDUAL": residual, "BLOCK": block}, norm.num_warps_for(block), 1,
         ))
     out.append(Build("silu_and_mul", act._silu_and_mul_kernel, {}, {"BLOCK": act.BLOCK}, 4, 1))
+    out += page_copy_builds()
     return out
+
+
+def page_copy_builds() -> list[Build]:
+    """kvtransfer's gather / scatter / pool-to-pool page copy, on bf16 pools seen as int16."""
+    from kvtransfer import kernels as kv
+
+    tables = {"base_ptr": "*i16", "src_table_ptr": "*i64", "src_pages_ptr": "*i64",
+              "dst_table_ptr": "*i64", "dst_pages_ptr": "*i64"}
+    shifts = {"src_shift": "i64", "dst_shift": "i64"}
+    return [
+        Build(
+            f"kv page copy {'pool' if src else 'staging'} -> {'pool' if dst else 'staging'} align={align}",
+            kv._copy_pages_kernel, tables,
+            {"SRC_POOL": src, "DST_POOL": dst, "ALIGN": align, "BLOCK": kv._BLOCK}, 4, 1,
+            scalar_types=shifts, divisible=("page_elems",),
+        )
+        for src, dst, align in ((True, False, 8), (False, True, 8), (True, True, 1))
+    ]
 
 
 def compile_for_h100(build: Build):
@@ -102,9 +124,10 @@ def compile_for_h100(build: Build):
         if name.endswith("_ptr"):
             signature[name] = build.pointer_types.get(name, "*bf16")
         else:
-            signature[name] = SCALARS.get(name, "i32")
+            signature[name] = (build.scalar_types or {}).get(name) or SCALARS.get(name, "i32")
         # What the JIT would specialise on: 16-byte aligned pointers, strides that are multiples of 16.
-        if name.endswith("_ptr") or (name.startswith("stride") and name not in NOT_MULTIPLE_OF_16):
+        strided = name.startswith("stride") and name not in NOT_MULTIPLE_OF_16
+        if name.endswith("_ptr") or strided or name in build.divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=build.kernel, signature=signature, constexprs=build.constexprs, attrs=attrs)
     options = {"num_warps": build.num_warps, "num_stages": build.num_stages,
