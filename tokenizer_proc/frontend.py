@@ -240,6 +240,7 @@ class Frontend:
             log.debug("abort of unknown rid %s ignored", client_rid)
             return
         log.info("rid=%s (client rid %s): aborted by the client", req.rid, client_rid)
+        req.aborted_by_client = True
         self._abort_everywhere(req, "abort")  # the (decode) instance answers with the final output
 
     def _start_status(self, conn: bytes, cmd: StatusCommand) -> None:
@@ -343,6 +344,14 @@ class Frontend:
             # The decode side already holds the whole KV cache and streams: a late prefill-side
             # failure (e.g. a lost acknowledgement) must not end the request.
             log.info("rid=%s: ignored a late prefill-side failure: %s", req.rid, msg.message)
+            return
+        if req.aborted_by_client:
+            # The instance failed it (e.g. its transfer, cut short by the abort's other half)
+            # before our abort reached it: to the client it ends as the abort it asked for.
+            log.info("rid=%s: failed after the client aborted it (%s): an abort", req.rid, msg.code)
+            self._requests.remove(req)
+            self._abort_everywhere(req, "abort")
+            self._send(req.conn, req.abort(time.perf_counter()))
             return
         log.warning(
             "rid=%s (client rid %s, %s) failed: %s: %s",

@@ -29,6 +29,7 @@ class LiveRequest:
     cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    aborted_by_client: bool = False  # an abort is on its way to the instances
     # Non-streaming requests collect their whole answer here.
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
@@ -74,6 +75,13 @@ class LiveRequest:
         return self._message(
             "".join(self.texts), self.token_ids, self.logprobs if self.return_logprob else None, now
         )
+
+    def abort(self, now: float) -> ClientOutput:
+        """Finish with reason ``abort`` here (the client asked for it; the instance failed the
+        request before the abort reached it): the client's final message."""
+        final = self.apply(ReqOutput(rid=self.rid, token_ids=[], finished=True, finish_reason="abort"), now)
+        assert final is not None
+        return final
 
     def _record(self, out: ReqOutput, now: float) -> None:
         if self.first_token_at is None and (out.token_ids or out.finished):

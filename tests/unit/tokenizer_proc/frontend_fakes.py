@@ -210,6 +210,7 @@ class FakeDecode(FakeInstance):
     refuse: dict[str, str] = field(default_factory=dict)
     ignore_connects: int = 0
     peers: dict[str, str] = field(default_factory=dict)
+    fail_on_abort: tuple[str, str] | None = None  # answer an abort with this failure instead
 
     def connects(self) -> list[ConnectPrefill]:
         return [m for m in self.received if isinstance(m, ConnectPrefill)]
@@ -221,6 +222,12 @@ class FakeDecode(FakeInstance):
             self.ignore_connects -= 1
         else:
             self.peers = {addr: self._registration(addr) for addr in msg.prefill_addrs}
+
+    def _abort(self, push: zmq.Socket, msg: AbortRequest) -> None:
+        if self.fail_on_abort is None:
+            super()._abort(push, msg)
+        elif self._live.pop(msg.rid, None) is not None:
+            transport.send(push, RequestFailed(msg.rid, *self.fail_on_abort, role="decode"))
 
     def _registration(self, prefill_addr: str) -> str:
         reason = self.refuse.get(prefill_addr)

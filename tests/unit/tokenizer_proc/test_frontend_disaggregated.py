@@ -124,6 +124,22 @@ def test_client_abort_reaches_both_sides_and_decode_answers(make_pd):
     assert all(i["prefilling"] == i["decoding"] == 0 for i in status["instances"])
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_failure_that_answers_a_client_abort_ends_as_an_abort(make_pd, stream):
+    """The decode side may fail a request its prefill side dropped on the abort (transfer_failed)
+    before the abort reaches it: the client still gets the abort it asked for."""
+    dep = make_pd(decode=[{"fail_on_abort": (TRANSFER_FAILED, "the prefill side aborted the room")}])
+    (decode,) = dep.decodes
+    with dep.client() as client:
+        rid = client.submit("x", stream=stream, max_new_tokens=200, ignore_eos=True)
+        wait_for(lambda: decode.requests())
+        client.abort(rid)
+        out = client.result(rid)
+        assert out["finished"] and out["finish_reason"] == "abort"
+        assert out["usage"]["completion_tokens"] < 200
+        assert client.generate("x", max_new_tokens=2)["finish_reason"] == "length"  # still serving
+
+
 def test_stop_string_aborts_both_sides(make_pd):
     dep = make_pd()
     (prefill,), (decode,) = dep.prefills, dep.decodes
