@@ -102,6 +102,12 @@ def _flag_type(f: dataclasses.Field) -> type:
 LAUNCH_ONLY = ("mode", "prefill", "decode", "num_prefill", "num_decode")
 
 
+# Modes whose --host is handed to other processes to connect to (the front end's output address,
+# an instance's input and KV-transfer addresses), so it must name a reachable interface.
+ADVERTISED_MODES = ("prefill", "decode", "frontend")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "*")
+
+
 def parse_args(argv: list[str]) -> tuple[str, ServerArgs, argparse.Namespace]:
     ns = build_parser().parse_args(argv)
     fields = {k: v for k, v in vars(ns).items() if k not in LAUNCH_ONLY}
@@ -111,6 +117,12 @@ def parse_args(argv: list[str]) -> tuple[str, ServerArgs, argparse.Namespace]:
         raise ValueError("--mode frontend needs --prefill ADDR... and --decode ADDR...")
     if ns.mode == "pd" and (ns.num_prefill < 1 or ns.num_decode < 1):
         raise ValueError("--num-prefill and --num-decode must be at least 1")
+    if ns.mode in ADVERTISED_MODES and args.host in WILDCARD_HOSTS:
+        raise ValueError(
+            f"--host {args.host} binds every interface, but a --mode {ns.mode} process also gives "
+            "its address to other processes to connect back to: give the address they reach this "
+            "host at (e.g. --host 10.0.0.5)"
+        )
     return ns.mode, args, ns
 
 

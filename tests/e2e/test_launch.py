@@ -20,6 +20,15 @@ def test_child_failing_at_start_up_fails_launch(tmp_path):
     assert "exited with code" in proc.stderr
 
 
+def test_a_wildcard_host_is_refused_where_the_address_is_handed_to_peers():
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "--mode", "prefill", "--host", "0.0.0.0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--host 0.0.0.0 binds every interface" in proc.stderr
+
+
 def test_bad_flag_value_is_refused():
     proc = subprocess.run(
         [sys.executable, "launch.py", "--schedule-policy", "random"],
