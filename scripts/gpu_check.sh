@@ -9,7 +9,8 @@
 #                  CUDA graphs on and off; bf16 smoke) and tests/gpu/test_disagg_gpu.py (1P1D on
 #                  the one GPU, cuda_ipc and zmq)
 #        e2e       tests/e2e (the CPU end-to-end suite; --device auto puts its servers on CUDA)
-#        kernels one_batch transfer serving   the benchmarks (bench/*.py)
+#        kernels one_batch transfer serving   the benchmarks (bench/*.py); serving is
+#                  serving_unified then serving_pd (1P1D), each also a step of its own
 #        report    the table of what the results folder holds (also printed after any step)
 #        all       every step above, in that order
 #
@@ -109,12 +110,21 @@ serve_and_drive() {
   return "$rc"
 }
 
-# unified next to 1P1D on the one GPU (each worker's KV pool capped so both 8B copies fit)
+step_serving_unified() {
+  serve_and_drive serving --mode unified
+}
+
+# 1P1D on the one GPU (each worker's KV pool capped so both 8B copies fit)
+step_serving_pd() {
+  serve_and_drive serving-1p1d --mode pd --num-prefill 1 --num-decode 1 --transfer-backend cuda_ipc \
+    --max-total-tokens 131072
+}
+
+# unified next to 1P1D (two steps when one command's time limit is tight)
 step_serving() {
   local rc=0
-  serve_and_drive serving --mode unified || rc=1
-  serve_and_drive serving-1p1d --mode pd --num-prefill 1 --num-decode 1 --transfer-backend cuda_ipc \
-    --max-total-tokens 131072 || rc=1
+  step_serving_unified || rc=1
+  step_serving_pd || rc=1
   return "$rc"
 }
 
@@ -128,8 +138,9 @@ main() {
   [ "${steps[*]}" = all ] && steps=(tests e2e_cuda e2e kernels one_batch transfer serving)
   for s in "${steps[@]}"; do
     case $s in
-      tests|e2e_cuda|e2e|kernels|one_batch|transfer|serving|report) ;;
-      *) echo "unknown step: $s (tests e2e_cuda e2e kernels one_batch transfer serving report all)" >&2
+      tests|e2e_cuda|e2e|kernels|one_batch|transfer|serving|serving_unified|serving_pd|report) ;;
+      *) echo "unknown step: $s (tests e2e_cuda e2e kernels one_batch transfer serving" \
+           "serving_unified serving_pd report all)" >&2
          exit 2 ;;
     esac
   done
