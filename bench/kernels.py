@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from bench.kernels_base import FULL_SHAPES, TINY_SHAPES, Case, KernelShapes, rel_err
+from bench.kernels_base import FULL_SHAPES, TINY_SHAPES, Case, KernelShapes, rel_err, write_report
 from bench.kernels_pointwise import rms_norm_case, rotary_store_kv_case, silu_and_mul_case
 
 
@@ -302,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     flex = None if args.no_flex else load_flex(device)
     for case in all_cases(shapes, flex, device):
         run_case(case, timer, report)
+        print(f"measured {case.kernel} {case.shape}", flush=True)
+        write_report(args.output, report)  # a run cut short by a time limit keeps what it measured
 
     print_table(report)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    write_report(args.output, report)
     print(f"wrote {args.output}")
     return 0
 

@@ -3,8 +3,10 @@ case (our kernel, its peers on the same inputs, and how to score a time)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,3 +63,9 @@ class Case:
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def write_report(path: Path, report: object) -> None:
+    """The report as JSON at ``path`` (rewritten whole: the last write is the complete one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(report), indent=2) + "\n")

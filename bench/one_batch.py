@@ -32,15 +32,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bench import one_batch_peers as peers
 from bench.kernels import FULL_SHAPES, TINY_SHAPES, make_timer, measure_ceilings
+from bench.kernels_base import write_report
 from bench.profile_step import Profile, StepProfile, format_profile, has_category, profile_step, wall_ms
 from engine.cuda_graph import EagerStepRunner
 from engine.kv_pool import kv_bytes_per_token
@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     report.ceilings = measure_ceilings(TINY_SHAPES if args.tiny else FULL_SHAPES, device, timer)
     worker = make_worker(model_path, plan, device)
     report.rows = measure_engine(worker, plan, report.ceilings)
+    print_table(report)
+    write_report(args.output, report)  # a run cut short by a time limit keeps the engine's numbers
     matmuls_ms = {b: timer(peers.decode_matmuls(worker.runner.model, b)) for b in plan.decode_batches}
     if args.profile:
         try:
@@ -361,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     if report.profile is not None:
         print(format_profile(report.profile))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    write_report(args.output, report)
     print(f"wrote {args.output}")
     return 0
 

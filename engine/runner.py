@@ -224,6 +224,10 @@ class ModelRunner:
 
 
 def _to_device(device: torch.device, *arrays: Sequence[int]) -> list[torch.Tensor]:
-    """int64 device tensors of several host lists, moved in one copy."""
-    flat = torch.tensor(list(itertools.chain.from_iterable(arrays)), dtype=torch.int64)
-    return list(flat.to(device, non_blocking=True).split([len(a) for a in arrays]))
+    """int64 device tensors of several host lists, moved in one copy. Each starts 16-byte
+    aligned (its segment padded to an even length): Triton compiles one kernel variant per
+    pointer alignment, so an odd offset would compile a new variant in the middle of serving."""
+    padded = [[*a, 0] if len(a) % 2 else a for a in arrays]
+    flat = torch.tensor(list(itertools.chain.from_iterable(padded)), dtype=torch.int64)
+    parts = flat.to(device, non_blocking=True).split([len(p) for p in padded])
+    return [part[: len(a)] for part, a in zip(parts, arrays, strict=True)]

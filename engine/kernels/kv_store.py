@@ -142,8 +142,8 @@ def _check_rotary_inputs(
     if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.stride(1) != 1:
         raise ValueError(f"cos_sin must be [max_positions, {head_dim}], got {tuple(cos_sin.shape)}")
     for name, index in (("positions", positions), ("out_loc", out_loc)):
-        if tuple(index.shape) != (qkv.shape[0],):
-            raise ValueError(f"{name} must be [{qkv.shape[0]}], got {tuple(index.shape)}")
+        if tuple(index.shape) != (qkv.shape[0],) or (qkv.shape[0] > 1 and index.stride(0) != 1):
+            raise ValueError(f"{name} must be a contiguous [{qkv.shape[0]}], got {tuple(index.shape)}")
 
 
 def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:

@@ -121,3 +121,14 @@ def test_kernel_backend_choice() -> None:
     assert kernels.rms_norm is reference.rms_norm_ref
     with pytest.raises(ValueError, match="flash"):
         make_kernel_backend("flash", cpu)
+
+
+def test_step_inputs_start_16_byte_aligned(embedded_worker: Worker) -> None:
+    """Triton specializes on pointer alignment: odd-length segments must not misalign the next."""
+    runner = embedded_worker.runner
+    runner.append_pages([(1, [1, 2]), (2, [3]), (3, [4])])
+    inputs = runner.prepare([ExtendReq(1, 0, [1, 2, 3])], [2, 3], [0, 1])
+    for tensor in (inputs.input_ids, inputs.positions, inputs.sample_rows, inputs.sample_slots_device):
+        assert tensor.data_ptr() % 16 == 0
+    assert inputs.positions.tolist() == [0, 1, 2, 0, 1]
+    runner.release_slots([1, 2, 3])

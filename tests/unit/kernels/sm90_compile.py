@@ -22,7 +22,7 @@ SCALARS = {"qk_scale": "fp32", "eps": "fp32"}
 class Build:
     label: str
     kernel: object
-    pointer_types: dict[str, str]  # anything else ending in _ptr is bf16
+    pointer_types: dict[str, str]  # anything else ending in _ptr is of ``element``
     constexprs: dict[str, int]
     num_warps: int
     num_stages: int
@@ -30,6 +30,7 @@ class Build:
     enable_fp_fusion: bool = True  # as the kernel's launch passes it
     scalar_types: dict[str, str] | None = None  # non-pointer arguments that are not i32 / SCALARS
     divisible: tuple[str, ...] = ()  # integer arguments the JIT would see as multiples of 16
+    element: str = "*bf16"  # the activations' and caches' pointer type
 
 
 def builds() -> list[Build]:
@@ -89,8 +90,21 @@ def builds() -> list[Build]:
             {"HAS_RESIDUAL": residual, "BLOCK": block}, norm.num_warps_for(block), 1,
         ))
     out.append(Build("silu_and_mul", act._silu_and_mul_kernel, {}, {"BLOCK": act.BLOCK}, 4, 1))
+    out += float32_builds(out)
     out += page_copy_builds()
     return out
+
+
+def float32_builds(bf16: list[Build]) -> list[Build]:
+    """The attention kernels again in float32 (the GPU tests' exact comparisons run them): twice
+    the shared memory and registers of bf16 at the same blocks, and IEEE float32 dots (FMA, not
+    tensor cores)."""
+    return [
+        Build(f"{b.label} float32", b.kernel, b.pointer_types, b.constexprs, b.num_warps, b.num_stages,
+              False, b.enable_fp_fusion, b.scalar_types, b.divisible, element="*fp32")
+        for b in bf16
+        if b.label.startswith(("decode split", "extend"))
+    ]
 
 
 def page_copy_builds() -> list[Build]:
@@ -122,7 +136,7 @@ def compile_for_h100(build: Build):
             signature[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            signature[name] = build.pointer_types.get(name, "*bf16")
+            signature[name] = build.pointer_types.get(name, build.element)
         else:
             signature[name] = (build.scalar_types or {}).get(name) or SCALARS.get(name, "i32")
         # What the JIT would specialise on: 16-byte aligned pointers, strides that are multiples of 16.

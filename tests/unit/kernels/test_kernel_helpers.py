@@ -70,6 +70,10 @@ def test_rotary_store_kv_checks_shapes_without_launching() -> None:
     one_slot = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(ValueError, match="out_loc must be"):
         rotary_store_kv(qkv, no_tokens, cos_sin, cache, cache.clone(), one_slot, heads)
+    two = torch.zeros(2, (heads + 2 * kv_heads) * dim)
+    strided = torch.zeros(4, dtype=torch.int64)[::2]  # the kernel indexes them with unit stride
+    with pytest.raises(ValueError, match="positions must be a contiguous"):
+        rotary_store_kv(two, strided, cos_sin, cache, cache.clone(), strided.contiguous(), heads)
 
 
 def test_comparator_rejects_one_wrong_row_in_low_precision() -> None:
