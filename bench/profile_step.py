@@ -35,6 +35,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
               "aten::mm", "aten::addmm", "aten::bmm")),
     ("memcpy/memset", ("memcpy", "memset")),
 )
+COPIES = "memcpy/memset"
 OTHER = "other"
 TOP_KERNELS = 10
 NAME_CHARS = 80
@@ -76,7 +77,7 @@ class StepProfile:
     idle_ms: float  # wall_ms - kernel_ms: host work, launches, the device waiting
     idle_share: float  # idle_ms / wall_ms
     device_span_ms: float | None  # first kernel start to last end, under the profiler (None: unknown)
-    kernels: float  # per step
+    kernels: float  # per step, copies and memsets not counted
     kernels_per_layer: float
     categories: list[Category] = field(default_factory=list)  # by time, longest first
     top: list[TopKernel] = field(default_factory=list)
@@ -112,7 +113,7 @@ def summarize(name: str, mode: str, events: Sequence[KernelEvent], steps: int, n
     ]
     categories.sort(key=lambda c: -c.ms)
     by_name = sorted(_tally(events, lambda e: e.name).items(), key=lambda item: -item[1][1])
-    kernels = len(events) / steps
+    kernels = sum(categorize(e.name) != COPIES for e in events) / steps  # launches, not copies
     return StepProfile(
         name=name, mode=mode, profiled_steps=steps, wall_ms=wall_ms, kernel_ms=kernel_ms,
         idle_ms=wall_ms - kernel_ms, idle_share=(wall_ms - kernel_ms) / wall_ms,

@@ -135,3 +135,10 @@ def test_graph_replays_without_decode_attention_kernels_are_profiled_eagerly_too
     assert [(s.name, s.mode) for s in prof.steps] == [
         ("decode b=1 ctx=16", "graph"), ("decode b=1 ctx=16", "eager"), ("prefill 1x64", "eager")]
     assert len(prof.notes) == 1 and "did not see inside the graph" in prof.notes[0]
+
+
+def test_copies_count_in_the_time_but_not_as_kernel_launches():
+    copy = KernelEvent("Memcpy HtoD (Pinned -> Device)", 100.0, 103.0, 3.0)
+    prof = summarize("decode", "graph", [*_step(0.0), copy], steps=1, num_layers=1, wall_ms=0.1)
+    assert prof.kernels == 7
+    assert prof.kernel_ms == pytest.approx(0.055)
