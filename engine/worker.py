@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 import zmq
 
-from engine.cuda_graph import StepRunner, compile_decode_variants, make_step_runner
+from engine.cuda_graph import EagerStepRunner, StepRunner, compile_decode_variants, make_step_runner
 from engine.kv_pool import KVPool, PoolSizing, kv_bytes_per_token
 from engine.layers.backend import make_kernel_backend
 from engine.models.config import ModelConfig
@@ -74,8 +74,10 @@ class Worker:
     step_runner: StepRunner  # decode steps by CUDA-graph replay, or everything eagerly
 
     @classmethod
-    def create(cls, args: ServerArgs) -> Worker:
-        """Load the model, size and allocate the KV pool, capture the decode graphs, warm up."""
+    def create(cls, args: ServerArgs, decodes: bool = True) -> Worker:
+        """Load the model, size and allocate the KV pool, capture the decode graphs, warm up.
+        A worker that never ``decodes`` (a prefill instance's) skips the decode graphs and the
+        decode kernels' warm-up: they would only cost start-up time and memory."""
         loaded = load_model(args)
         cfg = loaded.config
         context_len = _context_len(args, cfg)
@@ -85,9 +87,9 @@ class Worker:
         kernels = make_kernel_backend(args.attention_backend, loaded.device)
         runner = ModelRunner(loaded.model, pool, kernels, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
-        step_runner = make_step_runner(runner, args)
+        step_runner = make_step_runner(runner, args) if decodes else EagerStepRunner(runner)
         worker = cls(runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner)
-        worker.warm_up()
+        worker.warm_up(decodes)
         return worker
 
     @property
@@ -119,9 +121,10 @@ class Worker:
             transfer=transfer,
         )
 
-    def warm_up(self) -> None:
-        """One extend and one decode on slot 0, written to the padding page, so kernels are
-        compiled before the worker reports ready."""
+    def warm_up(self, decodes: bool = True) -> None:
+        """One extend and (for a worker that ``decodes``) one decode on slot 0, written to the
+        padding page, then every decode-kernel variant: kernels are compiled before the worker
+        reports ready."""
         num_tokens = self.runner.page_size + 1
         new_req = NewReq(slot=0, sampling=SamplingParams(temperature=0.0))
         self.step(
@@ -132,10 +135,11 @@ class Worker:
                 extends=[ExtendReq(0, 0, [0] * num_tokens)],
             )
         )
-        self.step(StepBatch(step_id=-2, decode_slots=[0], decode_positions=[num_tokens]))
+        if decodes:
+            self.step(StepBatch(step_id=-2, decode_slots=[0], decode_positions=[num_tokens]))
         self.step(StepBatch(step_id=-1, released=[0]))
         if self.loaded.device.type == "cuda":
-            if self.runner.kernels.name == "triton":
+            if decodes and self.runner.kernels.name == "triton":
                 compile_decode_variants(self.runner)
             torch.cuda.synchronize()
 

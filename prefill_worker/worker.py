@@ -10,7 +10,6 @@ failed) reach the scheduler as ``TransferResult`` from a forwarder thread with i
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -133,9 +132,7 @@ class PrefillWorker:
 
 def start_prefill(cfg: WorkerConfig) -> tuple[Worker, KVSender]:
     """The engine's worker and the KV sender over its pool."""
-    # A prefill instance never decodes: capturing decode graphs would only cost start-up time
-    # and memory.
-    worker = Worker.create(dataclasses.replace(cfg.args, disable_cuda_graph=True))
+    worker = Worker.create(cfg.args, decodes=False)  # a prefill instance samples first tokens only
     backend = cfg.args.transfer_backend
     sender = make_backend(
         backend,

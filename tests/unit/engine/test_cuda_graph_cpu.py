@@ -22,7 +22,7 @@ from engine.cuda_graph import (
 from engine.runner import ModelRunner
 from engine.worker import Worker
 from protocol.messages import ExtendReq, NewReq, PageAppend, SamplingParams, StepBatch
-from tests.unit.engine.engine_driver import driver_for, greedy
+from tests.unit.engine.engine_driver import driver_for, greedy, small_args
 
 
 def test_capture_batch_sizes_follow_the_list_and_end_at_the_maximum():
@@ -153,3 +153,19 @@ def test_graph_step_runner_generates_what_the_eager_runner_does(embedded_worker)
         worker.step_runner = EagerStepRunner(worker.runner)
     assert replayed == eager
     assert {1, 2, 4} <= set(capture.replays), capture.replays
+
+
+@pytest.mark.parametrize("decodes", [True, False])
+def test_a_worker_that_never_decodes_warms_up_without_a_decode_step(monkeypatch, decodes):
+    warm_up_steps: list[StepBatch] = []
+    step = Worker.step
+
+    def recording_step(self, batch):
+        warm_up_steps.append(batch)
+        return step(self, batch)
+
+    monkeypatch.setattr(Worker, "step", recording_step)
+    worker = Worker.create(small_args(), decodes=decodes)
+    assert any(b.extends for b in warm_up_steps)
+    assert any(b.decode_slots for b in warm_up_steps) == decodes
+    assert isinstance(worker.step_runner, EagerStepRunner)  # on CPU either way
