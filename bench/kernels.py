@@ -7,7 +7,9 @@
 - the rotary + KV store (one kernel per layer and step) vs torch eager doing the same work (the
   reference: split, two rotaries, indexed stores) for decode (T = 1, 64, 128) and prefill
   (T = 4096) token counts; fused RMSNorm(+residual) and SiLU-and-mul vs torch eager
-  (``bench/kernels_pointwise.py``).
+  (``bench/kernels_pointwise.py``);
+- the small-batch GEMV (decode's linear layers, M = 1 and 8, Llama-3-8B's five weight shapes),
+  its fastest config vs cuBLAS (``bench/kernels_gemv.py``).
 
 Each row gives the median time, the effective bandwidth (bytes that must move / time) or
 TFLOP/s, and the ratio to the peer and to the ceiling measured in the same run (a large
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.kernels_base import FULL_SHAPES, TINY_SHAPES, Case, KernelShapes, rel_err, write_report
+from bench.kernels_gemv import gemv_case
 from bench.kernels_pointwise import rms_norm_case, rotary_store_kv_case, silu_and_mul_case
 
 
@@ -226,7 +229,7 @@ def _skip_note(case: Case, what: str, exc: Exception) -> str:
     return f"{case.kernel} {case.shape} {what}: {type(exc).__name__}: {exc}"[:300]
 
 
-def all_cases(shapes: KernelShapes, flex, device: str):
+def all_cases(shapes: KernelShapes, flex, device: str, timer):
     """Built lazily, one at a time, so only one shape's tensors are alive."""
     for batch in shapes.decode_batches:
         for context in shapes.decode_contexts:
@@ -239,6 +242,9 @@ def all_cases(shapes: KernelShapes, flex, device: str):
     for rows in shapes.pointwise_rows:
         yield rms_norm_case(shapes, rows, device)
         yield silu_and_mul_case(shapes, rows, device)
+    for name, n, k in shapes.gemv_linears:
+        for rows in shapes.gemv_rows:
+            yield gemv_case(shapes, name, n, k, rows, device, timer)
 
 
 # ----------------------------------------------------------------------------- main
@@ -264,12 +270,12 @@ def print_table(report: Report) -> None:
         print("NOTE: CPU smoke test (Triton interpreter, tiny shapes): these numbers mean nothing.")
     ceilings = ", ".join(f"{name}={value:.4g}" for name, value in report.ceilings.items())
     print(f"device: {report.device}  ceilings: {ceilings}")
-    print(f"{'kernel':29} {'shape':20} {'impl':7} {'ms':>9} {'value':>9} {'metric':8} {'vs peer':>8} "
+    print(f"{'kernel':29} {'shape':32} {'impl':7} {'ms':>9} {'value':>9} {'metric':8} {'vs peer':>8} "
           f"{'vs ceil':>8} {'rel err':>8}")
     for r in report.rows:
         peer = f"{r.vs_peer:.2f}" if r.vs_peer is not None else ""
         err = f"{r.max_rel_err:.1e}" if r.max_rel_err is not None else ""
-        print(f"{r.kernel:29} {r.shape:20} {r.impl:7} {r.ms:9.4f} {r.value:9.4g} {r.metric:8} {peer:>8} "
+        print(f"{r.kernel:29} {r.shape:32} {r.impl:7} {r.ms:9.4f} {r.value:9.4g} {r.metric:8} {peer:>8} "
               f"{r.vs_ceiling:8.2f} {err:>8}")
     for line in report.skipped:
         print("skipped:", line)
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     report.ceilings = measure_ceilings(shapes, device, timer)
     flex = None if args.no_flex else load_flex(device)
-    for case in all_cases(shapes, flex, device):
+    for case in all_cases(shapes, flex, device, timer):
         run_case(case, timer, report)
         print(f"measured {case.kernel} {case.shape}", flush=True)
         write_report(args.output, report)  # a run cut short by a time limit keeps what it measured

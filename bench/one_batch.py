@@ -33,7 +33,7 @@ import argparse
 import contextlib
 import gc
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -117,6 +117,8 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     profile: Profile | None = None  # what fills the profiled steps (bench/profile_step.py)
+    # the worker's start-up measurement of cuBLAS against our GEMV (engine.kernels.small_batch_linear)
+    small_batch_matmuls: list[dict] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- our engine
@@ -218,6 +220,17 @@ def measure_engine(worker: Worker, plan: Plan, ceilings: dict[str, float]) -> li
             rows.append(_row("decode", batch, context, ms, batch, work, ceilings))
             rows[-1].forward_ms = forward_ms
     return rows
+
+
+def small_batch_matmuls(worker: Worker) -> list[dict]:
+    """What the worker measured at start-up for its small-batch matmuls (none off CUDA), printed."""
+    measured = getattr(worker.runner.kernels.linear, "measured", [])
+    if measured:
+        from engine.kernels.small_batch_linear import describe
+
+        print("small-batch matmuls, cuBLAS vs our GEMV (measured by the worker at start-up):")
+        print(describe(measured))
+    return [{**asdict(c), "use_gemv": c.use_gemv} for c in measured]
 
 
 # ----------------------------------------------------------------------------- profile
@@ -343,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch_version=torch.__version__)
     report.ceilings = measure_ceilings(TINY_SHAPES if args.tiny else FULL_SHAPES, device, timer)
     worker = make_worker(model_path, plan, device)
+    report.small_batch_matmuls = small_batch_matmuls(worker)
     report.rows = measure_engine(worker, plan, report.ceilings)
     print_table(report)
     write_report(args.output, report)  # a run cut short by a time limit keeps the engine's numbers

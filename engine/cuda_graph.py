@@ -122,7 +122,7 @@ def decode_forward(runner: ModelRunner, slots: torch.Tensor, positions: torch.Te
     """The body of a decode graph: (slots, positions) → logits, with no host sync."""
     input_ids, meta = decode_inputs(runner, slots, positions)
     hidden = runner.forward(input_ids, positions, meta)
-    return DecodeOutputs(input_ids, meta, runner.model.compute_logits(hidden))
+    return DecodeOutputs(input_ids, meta, runner.model.compute_logits(hidden, runner.kernels))
 
 
 @torch.inference_mode()

@@ -220,7 +220,7 @@ class ModelRunner:
     def logits(self, inputs: StepInputs) -> torch.Tensor:
         """Float32 logits [N, vocab] of the step's sampling rows."""
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+        return self.model.compute_logits(hidden[inputs.sample_rows], self.kernels)
 
 
 def _to_device(device: torch.device, *arrays: Sequence[int]) -> list[torch.Tensor]:

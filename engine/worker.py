@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import zmq
@@ -48,6 +48,9 @@ from protocol.messages import (
     WorkerFailed,
     WorkerReady,
 )
+
+if TYPE_CHECKING:
+    from engine.kernels.small_batch_linear import SmallBatchLinear
 
 logger = logging.getLogger("pdserve.worker")
 
@@ -85,6 +88,8 @@ class Worker:
         max_pages_per_req = -(-context_len // args.page_size)
         pool = _allocate_pool(args, loaded, max_useful_tokens=max_slots * max_pages_per_req * args.page_size)
         kernels = make_kernel_backend(args.attention_backend, loaded.device)
+        if decodes and loaded.device.type == "cuda" and kernels.name == "triton":
+            choose_small_batch_matmuls(kernels.linear, loaded.model)
         runner = ModelRunner(loaded.model, pool, kernels, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
         step_runner = make_step_runner(runner, args) if decodes else EagerStepRunner(runner)
@@ -174,6 +179,20 @@ class Worker:
             logprobs=None if logprobs is None else logprobs.tolist(),
             forward_ms=(time.perf_counter() - start) * 1000.0,
         )
+
+
+def choose_small_batch_matmuls(linear: SmallBatchLinear, model: torch.nn.Module) -> None:
+    """Measure cuBLAS against our GEMV on this device for the model's matmul shapes (before the
+    decode graphs are captured, which bake the choices in)."""
+    from engine.kernels.small_batch_linear import describe, device_timer
+
+    start = time.perf_counter()
+    measured = linear.choose(model.matmul_weights(), device_timer())
+    logger.info(
+        "small-batch matmuls: our GEMV for %d of %d (rows, shape) in %.1f s", len(linear.choices),
+        len(measured), time.perf_counter() - start,
+    )
+    logger.debug("small-batch matmuls:\n%s", describe(measured))
 
 
 def _allocate_pool(args: ServerArgs, loaded: LoadedModel, max_useful_tokens: int) -> KVPool:

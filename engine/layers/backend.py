@@ -1,10 +1,12 @@
-"""The kernels of a decoder layer besides its matmuls, picked once at start-up.
+"""The kernels of a decoder layer, matmuls included, picked once at start-up.
 
 ``--attention-backend torch`` runs the plain-torch references of ``engine.kernels.reference``
-(the CPU path, and the oracle); ``triton`` runs our Triton kernels: RMSNorm with the residual add
-fused in, SiLU-and-mul, rotary embedding fused into the KV store, and paged extend / decode
-attention. On CUDA a layer is then four cuBLAS matmuls and six of our kernels (two norms, the
-rotary store, one or two attention kernels, the activation), where plain torch launches ~40.
+(the CPU path, and the oracle) and ``F.linear``; ``triton`` runs our Triton kernels: RMSNorm
+with the residual add fused in, SiLU-and-mul, rotary embedding fused into the KV store, paged
+extend / decode attention, and the small-batch matmuls by our GEMV where it measured faster than
+cuBLAS at start-up (``engine.kernels.small_batch_linear``). On CUDA a layer is then four
+matmuls and six of our kernels (two norms, the rotary store, one or two attention kernels, the
+activation), where plain torch launches ~40.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from protocol.config import ATTENTION_BACKENDS
 RMSNormFn = Callable[
     [torch.Tensor, torch.Tensor, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]
 ]
+# (x [M, K], weight [N, K], bias [N] | None) -> [M, N]
+LinearFn = Callable[..., torch.Tensor]
 # gate_up [..., 2 * I] -> [..., I]
 SiluAndMulFn = Callable[[torch.Tensor], torch.Tensor]
 # (qkv, positions, cos_sin, k_cache, v_cache, out_loc, num_heads) -> rotated q [T, Hq, D]
@@ -31,6 +35,7 @@ DecodeAttentionFn = Callable[..., torch.Tensor]
 @dataclass(frozen=True)
 class KernelBackend:
     name: str
+    linear: LinearFn
     rms_norm: RMSNormFn
     silu_and_mul: SiluAndMulFn
     rotary_store_kv: RotaryStoreKVFn
@@ -48,6 +53,7 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
 
         return KernelBackend(
             "torch",
+            torch.nn.functional.linear,
             ref.rms_norm_ref,
             ref.silu_and_mul_ref,
             ref.rotary_store_kv_ref,
@@ -57,10 +63,12 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
     if name == "triton":
         from engine.kernels.activation import silu_and_mul
         from engine.kernels.norm import rms_norm
+        from engine.kernels.small_batch_linear import SmallBatchLinear
         from engine.kernels.triton_backend import TRITON_FUNCTIONS
 
         rotary_store_kv, extend_attention, decode_attention = TRITON_FUNCTIONS
         return KernelBackend(
-            "triton", rms_norm, silu_and_mul, rotary_store_kv, extend_attention, decode_attention
+            "triton", SmallBatchLinear(), rms_norm, silu_and_mul, rotary_store_kv, extend_attention,
+            decode_attention,
         )
     raise ValueError(f"unknown attention backend {name!r} (expected {', '.join(ATTENTION_BACKENDS)})")

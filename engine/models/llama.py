@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.layers.attention import ForwardContext, PagedAttention
 from engine.layers.backend import KernelBackend
-from engine.layers.linear import MergedLinear
+from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
@@ -29,13 +29,14 @@ class LlamaAttention(nn.Module):
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, (q_size, kv_size, kv_size), bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.attn = PagedAttention(layer_id, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        return self.o_proj(self.attn(self.qkv_proj(x), positions, cos_sin, ctx))
+        qkv = self.qkv_proj(x, ctx.kernels)
+        return self.o_proj(self.attn(qkv, positions, cos_sin, ctx), ctx.kernels)
 
 
 class LlamaMLP(nn.Module):
@@ -43,10 +44,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = cfg.intermediate_size
         self.gate_up_proj = MergedLinear(cfg.hidden_size, (inter, inter), bias=False)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, kernels: KernelBackend) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x, kernels)), kernels)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -89,7 +90,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -105,6 +106,11 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual, ctx.kernels)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, kernels: KernelBackend) -> torch.Tensor:
         """Float32 logits [N, vocab] of the rows that sample."""
-        return torch.matmul(hidden, self.lm_head_weight.t()).float()
+        return kernels.linear(hidden, self.lm_head_weight).float()
+
+    def matmul_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of every matmul of a forward and its logits, the lm_head included."""
+        linears = [(m.weight, m.bias) for m in self.modules() if isinstance(m, Linear)]
+        return linears if self.lm_head is not None else [*linears, (self.lm_head_weight, None)]

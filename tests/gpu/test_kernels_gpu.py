@@ -11,18 +11,21 @@ from tests.unit.kernels.kernel_cases import (
     ACTIVATION_CASES,
     DECODE_CASES,
     EXTEND_CASES,
+    GEMV_CASES,
     NORM_CASES,
     NUM_KV_HEADS,
     ROTARY_STORE_CASES,
     ActivationCase,
     DecodeCase,
     ExtendCase,
+    GemvCase,
     NormCase,
     RotaryStoreCase,
     assert_matches,
     case_id,
     check_decode,
     check_extend,
+    check_gemv,
     check_rms_norm,
     check_rotary_store_kv,
     check_silu_and_mul,
@@ -61,6 +64,14 @@ LARGE_NORM_CASES = [
 
 LARGE_ACTIVATION_CASES = [ActivationCase(64, 14336, dtype="bfloat16", seed=21)]
 
+LLAMA3_8B_LINEARS = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
+                     "down": (4096, 14336), "lm_head": (128256, 4096)}
+LARGE_GEMV_CASES = [
+    GemvCase(rows, n, k, bias=False, all_configs=True, seed=21 + i)
+    for i, (n, k) in enumerate(LLAMA3_8B_LINEARS.values())
+    for rows in (1, 4, 16)
+] + [GemvCase(3, 4608, 3584, bias=True, all_configs=True, row_pad=64, seed=31)]  # Qwen2-7B's qkv
+
 
 def gpu_id(case: object) -> str:
     """The dtype fields of the interpreter cases do not apply: everything runs in bf16 here."""
@@ -90,6 +101,33 @@ def test_rms_norm_bf16(case: NormCase) -> None:
 @pytest.mark.parametrize("case", ACTIVATION_CASES + LARGE_ACTIVATION_CASES, ids=gpu_id)
 def test_silu_and_mul_bf16(case: ActivationCase) -> None:
     check_silu_and_mul(case, device="cuda", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("case", GEMV_CASES + LARGE_GEMV_CASES, ids=gpu_id)
+def test_gemv_bf16(case: GemvCase) -> None:
+    check_gemv(case, device="cuda", dtype="bfloat16")
+
+
+def test_gemv_replays_in_cuda_graph() -> None:
+    """Captured once at M = 4, replayed with new inputs."""
+    from engine.kernels.gemv import gemv
+
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(6144, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(6144, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gemv(x, weight, bias)  # compile
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv(x, weight, bias)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        ref = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+        assert_matches(out, ref, torch.bfloat16)
 
 
 def test_decode_attention_replays_in_cuda_graph() -> None:

@@ -73,3 +73,20 @@ def test_work_counts_weights_kv_and_flops():
         p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
     one_token = one_batch_peers.prefill_work(model, 1, kv)
     assert one_token.flops == 2 * linear + 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers
+
+
+def test_the_start_up_matmul_choices_are_reported(capsys):
+    from types import SimpleNamespace
+
+    from bench.one_batch import small_batch_matmuls
+    from engine.kernels.gemv import DEFAULT_GEMV_CONFIG
+    from engine.kernels.small_batch_linear import LinearChoice
+
+    won = LinearChoice(1, 6144, 4096, cublas_ms=0.020, gemv_ms=0.017, config=DEFAULT_GEMV_CONFIG)
+    def worker_with(linear):
+        return SimpleNamespace(runner=SimpleNamespace(kernels=SimpleNamespace(linear=linear)))
+
+    (row,) = small_batch_matmuls(worker_with(SimpleNamespace(measured=[won])))
+    assert row["use_gemv"] and row["n"] == 6144 and row["gemv_ms"] == 0.017
+    assert "rows=1 6144x4096: gemv" in capsys.readouterr().out
+    assert small_batch_matmuls(worker_with(None)) == []  # F.linear: nothing measured

@@ -75,7 +75,14 @@ if why is not None:
 from engine.worker import Worker
 from tests.oracles import greedy_reference
 from tests.unit.engine.engine_driver import driver_for, greedy, small_args
+from engine.kernels.gemv import DEFAULT_GEMV_CONFIG
+from engine.kernels.small_batch_linear import ROW_BUCKETS
 worker = Worker.create(small_args(attention_backend="triton"))
+# every small-batch matmul through our GEMV, as if it had measured faster than cuBLAS
+linear = worker.runner.kernels.linear
+for weight, _ in worker.runner.model.matmul_weights():
+    for rows in ROW_BUCKETS:
+        linear.choices[(rows, *weight.shape)] = DEFAULT_GEMV_CONFIG
 prompts = [[256, 1, 2, 3, 4, 5, 6, 7, 8, 9], [256, 50, 60]]
 reqs = driver_for(worker).generate(prompts, [greedy(4)] * 2)
 assert [r.outputs for r in reqs] == greedy_reference(None, prompts, 4), [r.outputs for r in reqs]
@@ -83,8 +90,9 @@ assert [r.outputs for r in reqs] == greedy_reference(None, prompts, 4), [r.outpu
 
 
 def test_triton_backend_in_the_interpreter_equals_the_reference() -> None:
-    """The Triton kernels behind the engine's attention interface (interpreter mode is chosen
-    when triton is first imported, hence a fresh process)."""
+    """The Triton kernels behind the engine's kernel backend, the GEMV for every small-batch
+    matmul included (interpreter mode is chosen when triton is first imported, hence a fresh
+    process)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PDSERVE_TORCH_THREADS": "1"}
     proc = subprocess.run(

@@ -26,7 +26,7 @@ def engine_logits(worker: Worker, token_ids: list[int], chunks: list[int]) -> to
     for size in chunks:
         inputs = runner.prepare([ExtendReq(0, start, token_ids[start : start + size])], [], [])
         hidden = runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
-        out.append(runner.model.compute_logits(hidden))
+        out.append(runner.model.compute_logits(hidden, runner.kernels))
         start += size
     runner.release_slots([0])
     return torch.cat(out)

@@ -47,7 +47,8 @@ def counting_backend(calls: collections.Counter, head_dim: int) -> KernelBackend
         return run
 
     return KernelBackend(
-        "counting", rms_norm, silu_and_mul, rotary_store_kv, attention("extend"), attention("decode")
+        "counting", torch.nn.functional.linear, rms_norm, silu_and_mul, rotary_store_kv,
+        attention("extend"), attention("decode"),
     )
 
 

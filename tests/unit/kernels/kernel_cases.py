@@ -83,6 +83,18 @@ class ActivationCase:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class GemvCase:
+    rows: int  # M
+    n: int
+    k: int
+    bias: bool
+    all_configs: bool = False  # every entry of GEMV_CONFIGS on the same inputs (else the default)
+    row_pad: int = 0  # extra columns after each row of x: a row stride larger than K
+    dtype: str = "float32"
+    seed: int = 0
+
+
 def _boundary_lens(page_size: int, longest: int) -> tuple[int, ...]:
     """1 token, exactly one page, one past a page, and a ragged long one."""
     lens = (1, page_size, page_size + 1, 2 * page_size - 1, longest)
@@ -137,6 +149,16 @@ ACTIVATION_CASES = [
     ActivationCase(3, 64, seed=1),
     ActivationCase(2, 1500, seed=2),  # two column blocks, the second ragged
     ActivationCase(4, 96, dtype="float16", seed=3),
+]
+
+
+GEMV_CASES = [
+    GemvCase(1, 40, 72, bias=False, all_configs=True, seed=1),  # odd N and K: one masked K step
+    GemvCase(3, 40, 72, bias=True, all_configs=True, dtype="float16", seed=2),
+    GemvCase(8, 97, 600, bias=True, all_configs=True, row_pad=3, seed=3),  # several K steps, last ragged
+    GemvCase(16, 64, 512, bias=False, all_configs=True, row_pad=8, dtype="float16", seed=4),  # K even
+    GemvCase(16, 33, 40, bias=True, row_pad=5, seed=5),
+    GemvCase(1, 130, 256, bias=True, dtype="float16", seed=6),
 ]
 
 
@@ -319,10 +341,37 @@ def check_silu_and_mul(case: ActivationCase, device: str = "cpu", dtype: str | N
     return assert_matches(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), dt)
 
 
+def check_gemv(case: GemvCase, device: str = "cpu", dtype: str | None = None) -> float:
+    """Every config against ``F.linear`` in float32 on the same inputs; in fp16/bf16 also within
+    one rounding of the output dtype (the kernel accumulates in float32 and rounds once).
+    Returns the largest relative error over the configs."""
+    from engine.kernels.gemv import DEFAULT_GEMV_CONFIG, GEMV_CONFIGS, gemv
+
+    dt = _dtype(dtype or case.dtype)
+    gen = _generator(case.seed)
+    x = torch.randn(case.rows, case.k + case.row_pad, generator=gen).to(dt).to(device)[:, : case.k]
+    weight = torch.randn(case.n, case.k, generator=gen).to(dt).to(device)
+    bias = torch.randn(case.n, generator=gen).to(dt).to(device) if case.bias else None
+    ref = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    worst = 0.0
+    for config in GEMV_CONFIGS if case.all_configs else (DEFAULT_GEMV_CONFIG,):
+        out = gemv(x, weight, bias, config=config)
+        assert out.shape == ref.shape and out.dtype == dt and out.is_contiguous(), (out.shape, out.dtype)
+        try:
+            worst = max(worst, assert_matches(out, ref, dt))
+            if dt != torch.float32:
+                atol = 1e-5 * ref.abs().max().item()
+                torch.testing.assert_close(out.float(), ref, rtol=torch.finfo(dt).eps, atol=atol)
+        except AssertionError as exc:
+            raise AssertionError(f"{config}: {exc}") from exc
+    return worst
+
+
 CHECKS = {
     "decode": (check_decode, DecodeCase),
     "extend": (check_extend, ExtendCase),
     "rotary_store_kv": (check_rotary_store_kv, RotaryStoreCase),
     "rms_norm": (check_rms_norm, NormCase),
     "silu_and_mul": (check_silu_and_mul, ActivationCase),
+    "gemv": (check_gemv, GemvCase),
 }

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 H100 = ("cuda", 90, 32)
+H100_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90
 NOT_MULTIPLE_OF_16 = {"stride_pt", "stride_lb", "stride_lh", "group_size", "num_kv_heads", "head_dim"}
 SCALARS = {"qk_scale": "fp32", "eps": "fp32"}
 
@@ -91,8 +92,36 @@ def builds() -> list[Build]:
         ))
     out.append(Build("silu_and_mul", act._silu_and_mul_kernel, {}, {"BLOCK": act.BLOCK}, 4, 1))
     out += float32_builds(out)
+    out += gemv_builds()
     out += page_copy_builds()
     return out
+
+
+def gemv_builds() -> list[Build]:
+    """Every GEMV candidate on Llama shapes (N, K multiples of 16, no bias, whole K steps) in
+    bf16 and in float32 (twice the shared memory: the engine may time every config in either);
+    the default again with a bias and K a multiple of 16 but not of ``block_k`` (Qwen2's qkv),
+    and with an odd K (unaligned rows: plain loads, no pipelining)."""
+    from engine.kernels import gemv as gm
+
+    def build(config, label: str, bias: bool = False, even_k: bool = True, k16: bool = True, element="*bf16"):
+        return Build(
+            f"gemv {label} n={config.block_n} k={config.block_k} warps={config.num_warps} "
+            f"stages={config.num_stages}",
+            gm._gemv_kernel, {},
+            {"HAS_BIAS": bias, "EVEN_K": even_k, "BLOCK_M": gm.MAX_GEMV_ROWS,
+             "BLOCK_N": config.block_n, "BLOCK_K": config.block_k},
+            config.num_warps, config.num_stages, expect_mma=element != "*fp32",
+            divisible=("N", "K") if k16 else ("N",), element=element,
+        )
+
+    default = gm.DEFAULT_GEMV_CONFIG
+    return [build(config, "bf16") for config in gm.GEMV_CONFIGS] + [
+        build(config, "float32", element="*fp32") for config in gm.GEMV_CONFIGS
+    ] + [
+        build(default, "bf16 bias ragged-K", bias=True, even_k=False),
+        build(default, "bf16 odd-K", even_k=False, k16=False),
+    ]
 
 
 def float32_builds(bf16: list[Build]) -> list[Build]:
@@ -159,6 +188,9 @@ def main() -> int:
         mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
         if build.expect_mma and mma == "none":
             print(f"FAIL {build.label}: no tensor-core instruction in the PTX")
+            return 1
+        if compiled.metadata.shared > H100_MAX_SHARED:
+            print(f"FAIL {build.label}: {compiled.metadata.shared} B of shared memory > {H100_MAX_SHARED}")
             return 1
         print(f"ok {build.label}: shared memory {compiled.metadata.shared} B, tensor cores: {mma}")
     return 0

@@ -24,8 +24,8 @@ def test_bench_kernels_tiny_runs_and_writes_json(interpreter: InterpreterWorker,
     report = json.loads(output.read_text())
     assert report["meaningful"] is False
     kernels = {row["kernel"] for row in report["rows"] if row["impl"] == "triton"}
-    assert len(kernels) == 5, kernels
-    assert {"decode", "extend", "rotary_store_kv"} <= kernels
+    assert len(kernels) == 6, kernels
+    assert {"decode", "extend", "rotary_store_kv", "gemv"} <= kernels
     for row in report["rows"]:
         if row["max_rel_err"] is not None:
             assert row["max_rel_err"] < 1e-4, row

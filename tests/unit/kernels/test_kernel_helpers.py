@@ -89,3 +89,22 @@ def test_comparator_is_tight_in_fp32() -> None:
     ref = torch.randn(8, 2, 64)
     with pytest.raises(AssertionError):
         assert_matches(ref + 1e-3, ref, torch.float32)
+
+
+def test_gemv_checks_shapes_without_launching() -> None:
+    from engine.kernels.gemv import MAX_GEMV_ROWS, gemv
+
+    weight = torch.zeros(8, 32)
+    assert gemv(torch.zeros(0, 32), weight).shape == (0, 8)  # nothing to launch
+    with pytest.raises(ValueError, match="at most"):
+        gemv(torch.zeros(MAX_GEMV_ROWS + 1, 32), weight)
+    with pytest.raises(ValueError, match="K=31"):
+        gemv(torch.zeros(1, 31), weight)
+    with pytest.raises(ValueError, match="contiguous weight"):
+        gemv(torch.zeros(1, 8), weight.t())
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        gemv(torch.zeros(32, 2).t(), weight)
+    with pytest.raises(ValueError, match="bias must be"):
+        gemv(torch.zeros(1, 32), weight, bias=torch.zeros(7))
+    with pytest.raises(ValueError, match="is torch.float16"):
+        gemv(torch.zeros(1, 32, dtype=torch.float16), weight)
