@@ -277,6 +277,9 @@ def instance_probe(input_addr: str, directory: str) -> Callable[[], bool]:
 # --------------------------------------------------------------------------------------------
 
 
+SIGNAL_CHECK_S = 0.5  # longest wait before pending signal handlers get to run
+
+
 class Supervisor:
     """Waits for readiness, then for a signal or a child's death, and stops everyone."""
 
@@ -310,14 +313,16 @@ class Supervisor:
         raise TimeoutError(f"the deployment was not ready within {timeout_s:.0f} s")
 
     def wait_until_stopped(self) -> Child | None:
-        """Block until a stop signal (returns None) or a child's death (returns it)."""
+        """Block until a stop signal (returns None) or a child's death (returns it). The waits
+        are bounded: the kernel may deliver a signal to another thread (a stderr forwarder), and
+        Python runs its handler only once the main thread is back in the interpreter."""
         while True:
             if self.stop_signal is not None:
                 return None
             dead = self.dead_child()
             if dead is not None:
                 return dead
-            self.wake.wait()
+            self.wake.wait(SIGNAL_CHECK_S)
             self.wake.clear()
 
     def stop_all(self) -> None:

@@ -56,6 +56,7 @@ logger = logging.getLogger("pdserve.worker")
 
 SPARE_SLOTS = 2  # the overlap schedule admits new requests before the finished ones are released
 RESULT_LINGER_MS = 2000  # let the last message (WorkerFailed) leave before the socket closes
+SIGNAL_CHECK_MS = 200  # longest wait for a step before pending signal handlers get to run
 
 T = TypeVar("T")
 
@@ -266,8 +267,14 @@ class WorkerProcess:
         logger.info("%s ready: %d pages, %d slots%s", self.name, ready.num_pages, ready.max_slots, kv_sender)
 
     def serve(self, hooks: StepHooks) -> None:
-        """Run steps until ``Shutdown``; a failing step sends ``WorkerFailed`` and re-raises."""
+        """Run steps until ``Shutdown``; a failing step sends ``WorkerFailed`` and re-raises.
+
+        Waits in bounded polls, not one blocking receive: the kernel may deliver SIGTERM to any
+        thread (zmq's I/O threads, torch's pool), and Python runs the handler only when the main
+        thread comes back to the interpreter, which a receive blocked in libzmq never does."""
         while True:
+            if not self.step_sock.poll(SIGNAL_CHECK_MS):
+                continue
             msg = transport.recv(self.step_sock)
             if isinstance(msg, Shutdown):
                 logger.info("shutdown: %s", msg.reason or "requested")

@@ -57,6 +57,7 @@ from scheduler_proc.prefill_mode import PrefillCore
 logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 600.0
+SIGNAL_CHECK_MS = 200  # longest wait before pending signal handlers get to run
 MAX_REPLY_TO_SOCKETS = 16  # status reply_to addresses kept connected (least recently used closed)
 
 CORES: dict[str, type[SchedulerCore]] = {
@@ -105,8 +106,12 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
 
 
 def _wait_for_worker(results: zmq.Socket, timeout: float) -> WorkerReady:
-    if not results.poll(timeout * 1000):
-        raise WorkerLost(f"the worker did not report ready within {timeout:.0f} s")
+    """The worker's first message; waited for in short polls, so that a SIGTERM the kernel gave
+    another thread gets its handler run (only the main thread runs them, between polls)."""
+    deadline = time.monotonic() + timeout
+    while not results.poll(SIGNAL_CHECK_MS):
+        if time.monotonic() > deadline:
+            raise WorkerLost(f"the worker did not report ready within {timeout:.0f} s")
     msg = transport.recv(results)
     if isinstance(msg, WorkerFailed):
         raise WorkerLost(f"the worker failed to start: {msg.message}")
