@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
+COPIES = "memcpy/memset"  # counted in a step's time, not as kernel launches
+OTHER = "other"
+
 # Category → lowercase substrings of kernel (or CPU op) names; the first category that matches
 # wins, so the specific ones come before the broad ones. Everything else is "other".
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -33,10 +36,8 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("activation", ("_silu_and_mul_kernel", "silu")),
     ("gemm", ("gemm", "gemv", "cublas", "cutlass", "xmma", "nvjet", "splitkreduce",
               "aten::mm", "aten::addmm", "aten::bmm")),
-    ("memcpy/memset", ("memcpy", "memset")),
+    (COPIES, ("memcpy", "memset")),
 )
-COPIES = "memcpy/memset"
-OTHER = "other"
 TOP_KERNELS = 10
 NAME_CHARS = 80
 

@@ -345,12 +345,12 @@ class Frontend:
             # failure (e.g. a lost acknowledgement) must not end the request.
             log.info("rid=%s: ignored a late prefill-side failure: %s", req.rid, msg.message)
             return
+        self._requests.remove(req)
+        self._abort_everywhere(req, "abort")  # the other side of a pair still holds it
         if req.aborted_by_client:
             # The instance failed it (e.g. its transfer, cut short by the abort's other half)
             # before our abort reached it: to the client it ends as the abort it asked for.
             log.info("rid=%s: failed after the client aborted it (%s): an abort", req.rid, msg.code)
-            self._requests.remove(req)
-            self._abort_everywhere(req, "abort")
             self._send(req.conn, req.abort(time.perf_counter()))
             return
         log.warning(
@@ -361,8 +361,6 @@ class Frontend:
             msg.code,
             msg.message,
         )
-        self._requests.remove(req)
-        self._abort_everywhere(req, "abort")  # the other side of a pair still holds it
         self._send_error(req.conn, req.client_rid, msg.code, msg.message)
 
     def _on_heartbeat(self, hb: Heartbeat) -> None:
