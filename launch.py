@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +38,7 @@ from protocol.config import (
     config_to_json,
 )
 from protocol.messages import StatusQuery, StatusReport
+from protocol.process import dump_stacks_on_sigusr1
 from protocol.transport import bind, connect, ipc_addr, ipc_dir, recv, send
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -277,7 +281,32 @@ def instance_probe(input_addr: str, directory: str) -> Callable[[], bool]:
 # --------------------------------------------------------------------------------------------
 
 
-SIGNAL_CHECK_S = 0.5  # longest wait before pending signal handlers get to run
+SIGNAL_CHECK_S = 0.5  # longest wait between checks of the children
+
+
+class SignalWakeup:
+    """A wait that a signal ends at once, whichever thread the kernel gives it to.
+
+    Python's signal module writes the signal number to a wakeup fd from its C-level handler, so
+    a ``select`` on the other end returns immediately. The Python handlers touch no lock: a
+    ``threading.Event`` set from a handler deadlocked, because the handler runs in the main
+    thread, which may hold that Event's lock (inside ``wait`` or ``clear``, or inside the
+    previous handler when a burst of SIGCHLD arrives as the children exit together)."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def install(self) -> None:
+        """From the main thread: signals from now on end a ``wait``."""
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+
+    def wait(self, timeout_s: float) -> None:
+        if select.select([self._reader], [], [], timeout_s)[0]:
+            with contextlib.suppress(BlockingIOError):
+                while self._reader.recv(4096):
+                    pass
 
 
 class Supervisor:
@@ -285,17 +314,17 @@ class Supervisor:
 
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
-        self.wake = threading.Event()
         self.stop_signal: int | None = None
+        self.wakeup = SignalWakeup()
 
     def install_signal_handlers(self) -> None:
+        self.wakeup.install()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_stop_signal)
-        signal.signal(signal.SIGCHLD, lambda *_: self.wake.set())
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that it wakes the wait
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
         self.stop_signal = signum
-        self.wake.set()
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.deployment.children if c.proc.poll() is not None), None)
@@ -308,22 +337,18 @@ class Supervisor:
                 return False
             if self.deployment.probe():
                 return True
-            self.wake.wait(0.2)
-            self.wake.clear()
+            self.wakeup.wait(0.2)
         raise TimeoutError(f"the deployment was not ready within {timeout_s:.0f} s")
 
     def wait_until_stopped(self) -> Child | None:
-        """Block until a stop signal (returns None) or a child's death (returns it). The waits
-        are bounded: the kernel may deliver a signal to another thread (a stderr forwarder), and
-        Python runs its handler only once the main thread is back in the interpreter."""
+        """Block until a stop signal (returns None) or a child's death (returns it)."""
         while True:
             if self.stop_signal is not None:
                 return None
             dead = self.dead_child()
             if dead is not None:
                 return dead
-            self.wake.wait(SIGNAL_CHECK_S)
-            self.wake.clear()
+            self.wakeup.wait(SIGNAL_CHECK_S)
 
     def stop_all(self) -> None:
         children = self.deployment.children
@@ -361,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     deployment = start(mode, args, ns)
     supervisor = Supervisor(deployment)
     supervisor.install_signal_handlers()
+    dump_stacks_on_sigusr1()
     pids = " ".join(f"{c.name}={c.proc.pid}" for c in deployment.children)
     print(f"pdserve: started {mode}: {pids}", flush=True)
     try:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
 import sys
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from protocol.config import config_from_json
 
@@ -30,6 +31,41 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` prints every thread's Python stack to stderr: how to see where a
+    process that will not stop is stuck."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+class StopRequest(Protocol):
+    """What a serving loop polls to know it should stop (a ``threading.Event`` in tests)."""
+
+    def is_set(self) -> bool: ...
+
+
+class StopFlag:
+    """A stop request set by a signal handler. A plain attribute, not a ``threading.Event``: the
+    handler runs in the main thread between two bytecodes, possibly while that thread holds the
+    Event's lock (or inside another handler that does), and would wait for itself forever."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def stop_on_sigterm() -> StopFlag:
+    """A stop request that SIGTERM and SIGINT set, for a process that stops its loop itself."""
+    flag = StopFlag()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: flag.set())
+    return flag
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit(0), so ``finally`` blocks close sockets on the way out."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -49,6 +85,7 @@ def start_process(prog: str, config_cls: type[T], description: str | None, *,
         format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s",
     )
     die_with_parent()
+    dump_stacks_on_sigusr1()
     if sigterm_exits:
         exit_on_sigterm()
     return cfg

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -38,6 +36,7 @@ from protocol.messages import (
     decode,
     encode,
 )
+from protocol.process import StopRequest, stop_on_sigterm
 from tokenizer_proc.admission import Admission
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.instances import InstancePool
@@ -102,7 +101,7 @@ class Frontend:
 
     # ---------------------------------------------------------------------------------- loop
 
-    def serve(self, stop: threading.Event) -> None:
+    def serve(self, stop: StopRequest) -> None:
         while not stop.is_set():
             events = dict(self._poller.poll(self._poll_timeout_ms()))
             caught_up = True
@@ -376,12 +375,10 @@ class Frontend:
             log.info("front end ready: %d instance(s)", len(self._pool))
 
 
-def run_frontend(cfg: FrontendConfig, stop: threading.Event | None = None) -> None:
+def run_frontend(cfg: FrontendConfig, stop: StopRequest | None = None) -> None:
     """Serve until ``stop`` is set (or, when none is given, until SIGTERM or SIGINT)."""
     if stop is None:
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        stop = stop_on_sigterm()
     frontend = Frontend(cfg)
     try:
         frontend.serve(stop)

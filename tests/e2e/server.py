@@ -50,9 +50,10 @@ def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float, lines: l
         done.set()
 
     threading.Thread(target=read, daemon=True).start()
-    done.wait(timeout)
+    timed_out = not done.wait(timeout)
     if not found:
-        raise RuntimeError(f"no {prefix!r} line from launch.py within {timeout:.0f} s; stdout: {lines}")
+        why = f"within {timeout:.0f} s" if timed_out else "before it closed its output"
+        raise RuntimeError(f"no {prefix!r} line from launch.py {why}; stdout: {lines}")
     return found[0]
 
 
@@ -101,8 +102,11 @@ def stop_server(server: Server) -> None:
     try:
         server.proc.wait(60)
     except subprocess.TimeoutExpired:
+        dump_stacks(server)
         os.killpg(server.proc.pid, signal.SIGKILL)
-        raise AssertionError("launch.py did not stop within 60 s of SIGTERM") from None
+        raise AssertionError(
+            f"launch.py did not stop within 60 s of SIGTERM; the end of its log:\n{server.log()[-20000:]}"
+        ) from None
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(pid_alive(p) for p in server.child_pids.values()):
         time.sleep(0.1)
@@ -110,6 +114,14 @@ def stop_server(server: Server) -> None:
     for pid in orphans.values():
         os.kill(pid, signal.SIGKILL)
     assert not orphans, f"processes left behind after SIGTERM: {orphans}"
+
+
+def dump_stacks(server: Server) -> None:
+    """Every pdserve process prints its threads' stacks on SIGUSR1 (to the log, via launch)."""
+    for pid in [server.proc.pid, *server.child_pids.values()]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(2.0)  # the stacks pass through launch's stderr forwarders
 
 
 def wait_no_leak(client: Client, timeout: float = 30.0) -> dict:

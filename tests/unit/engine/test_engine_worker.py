@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from protocol.messages import (
     WorkerReady,
 )
 from tests.oracles import greedy_reference
+from tests.signals import other_thread, skip_without_tgkill, tgkill
 from tests.unit.engine.engine_driver import greedy, small_args
 
 TIMEOUT_MS = 60_000
@@ -160,24 +159,14 @@ def test_start_up_failure_is_reported(tmp_path: Path, zmq_ctx: zmq.Context) -> N
         sched.result.close()
 
 
-SYS_TGKILL = {"x86_64": 234, "aarch64": 131}
-
-
-def tgkill(pid: int, tid: int, sig: int) -> None:
-    """Send ``sig`` to one thread ``tid`` of process ``pid`` (Linux)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(SYS_TGKILL[platform.machine()], pid, tid, sig) != 0:
-        raise OSError(ctypes.get_errno(), "tgkill failed")
-
-
 @pytest.mark.parametrize("to_thread", [False, True])
 def test_worker_process_exits_cleanly_on_sigterm(
     tmp_path: Path, zmq_ctx: zmq.Context, to_thread: bool
 ) -> None:
     """Also when the kernel hands the signal to another thread than the one waiting for steps
     (``to_thread``: a zmq or torch thread, which the kernel is free to pick)."""
-    if to_thread and (not sys.platform.startswith("linux") or platform.machine() not in SYS_TGKILL):
-        pytest.skip("tgkill is Linux-only")
+    if to_thread:
+        skip_without_tgkill()
     cfg = worker_config(tmp_path, small_args())
     sched = connect_scheduler(zmq_ctx, cfg)
     env = {**os.environ, "PDSERVE_TORCH_THREADS": "1"}
@@ -191,8 +180,7 @@ def test_worker_process_exits_cleanly_on_sigterm(
     try:
         assert isinstance(sched.recv(), WorkerReady)
         if to_thread:
-            others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
-            tgkill(proc.pid, others[0], signal.SIGTERM)
+            tgkill(proc.pid, other_thread(proc.pid), signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT_MS / 1000) == 0, proc.stderr.read()
