@@ -69,6 +69,8 @@ FLAG_HELP = {
     "max_running_requests": "requests decoding at once",
     "max_queued_requests": "waiting requests beyond which new ones get a queue_full error",
     "schedule_policy": "order of the waiting queue",
+    "heartbeat_interval": "seconds between heartbeats (instances to front ends and back)",
+    "heartbeat_timeout": "seconds of silence after which an instance or a front end counts as dead",
     "disable_radix_cache": "do not reuse KV pages of shared prefixes",
     "disable_overlap_schedule": "form each step only after the previous one returned",
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph",

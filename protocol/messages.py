@@ -133,11 +133,14 @@ class ClientStatus(Message):
 
 @dataclass
 class AttachFrontend(Message):
-    """Sent by a front end to each instance at start-up (and again until acknowledged by a
-    heartbeat): where the instance must send outputs, errors, status reports and heartbeats."""
+    """Sent by a front end to each instance at start-up and then every heartbeat interval, as
+    its heartbeat: where the instance must send outputs, errors, status reports and heartbeats.
+    ``rid_prefix`` is the prefix of the request ids it mints (``<prefix>-<n>``): when this front
+    end falls silent the instance aborts those requests (and every request once none is left)."""
 
     TYPE: ClassVar[str] = "attach_frontend"
     output_addr: str
+    rid_prefix: str = ""
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import zmq
@@ -62,8 +61,3 @@ def ipc_dir() -> str:
 def ipc_addr(directory: str, name: str) -> str:
     return f"ipc://{os.path.join(directory, name)}"
 
-
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

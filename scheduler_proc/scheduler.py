@@ -10,7 +10,11 @@ from. Outputs, failures and status reports therefore go to every attached front 
 request ids are unique across front ends (each mints them under its own random prefix) and a
 front end drops outputs and failures of rids it does not know, so each reply reaches the front
 end that owns the request. One front end per instance is the intended deployment; a second one
-is logged as an error (every reply is then sent to each).
+is logged as an error (every reply is then sent to each). Front ends repeat ``AttachFrontend``
+every heartbeat interval; one silent for the heartbeat timeout is detached, and the requests of a
+departed (or restarted) front end are aborted (by id prefix; all of them once no front end is
+left), so a dead front end costs neither an unbounded queue nor decode steps for nobody
+(scheduler_proc/frontends.py).
 
 A message from a front end or a peer that makes a handler raise is logged and, when it names a
 request id, answered with ``RequestFailed(INVALID_REQUEST)``; the instance keeps serving.
@@ -52,6 +56,7 @@ from protocol.messages import (
 )
 from scheduler_proc.core import SchedulerCore
 from scheduler_proc.decode_mode import DecodeCore
+from scheduler_proc.frontends import Frontends
 from scheduler_proc.prefill_mode import PrefillCore
 
 logger = logging.getLogger(__name__)
@@ -98,7 +103,7 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
         try:
             loop.run()
         finally:
-            sockets += [*loop.frontends.values(), *loop.peers.values(), *loop.reply_to.values()]
+            sockets += [*loop.frontends.sockets(), *loop.peers.values(), *loop.reply_to.values()]
     finally:
         for sock in sockets:
             sock.close()
@@ -151,7 +156,7 @@ class _Loop:
         self.model = ready.model
         self.ctx = ctx
         self.inputs, self.results, self.steps = inputs, results, steps
-        self.frontends: dict[str, zmq.Socket] = {}  # in attach order
+        self.frontends = Frontends(ctx, cfg.name)
         self.peers: dict[str, zmq.Socket] = {}  # PUSH to peer instances
         self.reply_to: OrderedDict[str, zmq.Socket] = OrderedDict()  # status reply_to addresses, LRU
         self.max_inflight = 1 if cfg.args.disable_overlap_schedule else 2
@@ -176,6 +181,7 @@ class _Loop:
             self.core.tick(time.monotonic())
             self._flush()
             if time.monotonic() >= next_heartbeat:
+                self._detach_silent_frontends()
                 self._heartbeat_all()
                 next_heartbeat = time.monotonic() + self.heartbeat_interval
 
@@ -223,7 +229,7 @@ class _Loop:
             else:
                 self._reply(report)
         elif isinstance(msg, AttachFrontend):
-            self._attach(msg.output_addr)
+            self._attach(msg)
         elif isinstance(msg, Shutdown):
             logger.info("%s: shutting down (%s)", self.cfg.name, msg.reason or "requested")
             self.core.fail_all(SHUTTING_DOWN, f"instance {self.cfg.name} is shutting down")
@@ -232,21 +238,25 @@ class _Loop:
         elif not self.core.on_peer_message(msg):
             logger.warning("%s: unexpected %s on the input socket; ignored", self.cfg.name, msg.TYPE)
 
-    def _attach(self, addr: str) -> None:
-        sock = self.frontends.get(addr)
-        if sock is None:
-            sock = transport.connect(self.ctx, zmq.PUSH, addr)
-            self.frontends[addr] = sock
-            logger.info("%s: front end attached at %s", self.cfg.name, addr)
-            if len(self.frontends) > 1:
-                logger.error(
-                    "%s: another front end attached at %s while %s is attached; an instance is meant "
-                    "to serve one front end: every reply now goes to each of them",
-                    self.cfg.name,
-                    addr,
-                    ", ".join(a for a in self.frontends if a != addr),
-                )
-        transport.send(sock, self._heartbeat())
+    def _attach(self, msg: AttachFrontend) -> None:
+        """A front end's attach, repeated as its heartbeat; a new one hears back at once."""
+        sock = self.frontends.attach(msg.output_addr, msg.rid_prefix, time.monotonic())
+        if sock is not None:
+            transport.send(sock, self._heartbeat())
+
+    def _detach_silent_frontends(self) -> None:
+        """Requests whose front end is gone cannot reach their client: abort them rather than run
+        them to their end. Those of a silent or restarted front end go (by id prefix), and every
+        request once no front end is left."""
+        gone = self.frontends.take_departed(time.monotonic(), self.cfg.args.heartbeat_timeout)
+        if not gone:
+            return
+        orphans = [rid for rid in self.core.requests if not self.frontends or any(f.owns(rid) for f in gone)]
+        if orphans:
+            logger.warning("%s: aborting %d request(s) of departed front ends", self.cfg.name, len(orphans))
+            for rid in orphans:
+                self.core.on_abort(AbortRequest(rid=rid, reason="abort"))
+            self._flush()
 
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(
@@ -262,17 +272,13 @@ class _Loop:
 
     def _heartbeat_all(self) -> None:
         if self.frontends:
-            beat = self._heartbeat()
-            for sock in self.frontends.values():
-                transport.send(sock, beat)
+            self.frontends.send_all(encode(self._heartbeat()))
 
     def _reply(self, msg: Message) -> None:
         if not self.frontends:
-            logger.warning("%s: no front end attached; %s dropped", self.cfg.name, msg.TYPE)
+            logger.debug("%s: no front end attached; %s dropped", self.cfg.name, msg.TYPE)
             return
-        frame = encode(msg)
-        for sock in self.frontends.values():
-            sock.send(frame, copy=False)
+        self.frontends.send_all(encode(msg))
 
     def _peer(self, addr: str) -> zmq.Socket:
         sock = self.peers.get(addr)

@@ -25,6 +25,7 @@ from protocol.messages import (
     PEER_UNAVAILABLE,
     SHUTTING_DOWN,
     AbortRequest,
+    AttachFrontend,
     BatchOutput,
     ClientError,
     Heartbeat,
@@ -74,6 +75,7 @@ class Frontend:
         self._status = StatusCollector()
         self._rid_prefix = secrets.token_hex(4)
         self._rid_counter = 0
+        self._attach = AttachFrontend(output_addr=cfg.output_addr, rid_prefix=self._rid_prefix)
         self._ready_once = False
         # Client frames are checked against max_message_bytes in the app (to answer with an
         # error); zmq's limit is only a hard guard. Instances batch the outputs of hundreds of
@@ -147,7 +149,7 @@ class Frontend:
             for inst in self._pool.expire(now, args.heartbeat_timeout):
                 reqs = self._requests.involving(inst)
                 self._fail_requests(reqs, f"instance {inst.name} ({inst.role}) stopped responding")
-        self._pool.attach_due(now, args.heartbeat_interval, self.cfg.output_addr)
+        self._pool.attach_due(now, args.heartbeat_interval, self._attach)
         self._topology.tick(now, args.heartbeat_interval)
         for pending in self._status.expired(now):
             self._reply_status(pending)

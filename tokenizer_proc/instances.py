@@ -1,9 +1,10 @@
 """The instances a front end talks to, and what it knows of each from their heartbeats.
 
-An instance is attached by sending it ``AttachFrontend`` (repeated every heartbeat interval
-until a heartbeat comes back), alive while its heartbeats keep coming, and routable when
-alive and ready. Silence for ``heartbeat_timeout`` makes it dead; it is attached again as soon
-as it may come back. A decode instance's heartbeats also carry the state of its registration
+An instance is attached by sending it ``AttachFrontend``, repeated every heartbeat interval for
+as long as the front end runs: it is the front end's heartbeat (an instance detaches a silent
+front end and aborts its requests). An instance is alive while its heartbeats keep coming, and
+routable when alive and ready. Silence for ``heartbeat_timeout`` makes it dead; it is attached
+again as soon as it may come back. A decode instance's heartbeats also carry the state of its registration
 with each prefill instance (``peers``); a change of that state is logged, refusals loudly.
 """
 
@@ -138,12 +139,12 @@ class InstancePool:
             inst.next_attach = now
         return dead
 
-    def attach_due(self, now: float, interval: float, output_addr: str) -> None:
-        """(Re)send AttachFrontend to every instance not heard from, once per interval."""
+    def attach_due(self, now: float, interval: float, attach: AttachFrontend) -> None:
+        """Send ``attach`` to every instance once per interval (at once to one just dead)."""
         for inst in self.instances:
-            if not inst.alive and now >= inst.next_attach:
+            if now >= inst.next_attach:
                 try:
-                    inst.send(AttachFrontend(output_addr=output_addr))
+                    inst.send(attach)
                 except zmq.Again:
                     log.debug("instance %s: attach not sent (queue full)", inst.addr)
                 inst.next_attach = now + interval

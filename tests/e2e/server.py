@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from protocol.transport import free_tcp_port
+from tests.ports import free_tcp_port
 from tokenizer_proc.client import Client
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -39,9 +39,9 @@ from protocol.messages import (
     StatusReport,
     TokenizedRequest,
 )
-from protocol.transport import free_tcp_port
 from tests.e2e.server import REPO_ROOT, Server, pid_alive, running_server, wait_no_leak
 from tests.oracles import greedy_reference
+from tests.ports import free_tcp_port
 from tokenizer_proc.client import Client, ServerError
 
 T = TypeVar("T")
@@ -258,6 +258,25 @@ def test_kill_of_a_decode_then_of_a_prefill_instance_during_transfers():
     with standalone(2, 2) as (prefills, decodes, frontend), frontend.client() as c:
         kill_during_transfer(c, decodes[0], "decode", rng)
         kill_during_transfer(c, prefills[0], "prefill", rng)
+
+
+def test_requests_of_a_killed_front_end_are_aborted_by_the_instances():
+    """kill -9 of a standalone front end mid-decode: its instances stop hearing its beat, abort
+    its requests (instead of decoding 1500 tokens for nobody) and give every page back."""
+    rng = random.Random(5)
+    with running_server(*FLAGS, mode="prefill") as prefill, running_server(*FLAGS, mode="decode") as decode:
+        links = ("--prefill", prefill.addr, "--decode", decode.addr)
+        with running_server(*FLAGS, *links, mode="frontend") as first, first.client() as c:
+            for _ in range(3):
+                c.submit(input_ids=byte_prompt(rng, 20), temperature=0, max_new_tokens=1500, ignore_eos=True)
+            deadline = time.monotonic() + 30
+            while instance(c.status(), "decode")["decoding"] == 0:
+                assert time.monotonic() < deadline, "nothing reached the decode instance"
+                time.sleep(0.05)
+            os.kill(first.child_pids["frontend"], signal.SIGKILL)
+        with running_server(*FLAGS, *links, mode="frontend") as second, second.client() as c:
+            live_instances_clean(c)
+        assert "request(s) of departed front ends" in decode.log()
 
 
 def test_registration_refused_for_another_page_size_and_duplicate_room_refused(tmp_path):

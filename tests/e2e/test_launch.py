@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from protocol.transport import free_tcp_port
 from tests.e2e.server import REPO_ROOT
+from tests.ports import free_tcp_port
 
 
 def test_child_failing_at_start_up_fails_launch(tmp_path):

@@ -34,6 +34,7 @@ from protocol.messages import (
     StatusReport,
     TokenizedRequest,
 )
+from tests.ports import free_tcp_port
 from tokenizer_proc.client import Client
 from tokenizer_proc.frontend import run_frontend
 
@@ -304,7 +305,7 @@ def frontend_config(
     disaggregated = num_prefill or num_decode
     return FrontendConfig(
         args=server_args,
-        client_addr=f"tcp://127.0.0.1:{transport.free_tcp_port()}",
+        client_addr=f"tcp://127.0.0.1:{free_tcp_port()}",
         output_addr=transport.ipc_addr(ipc, "frontend-out"),
         unified=[]
         if disaggregated

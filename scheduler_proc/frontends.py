@@ -1,0 +1,87 @@
+"""The front ends attached to an instance, and whether each is still there.
+
+A front end attaches by sending ``AttachFrontend`` with its output address, and sends it again
+every heartbeat interval for as long as it runs: that is its heartbeat. One silent for
+``heartbeat_timeout`` is detached: its socket is closed with what was queued for it, so a dead
+front end cannot make the instance queue outputs without bound. A front end restarted at the
+same address says so with a new request-id prefix. Either way ``_Loop`` aborts the requests
+the departed front end owned (by their id prefix), and every request once no front end is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import zmq
+
+from protocol import transport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AttachedFrontend:
+    addr: str
+    rid_prefix: str  # its requests' ids are "<rid_prefix>-<n>" ("" when it did not say)
+    sock: zmq.Socket  # PUSH to the front end's output address
+    last_seen: float
+
+    def owns(self, rid: str) -> bool:
+        return bool(self.rid_prefix) and rid.startswith(f"{self.rid_prefix}-")
+
+
+class Frontends:
+    def __init__(self, ctx: zmq.Context, instance_name: str) -> None:
+        self._ctx = ctx
+        self._name = instance_name
+        self._attached: dict[str, AttachedFrontend] = {}  # in attach order
+        self._replaced: list[AttachedFrontend] = []  # earlier lives of restarted front ends
+
+    def __bool__(self) -> bool:
+        return bool(self._attached)
+
+    def sockets(self) -> Iterator[zmq.Socket]:
+        return (f.sock for f in self._attached.values())
+
+    def attach(self, addr: str, rid_prefix: str, now: float) -> zmq.Socket | None:
+        """Record a beat from ``addr``; returns the new socket when it was not attached."""
+        known = self._attached.get(addr)
+        if known is not None:
+            if known.rid_prefix != rid_prefix:
+                logger.warning("%s: front end at %s restarted", self._name, addr)
+                self._replaced.append(replace(known))
+                known.rid_prefix = rid_prefix
+            known.last_seen = now
+            return None
+        sock = transport.connect(self._ctx, zmq.PUSH, addr)
+        self._attached[addr] = AttachedFrontend(addr, rid_prefix, sock, now)
+        logger.info("%s: front end attached at %s", self._name, addr)
+        if len(self._attached) > 1:
+            logger.error(
+                "%s: another front end attached at %s while %s is attached; an instance is meant "
+                "to serve one front end: every reply now goes to each of them",
+                self._name,
+                addr,
+                ", ".join(a for a in self._attached if a != addr),
+            )
+        return sock
+
+    def take_departed(self, now: float, timeout: float) -> list[AttachedFrontend]:
+        """Detach the front ends not heard from for ``timeout`` seconds; return them and the
+        earlier lives of those restarted since the last call."""
+        gone = [f for f in self._attached.values() if now - f.last_seen > timeout]
+        for f in gone:
+            logger.warning(
+                "%s: front end at %s silent for %.1f s; detached (its queued replies dropped)",
+                self._name, f.addr, now - f.last_seen,
+            )
+            f.sock.close(linger=0)
+            del self._attached[f.addr]
+        replaced, self._replaced = self._replaced, []
+        return gone + replaced
+
+    def send_all(self, frame: bytes) -> None:
+        for sock in self.sockets():
+            sock.send(frame, copy=False)
