@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import itertools
 import logging
 import os
-import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +35,7 @@ from protocol.config import (
     config_to_json,
 )
 from protocol.messages import StatusQuery, StatusReport
-from protocol.process import dump_stacks_on_sigusr1
+from protocol.process import SignalWakeup, dump_stacks_on_sigusr1
 from protocol.transport import bind, connect, ipc_addr, ipc_dir, recv, send
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -284,31 +281,6 @@ def instance_probe(input_addr: str, directory: str) -> Callable[[], bool]:
 
 
 SIGNAL_CHECK_S = 0.5  # longest wait between checks of the children
-
-
-class SignalWakeup:
-    """A wait that a signal ends at once, whichever thread the kernel gives it to.
-
-    Python's signal module writes the signal number to a wakeup fd from its C-level handler, so
-    a ``select`` on the other end returns immediately. The Python handlers touch no lock: a
-    ``threading.Event`` set from a handler deadlocked, because the handler runs in the main
-    thread, which may hold that Event's lock (inside ``wait`` or ``clear``, or inside the
-    previous handler when a burst of SIGCHLD arrives as the children exit together)."""
-
-    def __init__(self) -> None:
-        self._reader, self._writer = socket.socketpair()
-        self._reader.setblocking(False)
-        self._writer.setblocking(False)
-
-    def install(self) -> None:
-        """From the main thread: signals from now on end a ``wait``."""
-        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
-
-    def wait(self, timeout_s: float) -> None:
-        if select.select([self._reader], [], [], timeout_s)[0]:
-            with contextlib.suppress(BlockingIOError):
-                while self._reader.recv(4096):
-                    pass
 
 
 class Supervisor:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import faulthandler
 import logging
 import os
+import select
 import signal
+import socket
 import sys
 from typing import Protocol, TypeVar
 
@@ -64,6 +67,30 @@ def stop_on_sigterm() -> StopFlag:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: flag.set())
     return flag
+
+
+class SignalWakeup:
+    """A wait that a signal ends at once, whichever thread the kernel gives it to.
+
+    Python's signal module writes the signal number to a wakeup fd from its C-level handler, so
+    a ``select`` on the other end returns at once. Pair it with handlers that take no lock (see
+    ``StopFlag``): launch's supervisor once set a ``threading.Event`` from its SIGCHLD handler
+    and deadlocked when the children exited together."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def install(self) -> None:
+        """From the main thread: signals from now on end a ``wait``."""
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+
+    def wait(self, timeout_s: float) -> None:
+        if select.select([self._reader], [], [], timeout_s)[0]:
+            with contextlib.suppress(BlockingIOError):
+                while self._reader.recv(4096):
+                    pass
 
 
 def exit_on_sigterm() -> None:
