@@ -11,7 +11,7 @@ from sched_fakes import FakeWorker, make_args
 
 from protocol import transport
 from protocol.config import InstanceAddrs, SchedulerConfig
-from protocol.messages import Heartbeat, Message, Shutdown, StepBatch, WorkerFailed
+from protocol.messages import AttachFrontend, Heartbeat, Message, Shutdown, StepBatch, WorkerFailed
 from scheduler_proc.scheduler import run_scheduler
 
 TIMEOUT_MS = 10_000
@@ -94,6 +94,11 @@ class FrontEnd:
 
     def send(self, msg):
         transport.send(self.to_instance, msg)
+
+    def attach(self, rid_prefix: str = "") -> Heartbeat:
+        """Attach to the instance; returns the heartbeat it answers with."""
+        self.send(AttachFrontend(self.output_addr, rid_prefix=rid_prefix))
+        return self.recv(Heartbeat)
 
     def recv(self, kind):
         """The next message of type ``kind``; every message received on the way is recorded."""

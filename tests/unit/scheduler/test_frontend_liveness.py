@@ -76,8 +76,7 @@ def test_a_silent_front_end_is_detached_and_its_requests_aborted(ctx, addrs, sta
     scheduler = Scheduler(config(addrs, heartbeat_timeout=HEARTBEAT_TIMEOUT_S))
     front, probe = FrontEnd(ctx, addrs), StatusProbe(ctx, addrs.input_addr)
     try:
-        front.send(AttachFrontend(front.output_addr))
-        front.recv(Heartbeat)
+        front.attach()
         for i in range(2):  # both fit in the fake worker's 63 pages of 4 tokens
             front.send(make_request(f"r{i}", [1, 2, 3, 4, 5], max_new=100, stop=False))
         front.recv(BatchOutput)  # decoding; then the front end says nothing more
@@ -85,8 +84,7 @@ def test_a_silent_front_end_is_detached_and_its_requests_aborted(ctx, addrs, sta
         assert len(worker.seen) < 100, "not aborted: the requests ran to their end"
         assert status.alive and status.ready
         # A front end that comes back is attached again and served.
-        front.send(AttachFrontend(front.output_addr))
-        front.recv(Heartbeat)
+        front.attach()
         front.send(make_request("again", [1, 2, 3], max_new=2, stop=False))
         out = front.recv(BatchOutput).outputs[0]
         while not out.finished:
@@ -128,8 +126,7 @@ def test_only_the_requests_of_the_silent_front_end_are_aborted(ctx, addrs, start
     try:
         with beating(ctx, addrs.input_addr, AttachFrontend(alive.output_addr, rid_prefix="bb")):
             alive.recv(Heartbeat)
-            silent.send(AttachFrontend(silent.output_addr, rid_prefix="aa"))
-            silent.recv(Heartbeat)
+            silent.attach("aa")
             silent.send(make_request("aa-1", [1, 2, 3], max_new=100, stop=False))
             alive.send(make_request("bb-1", [4, 5, 6], max_new=60, stop=False))
             finish: dict[str, str] = {}

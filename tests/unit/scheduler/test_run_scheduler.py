@@ -17,7 +17,6 @@ from protocol.messages import (
     PROTOCOL_VERSION,
     SHUTTING_DOWN,
     AbortRequest,
-    AttachFrontend,
     BatchOutput,
     Heartbeat,
     RequestFailed,
@@ -34,8 +33,7 @@ def test_serves_requests_status_and_heartbeats_then_shuts_down(ctx, addrs, start
     scheduler = Scheduler(config(addrs))
     front = FrontEnd(ctx, addrs)
     try:
-        front.send(AttachFrontend(front.output_addr))
-        beat = front.recv(Heartbeat)
+        beat = front.attach()
         assert beat.ready and beat.role == "unified" and beat.model.name == "fake"
         assert beat.input_addr == addrs.input_addr
         requests = [make_request(f"r{i}", [i + 1, 2, 3, 4, 5, 6], max_new=6, seed=i) for i in range(3)]
@@ -78,10 +76,8 @@ def test_replies_go_to_every_attached_front_end(ctx, addrs, start_worker):
     scheduler = Scheduler(config(addrs))
     first, second = FrontEnd(ctx, addrs, "fe1"), FrontEnd(ctx, addrs, "fe2")
     try:
-        first.send(AttachFrontend(first.output_addr))
-        first.recv(Heartbeat)
-        second.send(AttachFrontend(second.output_addr))
-        second.recv(Heartbeat)
+        first.attach()
+        second.attach()
         second.send(make_request("r", [1, 2, 3], max_new=1, stop=False))
         for front in (first, second):
             assert front.recv(BatchOutput).outputs[0].rid == "r"
@@ -105,8 +101,7 @@ def test_a_message_that_makes_a_handler_raise_is_answered_and_serving_goes_on(ct
     scheduler = Scheduler(config(addrs))
     front = FrontEnd(ctx, addrs)
     try:
-        front.send(AttachFrontend(front.output_addr))
-        front.recv(Heartbeat)
+        front.attach()
         bad = {"max_new_tokens": 4, "seed": 1, "temperature": 0.0}
         for fields in (
             dict(rid="bad1", input_ids=[1, 2], sampling=5),
@@ -144,8 +139,7 @@ def test_the_loop_survives_a_handler_that_raises(ctx, addrs, start_worker, monke
     scheduler = Scheduler(config(addrs))
     front = FrontEnd(ctx, addrs)
     try:
-        front.send(AttachFrontend(front.output_addr))
-        front.recv(Heartbeat)
+        front.attach()
         front.send(AbortRequest(rid="x"))
         failed = front.recv(RequestFailed)
         assert failed.rid == "x" and failed.code == INVALID_REQUEST and "KeyError" in failed.message
@@ -180,8 +174,7 @@ def test_shutdown_fails_live_requests(ctx, addrs, start_worker):
     scheduler = Scheduler(config(addrs))
     front = FrontEnd(ctx, addrs)
     try:
-        front.send(AttachFrontend(front.output_addr))
-        front.recv(Heartbeat)
+        front.attach()
         front.send(make_request("slow", [1, 2, 3], max_new=200, stop=False))
         front.recv(BatchOutput)
         front.send(Shutdown())
@@ -198,8 +191,7 @@ def test_worker_failure_mid_run_fails_requests_and_raises(ctx, addrs, start_work
     scheduler = Scheduler(config(addrs))
     front = FrontEnd(ctx, addrs)
     try:
-        front.send(AttachFrontend(front.output_addr))
-        front.recv(Heartbeat)
+        front.attach()
         front.send(make_request("a", [1, 2, 3], max_new=50, stop=False))
         failed = front.recv(RequestFailed)
         assert failed.rid == "a" and failed.code == INTERNAL and "CUDA error" in failed.message
@@ -237,8 +229,7 @@ def test_main_exits_cleanly_on_sigterm(ctx, addrs, start_worker):
     proc = _spawn(config(addrs))
     front = FrontEnd(ctx, addrs)
     try:
-        front.send(AttachFrontend(front.output_addr))
-        front.recv(Heartbeat)  # serving
+        front.attach()  # serving
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
