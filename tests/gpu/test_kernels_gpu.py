@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.kernels.kernel_cases import (
+from tests.unit.engine.kernels.kernel_cases import (
     ACTIVATION_CASES,
     DECODE_CASES,
     EXTEND_CASES,

@@ -67,7 +67,7 @@ def test_stop_token_ends_a_request_and_the_extra_token_is_discarded(embedded_wor
 TRITON_SCRIPT = """
 import torch
 torch.set_num_threads(1)
-from tests.unit.kernels.interpreter_worker import interpreter_unusable
+from tests.unit.engine.kernels.interpreter_worker import interpreter_unusable
 why = interpreter_unusable()
 if why is not None:
     print("SKIP " + why)

@@ -2,7 +2,7 @@
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, and setting it in the shared pytest
 process would turn every later kernel there into an interpreted one (see
-``tests/unit/kernels/interpreter_worker.py``), so ``test_kernels.py`` runs this module once as
+``tests/unit/engine/kernels/interpreter_worker.py``), so ``test_kernels.py`` runs this module once as
 ``python -m tests.unit.kvtransfer.kernel_checks`` with the variable set; it prints one JSON map
 ``{case id: null | traceback}``. Every check compares the Triton kernel bit-exactly with the torch
 reference on fresh random pools, pages shuffled, untouched pages included.

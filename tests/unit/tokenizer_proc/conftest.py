@@ -7,7 +7,10 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from frontend_fakes import (
+
+from protocol import transport
+from protocol.config import FrontendConfig
+from tests.fakes.frontend import (
     Deployment,
     FakeInstance,
     frontend_config,
@@ -15,9 +18,6 @@ from frontend_fakes import (
     start_deployment,
     stop_deployment,
 )
-
-from protocol import transport
-from protocol.config import FrontendConfig
 from tokenizer_proc.client import Client
 
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from frontend_fakes import embedded_model_info
 
 from protocol.config import EMBEDDED
+from tests.fakes.frontend import embedded_model_info
 from tokenizer_proc.admission import Admission
 from tokenizer_proc.tokenizer import ByteTokenizer, NoTextTokenizer
 from tokenizer_proc.validation import InvalidRequest, ModelLimits, parse_command

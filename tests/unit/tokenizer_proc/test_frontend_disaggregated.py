@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from frontend_fakes import FakeDecode
 
 from protocol.config import EMBEDDED
 from protocol.messages import TRANSFER_FAILED
 from protocol.transport import ipc_addr
+from tests.fakes.frontend import FakeDecode
 from tokenizer_proc.client import ServerError
 
 BOS = EMBEDDED.bos_token_id

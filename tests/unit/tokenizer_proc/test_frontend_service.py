@@ -10,10 +10,10 @@ import time
 import msgpack
 import pytest
 import zmq
-from frontend_fakes import FakeInstance, frontend_config
 
 from protocol.config import EMBEDDED, config_to_json
 from protocol.messages import TokenizedRequest
+from tests.fakes.frontend import FakeInstance, frontend_config
 from tokenizer_proc.client import Client, ServerError
 from tokenizer_proc.tokenizer import ByteTokenizer
 
