@@ -21,6 +21,9 @@ _MASK32 = 0xFFFFFFFF
 _MUL1 = 0x45D9F3B
 _MUL2 = 0x2C1B3C6D
 _GOLDEN = 0x1E3779B9
+# Temperatures below this sample greedily: dividing logits by a denormal temperature overflows
+# to inf and the softmax to NaN (SGLang and vLLM use the same cut-off).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -28,7 +31,7 @@ class SamplingBatch:
     """Per-row parameters of one step's sampling rows, on the device; the path flags are
     decided once per step on the host."""
 
-    temperatures: torch.Tensor  # [N] float32, 0 = greedy
+    temperatures: torch.Tensor  # [N] float32, below GREEDY_BELOW_TEMPERATURE = greedy
     top_ks: torch.Tensor  # [N] int64, vocab size = no limit
     top_ps: torch.Tensor  # [N] float32
     keys: torch.Tensor  # [N] int64, hash of (seed, position)
@@ -47,7 +50,7 @@ class SamplingBatch:
     ) -> SamplingBatch:
         """``positions[i]``: the position the sampled token of row ``i`` will occupy."""
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        sampled = [p for p in params if not p.greedy]
+        sampled = [p for p in params if p.temperature >= GREEDY_BELOW_TEMPERATURE]
         seeds = torch.tensor([p.seed & 0xFFFFFFFFFFFF for p in params], dtype=torch.int64)
         keys = row_keys(seeds, torch.tensor(positions, dtype=torch.int64))
         # two host-to-device copies per step: the float and the integer parameters
@@ -81,7 +84,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
 
 
 def _sample_random(logits: torch.Tensor, batch: SamplingBatch, greedy_tokens: torch.Tensor) -> torch.Tensor:
-    greedy = batch.temperatures == 0.0
+    greedy = batch.temperatures < GREEDY_BELOW_TEMPERATURE
     temperatures = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)
     probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)
     if batch.use_top_k or batch.use_top_p:

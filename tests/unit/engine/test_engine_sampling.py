@@ -37,6 +37,16 @@ def test_top_k_one_and_a_tiny_top_p_equal_greedy() -> None:
     assert draw(logits, tiny_p, [3] * 8) == logits.argmax(-1).tolist()
 
 
+def test_tiny_temperatures_sample_greedily_instead_of_from_nan() -> None:
+    """1e-45 .. 1e-6 overflow logits / temperature to inf (softmax NaN: token 0 every time)."""
+    logits = random_logits(6, seed=3)
+    tiny = [SamplingParams(temperature=t, seed=1) for t in (1e-45, 1e-38, 1e-20, 1e-10, 1e-6, 9.9e-6)]
+    assert draw(logits, tiny, [5] * 6) == logits.argmax(-1).tolist()
+    mixed = [SamplingParams(temperature=1e-45, seed=1), SamplingParams(temperature=1.0, seed=1)]
+    assert not SamplingBatch.build(mixed, [0, 0], VOCAB, CPU).all_greedy
+    assert draw(logits[:2], mixed, [0, 0])[0] == logits[0].argmax().item()
+
+
 def test_greedy_rows_are_unaffected_by_sampling_rows_in_the_same_batch() -> None:
     logits = random_logits(4)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=5)] * 2
