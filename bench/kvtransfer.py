@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from kvtransfer import KVLayout, TransferConfig, TransferState, make_backend
+from kvtransfer import KVLayout, TransferConfig, TransferState, make_backend, page_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("PDSERVE_TORCH_THREADS", "1")))
     shape = TINY if args.tiny else FULL
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    request_bytes = shape.layout("zmq").page_bytes * shape.pages
+    request_bytes = page_bytes(shape.layout("zmq")) * shape.pages
     report = Report(device, asdict(shape), request_bytes, d2d_copy_gbps(request_bytes, device))
     with tempfile.TemporaryDirectory(prefix="pdserve-kvbench-") as workdir:
         for backend in args.backends.split(","):

@@ -6,7 +6,9 @@ pages), abort rooms, and seed the future-token map of each slot that joins with 
 the prefill side sampled (``NewReq.next_token``), so its first decode step reads it like any
 token this worker sampled itself. Registration with a prefill worker's KV sender
 (``RegisterKVPeer``) runs on a thread of its own, since it waits for the peer's answer; its
-outcome and the room results reach the scheduler through a forwarder with its own socket.
+outcome and the room results (with the first token and its logprob) reach the scheduler
+through a forwarder with its own socket. A data-plane link lost later registers again by
+itself (``kvtransfer.links``); the scheduler need not ask again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import cast
 import zmq
 
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
-from kvtransfer import KVLayout, KVReceiver, TransferConfig, TransferError, make_backend
+from kvtransfer import KVReceiver, TransferConfig, TransferError, layout_from_caches, make_backend
 from protocol import transport
 from protocol.config import WorkerConfig
 from protocol.messages import (
@@ -55,7 +57,7 @@ class Notifier:
     def _run(self) -> None:
         while not self._stop.is_set():
             for r in self._receiver.poll(RESULT_POLL_S):
-                self.notify(TransferResult(r.room, r.ok, r.first_token, r.error or ""))
+                self.notify(TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob))
 
     def close(self) -> None:
         self._stop.set()
@@ -108,7 +110,7 @@ def start_decode(cfg: WorkerConfig) -> tuple[Worker, KVReceiver]:
     """The engine's worker and the KV receiver over its pool."""
     worker = Worker.create(cfg.args)
     backend = cfg.args.transfer_backend
-    layout = KVLayout.from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)
+    layout = layout_from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)
     receiver = make_backend(
         backend,
         "decode",
@@ -127,6 +129,6 @@ def run_decode_worker(cfg: WorkerConfig) -> None:
         worker, receiver = proc.start(lambda: start_decode(cfg))
         receiver = proc.closing(receiver)
         notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, receiver))
-        proc.announce_ready(worker.ready_message(TransferEndpoint(backend=cfg.args.transfer_backend)))
+        proc.announce_ready(worker.ready_message(TransferEndpoint(receiver.layout)))
         dw = DecodeWorker(worker, receiver, notifier, cfg.args.transfer_timeout)
         proc.serve(StepHooks(dw.step, after_step=dw.take_refused, handlers={RegisterKVPeer: dw.register}))

@@ -13,7 +13,6 @@ import torch
 
 from kvtransfer.base import (
     DuplicateRoom,
-    KVLayout,
     KVReceiver,
     KVSender,
     LayoutMismatch,
@@ -23,6 +22,8 @@ from kvtransfer.base import (
     TransferError,
     TransferState,
 )
+from kvtransfer.layout import check_caches, check_peer_layout, layout_from_caches, page_bytes, torch_dtype
+from protocol.dataplane import KVLayout
 
 BACKENDS = ("zmq", "cuda_ipc", "fake")
 ROLES = ("prefill", "decode")
@@ -39,7 +40,12 @@ __all__ = [
     "TransferConfig",
     "TransferError",
     "TransferState",
+    "check_caches",
+    "check_peer_layout",
+    "layout_from_caches",
     "make_backend",
+    "page_bytes",
+    "torch_dtype",
 ]
 
 

@@ -1,5 +1,6 @@
-"""The KV data plane's interface: transfer states, the layout both sides must agree on, the room
-table every backend keeps, and the sender (prefill side) / receiver (decode side) contracts.
+"""The KV data plane's interface: transfer states and timeouts, room results, errors, and the
+sender (prefill side) / receiver (decode side) contracts. The layout both sides must agree on
+is ``protocol.dataplane.KVLayout`` (its torch helpers are in ``kvtransfer.layout``).
 
 A *room* (an int minted by the front end) is one request's transfer. Both sides keep a
 ``RoomTable`` (``rooms.py``); a room's state only moves forward and ``FAILED`` sticks
@@ -12,7 +13,6 @@ side the destination pages may be decoded from (``DONE``) or freed (``FAILED``).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import logging
 from abc import ABC, abstractmethod
@@ -20,10 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from protocol.config import ServerArgs
-from protocol.messages import PROTOCOL_VERSION
+from protocol.dataplane import KVLayout, describe_mismatch
 
 if TYPE_CHECKING:
     from kvtransfer.rooms import RoomTable
@@ -39,9 +37,7 @@ class LayoutMismatch(TransferError, ValueError):
     """The two sides (or a side and its own KV pool) disagree on ``field``."""
 
     def __init__(self, field_name: str, ours: Any, theirs: Any, where: str = "peer") -> None:
-        super().__init__(
-            f"KV layout mismatch on {field_name!r}: ours is {ours!r}, the {where}'s is {theirs!r}"
-        )
+        super().__init__(describe_mismatch(field_name, ours, theirs, "this side", f"the {where}"))
         self.field = field_name
 
 
@@ -100,74 +96,13 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
-class KVLayout:
-    """What a prefill and a decode worker must agree on, checked once at registration."""
-
-    model: str
-    num_layers: int
-    page_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
-    backend: str
-    tp_size: int = 1
-    tp_rank: int = 0
-    protocol_version: int = PROTOCOL_VERSION
-
-    @classmethod
-    def from_caches(
-        cls, k_caches: Sequence[torch.Tensor], *, model: str, backend: str, tp_size: int = 1, tp_rank: int = 0
-    ) -> KVLayout:
-        """The layout of a worker's own pool (per-layer ``[pages, page_size, heads, dim]``)."""
-        _, page_size, num_kv_heads, head_dim = k_caches[0].shape
-        dtype = str(k_caches[0].dtype).removeprefix("torch.")
-        return cls(model, len(k_caches), page_size, num_kv_heads, head_dim, dtype, backend, tp_size, tp_rank)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    @property
-    def page_bytes(self) -> int:
-        """Bytes of one page across all layers, K and V."""
-        elem = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
-
-    def check_matches(self, theirs: KVLayout) -> None:
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) != getattr(theirs, f.name):
-                raise LayoutMismatch(f.name, getattr(self, f.name), getattr(theirs, f.name))
-
-    def check_caches(self, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> None:
-        """Raise LayoutMismatch naming the first field the local KV pool contradicts."""
-        for name, caches in (("k", k_caches), ("v", v_caches)):
-            if len(caches) != self.num_layers:
-                raise LayoutMismatch("num_layers", self.num_layers, len(caches), f"{name}-cache list")
-            for t in caches:
-                got = {"page_size": t.shape[1], "num_kv_heads": t.shape[2], "head_dim": t.shape[3]}
-                for key, value in got.items():
-                    if value != getattr(self, key):
-                        raise LayoutMismatch(key, getattr(self, key), value, f"{name}-cache")
-                if t.dtype != self.torch_dtype:
-                    theirs = str(t.dtype).removeprefix("torch.")
-                    raise LayoutMismatch("dtype", self.dtype, theirs, f"{name}-cache")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KVLayout:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-@dataclass(frozen=True)
 class RoomResult:
     """The one final outcome of a room on this side."""
 
     room: int
     state: TransferState  # DONE or FAILED
     first_token: int | None = None  # the first sampled token (decode side, DONE)
+    first_logprob: float | None = None  # its logprob, when the prefill side computed it
     error: str | None = None  # why it failed
 
     @property
@@ -176,8 +111,9 @@ class RoomResult:
 
 
 class _Side(ABC):
-    """What both sides offer: state, results, shutdown."""
+    """What both sides offer: their layout, state, results, shutdown."""
 
+    layout: KVLayout  # this side's KV pool, as the peer must match it
     rooms: RoomTable
 
     def state(self, room: int) -> TransferState | None:
@@ -212,8 +148,9 @@ class KVSender(_Side):
       1. ``add_room(room)`` when the prefill of a disaggregated request starts.
       2. After each prefill chunk's forward: ``send(room, src_pages, dst_pages)`` with the
          pages that chunk completed (source page ids on this side → destination page ids the
-         decode side allocated). The last call passes ``first_token`` (the first sampled token)
-         and the trailing partial page; it may carry no pages at all.
+         decode side allocated). The last call passes ``first_token`` (the first sampled token,
+         with its logprob when there is one) and the trailing partial page; it may carry no
+         pages at all.
       3. ``poll()`` in the worker loop: a ``DONE`` result means the decode side acknowledged
          every page, so the source pages may be freed or cached; ``FAILED`` means they may be
          freed and the request failed (``error`` says why).
@@ -234,8 +171,10 @@ class KVSender(_Side):
         src_pages: Sequence[int],
         dst_pages: Sequence[int],
         first_token: int | None = None,
+        first_logprob: float | None = None,
     ) -> bool:
-        """Queue the newly completed pages of ``room`` (``first_token`` marks the last send).
+        """Queue the newly completed pages of ``room`` (``first_token`` marks the last send, and
+        travels with its ``first_logprob`` when the prefill side has it).
         Returns immediately; on CUDA the pages are read after the work already queued on the
         current stream (the forward that wrote them). Returns False, doing nothing, when the
         room is unknown or final (e.g. it failed a moment ago: its result is in ``poll()``)."""
@@ -246,12 +185,14 @@ class KVReceiver(_Side):
 
     Call order:
       1. At start-up, once per prefill worker: ``peer = register(prefill_address)`` (blocks
-         until accepted; raises RegistrationRefused naming the mismatching field).
+         until accepted; raises RegistrationRefused naming the mismatching field). A link
+         lost later (the peer went silent, or dropped us) fails its rooms and registers again
+         by itself once both sides are alive; rooms expected meanwhile fail at once.
       2. Per request: ``expect(room, peer, dst_pages)`` with the pages allocated for the part
          of the prompt the decode side does not have cached.
-      3. ``poll()`` in the worker loop: ``DONE`` (with ``first_token``) means every destination
-         page is written and the request may join the running batch; ``FAILED`` means the pages
-         are no longer written by anyone and may be freed.
+      3. ``poll()`` in the worker loop: ``DONE`` (with ``first_token`` and ``first_logprob``)
+         means every destination page is written and the request may join the running batch;
+         ``FAILED`` means the pages are no longer written by anyone and may be freed.
     ``abort(room)`` at any time.
     """
 

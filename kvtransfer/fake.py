@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from kvtransfer.base import LayoutMismatch, RegistrationRefused, RoomResult, TransferError, TransferState
 from kvtransfer.kernels import copy_pages_ref
-from kvtransfer.rooms import RoomTable
+from kvtransfer.layout import check_peer_layout
+from kvtransfer.rooms import Room, RoomTable
 from kvtransfer.sides import PoolReceiver, PoolSender
 
 _LOCK = threading.RLock()  # every fake side of this process: one transfer at a time
@@ -46,18 +47,19 @@ class FakeFaults:
 
 @dataclass
 class _Delivery:
+    """One ``send``, kept in its room's ``pending`` list until it is due and announced."""
+
     due: float
-    room: int
     src_pages: list[int]
     dst_pages: list[int]
     first_token: int | None
+    first_logprob: float | None
 
 
 class FakeSender(PoolSender):
     def _bind(self, address: str) -> str:
         self.faults = FakeFaults()
-        self._receivers: dict[int, FakeReceiver] = {}  # room -> the receiver that announced it
-        self._deliveries: list[_Delivery] = []
+        self._peers: dict[str, FakeReceiver] = {}  # registered receivers by name
         with _LOCK:
             if address in _SENDERS:
                 raise ValueError(f"fake KV sender address {address!r} is in use")
@@ -65,7 +67,12 @@ class FakeSender(PoolSender):
         return address
 
     def send(
-        self, room: int, src_pages: Sequence[int], dst_pages: Sequence[int], first_token: int | None = None
+        self,
+        room: int,
+        src_pages: Sequence[int],
+        dst_pages: Sequence[int],
+        first_token: int | None = None,
+        first_logprob: float | None = None,
     ) -> bool:
         with _LOCK:
             entry = self.rooms.live(room)
@@ -75,7 +82,7 @@ class FakeSender(PoolSender):
                 self._fail_both(room, f"injected failure: {self.faults.failures.pop(room)}")
                 return True
             due = time.monotonic() + self.faults.delays.get(room, 0.0)
-            self._deliveries.append(_Delivery(due, room, list(src_pages), list(dst_pages), first_token))
+            entry.pending.append(_Delivery(due, list(src_pages), list(dst_pages), first_token, first_logprob))
             if entry.dst_pages is not None:  # announced: the chunk is on its way
                 self.rooms.advance(room, TransferState.TRANSFERRING)
             self._pump()
@@ -95,64 +102,77 @@ class FakeSender(PoolSender):
 
     # ---- the receiver's side of the handshake ------------------------------------------
 
+    def _register(self, receiver: FakeReceiver) -> None:
+        check_peer_layout(self.layout, receiver.layout)
+        self._peers[receiver.name] = receiver
+
     def _announce(self, receiver: FakeReceiver, room: int, dst_pages: list[int]) -> str | None:
         """A receiver announces ``room``; returns why it is refused, or None."""
         if self.faults.dead:
             return "prefill peer is dead"
-        refused = self.rooms.announce(room, receiver.name, dst_pages)
-        if refused is None:
-            self._receivers[room] = receiver
-        return refused
+        return self.rooms.announce(room, receiver.name, dst_pages)
 
     # ---- moving pages ------------------------------------------------------------------
 
     def _next_due(self) -> float | None:
-        return min((d.due for d in self._deliveries), default=None)
+        return min((r.pending[0].due for r in self.rooms.live_rooms() if r.pending), default=None)
 
     def _pump(self) -> None:
         """Land every delivery that is due, kill rooms of a dead sender, expire timeouts."""
         with _LOCK:
             now = time.monotonic()
             if self.faults.dead:
-                for entry in [*self.rooms.expired(float("inf"))]:
+                for entry in self.rooms.live_rooms():
                     self._fail_both(entry.room, "prefill peer is dead")
-            due = [d for d in self._deliveries if d.due <= now]
-            self._deliveries = [d for d in self._deliveries if d.due > now]
-            for delivery in due:
-                self._deliver(delivery)
-            for table in {self.rooms, *(r.rooms for r in self._receivers.values())}:
-                for entry in table.expired(now):
-                    side = "prefill" if table is self.rooms else "decode"
-                    self._fail_both(entry.room, f"{side} side: timed out in {entry.state.name}")
+            for entry in self.rooms.live_rooms():
+                self._deliver_due(entry, now)
+            for entry in self.rooms.expired(now):
+                self._fail_both(entry.room, f"prefill side: timed out in {entry.state.name}")
+            for receiver in list(self._peers.values()):
+                for entry in receiver.rooms.expired(now):
+                    if entry.peer == self.address:
+                        error = f"decode side: timed out in {entry.state.name}"
+                        self._fail_room_of(receiver, entry.room, error)
 
-    def _deliver(self, d: _Delivery) -> None:
-        entry = self.rooms.live(d.room)
-        receiver = self._receivers.get(d.room)
-        if entry is None:
-            return
-        if receiver is None or entry.dst_pages is None:  # not announced yet: try again later
-            self._deliveries.append(d)
-            return
-        target = receiver.rooms.get(d.room)
-        assert target is not None  # a receiver's room leaves ``_receivers`` when it fails
+    def _deliver_due(self, entry: Room, now: float) -> None:
+        """Land ``entry``'s due sends in order, once the decode side announced the room."""
+        receiver = self._peers.get(entry.peer or "")
+        while entry.pending and entry.pending[0].due <= now and receiver is not None:
+            target = receiver.rooms.live(entry.room)
+            if entry.dst_pages is None or target is None:
+                return
+            self._deliver(entry, entry.pending.pop(0), receiver, target)
+            if self.rooms.live(entry.room) is None:
+                return
+
+    def _deliver(self, entry: Room, d: _Delivery, receiver: FakeReceiver, target: Room) -> None:
         problem = _prefixed("prefill side", entry.check_send(d.src_pages, d.dst_pages))
         problem = problem or _prefixed("decode side", target.check_landing(d.dst_pages))
         if problem is None:
             copy_pages_ref(self.pool, d.src_pages, receiver.pool, d.dst_pages)
-            problem = _prefixed("decode side", receiver.rooms.land(target, d.dst_pages, d.first_token))
+            landed = receiver.rooms.land(target, d.dst_pages, d.first_token, d.first_logprob)
+            problem = _prefixed("decode side", landed)
         if problem is not None:
-            self._fail_both(d.room, problem)
+            self._fail_both(entry.room, problem)
         elif d.first_token is None:
-            self.rooms.advance(d.room, TransferState.TRANSFERRING)
+            self.rooms.advance(entry.room, TransferState.TRANSFERRING)
         else:
-            self.rooms.advance(d.room, TransferState.DONE)
-            del self._receivers[d.room]
+            self.rooms.advance(entry.room, TransferState.DONE)
 
     def _fail_both(self, room: int, error: str) -> None:
-        self.rooms.fail(room, error)
-        receiver = self._receivers.pop(room, None)
-        if receiver is not None:
-            receiver.rooms.fail(room, error)
+        entry = self.rooms.get(room)
+        receiver = self._peers.get(entry.peer or "") if entry is not None else None
+        if receiver is None:
+            self.rooms.fail(room, error)
+        else:
+            self._fail_room_of(receiver, room, error)
+
+    def _fail_room_of(self, receiver: FakeReceiver, room: int, error: str) -> None:
+        """Fail ``room`` on ``receiver`` and here, if it is this receiver's room here."""
+        entry = self.rooms.get(room)
+        if entry is not None and entry.peer == receiver.name:
+            self.rooms.fail(room, error)
+        receiver.rooms.fail(room, error)
 
 
 class FakeReceiver(PoolReceiver):
@@ -165,7 +185,7 @@ class FakeReceiver(PoolReceiver):
             if sender is None or sender.faults.dead:
                 raise TransferError(f"no fake KV sender at {address!r}")
             try:
-                sender.layout.check_matches(self.layout)
+                sender._register(self)
             except LayoutMismatch as e:
                 raise RegistrationRefused(f"prefill KV sender at {address} refused us: {e}") from None
             self._senders[address] = sender
@@ -192,7 +212,7 @@ class FakeReceiver(PoolReceiver):
                 return
             sender = self._senders.get(entry.peer or "")
             if sender is not None:
-                sender._fail_both(room, f"decode side: {reason}")
+                sender._fail_room_of(self, room, f"decode side: {reason}")
             self.rooms.fail(room, f"decode side: {reason}")
 
     def poll(self, timeout: float = 0.0) -> list[RoomResult]:

@@ -1,20 +1,12 @@
-"""The worker-to-worker link both socket backends share: private frame kinds and the background
+"""The worker-to-worker link both socket backends share: frames on the wire and the background
 I/O thread that owns the sockets.
 
 Topology: the prefill worker's sender binds one ROUTER at an explicit address; every decode
 worker's receiver connects one DEALER to it (identity = the receiver's name). All frames of a
-(decode, prefill) pair travel on that connection, in order, both ways. Each frame is a msgpack
-map header (``k`` = kind), followed by raw payload frames for ``CHUNK`` on the zmq backend:
-
-  decode → prefill: REGISTER {layout, extra}  ROOM {room, dst_pages}  ACK {room}
-                    ABORT {room, reason}  HEARTBEAT {}
-  prefill → decode: REGISTERED {ok, error}  ROOM_OK {room}  ROOM_REFUSED {room, error}
-                    CHUNK {room, dst_pages, last, first_token} + payload  ABORT {room, reason}
-                    ABORT_ACK {room}  HEARTBEAT {}
-                    UNREGISTERED {error} (the answer to any frame of a peer it does not know)
-
-These frames never leave this package, so they are not in ``protocol.messages``; the protocol
-version is checked as part of the layout at registration.
+(decode, prefill) pair travel on that connection, in order, both ways. Each frame is a typed
+message of ``protocol.dataplane`` (``KVRegister``, ``KVChunk``, ...; see ``docs/design.md``
+for who sends what), followed by raw payload frames for ``KVChunk`` on the zmq backend. The
+link's own lifecycle (registered, lost, registering again) is in ``kvtransfer.links``.
 """
 
 from __future__ import annotations
@@ -23,43 +15,37 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import zmq
 
 from kvtransfer.base import log
+from protocol.codec import Message, decode, encode
 
 if TYPE_CHECKING:
     from kvtransfer.rooms import Room, RoomTable
 
-REGISTER = "register"
-REGISTERED = "registered"
-ROOM = "room"
-ROOM_OK = "room_ok"
-ROOM_REFUSED = "room_refused"
-CHUNK = "chunk"
-ACK = "ack"
-ABORT = "abort"
-ABORT_ACK = "abort_ack"
-HEARTBEAT = "heartbeat"
-UNREGISTERED = "unregistered"
-
 _instances = itertools.count()
 
 
-def pack(kind: str, **fields: Any) -> bytes:
-    fields["k"] = kind
-    return msgpack.packb(fields, use_bin_type=True)
+def header(msg: Message) -> bytes:
+    """The first frame of a data-plane message."""
+    return encode(msg)
 
 
-def unpack(frame: zmq.Frame | bytes) -> dict[str, Any]:
-    data = frame.bytes if isinstance(frame, zmq.Frame) else frame
-    header = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    if not isinstance(header, dict) or not isinstance(header.get("k"), str):
-        raise ValueError("KV transfer frame header is not a map with a kind")
-    return header
+def read(frame: zmq.Frame | bytes) -> Message:
+    """The typed message of a first frame; raises ``protocol.codec.ProtocolError``."""
+    return decode(frame.bytes if isinstance(frame, zmq.Frame) else frame)
+
+
+def dispatch(handlers: Mapping[type[Message], Callable[..., None]], msg: Message, *args: Any) -> None:
+    """Run the handler of ``msg``'s type with ``(*args, msg)``; other messages are logged, dropped."""
+    handle = handlers.get(type(msg))
+    if handle is None:
+        log.warning("kvtransfer: ignoring an unexpected %s frame", msg.TYPE)
+        return
+    handle(*args, msg)
 
 
 def socket(ctx: zmq.Context, kind: int, identity: bytes | None = None) -> zmq.Socket:

@@ -1,10 +1,12 @@
-"""The decode side of a socket link: registration with prefill peers, room announcements,
-chunk validation and acknowledgements; a backend's ``ReceiverMover`` lands the page data."""
+"""The decode side of a socket link: registration with prefill peers (and registering again by
+itself after a link is lost), room announcements, chunk validation and acknowledgements; a
+backend's ``ReceiverMover`` lands the page data."""
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -13,8 +15,25 @@ import zmq
 
 from kvtransfer import link
 from kvtransfer.base import RegistrationRefused, TransferError, TransferState, log
+from kvtransfer.links import Link, LinkState, LinkTable
 from kvtransfer.rooms import Room
 from kvtransfer.sides import PoolReceiver
+from protocol.codec import Message
+from protocol.dataplane import (
+    KVAbort,
+    KVAbortAck,
+    KVAck,
+    KVChunk,
+    KVHeartbeat,
+    KVRegister,
+    KVRegistered,
+    KVRoom,
+    KVRoomOk,
+    KVRoomRefused,
+    KVUnregistered,
+)
+
+CONTROL_HWM = 1000  # frames queued for a prefill peer that does not read; later ones are dropped
 
 
 class ReceiverMover(Protocol):
@@ -28,14 +47,29 @@ class ReceiverMover(Protocol):
 
 
 @dataclass
-class _Peer:
-    address: str
-    sock: zmq.Socket | None = None
-    answered: threading.Event = field(default_factory=threading.Event)
+class Waiter:
+    """A ``register`` call waiting for the peer's answer."""
+
+    done: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
-    registered: bool = False
-    dead: bool = False  # was registered, then stopped answering or was dropped by the sender
-    last_seen: float = 0.0
+
+    def answer(self, error: str | None) -> None:
+        self.error = error
+        self.done.set()
+
+
+@dataclass
+class PrefillLink(Link):
+    """A prefill peer: its link state, its connection (one for the link's lifetime; zmq
+    reconnects it) and the ``register`` calls waiting for an answer."""
+
+    sock: zmq.Socket | None = None
+    waiters: list[Waiter] = field(default_factory=list)
+
+    def answer(self, error: str | None) -> None:
+        waiters, self.waiters = self.waiters, []
+        for w in waiters:
+            w.answer(error)
 
 
 class LinkReceiver(PoolReceiver):
@@ -45,8 +79,14 @@ class LinkReceiver(PoolReceiver):
 
     def _start(self) -> None:
         self._mover = self.mover_class(self.pool)
-        self._peers: dict[str, _Peer] = {}
-        self._by_sock: dict[zmq.Socket, _Peer] = {}
+        self._session = uuid.uuid4().hex[:12]  # this incarnation, in every REGISTER
+        self._registration: dict[str, Any] | None = None  # what the mover shares, made once
+        self._links: LinkTable[PrefillLink] = LinkTable()  # one per prefill peer asked to register with
+        self._handlers = {
+            KVRegistered: self._on_registered, KVUnregistered: self._on_unregistered,
+            KVRoomOk: self._on_room_ok, KVRoomRefused: self._on_room_refused,
+            KVAbort: self._on_abort, KVAbortAck: self._on_abort_ack, KVHeartbeat: lambda *_: None,
+        }
         self._io = link.IoLoop(
             f"kv-receiver-{self.name}", self.rooms, self._on_frames, self._on_expired, self._on_heartbeat
         )
@@ -55,25 +95,25 @@ class LinkReceiver(PoolReceiver):
     # ---- API (worker thread) -----------------------------------------------------------
 
     def register(self, address: str, timeout: float = 30.0) -> str:
-        current = self._peers.get(address)
+        """Register with the prefill peer at ``address``; at once if the link is up. A lost link
+        registers again by itself; calling this then only makes it try now."""
+        current = self._links.get(address)
         if current is not None and current.registered:
             return address
-        peer = _Peer(address)
-        self._peers[address] = peer
-        self._io.submit(self._connect, peer)
-        if not peer.answered.wait(timeout):
-            self._io.submit(self._disconnect, peer)
+        waiter = Waiter()
+        self._io.submit(self._register_now, address, waiter)
+        if not waiter.done.wait(timeout):
+            self._io.submit(self._give_up, address, waiter)
             raise TransferError(f"prefill KV sender at {address} did not answer within {timeout:.0f}s")
-        if peer.error is not None:
-            self._io.submit(self._disconnect, peer)
-            raise RegistrationRefused(f"registration with the prefill KV sender at {address}: {peer.error}")
+        if waiter.error is not None:
+            raise RegistrationRefused(f"registration with the prefill KV sender at {address}: {waiter.error}")
         return address
 
     def expect(self, room: int, peer: str, dst_pages: Sequence[int]) -> None:
-        """A peer that died since it registered fails the room (through ``poll``) rather than
-        raising: that is a runtime condition, while a never-registered peer is a caller's bug."""
-        info = self._peers.get(peer)
-        if info is None or not (info.registered or info.dead):
+        """A peer whose link is lost fails the room (through ``poll``) rather than raising: that
+        is a runtime condition, while a never-registered peer is a caller's bug."""
+        peer_link = self._links.get(peer)
+        if peer_link is None or peer_link.state in (LinkState.CONNECTING, LinkState.CLOSED):
             raise TransferError(f"{peer} is not a registered prefill peer; call register() first")
         pages = [int(p) for p in dst_pages]
         if len(set(pages)) != len(pages):
@@ -87,38 +127,122 @@ class LinkReceiver(PoolReceiver):
     def close(self) -> None:
         self._io.close()
 
-    # ---- I/O thread --------------------------------------------------------------------
+    # ---- I/O thread: registration ------------------------------------------------------
 
-    def _connect(self, peer: _Peer) -> None:
-        try:
-            extra = self._mover.registration()
-            sock = link.socket(self._io.ctx, zmq.DEALER, identity=self.name.encode())
-            sock.connect(peer.address)
-        except Exception as e:  # a bad address or an unshareable pool: register() raises it
-            peer.error = f"could not connect: {e}"
-            peer.answered.set()
+    def _register_now(self, address: str, waiter: Waiter) -> None:
+        peer_link = self._links.get(address)
+        if peer_link is not None and peer_link.registered:
+            waiter.answer(None)
             return
-        peer.sock = sock
-        self._io.add_socket(sock)
-        self._by_sock[sock] = peer
-        sock.send(link.pack(link.REGISTER, layout=self.layout.to_dict(), extra=extra))
+        if peer_link is None:
+            peer_link = self._links.add(PrefillLink(address))
+            peer_link.waiters.append(waiter)
+            if not self._connect(peer_link):
+                return
+        else:
+            peer_link.waiters.append(waiter)
+        if peer_link.state is LinkState.LOST:
+            self._links.move(peer_link, LinkState.RE_REGISTERING)
+        self._send_register(peer_link)
 
-    def _disconnect(self, peer: _Peer) -> None:
-        if peer.sock is not None and peer.sock in self._by_sock:
-            del self._by_sock[peer.sock]
-            self._io.remove_socket(peer.sock)
-        if self._peers.get(peer.address) is peer:
-            del self._peers[peer.address]
+    def _give_up(self, address: str, waiter: Waiter) -> None:
+        """A ``register`` call stopped waiting: a first registration is abandoned; a link that
+        was registered before keeps trying."""
+        peer_link = self._links.get(address)
+        if peer_link is None or waiter not in peer_link.waiters:
+            return
+        peer_link.waiters.remove(waiter)
+        if peer_link.state is LinkState.CONNECTING and not peer_link.waiters:
+            self._close(peer_link)
+
+    def _connect(self, peer_link: PrefillLink) -> bool:
+        """Open the link's connection; False (the link closed) if that is impossible."""
+        try:
+            if self._registration is None:
+                self._registration = self._mover.registration()
+            sock = link.socket(self._io.ctx, zmq.DEALER, identity=self.name.encode())
+            sock.setsockopt(zmq.SNDHWM, CONTROL_HWM)  # only small control frames go this way
+            sock.connect(peer_link.peer)
+        except Exception as e:  # a bad address or an unshareable pool: register() raises it
+            peer_link.answer(f"could not connect: {e}")
+            self._close(peer_link)
+            return False
+        peer_link.sock = sock
+        self._io.add_socket(sock)
+        return True
+
+    def _send_register(self, peer_link: PrefillLink) -> None:
+        register = KVRegister(self.layout, self._registration or {}, self._session, peer_link.epoch)
+        self._send(peer_link, register)
+
+    def _close(self, peer_link: PrefillLink) -> None:
+        if peer_link.sock is not None:
+            self._io.remove_socket(peer_link.sock)
+            peer_link.sock = None
+        self._links.move(peer_link, LinkState.CLOSED)
+
+    def _on_registered(self, peer_link: PrefillLink, msg: KVRegistered) -> None:
+        waiting = peer_link.state in (LinkState.CONNECTING, LinkState.RE_REGISTERING)
+        if not waiting or msg.epoch != peer_link.epoch:
+            return  # the answer to a repeated or an older REGISTER
+        if not msg.ok:
+            self._refused(peer_link, msg.error or "refused")
+            return
+        peer_link.last_seen = time.monotonic()
+        again = peer_link.state is LinkState.RE_REGISTERING
+        self._links.move(peer_link, LinkState.REGISTERED)
+        peer_link.answer(None)
+        if again:
+            log.info("registered again with prefill peer %s", peer_link.peer)
+
+    def _refused(self, peer_link: PrefillLink, error: str) -> None:
+        """A first registration is over; a link registering again stays lost and tries again."""
+        peer_link.answer(error)
+        if peer_link.state is LinkState.CONNECTING:
+            self._close(peer_link)
+            return
+        log.warning("prefill peer %s refused us again: %s", peer_link.peer, error)
+        self._links.move(peer_link, LinkState.LOST)
+
+    def _on_unregistered(self, peer_link: PrefillLink, msg: KVUnregistered) -> None:
+        if peer_link.registered:  # the sender dropped us as dead
+            self._lose(peer_link, f"prefill peer {peer_link.peer} dropped us: {msg.error}")
+
+    def _on_heartbeat(self, now: float) -> None:
+        """Heartbeats on registered links, loss of silent ones, and REGISTER again on lost ones
+        (every heartbeat interval until one is answered)."""
+        for peer_link in self._links:
+            if peer_link.registered:
+                if now - peer_link.last_seen > self.rooms.config.heartbeat_timeout:
+                    self._lose(peer_link, f"prefill peer {peer_link.peer} stopped answering")
+                else:
+                    self._send(peer_link, KVHeartbeat())
+            elif peer_link.state in (LinkState.LOST, LinkState.RE_REGISTERING):
+                if peer_link.state is LinkState.LOST:
+                    self._links.move(peer_link, LinkState.RE_REGISTERING)
+                self._send_register(peer_link)
+
+    def _lose(self, peer_link: PrefillLink, error: str) -> None:
+        """A dead writer writes no more: fail its rooms and report the held ones. The link
+        registers again by itself from the next heartbeat on (a new epoch)."""
+        log.warning("%s; failing its rooms", error)
+        self._links.move(peer_link, LinkState.LOST)
+        peer_link.epoch += 1
+        for entry in self.rooms.rooms_of(peer_link.peer):
+            self.rooms.fail(entry.room, error)
+        self.rooms.release_peer(peer_link.peer)
+
+    # ---- I/O thread: rooms -------------------------------------------------------------
 
     def _announce(self, room: int) -> None:
         entry = self.rooms.live(room)
         if entry is None:
             return
-        peer = self._peers.get(entry.peer or "")
-        if peer is None or not peer.registered or peer.sock is None:
+        peer_link = self._links.get(entry.peer or "")
+        if peer_link is None or not peer_link.registered or peer_link.sock is None:
             self.rooms.fail(room, f"prefill peer {entry.peer} is unavailable")
             return
-        peer.sock.send(link.pack(link.ROOM, room=room, dst_pages=entry.dst_pages))
+        self._send(peer_link, KVRoom(room, entry.dst_pages or []))
 
     def _abort(self, room: int, error: str) -> None:
         entry = self.rooms.live(room)
@@ -128,84 +252,72 @@ class LinkReceiver(PoolReceiver):
     def _fail_and_tell(self, entry: Room, error: str) -> None:
         """Fail a room we stop waiting for. If the prefill side writes our pages itself, the
         result waits for its ABORT_ACK (or its death): until then it may still be writing."""
-        peer = self._peers.get(entry.peer or "")
-        alive = peer is not None and peer.registered and peer.sock is not None
+        peer_link = self._links.get(entry.peer or "")
+        alive = peer_link is not None and peer_link.registered and peer_link.sock is not None
         self.rooms.fail(entry.room, error, hold=self._mover.remote_writes and alive)
         if alive:
-            peer.sock.send(link.pack(link.ABORT, room=entry.room, reason=error))
+            assert peer_link is not None
+            self._send(peer_link, KVAbort(entry.room, error))
 
     def _on_frames(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
-        peer = self._by_sock.get(sock)
-        if peer is None:
+        peer_link = next((p for p in self._links if p.sock is sock), None)
+        if peer_link is None:
             return
-        peer.last_seen = time.monotonic()
-        msg = link.unpack(frames[0])
-        kind = msg["k"]
-        if kind == link.REGISTERED:
-            peer.registered, peer.error = bool(msg["ok"]), msg.get("error")
-            peer.answered.set()
-        elif kind == link.UNREGISTERED and peer.registered:  # the sender dropped us as dead
-            self._peer_died(peer, f"prefill peer {peer.address} dropped us: {msg.get('error')}")
-        elif kind == link.CHUNK:
-            self._on_chunk(peer, msg, frames[1:])
-        elif kind == link.ROOM_OK:
-            waiting = TransferState.WAITING_FOR_INPUT
-            self._on_room_reply(peer, msg, lambda room: self.rooms.advance(room, waiting))
-        elif kind == link.ROOM_REFUSED:
-            error = f"prefill side refused the room: {msg.get('error')}"
-            self._on_room_reply(peer, msg, lambda room: self.rooms.fail(room, error))
-        elif kind == link.ABORT:  # the writer itself stopped: the pages are ours again at once
-            error = str(msg.get("reason", "prefill side aborted"))
-            self._on_room_reply(peer, msg, lambda room: self.rooms.fail(room, error))
-        elif kind == link.ABORT_ACK:
-            self.rooms.release(int(msg["room"]))
+        peer_link.last_seen = time.monotonic()
+        msg = link.read(frames[0])
+        if isinstance(msg, KVChunk):
+            self._on_chunk(peer_link, msg, frames[1:])
+        else:
+            link.dispatch(self._handlers, msg, peer_link)
 
-    def _on_room_reply(self, peer: _Peer, msg: dict[str, Any], apply: Any) -> None:
-        entry = self.rooms.live(int(msg["room"]))
-        if entry is not None and entry.peer == peer.address:
-            apply(entry.room)
+    def _entry_of(self, peer_link: PrefillLink, room: int) -> Room | None:
+        """The live room ``room`` if ``peer_link``'s peer is its writer."""
+        entry = self.rooms.live(room)
+        return entry if entry is not None and entry.peer == peer_link.peer else None
 
-    def _on_chunk(self, peer: _Peer, msg: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        entry = self.rooms.live(int(msg["room"]))
-        if entry is None or entry.peer != peer.address:
-            log.debug("ignoring a late chunk for room %s", msg["room"])
+    def _on_room_ok(self, peer_link: PrefillLink, msg: KVRoomOk) -> None:
+        if self._entry_of(peer_link, msg.room) is not None:
+            self.rooms.advance(msg.room, TransferState.WAITING_FOR_INPUT)
+
+    def _on_room_refused(self, peer_link: PrefillLink, msg: KVRoomRefused) -> None:
+        if self._entry_of(peer_link, msg.room) is not None:
+            self.rooms.fail(msg.room, f"prefill side refused the room: {msg.error}")
+
+    def _on_abort(self, peer_link: PrefillLink, msg: KVAbort) -> None:
+        """The writer itself stopped: the pages are ours again at once."""
+        if self._entry_of(peer_link, msg.room) is not None:
+            self.rooms.fail(msg.room, msg.reason)
+
+    def _on_abort_ack(self, peer_link: PrefillLink, msg: KVAbortAck) -> None:
+        self.rooms.release(msg.room)
+
+    def _on_chunk(self, peer_link: PrefillLink, msg: KVChunk, payload: list[zmq.Frame]) -> None:
+        entry = self._entry_of(peer_link, msg.room)
+        if entry is None:
+            log.debug("ignoring a late chunk for room %s", msg.room)
             return
-        dst_pages = [int(p) for p in msg["dst_pages"]]
-        first_token = int(msg["first_token"]) if msg["last"] else None
+        dst_pages = [int(p) for p in msg.dst_pages]
+        first_token = int(msg.first_token) if msg.last and msg.first_token is not None else None
         problem = entry.check_landing(dst_pages)
         if problem is None:
             try:
                 self._mover.apply(dst_pages, payload)
             except Exception as e:  # a malformed payload fails this room only
                 problem = f"could not land the pages: {e}"
-        problem = problem or self.rooms.land(entry, dst_pages, first_token)
+        problem = problem or self.rooms.land(entry, dst_pages, first_token, msg.first_logprob)
         if problem is not None:
             self._fail_and_tell(entry, f"decode side: {problem}")
         elif first_token is not None:
-            assert peer.sock is not None
-            peer.sock.send(link.pack(link.ACK, room=entry.room))
+            self._send(peer_link, KVAck(entry.room))
 
     def _on_expired(self, entry: Room) -> None:
         self._fail_and_tell(entry, f"decode side: timed out in {entry.state.name}")
 
-    def _on_heartbeat(self, now: float) -> None:
-        for peer in list(self._peers.values()):
-            if not peer.registered or peer.sock is None:
-                continue
-            if now - peer.last_seen > self.rooms.config.heartbeat_timeout:
-                self._peer_died(peer, f"prefill peer {peer.address} stopped answering")
-            else:
-                peer.sock.send(link.pack(link.HEARTBEAT))
-
-    def _peer_died(self, peer: _Peer, error: str) -> None:
-        """A dead writer writes no more: fail its rooms and report the held ones. The peer
-        stays known as dead (``expect`` fails rooms for it) until ``register`` is called again."""
-        log.warning("%s; failing its rooms", error)
-        peer.registered, peer.dead = False, True
-        for entry in self.rooms.rooms_of(peer.address):
-            self.rooms.fail(entry.room, error)
-        self.rooms.release_peer(peer.address)
-        if peer.sock is not None:
-            del self._by_sock[peer.sock]
-            self._io.remove_socket(peer.sock)
-            peer.sock = None
+    def _send(self, peer_link: PrefillLink, msg: Message) -> None:
+        """Queue ``msg`` for the peer; dropped if ``CONTROL_HWM`` frames already wait for a peer
+        that does not read (the heartbeat tells the link is lost; REGISTER is sent again)."""
+        assert peer_link.sock is not None
+        try:
+            peer_link.sock.send(link.header(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("prefill peer %s is not reading; dropped a %s frame", peer_link.peer, msg.TYPE)

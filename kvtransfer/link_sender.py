@@ -12,9 +12,25 @@ import torch
 import zmq
 
 from kvtransfer import link
-from kvtransfer.base import KVLayout, LayoutMismatch, TransferState, log
+from kvtransfer.base import LayoutMismatch, TransferState, log
+from kvtransfer.layout import check_peer_layout
+from kvtransfer.links import Link, LinkState, LinkTable
 from kvtransfer.rooms import Room
 from kvtransfer.sides import PoolSender
+from protocol.codec import Message
+from protocol.dataplane import (
+    KVAbort,
+    KVAbortAck,
+    KVAck,
+    KVChunk,
+    KVHeartbeat,
+    KVRegister,
+    KVRegistered,
+    KVRoom,
+    KVRoomOk,
+    KVRoomRefused,
+    KVUnregistered,
+)
 
 
 @dataclass
@@ -25,6 +41,7 @@ class Chunk:
     src_pages: list[int]
     dst_pages: list[int]
     first_token: int | None
+    first_logprob: float | None
     ready: torch.cuda.Event | None
 
     @property
@@ -51,7 +68,9 @@ class LinkSender(PoolSender):
     def _bind(self, address: str) -> str:
         self._mover = self.mover_class(self.pool)
         self._cuda = self.pool.device.type == "cuda"
-        self._peers: dict[str, float] = {}  # registered decode peer -> last time heard from
+        self._links: LinkTable[Link] = LinkTable()  # one per decode peer that registered
+        self._handlers = {KVRoom: self._on_room, KVAck: self._on_ack, KVAbort: self._on_abort,
+                          KVHeartbeat: lambda link, msg: None}
         self._io = link.IoLoop(
             f"kv-sender-{address}", self.rooms, self._on_frames, self._on_expired, self._on_heartbeat
         )
@@ -65,7 +84,12 @@ class LinkSender(PoolSender):
     # ---- API (worker thread) -----------------------------------------------------------
 
     def send(
-        self, room: int, src_pages: Sequence[int], dst_pages: Sequence[int], first_token: int | None = None
+        self,
+        room: int,
+        src_pages: Sequence[int],
+        dst_pages: Sequence[int],
+        first_token: int | None = None,
+        first_logprob: float | None = None,
     ) -> bool:
         if self.rooms.live(room) is None:
             return False
@@ -73,8 +97,8 @@ class LinkSender(PoolSender):
         if self._cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.pool.device))
-        chunk = Chunk(room, [int(p) for p in src_pages], [int(p) for p in dst_pages], first_token, ready)
-        self._io.submit(self._send_chunk, chunk)
+        src, dst = [int(p) for p in src_pages], [int(p) for p in dst_pages]
+        self._io.submit(self._send_chunk, Chunk(room, src, dst, first_token, first_logprob, ready))
         return True
 
     def abort(self, room: int, reason: str = "aborted") -> None:
@@ -83,7 +107,7 @@ class LinkSender(PoolSender):
     def close(self) -> None:
         self._io.close()
 
-    # ---- I/O thread --------------------------------------------------------------------
+    # ---- I/O thread: rooms -------------------------------------------------------------
 
     def _send_chunk(self, chunk: Chunk) -> None:
         entry = self.rooms.live(chunk.room)
@@ -106,9 +130,8 @@ class LinkSender(PoolSender):
             log.exception("room %d: transfer failed", entry.room)
             self._fail(entry.room, f"prefill side: transfer failed: {e}")
             return
-        header = link.pack(
-            link.CHUNK, room=entry.room, dst_pages=chunk.dst_pages, last=chunk.last,
-            first_token=chunk.first_token,
+        header = link.header(
+            KVChunk(entry.room, chunk.dst_pages, chunk.last, chunk.first_token, chunk.first_logprob)
         )
         self._router.send_multipart([entry.peer.encode("latin-1"), header, *payload], copy=False)
         self.rooms.advance(entry.room, TransferState.TRANSFERRING)
@@ -119,61 +142,17 @@ class LinkSender(PoolSender):
             return
         peer = entry.peer
         self.rooms.fail(room, error)
-        if peer in self._peers:
-            self._reply(peer, link.ABORT, room=room, reason=error)
+        peer_link = self._links.get(peer or "")
+        if peer_link is not None and peer_link.registered:
+            self._reply(peer_link.peer, KVAbort(room, error))
 
-    def _on_frames(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
-        peer = frames[0].bytes.decode("latin-1")  # a bijection: any zmq identity round-trips
-        msg = link.unpack(frames[1])
-        kind = msg["k"]
-        if kind == link.REGISTER:
-            self._register(peer, msg)
-            return
-        if peer not in self._peers:
-            self._refuse_unregistered(peer)
-            return
-        self._peers[peer] = time.monotonic()
-        if kind == link.ROOM:
-            self._announce(peer, int(msg["room"]), [int(p) for p in msg["dst_pages"]])
-        elif kind == link.ACK and self._owns(peer, int(msg["room"])):
-            self.rooms.advance(int(msg["room"]), TransferState.DONE)
-        elif kind == link.ABORT:
-            # Every page copy of this room already ran to completion on this thread, so the
-            # decode side may reuse its pages as soon as it reads the ABORT_ACK.
-            room = int(msg["room"])
-            if self._owns(peer, room):
-                self.rooms.fail(room, f"decode side: {msg.get('reason', 'aborted')}")
-            self._reply(peer, link.ABORT_ACK, room=room)
-
-    def _owns(self, peer: str, room: int) -> bool:
-        entry = self.rooms.get(room)
-        return entry is not None and entry.peer == peer
-
-    def _refuse_unregistered(self, peer: str) -> None:
-        """A peer we never registered, or dropped as dead, learns that it must register again."""
-        error = "decode peer is not registered (or was dropped as unresponsive)"
-        self._reply(peer, link.UNREGISTERED, error=error)
-
-    def _register(self, peer: str, msg: dict[str, Any]) -> None:
-        if peer in self._peers:
-            self._drop_peer(peer, f"decode peer {peer} registered again (restarted?)")
-        try:
-            self.layout.check_matches(KVLayout.from_dict(msg["layout"]))
-            self._mover.open_peer(peer, msg.get("extra") or {})
-        except (LayoutMismatch, ValueError, TypeError, RuntimeError) as e:
-            log.warning("refused decode peer %s: %s", peer, e)
-            self._reply(peer, link.REGISTERED, ok=False, error=str(e))
-            return
-        self._peers[peer] = time.monotonic()
-        self._reply(peer, link.REGISTERED, ok=True, error=None)
-        log.info("decode peer %s registered", peer)
-
-    def _announce(self, peer: str, room: int, dst_pages: list[int]) -> None:
-        refused = self.rooms.announce(room, peer, dst_pages)
+    def _on_room(self, peer_link: Link, msg: KVRoom) -> None:
+        peer, room = peer_link.peer, msg.room
+        refused = self.rooms.announce(room, peer, [int(p) for p in msg.dst_pages])
         if refused is not None:
-            self._reply(peer, link.ROOM_REFUSED, room=room, error=refused)
+            self._reply(peer, KVRoomRefused(room, refused))
             return
-        self._reply(peer, link.ROOM_OK, room=room)
+        self._reply(peer, KVRoomOk(room))
         entry = self.rooms.get(room)
         assert entry is not None  # announced just now, on this thread
         pending, entry.pending = entry.pending, []
@@ -181,24 +160,92 @@ class LinkSender(PoolSender):
             if self.rooms.live(room) is not None:
                 self._transmit(entry, chunk)
 
+    def _on_ack(self, peer_link: Link, msg: KVAck) -> None:
+        if self._owns(peer_link.peer, msg.room):
+            self.rooms.advance(msg.room, TransferState.DONE)
+
+    def _on_abort(self, peer_link: Link, msg: KVAbort) -> None:
+        # Every page copy of this room already ran to completion on this thread, so the decode
+        # side may reuse its pages as soon as it reads the ABORT_ACK.
+        if self._owns(peer_link.peer, msg.room):
+            self.rooms.fail(msg.room, f"decode side: {msg.reason}")
+        self._reply(peer_link.peer, KVAbortAck(msg.room))
+
+    def _owns(self, peer: str, room: int) -> bool:
+        entry = self.rooms.get(room)
+        return entry is not None and entry.peer == peer
+
     def _on_expired(self, entry: Room) -> None:
         self._fail(entry.room, f"prefill side: timed out in {entry.state.name}")
 
+    # ---- I/O thread: links -------------------------------------------------------------
+
+    def _on_frames(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
+        peer = frames[0].bytes.decode("latin-1")  # a bijection: any zmq identity round-trips
+        msg = link.read(frames[1])
+        if isinstance(msg, KVRegister):
+            self._register(peer, msg)
+            return
+        peer_link = self._links.get(peer)
+        if peer_link is None or not peer_link.registered:
+            self._refuse_unregistered(peer)
+            return
+        peer_link.last_seen = time.monotonic()
+        link.dispatch(self._handlers, msg, peer_link)
+
+    def _refuse_unregistered(self, peer: str) -> None:
+        """A peer we never registered, or dropped as dead, learns that it must register again."""
+        error = "decode peer is not registered (or was dropped as unresponsive)"
+        self._reply(peer, KVUnregistered(error))
+
+    def _register(self, peer: str, msg: KVRegister) -> None:
+        """A first registration, or a decode side registering again after it lost the link: one
+        path. A repeat of the registration already held is only answered."""
+        peer_link = self._links.get(peer)
+        if peer_link is not None and peer_link.registered:
+            if (peer_link.session, peer_link.epoch) == (msg.session, msg.epoch):
+                peer_link.last_seen = time.monotonic()
+                self._reply(peer, KVRegistered(ok=True, epoch=msg.epoch))
+                return
+            anew = f"decode peer {peer} registered anew (it lost the link, or restarted)"
+            self._lose(peer_link, anew, tell=False)
+        if peer_link is None:
+            peer_link = self._links.add(Link(peer))
+        else:
+            self._links.move(peer_link, LinkState.RE_REGISTERING)
+        try:
+            check_peer_layout(self.layout, msg.layout)
+            self._mover.open_peer(peer, msg.extra)
+        except (LayoutMismatch, ValueError, TypeError, RuntimeError) as e:
+            log.warning("refused decode peer %s: %s", peer, e)
+            first = peer_link.state is LinkState.CONNECTING
+            self._links.move(peer_link, LinkState.CLOSED if first else LinkState.LOST)
+            self._reply(peer, KVRegistered(ok=False, error=str(e), epoch=msg.epoch))
+            return
+        peer_link.session, peer_link.epoch, peer_link.last_seen = msg.session, msg.epoch, time.monotonic()
+        self._links.move(peer_link, LinkState.REGISTERED)
+        self._reply(peer, KVRegistered(ok=True, epoch=msg.epoch))
+        log.info("decode peer %s registered (epoch %d)", peer, msg.epoch)
+
     def _on_heartbeat(self, now: float) -> None:
-        for peer, seen in list(self._peers.items()):
-            if now - seen > self.rooms.config.heartbeat_timeout:
-                self._drop_peer(peer, f"decode peer {peer} stopped answering")
+        for peer_link in self._links:
+            if not peer_link.registered:
+                continue
+            if now - peer_link.last_seen > self.rooms.config.heartbeat_timeout:
+                self._lose(peer_link, f"decode peer {peer_link.peer} stopped answering", tell=True)
             else:
-                self._reply(peer, link.HEARTBEAT)
+                self._reply(peer_link.peer, KVHeartbeat())
 
-    def _drop_peer(self, peer: str, error: str) -> None:
-        """Forget a peer and fail its rooms; if it is in fact alive, it learns so at once."""
+    def _lose(self, peer_link: Link, error: str, tell: bool) -> None:
+        """The link is lost: fail its rooms and forget the peer's pool until it registers again.
+        With ``tell``, a peer that is in fact alive learns so at once (UNREGISTERED)."""
         log.warning("%s; failing its rooms", error)
-        del self._peers[peer]
-        self._refuse_unregistered(peer)
-        for entry in self.rooms.rooms_of(peer):
+        self._links.move(peer_link, LinkState.LOST)
+        if tell:
+            self._refuse_unregistered(peer_link.peer)
+        for entry in self.rooms.rooms_of(peer_link.peer):
             self.rooms.fail(entry.room, error)
-        self._mover.close_peer(peer)
+        self._mover.close_peer(peer_link.peer)
 
-    def _reply(self, peer: str, kind: str, **fields: Any) -> None:
-        self._router.send_multipart([peer.encode("latin-1"), link.pack(kind, **fields)])
+    def _reply(self, peer: str, msg: Message) -> None:
+        self._router.send_multipart([peer.encode("latin-1"), link.header(msg)])

@@ -21,8 +21,9 @@ class Room:
     peer: str | None = None
     dst_pages: list[int] | None = None  # the destination pages the decode side announced
     received: set[int] = field(default_factory=set)  # decode side: destination pages written
-    pending: list[Any] = field(default_factory=list)  # prefill side: chunks waiting for bootstrap
+    pending: list[Any] = field(default_factory=list)  # prefill side: chunks not moved yet
     first_token: int | None = None
+    first_logprob: float | None = None
     error: str | None = None
     reported: bool = True  # False: created by the peer; dropped silently unless adopted locally
     held: bool = False  # final, but its result waits until a remote writer has stopped
@@ -110,6 +111,10 @@ class RoomTable:
         with self._cond:
             return [r for r in self._rooms.values() if r.peer == peer and not r.state.final]
 
+    def live_rooms(self) -> list[Room]:
+        with self._cond:
+            return [r for r in self._rooms.values() if not r.state.final]
+
     # ---- transitions -------------------------------------------------------------------
 
     def announce(self, room: int, peer: str, dst_pages: list[int]) -> str | None:
@@ -129,9 +134,12 @@ class RoomTable:
             self._move(room, TransferState.WAITING_FOR_INPUT)
             return None
 
-    def land(self, entry: Room, dst_pages: list[int], first_token: int | None) -> str | None:
+    def land(
+        self, entry: Room, dst_pages: list[int], first_token: int | None, first_logprob: float | None = None
+    ) -> str | None:
         """Decode side: a chunk was written into ``dst_pages``; the last one (``first_token``
-        set) completes the room. Returns why the room must fail instead, or None."""
+        set, with its logprob if any) completes the room. Returns why the room must fail
+        instead, or None."""
         with self._cond:
             entry.received.update(dst_pages)
             if first_token is None:
@@ -139,7 +147,7 @@ class RoomTable:
                 return None
             if entry.unwritten:
                 return f"the last chunk left {entry.unwritten} pages unwritten"
-            self._move(entry.room, TransferState.DONE, first_token=first_token)
+            self._move(entry.room, TransferState.DONE, first_token=first_token, first_logprob=first_logprob)
             return None
 
     def advance(self, room: int, state: TransferState, first_token: int | None = None) -> bool:
@@ -177,13 +185,14 @@ class RoomTable:
             return min((r.deadline for r in self._rooms.values() if not r.state.final), default=None)
 
     def _move(self, room: int, state: TransferState, *, first_token: int | None = None,
-              error: str | None = None, hold: bool = False) -> bool:
+              first_logprob: float | None = None, error: str | None = None, hold: bool = False) -> bool:
         entry = self._rooms.get(room)
         if entry is None or not entry.state.may_move_to(state):
             return False
         entry.state = state
         if state.final:
-            entry.first_token, entry.error, entry.held = first_token, error, hold
+            entry.first_token, entry.first_logprob = first_token, first_logprob
+            entry.error, entry.held = error, hold
             if error is not None:
                 log.info("room %d failed: %s", room, error)
             entry.pending.clear()
@@ -195,7 +204,9 @@ class RoomTable:
 
     def _report(self, entry: Room) -> None:
         if entry.reported:
-            self._results.append(RoomResult(entry.room, entry.state, entry.first_token, entry.error))
+            self._results.append(
+                RoomResult(entry.room, entry.state, entry.first_token, entry.first_logprob, entry.error)
+            )
             self._cond.notify_all()
         else:
             del self._rooms[entry.room]

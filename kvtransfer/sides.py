@@ -10,9 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtransfer.base import KVLayout, KVReceiver, KVSender, TransferConfig, TransferState
+from kvtransfer.base import KVReceiver, KVSender, TransferConfig, TransferState
 from kvtransfer.kernels import PagedCaches
+from kvtransfer.layout import check_caches
 from kvtransfer.rooms import RoomTable
+from protocol.dataplane import KVLayout
 
 
 class _PoolSide:
@@ -28,7 +30,7 @@ class _PoolSide:
         config: TransferConfig | None,
     ) -> None:
         """Check the pool (per-layer ``k_caches`` / ``v_caches``) against ``layout``; keep it."""
-        layout.check_caches(k_caches, v_caches)
+        check_caches(layout, k_caches, v_caches)
         self.layout = layout
         self.pool = PagedCaches(k_caches, v_caches)
         self.rooms = RoomTable(config or TransferConfig())

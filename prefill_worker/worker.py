@@ -4,31 +4,30 @@ step's forward, sends the pages that step completed to the decode workers (``KVS
 The send only queues the pages: the KV sender's I/O thread moves them (on CUDA after the
 forward that wrote them, on its own stream) while this thread runs the next step, so a
 chunk's transfer overlaps the next chunk's compute. The last send of a room carries the token
-this step sampled for it. Room results (the decode side acknowledged every page, or the room
+this step sampled for it, with its logprob whenever the step computed logprobs (a row asked
+for them). Room results (the decode side acknowledged every page, or the room
 failed) reach the scheduler as ``TransferResult`` from a forwarder thread with its own socket.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import threading
-import time
-from typing import Any, cast
+from typing import cast
 
 import zmq
 
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
-from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, make_backend
+from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, layout_from_caches, make_backend
+from prefill_worker.faults import with_faults
 from protocol import transport
 from protocol.config import WorkerConfig
+from protocol.faults import Faults
 from protocol.messages import StepBatch, StepResult, TransferEndpoint, TransferResult
 
 logger = logging.getLogger("pdserve.prefill_worker")
 
 RESULT_POLL_S = 0.1  # the forwarder's wait per poll (bounds how long stopping it takes)
-SEND_DELAY_ENV = "PDSERVE_TEST_KV_SEND_DELAY_S"
 
 
 def transfer_address(cfg: WorkerConfig) -> str:
@@ -44,7 +43,7 @@ def transfer_address(cfg: WorkerConfig) -> str:
 
 
 def kv_layout(worker: Worker, backend: str) -> KVLayout:
-    return KVLayout.from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)
+    return layout_from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)
 
 
 class ResultForwarder:
@@ -60,42 +59,13 @@ class ResultForwarder:
     def _run(self) -> None:
         while not self._stop.is_set():
             for r in self._side.poll(RESULT_POLL_S):
-                transport.send(self._sock, TransferResult(r.room, r.ok, r.first_token, r.error or ""))
+                result = TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob)
+                transport.send(self._sock, result)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5.0)
         self._sock.close(linger=RESULT_LINGER_MS)
-
-
-class DelayedSender:
-    """Test hook (``PDSERVE_TEST_KV_SEND_DELAY_S``): every send leaves ``delay`` seconds late, in
-    order, from a thread of its own, so that tests can abort or kill during a slow transfer.
-    Closing it lets the queued sends leave; the wrapped sender is closed by its owner."""
-
-    def __init__(self, sender: KVSender, delay: float) -> None:
-        self._sender = sender
-        self._delay = delay
-        self._queue: queue.Queue[tuple[float, tuple[Any, ...]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="kv-delayed-sends", daemon=True)
-        self._thread.start()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sender, name)
-
-    def send(self, *args: Any) -> bool:
-        self._queue.put((time.monotonic() + self._delay, args))
-        return True
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            due, args = item
-            time.sleep(max(due - time.monotonic(), 0.0))
-            self._sender.send(*args)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5.0)
 
 
 class PrefillWorker:
@@ -110,11 +80,13 @@ class PrefillWorker:
         result = self.worker.step(batch)
         if batch.transfers:
             sampled = dict(zip(result.slots, result.token_ids, strict=True))
+            logprobs = dict(zip(result.slots, result.logprobs or [], strict=False))
             for send in batch.transfers:
                 if send.first and not self._open(send.room):
                     continue
                 first_token = sampled[send.slot] if send.last else None
-                self.sender.send(send.room, send.src_pages, send.dst_pages, first_token)
+                first_logprob = logprobs.get(send.slot) if send.last else None
+                self.sender.send(send.room, send.src_pages, send.dst_pages, first_token, first_logprob)
         return result
 
     def _open(self, room: int) -> bool:
@@ -146,23 +118,17 @@ def start_prefill(cfg: WorkerConfig) -> tuple[Worker, KVSender]:
     return worker, cast(KVSender, sender)
 
 
-def send_delay_for_tests(name: str) -> float:
-    """The send delay the test hook asks for (``PDSERVE_TEST_KV_SEND_DELAY_S``); 0 without it."""
-    delay = float(os.environ.get(SEND_DELAY_ENV, "0") or 0)
-    if delay > 0:
-        logger.warning("%s: every KV send is delayed by %g s (%s)", name, delay, SEND_DELAY_ENV)
-    return delay
-
-
 def run_prefill_worker(cfg: WorkerConfig) -> None:
     """The worker process of a prefill instance: start up (or report ``WorkerFailed``), report
-    ready with the KV sender's address, serve until shutdown."""
+    ready with the KV sender's address, serve until shutdown. The faults of ``PDSERVE_FAULTS``
+    (``protocol.faults``) are read once, before anything starts."""
     with worker_process(cfg) as proc:
+        faults = proc.start(Faults.from_env)
         worker, sender = proc.start(lambda: start_prefill(cfg))
         sender = proc.closing(sender)
-        if delay := send_delay_for_tests(cfg.name):
-            sender = proc.closing(DelayedSender(sender, delay))
+        if (faulty := with_faults(sender, faults, cfg.name)) is not sender:
+            sender = proc.closing(faulty)  # closed first: its queued sends still leave
         proc.closing(ResultForwarder(proc.ctx, cfg.addrs.result_addr, sender))
-        proc.announce_ready(worker.ready_message(TransferEndpoint(cfg.args.transfer_backend, sender.address)))
+        proc.announce_ready(worker.ready_message(TransferEndpoint(sender.layout, sender.address)))
         pw = PrefillWorker(worker, sender)
         proc.serve(StepHooks(pw.step, after_step=pw.take_refused))

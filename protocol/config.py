@@ -1,8 +1,13 @@
 """The configuration each process is started with.
 
 ``ServerArgs`` holds every command-line flag (names follow SGLang's where the meaning matches).
-Each child process gets its role's config as JSON on its command line (``--config``), so no
-pickle crosses the process boundary.
+Each child process gets its role's config as JSON on its command line (``--config``), rebuilt
+and type-checked by the codec, so no pickle crosses the process boundary (docs/design.md,
+"Launcher and supervision").
+
+The flags that name an implementation (a schedule policy, a KV transfer backend, ...) take the
+names that the implementing package registers; protocol imports none of our packages, so those
+names come in as ``FlagChoices``, gathered by ``launch.flag_choices``.
 """
 
 from __future__ import annotations
@@ -10,19 +15,51 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, TypeVar
+
+from protocol.codec import build
+from protocol.messages import Role
 
 T = TypeVar("T")
 
-SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-LOAD_FORMATS = ("auto", "dummy")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
-ROUTING_POLICIES = ("round_robin", "least_load", "prefix")
-TRANSFER_BACKENDS = ("zmq", "cuda_ipc", "fake")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # any socket that faces a client or a peer
+
+
+class Mode(StrEnum):
+    """What one ``launch.py`` starts (docs/design.md, "Who uses it and how")."""
+
+    UNIFIED = "unified"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    FRONTEND = "frontend"
+    PD = "pd"
+
+
+@dataclass(frozen=True)
+class FlagChoices:
+    """The values each flag with a fixed set of values accepts, keyed by ``ServerArgs`` field.
+    Those that name an implementation are the names in the registry of the package that
+    implements it."""
+
+    schedule_policy: tuple[str, ...]
+    routing_policy: tuple[str, ...]
+    transfer_backend: tuple[str, ...]
+    attention_backend: tuple[str, ...]
+    load_format: tuple[str, ...]
+    dtype: tuple[str, ...] = DTYPES
+    device: tuple[str, ...] = DEVICES
+
+    def by_field(self) -> dict[str, tuple[str, ...]]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a ``ServerArgs`` field: ``page_size`` → ``--page-size``."""
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass
@@ -66,15 +103,10 @@ class ServerArgs:
     # Logging
     log_level: str = "info"
 
-    def validate(self) -> None:
+    def validate(self, choices: FlagChoices) -> None:
         """Raise ValueError naming the first flag whose value is not allowed."""
-        _choice("--schedule-policy", self.schedule_policy, SCHEDULE_POLICIES)
-        _choice("--dtype", self.dtype, DTYPES)
-        _choice("--device", self.device, DEVICES)
-        _choice("--load-format", self.load_format, LOAD_FORMATS)
-        _choice("--attention-backend", self.attention_backend, ATTENTION_BACKENDS)
-        _choice("--routing-policy", self.routing_policy, ROUTING_POLICIES)
-        _choice("--transfer-backend", self.transfer_backend, TRANSFER_BACKENDS)
+        for name, allowed in choices.by_field().items():
+            _choice(flag_name(name), getattr(self, name), allowed)
         _positive("--page-size", self.page_size)
         _positive("--chunked-prefill-size", self.chunked_prefill_size)
         _positive("--max-prefill-tokens", self.max_prefill_tokens)
@@ -104,7 +136,7 @@ class InstanceAddrs:
 class SchedulerConfig:
     args: ServerArgs
     name: str
-    role: str  # "unified" | "prefill" | "decode"
+    role: Role
     addrs: InstanceAddrs
 
 
@@ -112,7 +144,7 @@ class SchedulerConfig:
 class WorkerConfig:
     args: ServerArgs
     name: str
-    role: str
+    role: Role
     addrs: InstanceAddrs
 
 
@@ -141,21 +173,11 @@ def config_to_json(cfg: Any) -> str:
 
 
 def config_from_json(cls: type[T], text: str) -> T:
-    return _build(cls, json.loads(text))
-
-
-def _build(cls: type[T], obj: dict[str, Any]) -> T:
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in obj:
-            continue
-        value = obj[f.name]
-        hint = hints[f.name]
-        kwargs[f.name] = _build(hint, value) if dataclasses.is_dataclass(hint) else value
-    return cls(**kwargs)
+    """``cls`` from ``config_to_json``'s text, each field checked by the codec (ProtocolError)."""
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError(f"a {cls.__name__} must be a JSON object")
+    return build(cls, obj)
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,40 @@
 """Every message that crosses a process boundary, typed, in one place (the codec that puts
 them on the wire is ``protocol.codec``).
 
-Client messages (``generate``, ``abort``, ``status``, ``output``, ``error``) follow the public
-client protocol of DESIGN.md exactly; the front end validates them field by field
-(``tokenizer_proc/validation.py``) rather than trusting the codec.
+Client messages (``output``, ``status``, ``error``) follow the public client protocol of
+docs/design.md ("Wire protocol") exactly; the requests a client sends are validated field by
+field by the front end (``tokenizer_proc/validation.py``), with the codec's type checks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 # Re-exported: a process imports its messages and their codec from this one module.
 from protocol.codec import PROTOCOL_VERSION, Message, ProtocolError, decode, encode, from_dict  # noqa: F401
+from protocol.dataplane import KVLayout
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------
+
+
+class Role(StrEnum):
+    """What an instance does. A ``StrEnum``: on the wire and in comparisons it is its value."""
+
+    UNIFIED = "unified"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class FinishReason(StrEnum):
+    """Why a request ended: a stop token or string, ``max_new_tokens``, or an abort."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
 
 
 @dataclass
@@ -58,7 +76,7 @@ class ModelInfo:
 
 
 # --------------------------------------------------------------------------------------------
-# Client ⇄ front end (public protocol; no version field, see DESIGN.md "Wire protocol")
+# Client ⇄ front end (public protocol; no version field, see docs/design.md "Wire protocol")
 # --------------------------------------------------------------------------------------------
 
 
@@ -70,7 +88,7 @@ class ClientOutput(Message):
     text: str
     token_ids: list[int]
     finished: bool
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     logprobs: list[float] | None = None
     usage: dict[str, int] | None = None
     metrics: dict[str, float] | None = None
@@ -105,7 +123,7 @@ class ClientError(Message):
 @dataclass
 class InstanceStatus:
     name: str
-    role: str  # "unified" | "prefill" | "decode"
+    role: Role
     alive: bool
     ready: bool = False
     pending: int = 0
@@ -166,7 +184,7 @@ class AbortRequest(Message):
 
     TYPE: ClassVar[str] = "abort_request"
     rid: str
-    reason: str = "abort"
+    reason: FinishReason = FinishReason.ABORT
 
 
 @dataclass
@@ -198,7 +216,7 @@ class ReqOutput:
     token_ids: list[int]
     logprobs: list[float] | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     queue_ms: float | None = None  # set once, on the first output
@@ -218,7 +236,7 @@ class RequestFailed(Message):
     rid: str
     code: str
     message: str
-    role: str = ""  # of the sending instance: "unified" | "prefill" | "decode"
+    role: Role | None = None  # of the sending instance
 
 
 @dataclass
@@ -234,7 +252,7 @@ class Heartbeat(Message):
 
     TYPE: ClassVar[str] = "heartbeat"
     name: str
-    role: str
+    role: Role
     ready: bool
     input_addr: str
     model: ModelInfo | None = None
@@ -245,7 +263,7 @@ class Heartbeat(Message):
 
 
 # --------------------------------------------------------------------------------------------
-# Scheduler ⇄ worker (per-step deltas; see DESIGN.md "Scheduler ⇄ worker")
+# Scheduler ⇄ worker (per-step deltas; see docs/design.md "Scheduler ⇄ worker")
 # --------------------------------------------------------------------------------------------
 
 
@@ -343,11 +361,16 @@ class StepResult(Message):
 
 @dataclass
 class TransferEndpoint:
-    """A disaggregated worker's end of the KV data plane: the backend, and for a prefill worker
-    the address its KV sender is bound to (decode workers connect there)."""
+    """A disaggregated worker's end of the KV data plane: the layout of its KV pool (what a peer
+    must match, the backend included), and for a prefill worker the address its KV sender is
+    bound to (decode workers connect there)."""
 
-    backend: str
+    layout: KVLayout
     address: str = ""
+
+    @property
+    def backend(self) -> str:
+        return self.layout.backend
 
 
 @dataclass
@@ -402,13 +425,15 @@ class KVPeerRegistered(Message):
 class TransferResult(Message):
     """Prefill or decode worker → its scheduler, once per room it opened: the room's pages are
     the scheduler's again. Prefill side: ``ok`` means the decode side acknowledged every page.
-    Decode side: ``ok`` means every destination page is written; ``first_token`` is set."""
+    Decode side: ``ok`` means every destination page is written; ``first_token`` is set, and
+    ``first_logprob`` too when the prefill worker computed logprobs in that step."""
 
     TYPE: ClassVar[str] = "transfer_result"
     room: int
     ok: bool
     first_token: int | None = None
     error: str = ""
+    first_logprob: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,22 +443,13 @@ class TransferResult(Message):
 
 @dataclass
 class PeerInfo:
-    """What a (decode, prefill) pair must agree on, checked once at registration; a mismatch
-    is refused with a message naming the field."""
+    """An instance's side of the registration: its name and input address, and its worker's end
+    of the data plane, whose ``KVLayout`` the other side checks against its own (one layout, one
+    check: ``KVLayout.mismatch``); a mismatch is refused with a message naming the field."""
 
     name: str
     input_addr: str
-    model: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int
-    dtype: str
-    transfer_backend: str
-    tp_size: int = 1
-    tp_rank: int = 0
-    protocol_version: int = PROTOCOL_VERSION
-    transfer: TransferEndpoint | None = None
+    transfer: TransferEndpoint
 
 
 @dataclass
@@ -484,17 +500,6 @@ class RoomDest(Message):
     decode_addr: str
     dst_pages: list[int]
     cached_tokens: int = 0
-
-
-@dataclass
-class FirstLogprob(Message):
-    """Prefill → decode instance, for a request with ``return_logprob``: the logprob of the first
-    token (the KV data plane carries the token only)."""
-
-    TYPE: ClassVar[str] = "first_logprob"
-    room: int
-    rid: str
-    logprob: float
 
 
 @dataclass

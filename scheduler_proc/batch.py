@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from protocol.messages import ExtendReq, NewReq, PageAppend, StepBatch
 from scheduler_proc.request import ReqState, Request
-from scheduler_proc.resources import KVPool
+from scheduler_proc.resources import PagePool
 
 
 @dataclass
@@ -50,7 +50,7 @@ class PrefillBudget:
         self.chunk_tokens -= tokens
 
 
-def pages_to_finish(req: Request, held: int, pool: KVPool, new_token_ratio: float) -> int:
+def pages_to_finish(req: Request, held: int, pool: PagePool, new_token_ratio: float) -> int:
     """Pages ``req`` still needs beyond the ``held`` ones: its remaining input exactly, its
     remaining decodes scaled by the new-token ratio (most requests stop before max_new_tokens)."""
     if req.state is ReqState.DECODING:
@@ -77,7 +77,9 @@ class StepBuilder:
 
     @property
     def empty(self) -> bool:
-        return not self.batch.extends and not self.batch.decode_slots
+        """Nothing to run and no data-plane delta (a step may carry only aborts and expects)."""
+        batch = self.batch
+        return not (batch.extends or batch.decode_slots or batch.abort_rooms or batch.expects)
 
     @property
     def has_prefill(self) -> bool:

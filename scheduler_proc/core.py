@@ -1,12 +1,13 @@
 """The scheduler's logic, free of sockets: admission, batch formation, retraction and results.
 
 ``SchedulerCore`` is driven by five calls: ``on_request``, ``on_abort``, ``form_step``,
-``on_result`` and ``status``; the messages it produces for the front end collect in an outbox
-(``take_outbox``). ``scheduler.run_scheduler`` wires it to sockets; tests drive it directly.
+``on_result`` and ``status``; the messages it produces collect in outboxes (``take_outbox``, and
+for peers and the worker ``take_peer_outbox``, ``take_worker_outbox``). ``scheduler.run_scheduler``
+wires it to sockets; tests drive it directly.
 
-The unified role lives in ``form_step`` (decodes of the running batch mixed with prefill
-chunks) and ``_prefill_done`` (a fully prefilled request joins the running batch). The
-disaggregated roles reuse everything else and replace those two.
+One core serves every role: what a role does differently is an ``InstanceRole`` object (role.py,
+prefill_mode.py, decode_mode.py) that it calls at fixed extension points (docs/design.md,
+"Scheduler roles").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from protocol.config import SchedulerConfig, ServerArgs
 from protocol.messages import (
@@ -23,15 +25,21 @@ from protocol.messages import (
     Message,
     ReqOutput,
     RequestFailed,
+    Role,
     StepBatch,
     StepResult,
     TokenizedRequest,
     WorkerReady,
 )
-from scheduler_proc.batch import PrefillBudget, SentStep, StepBuilder, pages_to_finish
+from scheduler_proc import admission
+from scheduler_proc.batch import SentStep, StepBuilder
+from scheduler_proc.decode_mode import DecodeRole
+from scheduler_proc.disagg import Pairing
 from scheduler_proc.policy import get_policy
+from scheduler_proc.prefill_mode import PrefillRole
 from scheduler_proc.request import ReqState, Request
-from scheduler_proc.resources import KVPool
+from scheduler_proc.resources import PagePool
+from scheduler_proc.role import InstanceRole, Refusal, UnifiedRole
 from scheduler_proc.validation import check_request
 
 logger = logging.getLogger(__name__)
@@ -39,21 +47,32 @@ logger = logging.getLogger(__name__)
 NEW_TOKEN_RATIO_DECAY_STEPS = 600  # decode steps for the ratio to fall from init to min (SGLang's default)
 
 
+ROLES = tuple(Role)
+
+
 class SchedulerCore:
     @classmethod
     def from_config(cls, cfg: SchedulerConfig, worker: WorkerReady) -> SchedulerCore:
-        return cls(cfg.args, cfg.name, cfg.role, worker)
+        return cls(cfg.args, cfg.name, cfg.role, worker, input_addr=cfg.addrs.input_addr)
 
-    def __init__(self, args: ServerArgs, name: str, role: str, worker: WorkerReady) -> None:
+    def __init__(
+        self,
+        args: ServerArgs,
+        name: str,
+        role: Role | str,
+        worker: WorkerReady,
+        input_addr: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.args = args
         self.name = name
-        self.role = role
+        self.clock = clock  # for peer heartbeats and room timeouts
         self.model = worker.model
         self.max_context_len = worker.max_context_len
-        self.pool = KVPool(worker.num_pages, worker.page_size, worker.max_slots, args.disable_radix_cache)
+        self.pool = PagePool(worker.num_pages, worker.page_size, worker.max_slots, args.disable_radix_cache)
         self.page_size = worker.page_size
         self.max_running = min(args.max_running_requests, worker.max_slots)
-        self._sort_waiting = get_policy(args.schedule_policy)
+        self.sort_queue = get_policy(args.schedule_policy)
         self.requests: dict[str, Request] = {}  # every live request
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # decoding, holding a slot
@@ -69,37 +88,53 @@ class SchedulerCore:
         self._outbox: list[Message] = []
         self._peer_outbox: list[tuple[str, Message]] = []  # (input address of a peer instance, message)
         self._worker_outbox: list[Message] = []  # to the worker, outside the step pipeline
+        self.role: InstanceRole = self._make_role(role, worker, input_addr)
+
+    def _make_role(self, role: Role | str, worker: WorkerReady, input_addr: str) -> InstanceRole:
+        if role not in ROLES:
+            raise ValueError(f"scheduler role {role!r} is not supported; expected one of {', '.join(ROLES)}")
+        if role == Role.UNIFIED:
+            return UnifiedRole(self)
+        pairing = Pairing(self, Role(role), worker, input_addr or f"inproc://{self.name}")
+        return PrefillRole(self, pairing) if role == Role.PREFILL else DecodeRole(self, pairing)
 
     # ---------------------------------------------------------------------------- inputs
 
     def on_request(self, msg: TokenizedRequest) -> None:
-        error = check_request(msg, self)
-        if error is not None:
-            code, text = error
-            logger.info("rid=%r rejected (%s): %s", msg.rid, code, text)
+        refusal = self.role.screen(msg) or self._check(msg)
+        if refusal is not None:
+            logger.info("rid=%r refused (%s): %s", msg.rid, refusal.code, refusal.message)
             if isinstance(msg.rid, str):  # else no front end could match the answer to a request
-                self._outbox.append(RequestFailed(rid=msg.rid, code=code, message=text))
+                failed = RequestFailed(msg.rid, refusal.code, refusal.message, role=self.role.name)
+                self._outbox.append(failed)
+            self.role.refused(msg, refusal)
             return
         req = Request.from_message(msg, self._next_seq)
         self._next_seq += 1
         self.requests[req.rid] = req
-        self.waiting.append(req)
+        if not self.role.hold(req, msg):
+            self.waiting.append(req)
         logger.debug("rid=%s queued: %d prompt tokens", req.rid, len(req.prompt))
+
+    def _check(self, msg: TokenizedRequest) -> Refusal | None:
+        error = check_request(msg, self)
+        return None if error is None else Refusal(*error)
 
     def on_abort(self, msg: AbortRequest) -> None:
         req = self.requests.get(msg.rid)
         if req is None:
             logger.debug("rid=%s abort ignored: not live here", msg.rid)
             return
-        logger.info("rid=%s aborted (%s) while %s", req.rid, msg.reason, req.state.value)
-        self._end(req, ReqState.ABORTED)
-        out = ReqOutput(rid=req.rid, token_ids=[], finished=True, finish_reason=msg.reason)
-        self._outbox.append(BatchOutput(outputs=[self._annotate(req, out)]))
+        logger.info("rid=%s room=%s aborted (%s) while %s", req.rid, req.room, msg.reason, req.state.value)
+        self.end(req, ReqState.ABORTED)
+        if self.role.streams_outputs:
+            out = ReqOutput(rid=req.rid, token_ids=[], finished=True, finish_reason=msg.reason)
+            self._outbox.append(BatchOutput(outputs=[self._annotate(req, out)]))
 
     def fail_all(self, code: str, message: str) -> None:
         """End every live request with ``RequestFailed`` (worker lost, shutting down)."""
         for req in list(self.requests.values()):
-            self._end(req, ReqState.FAILED)
+            self.end(req, ReqState.FAILED)
             self._outbox.append(RequestFailed(rid=req.rid, code=code, message=message))
 
     def on_result(self, result: StepResult) -> None:
@@ -118,9 +153,19 @@ class SchedulerCore:
                 logger.debug("rid=%s token of step %d discarded", row.req.rid, sent.step_id)
                 continue
             logprob = result.logprobs[i] if result.logprobs is not None else None
-            outputs.append(self._emit_token(row.req, result.token_ids[i], logprob))
+            outputs.append(self.emit_token(row.req, result.token_ids[i], logprob))
         if outputs:
             self._outbox.append(BatchOutput(outputs=outputs))
+        self.role.on_step_done(sent)
+
+    def to_frontend(self, msg: Message) -> None:
+        self._outbox.append(msg)
+
+    def to_peer(self, addr: str, msg: Message) -> None:
+        self._peer_outbox.append((addr, msg))
+
+    def to_worker(self, msg: Message) -> None:
+        self._worker_outbox.append(msg)
 
     def take_outbox(self) -> list[Message]:
         out, self._outbox = self._outbox, []
@@ -134,23 +179,22 @@ class SchedulerCore:
         out, self._worker_outbox = self._worker_outbox, []
         return out
 
-    # Hooks of the disaggregated roles; the unified role has no peers and no data plane.
-
     def on_peer_message(self, msg: Message) -> bool:
         """Handle a message from a peer instance (or a front end's ``ConnectPrefill``); False
         when this role does not take it."""
-        return False
+        return self.role.on_peer_message(msg)
 
     def on_worker_message(self, msg: Message) -> bool:
         """Handle a worker message other than a step result; False when this role does not take it."""
-        return False
+        return self.role.on_worker_message(msg)
 
     def tick(self, now: float) -> None:
-        """Periodic work (peer heartbeats, timeouts); ``now`` is ``time.monotonic()``."""
+        """Periodic work (peer heartbeats, timeouts); ``now`` is ``clock()``."""
+        self.role.tick(now)
 
     def peer_states(self) -> dict[str, str]:
         """Registration state per peer instance, for the heartbeat to the front end."""
-        return {}
+        return self.role.peer_states()
 
     # ---------------------------------------------------------------------------- state
 
@@ -160,15 +204,15 @@ class SchedulerCore:
 
     @property
     def num_running(self) -> int:
-        return len(self.running) + (self.chunked_req is not None)
+        return len(self.running) + (self.chunked_req is not None) + self.role.owed_slots()
 
     def queued_requests(self) -> int:
         """Requests queued here and not yet admitted (what ``--max-queued-requests`` bounds)."""
-        return len(self.waiting)
+        return len(self.waiting) + self.role.queued()
 
     @property
     def queued_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.waiting)
+        return sum(r.num_tokens for r in self.waiting) + self.role.queued_tokens()
 
     def status(self) -> InstanceStatus:
         counts = dict.fromkeys(ReqState, 0)
@@ -176,7 +220,7 @@ class SchedulerCore:
             counts[req.state] += 1
         return InstanceStatus(
             name=self.name,
-            role=self.role,
+            role=self.role.name,
             alive=True,
             ready=True,
             pending=counts[ReqState.PENDING],
@@ -194,15 +238,7 @@ class SchedulerCore:
         """The next step: every running decode plus as much prefill as the budgets allow.
         None when there is nothing to run."""
         step = StepBuilder(self._next_step_id)
-        self._fill_step(step)
-        return self._finish_step(step)
-
-    def _fill_step(self, step: StepBuilder) -> None:
-        self._schedule_decodes(step)
-        self._schedule_prefills(step)
-
-    def _finish_step(self, step: StepBuilder) -> StepBatch | None:
-        """The batch to send for ``step`` (recorded until its result arrives); None if empty."""
+        self.role.fill_step(step)
         if step.empty:
             return None
         batch, sent = step.build(self._released)
@@ -211,12 +247,14 @@ class SchedulerCore:
         self._next_step_id += 1
         return batch
 
-    def _schedule_decodes(self, step: StepBuilder) -> None:
+    def schedule_decodes(self, step: StepBuilder) -> list[int]:
+        """Every running decode (retracting requests until their pages fit); returns the slots
+        that retraction released."""
         decoders = [r for r in self.running if r.remaining_new_tokens > 0]
         if not decoders:
-            return
-        self._retract_until_decodes_fit(decoders)
-        needy = [r for r in decoders if self._needs_page(r)]
+            return []
+        retracted = self._retract_until_decodes_fit(decoders)
+        needy = [r for r in decoders if self.needs_page(r)]
         pages = self.pool.alloc_pages(len(needy))  # one allocation (and eviction) for the step
         assert pages is not None, "retraction left room for every decode"
         for req, page in zip(needy, pages, strict=True):
@@ -227,23 +265,27 @@ class SchedulerCore:
             req.kv_len += 1
             req.scheduled_outputs += 1
         self.new_token_ratio = max(self.new_token_ratio - self._ratio_decay, self.args.min_new_token_ratio)
+        return retracted
 
-    def _needs_page(self, req: Request) -> bool:
+    def needs_page(self, req: Request) -> bool:
         return req.kv_len >= len(req.res.row) * self.page_size
 
-    def _retract_until_decodes_fit(self, decoders: list[Request]) -> None:
+    def _retract_until_decodes_fit(self, decoders: list[Request]) -> list[int]:
         """Out of KV memory: retract the request with the fewest output tokens (ties: the longest
         prompt) until every remaining decode gets its page. A lone request always fits, because
         ``on_request`` refuses any request that the whole pool cannot hold."""
-        need = sum(self._needs_page(r) for r in decoders)
+        need, released = sum(self.needs_page(r) for r in decoders), []
         while need > self.pool.available_pages():
-            victim = min(self._admitted(), key=lambda r: (len(r.output_ids), -len(r.prompt)))
+            victim = min(self.admitted(), key=lambda r: (len(r.output_ids), -len(r.prompt)))
             if victim in decoders:
-                need -= self._needs_page(victim)
+                need -= self.needs_page(victim)
                 decoders.remove(victim)
-            self._retract(victim)
+            released.append(self.retract(victim))
+        return [slot for slot in released if slot is not None]
 
-    def _retract(self, req: Request) -> None:
+    def retract(self, req: Request) -> int | None:
+        """Send an admitted ``req`` back to the waiting queue (out of KV pages): it resumes with
+        a prefill of its tokens. Returns the slot it released."""
         logger.info(
             "rid=%s retracted (out of KV pages) after %d output tokens; it will resume",
             req.rid,
@@ -253,115 +295,35 @@ class SchedulerCore:
             self.chunked_req = None
         else:
             self.running.remove(req)
-        self._release(req, cache=True)
+        slot = self.release(req, cache=True)
         req.transition(ReqState.PENDING)
         req.epoch += 1
         req.kv_len = 0
         req.scheduled_outputs = len(req.output_ids)
         self.waiting.append(req)
         self.new_token_ratio = self.args.init_new_token_ratio
+        return slot
 
-    def _schedule_prefills(self, step: StepBuilder) -> None:
-        budget = PrefillBudget(
-            reserved_pages=0,
-            input_tokens=self.args.max_prefill_tokens,
-            chunk_tokens=self.args.chunked_prefill_size,
-        )
-        if self.chunked_req is not None:
-            self._continue_chunked(self.chunked_req, step, budget)
-        if self.waiting and self._has_room():
-            budget.reserved_pages = sum(
-                pages_to_finish(r, len(r.res.row), self.pool, self.new_token_ratio) for r in self._admitted()
-            )
-            self._admit_waiting(step, budget)
+    def schedule_prefills(self, step: StepBuilder) -> None:
+        """Continue the chunked request, then admit waiting requests as the budgets allow."""
+        admission.schedule_prefills(self, step)
 
-    def _admitted(self) -> list[Request]:
+    def admitted(self) -> list[Request]:
         """Requests holding a slot: the running batch and the chunked request."""
         return self.running + ([self.chunked_req] if self.chunked_req else [])
 
-    def _continue_chunked(self, req: Request, step: StepBuilder, budget: PrefillBudget) -> None:
-        req.res.cache_prefix(self.pool, req.kv_tokens())
-        chunk = budget.chunk_for(req.num_tokens - req.kv_len, self.page_size)
-        pages = self.pool.alloc_pages(self.pool.pages_for(req.kv_len + chunk) - len(req.res.row))
-        if pages is None:
-            logger.debug("rid=%s next chunk waits for KV pages", req.rid)
-            return
-        req.res.append_pages(pages)
-        step.add_pages(req, pages)
-        budget.spend(chunk)
-        self._schedule_chunk(req, chunk, step)
+    def has_room(self) -> bool:
+        """A slot for one more admitted request (beyond those the role owes a slot)."""
+        return self.num_running < self.max_running and self.pool.slots.num_free > self.role.owed_slots()
 
-    def _admit_waiting(self, step: StepBuilder, budget: PrefillBudget) -> None:
-        self._sort_waiting(self.waiting, self.pool.cache)
-        admitted = set()
-        for req in self.waiting:
-            if not self._has_room():
-                break
-            if req.inflight:  # retracted with a step still in flight: resume after its result
-                continue
-            if not self._try_admit(req, step, budget):
-                break
-            admitted.add(req.seq)
-        if admitted:
-            self.waiting = [r for r in self.waiting if r.seq not in admitted]
-
-    def _has_room(self) -> bool:
-        return self.num_running < self.max_running and self.pool.slots.num_free > 0
-
-    def _try_admit(self, req: Request, step: StepBuilder, budget: PrefillBudget) -> bool:
-        # ≥ 1 token to compute; a blocked head request is tried every step, so its match is memoized
-        match = self.pool.match_prefix_of(req, req.num_tokens - 1, lambda: req.tokens[: req.num_tokens - 1])
-        prefix_len = len(match.pages) * self.page_size
-        extend_len = req.num_tokens - prefix_len
-        if step.has_prefill and self.pool.pages_for(extend_len) * self.page_size > budget.input_tokens:
-            return False
-        chunk = budget.chunk_for(extend_len, self.page_size)
-        if chunk == 0 or (chunk < extend_len and self.chunked_req is not None):  # one chunked at a time
-            return False
-        req.res.take_prefix(self.pool, match)  # locked first: no eviction below can take it
-        need = pages_to_finish(req, len(match.pages), self.pool, self.new_token_ratio)
-        if need > self.pool.available_pages() - budget.reserved_pages:
-            req.res.release(self.pool)
-            return False
-        pages = self.pool.alloc_pages(self.pool.pages_for(prefix_len + chunk) - len(match.pages))
-        (slot,) = self.pool.slots.alloc(1) or (None,)
-        assert pages is not None and slot is not None, "admission checked pages and slots"
-        req.res.slot = slot
-        req.res.append_pages(pages)
-        req.transition(ReqState.PREFILLING)
-        req.kv_len = prefix_len
-        req.scheduled_outputs = len(req.output_ids)
-        if req.cached_tokens is None:
-            req.cached_tokens = prefix_len
-            req.first_scheduled_time = time.time()
-        logger.debug("rid=%s admitted to slot %d with %d cached tokens", req.rid, slot, prefix_len)
-        step.add_new(req)
-        budget.reserved_pages += need - len(pages)
-        budget.spend(chunk)
-        self._schedule_chunk(req, chunk, step)
-        return True
-
-    def _schedule_chunk(self, req: Request, chunk: int, step: StepBuilder) -> None:
-        start = req.kv_len
-        req.kv_len += chunk
-        last = req.kv_len == req.num_tokens
-        step.add_extend(req, start, req.tokens[start : req.kv_len], sample=last)
-        if not last:
-            self.chunked_req = req
-            return
-        if req is self.chunked_req:
-            self.chunked_req = None
-        req.scheduled_outputs += 1
-        self._prefill_done(req)
-
-    def _prefill_done(self, req: Request) -> None:
-        """Unified role: the request decodes here from the next step on."""
+    def start_running(self, req: Request) -> None:
+        """``req`` decodes here from the next step on."""
         req.transition(ReqState.DECODING)
         self.running.append(req)
 
     # ---------------------------------------------------------------------------- results
 
-    def _emit_token(self, req: Request, token: int, logprob: float | None) -> ReqOutput:
+    def emit_token(self, req: Request, token: int, logprob: float | None) -> ReqOutput:
         req.output_ids.append(token)
         out = ReqOutput(rid=req.rid, token_ids=[token])
         if req.sampling.return_logprob and logprob is not None:
@@ -374,7 +336,7 @@ class SchedulerCore:
         if reason is not None:
             out.finished, out.finish_reason = True, reason
             logger.debug("rid=%s finished (%s) after %d tokens", req.rid, reason, len(req.output_ids))
-            self._end(req, ReqState.FINISHED)
+            self.end(req, ReqState.FINISHED)
         return self._annotate(req, out)
 
     def _annotate(self, req: Request, out: ReqOutput) -> ReqOutput:
@@ -384,12 +346,16 @@ class SchedulerCore:
 
     # ---------------------------------------------------------------------------- endings
 
-    def _end(self, req: Request, state: ReqState) -> None:
-        """Move ``req`` to a terminal state and give back everything it holds."""
-        self._detach(req)
+    def end(self, req: Request, state: ReqState) -> None:
+        """Move ``req`` to a terminal state and give back everything it holds (unless the role
+        keeps its pages until the data plane lets go of them)."""
+        if not self.role.detach(req):
+            self._detach(req)
         req.transition(state)
         del self.requests[req.rid]
-        self._release_ended(req, cache=state is not ReqState.FAILED)
+        cache = state is not ReqState.FAILED
+        if not self.role.on_end(req, cache):
+            self.release(req, cache)
 
     def _detach(self, req: Request) -> None:
         """Take a live ``req`` out of the queue or batch that holds it."""
@@ -400,12 +366,9 @@ class SchedulerCore:
         elif req.state is ReqState.DECODING:
             self.running.remove(req)
 
-    def _release_ended(self, req: Request, cache: bool) -> None:
-        """Give back an ended request's resources (the disaggregated roles may defer this while
-        the data plane still uses its pages)."""
-        self._release(req, cache)
-
-    def _release(self, req: Request, cache: bool) -> None:
+    def release(self, req: Request, cache: bool) -> int | None:
+        """Give back ``req``'s slot and pages (caching its KV if ``cache``); returns the slot."""
         slot = req.res.release(self.pool, req.kv_tokens() if cache else None)
         if slot is not None:
             self._released.append(slot)
+        return slot

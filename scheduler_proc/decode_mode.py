@@ -1,263 +1,251 @@
 """The decode role: receive disaggregated requests' KV from prefill instances, decode, stream.
 
-Registration: the front end's ``ConnectPrefill`` names the prefill instances; this instance
-sends each a ``RegisterDecode`` (repeated until answered), checks the reply the same way, then
-has its worker register its KV receiver with the prefill worker's KV sender. Only then is the
-peer ``registered`` in the heartbeat (the front end routes only to registered pairs).
-
-A request (``TokenizedRequest`` with ``room`` and ``prefill_addr``) waits in the transfer queue
-until it fits this instance's KV budget with decode headroom reserved. Admission matches the
-radix cache (page-aligned), allocates destination pages for the rest of the prompt, has the
-worker expect the room (``KVExpect``) and tells the prefill instance ``RoomDest``; the request
-is ``transferring``. When the worker reports the room done with the first token, the request
-is *ready*; it joins the running batch at a step whose decodes leave room for its first decode
-page (so a step never retracts a request it just joined): the first token is streamed, the
-worker's future-token map is seeded with it (``NewReq.next_token``) and it decodes like any
-running request. A decode request retracted for memory resumes with a local prefill of its
-tokens (the decode worker is a full engine worker), exactly as in the unified role.
+What a decode instance does differently from a unified one, all in ``DecodeRole``: it registers
+with the prefill instances the front end names (``ConnectPrefill``); a request waits in its
+room's transfer queue until it fits the KV budget with decode headroom reserved, then takes
+destination pages for what the radix cache lacks, has the worker expect the room and tells the
+prefill instance where the KV goes; when the worker reports the room done with the first token
+and its logprob, the request is *ready* and joins the running batch at a step whose decodes
+leave room for its first decode page (so a step never retracts a request it just joined). A
+request retracted for memory resumes with a local prefill, exactly as in the unified role.
+The protocol is in docs/design.md ("Scheduler roles", "Disaggregation flow", "Rooms").
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from protocol.config import ServerArgs
 from protocol.messages import (
     INVALID_REQUEST,
     PEER_UNAVAILABLE,
     TRANSFER_FAILED,
     BatchOutput,
     ConnectPrefill,
-    FirstLogprob,
     KVExpect,
     KVPeerRegistered,
     Message,
+    PeerHeartbeat,
     PeerUnknown,
     RegisterDecode,
     RegisterKVPeer,
     RegisterReply,
     ReqOutput,
-    RequestFailed,
+    Role,
     RoomAbort,
     RoomDest,
     TokenizedRequest,
     TransferResult,
-    WorkerReady,
 )
-from scheduler_proc.batch import StepBuilder, pages_to_finish
-from scheduler_proc.disagg import CONNECTING, REGISTERED, DisaggCore, PeerLink, RoomLink, check_peer
+from scheduler_proc.batch import pages_to_finish
+from scheduler_proc.disagg import Pairing, check_peer
+from scheduler_proc.peers import Peer, PeerState
 from scheduler_proc.request import ReqState, Request
+from scheduler_proc.role import Refusal
+from scheduler_proc.rooms import Room, RoomState
+
+if TYPE_CHECKING:
+    from scheduler_proc.batch import SentStep, StepBuilder
+    from scheduler_proc.core import SchedulerCore
 
 logger = logging.getLogger(__name__)
 
-REGISTERING = "registering"
+S = RoomState
 
 
-@dataclass
-class Transferred:
-    """A request whose KV and first token are here; it joins the running batch at the next step
-    (with ``return_logprob``, once the first token's logprob arrived, or gave up waiting for it)."""
+class DecodeRole:
+    name = Role.DECODE
+    streams_outputs = True
 
-    req: Request
-    first_token: int
-    since: float
-
-    @property
-    def room(self) -> int:
-        assert self.req.room is not None
-        return self.req.room
-
-
-class DecodeCore(DisaggCore):
-    def __init__(
-        self, args: ServerArgs, name: str, role: str, worker: WorkerReady, input_addr: str = ""
-    ) -> None:
-        super().__init__(args, name, role, worker, input_addr)
-        self.transfer_queue: list[Request] = []  # pending: no destination pages yet
-        self.ready: list[Transferred] = []  # transferred: join the running batch next step
-        self.first_logprobs: dict[int, float] = {}  # room -> the first token's logprob (FirstLogprob)
+    def __init__(self, core: SchedulerCore, pairing: Pairing) -> None:
+        self.core = core
+        self.pairing = pairing
+        self.rooms = pairing.rooms
+        self.peers = pairing.peers
 
     # ---------------------------------------------------------------------------- registration
 
-    def _on_peer_control(self, msg: Message) -> bool:
-        if isinstance(msg, ConnectPrefill):
+    def on_peer_message(self, msg: Message) -> bool:
+        if isinstance(msg, PeerHeartbeat):
+            self.pairing.heard(msg)
+        elif isinstance(msg, RoomAbort):
+            self._on_room_abort(msg)
+        elif isinstance(msg, ConnectPrefill):
             for addr in msg.prefill_addrs:
                 if addr not in self.peers:
-                    self.peers[addr] = PeerLink(addr)
-                    self._peer_outbox.append((addr, RegisterDecode(self.info)))
+                    self.peers.add(addr, PeerState.CONNECTING, self.core.clock())
+                    self.core.to_peer(addr, RegisterDecode(self.pairing.info))
         elif isinstance(msg, RegisterReply):
             self._on_register_reply(msg)
-        elif isinstance(msg, FirstLogprob):
-            req = self.rooms.get(msg.room)
-            if req is not None and req.rid == msg.rid:
-                self.first_logprobs[msg.room] = msg.logprob
         elif isinstance(msg, PeerUnknown):
-            peer = self.peers.get(msg.addr)
-            if peer is not None and peer.state == REGISTERED:
+            peer = self.peers.registered(msg.addr)
+            if peer is not None:
                 logger.warning("prefill instance %s dropped this instance; registering again", peer.addr)
-                peer.state = CONNECTING  # registers again at the next heartbeat
+                self.peers.move(peer, PeerState.LOST, self.core.clock())
+                self._register_again(peer)
         else:
             return False
         return True
 
-    def _on_beat(self) -> None:
-        for peer in self.peers.values():
-            if peer.state == CONNECTING:  # no answer yet (not up yet, or restarted)
-                self._peer_outbox.append((peer.addr, RegisterDecode(self.info)))
+    def _register_again(self, peer: Peer) -> None:
+        """A lost peer: register again from the next beat on (until it answers)."""
+        self.peers.move(peer, PeerState.CONNECTING, self.core.clock())
 
     def _on_register_reply(self, msg: RegisterReply) -> None:
         peer = self.peers.get(msg.prefill_addr)
-        if peer is None or peer.state != CONNECTING:
+        if peer is None or peer.state is not PeerState.CONNECTING:
             return  # an answer to a repeated registration
         error = msg.error if not msg.ok else self._reply_problem(msg)
         if error:
-            peer.state = f"refused: {error}"
+            self.peers.move(peer, PeerState.REFUSED, self.core.clock(), refusal=error)
             logger.warning("prefill instance %s refused the pairing: %s", peer.addr, error)
             return
         assert msg.info is not None and msg.info.transfer is not None
-        peer.state, peer.transfer_addr = REGISTERING, msg.info.transfer.address
-        self._worker_outbox.append(RegisterKVPeer(peer.addr, peer.transfer_addr))
+        self.peers.move(peer, PeerState.REGISTERING, self.core.clock())
+        peer.transfer_addr = msg.info.transfer.address
+        self.core.to_worker(RegisterKVPeer(peer.addr, peer.transfer_addr))
 
     def _reply_problem(self, msg: RegisterReply) -> str | None:
         if msg.info is None:
             return "the prefill instance sent no registration info"
-        problem = check_peer(self.info, msg.info)
+        problem = check_peer(self.pairing.info, msg.info)
         if problem is None and not (msg.info.transfer and msg.info.transfer.address):
             problem = f"prefill instance {msg.info.name} sent no KV transfer address"
         return problem
 
-    def _on_worker_event(self, msg: Message) -> bool:
-        if not isinstance(msg, KVPeerRegistered):
-            return False
+    def _on_kv_peer_registered(self, msg: KVPeerRegistered) -> None:
         peer = self.peers.get(msg.prefill_addr)
-        if peer is not None and peer.state == REGISTERING:
-            peer.state = REGISTERED if msg.ok else f"refused: {msg.error}"
-            peer.last_seen = self.clock()
-            logger.info("prefill instance %s: %s", peer.addr, peer.state)
-        return True
+        if peer is not None and peer.state is PeerState.REGISTERING:
+            now = self.core.clock()
+            if msg.ok:
+                self.peers.move(peer, PeerState.REGISTERED, now)
+            else:
+                self.peers.move(peer, PeerState.REFUSED, now, refusal=msg.error)
+            peer.last_seen = now
+            logger.info("prefill instance %s: %s", peer.addr, peer.status)
 
-    def _peer_lost(self, peer: PeerLink, why: str) -> None:
+    def _peer_lost(self, peer: Peer, why: str) -> None:
+        """Its requests that still need it fail; it registers again if it comes back."""
         message = f"prefill instance {peer.addr} stopped answering ({why})"
         logger.warning("%s: failing its pending and transferring requests", message)
-        peer.state = CONNECTING  # registers again if it comes back
-        queued = set(self.transfer_queue)
-        for req in self._requests_of(peer.addr):
-            if req in queued or (req.state is ReqState.TRANSFERRING and not self._is_ready(req)):
-                self._fail(req, PEER_UNAVAILABLE, message, tell_peer=False)
+        self._register_again(peer)
+        for room, req in self.pairing.requests_of(peer.addr):
+            if room.state in (S.QUEUED, S.TRANSFERRING):
+                self.pairing.fail(req, PEER_UNAVAILABLE, message, tell_peer=False)
+
+    def peer_states(self) -> dict[str, str]:
+        return self.peers.statuses()
+
+    def tick(self, now: float) -> None:
+        lost = self.pairing.beat(now)
+        if lost is None:
+            return
+        for peer, why in lost:
+            self._peer_lost(peer, why)
+        for peer in self.peers.in_state(PeerState.CONNECTING):  # no answer yet (not up yet, or restarted)
+            self.core.to_peer(peer.addr, RegisterDecode(self.pairing.info))
+        self.pairing.sweep(now)
 
     # ---------------------------------------------------------------------------- requests
 
-    def on_request(self, msg: TokenizedRequest) -> None:
-        refusal = self._refusal(msg)
+    def screen(self, msg: TokenizedRequest) -> Refusal | None:
+        refusal = self.pairing.room_refusal(msg.room)
         if refusal is not None:
-            code, error = refusal
-            self._refuse(msg.rid, code, error)
-            if msg.prefill_addr and msg.room is not None:
-                self._tell_abort(msg.prefill_addr, msg.room, msg.rid, code, error)
-            return
-        assert msg.room is not None and msg.prefill_addr is not None
-        super().on_request(msg)
-        req = self.requests.get(msg.rid)
-        if req is None or req.room != msg.room:  # refused by the common checks
-            failed = self._outbox[-1]
-            assert isinstance(failed, RequestFailed)
-            self._tell_abort(msg.prefill_addr, msg.room, msg.rid, failed.code, failed.message)
-            return
-        queued = self.waiting.pop()  # just queued by the common path; it waits for its transfer
-        assert queued is req
-        self.transfer_queue.append(req)
-        self.rooms[msg.room] = req
-        self.links[msg.room] = RoomLink(peer=msg.prefill_addr, since=self.clock())
-
-    def _refusal(self, msg: TokenizedRequest) -> tuple[str, str] | None:
-        error = self._room_error(msg.room)
-        if error is not None:
-            return INVALID_REQUEST, error
+            return refusal
         if not msg.prefill_addr:
-            return INVALID_REQUEST, "a disaggregated request must name its prefill instance"
+            return Refusal(INVALID_REQUEST, "a disaggregated request must name its prefill instance")
         peer = self.peers.get(msg.prefill_addr)
-        if peer is None or peer.state != REGISTERED:
-            state = peer.state if peer else "unknown"
-            why = f"prefill instance {msg.prefill_addr} is not registered with {self.name} ({state})"
-            return PEER_UNAVAILABLE, why
+        if peer is None or peer.state is not PeerState.REGISTERED:
+            state = peer.status if peer else "unknown"
+            why = f"prefill instance {msg.prefill_addr} is not registered with {self.core.name} ({state})"
+            return Refusal(PEER_UNAVAILABLE, why)
         return None
 
-    def _on_peer_abort(self, req: Request, msg: RoomAbort) -> None:
-        if self._transferred(req):  # a late failure of the prefill side no longer concerns it
-            logger.info(
-                "rid=%s room=%s: prefill side ended after the transfer: %s", req.rid, req.room, msg.message
+    def refused(self, msg: TokenizedRequest, refusal: Refusal) -> None:
+        if msg.prefill_addr and msg.room is not None:  # the prefill side ends it at once too
+            self.pairing.tell_abort(msg.prefill_addr, msg.room, msg.rid, refusal.code, refusal.message)
+
+    def hold(self, req: Request, msg: TokenizedRequest) -> bool:
+        """It waits in the transfer queue for destination pages."""
+        assert req.room is not None and msg.prefill_addr is not None
+        self.rooms.add(req.room, req.rid, S.QUEUED, req=req, peer=msg.prefill_addr)
+        return True
+
+    def _on_room_abort(self, msg: RoomAbort) -> None:
+        room = self.pairing.live_abort(msg)
+        if room is None:
+            logger.debug(
+                "room=%d rid=%s: abort from %s for no live room here; ignored", msg.room, msg.rid, msg.addr
             )
-            return
-        self._fail(req, msg.code, f"prefill instance {msg.addr}: {msg.message}", tell_peer=False)
-
-    def _transferred(self, req: Request) -> bool:
-        return req.state is ReqState.DECODING or bool(req.output_ids) or self._is_ready(req)
-
-    def _on_transfer_result(self, req: Request, msg: TransferResult) -> None:
-        if msg.ok and msg.first_token is not None:
-            self.ready.append(Transferred(req, msg.first_token, self.clock()))
-            return
-        peer = self.links[msg.room].peer
-        self._fail(
-            req,
-            TRANSFER_FAILED,
-            f"KV transfer of room {msg.room} from prefill instance {peer} failed: {msg.error}",
-        )
-
-    def _is_ready(self, req: Request) -> bool:
-        return any(t.req is req for t in self.ready)
-
-    def _end(self, req: Request, state: ReqState) -> None:
-        super()._end(req, state)
-        if req.room is not None:
-            self.first_logprobs.pop(req.room, None)
-
-    def _detach(self, req: Request) -> None:
-        if req.state is ReqState.PENDING and req in self.transfer_queue:
-            self.transfer_queue.remove(req)
-        elif req.state is ReqState.TRANSFERRING:
-            self.ready = [t for t in self.ready if t.req is not req]
+        elif room.state in (S.READY, S.JOINED):  # a late failure of the prefill side no longer concerns it
+            logger.info(
+                "rid=%s room=%s: prefill side ended after the transfer: %s", msg.rid, msg.room, msg.message
+            )
         else:
-            super()._detach(req)
+            assert room.req is not None
+            self.pairing.fail(
+                room.req, msg.code, f"prefill instance {msg.addr}: {msg.message}", tell_peer=False
+            )
 
-    # ---------------------------------------------------------------------------- state
+    def on_worker_message(self, msg: Message) -> bool:
+        if isinstance(msg, KVPeerRegistered):
+            self._on_kv_peer_registered(msg)
+            return True
+        if not isinstance(msg, TransferResult):
+            return False
+        room = self.pairing.transfer_closed(msg)
+        if room is None:
+            return True
+        if msg.ok and msg.first_token is not None:
+            room.first_token, room.first_logprob = msg.first_token, msg.first_logprob
+            self.rooms.move(room, S.READY)
+        else:
+            assert room.req is not None
+            why = f"KV transfer of room {msg.room} from prefill instance {room.peer} failed: {msg.error}"
+            self.pairing.fail(room.req, TRANSFER_FAILED, why)
+        return True
 
-    @property
-    def num_running(self) -> int:
-        return super().num_running + self._slot_debt
+    def detach(self, req: Request) -> bool:
+        room = self.rooms.live_of(req)
+        return room is not None and room.state in (S.QUEUED, S.TRANSFERRING, S.READY)
 
-    @property
-    def queued_tokens(self) -> int:
-        return super().queued_tokens + sum(r.num_tokens for r in self.transfer_queue)
+    def on_end(self, req: Request, cache: bool) -> bool:
+        return self.pairing.end_room(req, cache)
 
-    @property
-    def _slot_debt(self) -> int:
+    def on_chunk(self, req: Request, step: StepBuilder, last: bool) -> None:
+        if last:  # a retracted request's local prefill
+            self.core.start_running(req)
+
+    def on_step_done(self, sent: SentStep) -> None:
+        pass
+
+    # ---------------------------------------------------------------------------- counts
+
+    def owed_slots(self) -> int:
         """Admitted requests that take their worker slot when they join the running batch."""
-        return len(self.open_rooms) + len(self.ready)
+        return self.rooms.count(S.TRANSFERRING, S.READY)
 
-    def _has_room(self) -> bool:
-        return self.num_running < self.max_running and self.pool.slots.num_free > self._slot_debt
+    def queued(self) -> int:
+        """Requests waiting for destination pages (retracted ones wait in ``waiting``)."""
+        return self.rooms.count(S.QUEUED)
 
-    def queued_requests(self) -> int:
-        """Requests not started yet: waiting for destination pages, or retracted."""
-        return len(self.transfer_queue) + len(self.waiting)
+    def queued_tokens(self) -> int:
+        return sum(room.req.num_tokens for room in self.rooms.in_state(S.QUEUED) if room.req)
 
     # ---------------------------------------------------------------------------- steps
 
-    def _fill_step(self, step: StepBuilder) -> None:
+    def fill_step(self, step: StepBuilder) -> None:
         if self._join_and_decode(step) and not step.batch.decode_slots:
             self._join_and_decode(step)  # retraction emptied the batch and gave pages back: join now
-        self._schedule_prefills(step)  # retracted requests resume with a local prefill
+        self.core.schedule_prefills(step)  # retracted requests resume with a local prefill
         self._admit_transfers()
+        self.pairing.add_deltas(step)
 
     def _join_and_decode(self, step: StepBuilder) -> bool:
         """Join what fits, then schedule the running decodes; True if that retracted any."""
-        released_before = len(self._released)
         joined = self._join_ready(step)
-        self._schedule_decodes(step)
-        retracted = self._released[released_before:]
+        retracted = self.core.schedule_decodes(step)
         assert not joined.intersection(retracted), "a request was retracted in the step it joined"
         return bool(retracted)
 
@@ -265,120 +253,112 @@ class DecodeCore(DisaggCore):
         """Move ready requests into the running batch while this step's decodes leave room for
         their first decode page; the others stay ready, holding their pages but no slot.
         Returns the slots the joined requests took."""
-        if not self.ready:
+        ready = self.rooms.in_state(S.READY)
+        if not ready:
             return set()
-        now, still, outputs, joined = self.clock(), [], [], set()
-        spare = self.pool.available_pages() - self._decode_pages_needed()
-        for entry in self.ready:
-            if not self._may_join(entry, now):
-                still.append(entry)
-            elif (need := self._first_page_need(entry.req)) <= spare:
+        outputs, joined = [], set()
+        spare = self.core.pool.available_pages() - self._decode_pages_needed()
+        for room in ready:
+            if (need := self._first_page_need(room)) <= spare:
                 spare -= need
-                outputs.append(self._join(entry, step, joined))
+                outputs.append(self._join(room, step, joined))
             elif self._stalled():
-                outputs.append(self._spill(entry))
-                spare = self.pool.available_pages() - self._decode_pages_needed()
-            else:
-                still.append(entry)
-        self.ready = still
+                outputs.append(self._spill(room))
+                spare = self.core.pool.available_pages() - self._decode_pages_needed()
         if outputs:
-            self._outbox.append(BatchOutput(outputs=outputs))
+            self.core.to_frontend(BatchOutput(outputs=outputs))
         return joined
 
     def _decode_pages_needed(self) -> int:
-        return sum(self._needs_page(r) for r in self.running if r.remaining_new_tokens > 0)
+        return sum(self.core.needs_page(r) for r in self.core.running if r.remaining_new_tokens > 0)
 
-    def _first_page_need(self, req: Request) -> int:
+    def _first_page_need(self, room: Room) -> int:
         """Pages its first decode takes (the first token's KV), unless that token is its last."""
-        fills_row = len(req.prompt) >= len(req.res.row) * self.page_size
+        req = room.req
+        assert req is not None
+        fills_row = len(req.prompt) >= len(req.res.row) * self.core.page_size
         return int(fills_row and req.sampling.max_new_tokens > 1)
 
     def _stalled(self) -> bool:
         """Nothing that would free pages runs or drains: only ready or transferring requests hold them."""
-        return not self.running and self.chunked_req is None and not self.draining
+        core = self.core
+        return not core.running and core.chunked_req is None and not self.rooms.count(S.DRAINING)
 
-    def _start_decoding(self, entry: Transferred) -> ReqOutput:
-        """``entry`` joins the running batch and streams its first token."""
-        req = entry.req
-        req.transition(ReqState.DECODING)
+    def _start_decoding(self, room: Room) -> ReqOutput:
+        """``room``'s request joins the running batch and streams its first token."""
+        req = room.req
+        assert req is not None and room.first_token is not None
+        self.rooms.move(room, S.JOINED)
+        self.core.start_running(req)
         req.kv_len = len(req.prompt)
         req.scheduled_outputs = 1
-        self.running.append(req)
-        return self._emit_token(req, entry.first_token, self.first_logprobs.pop(entry.room, None))
+        return self.core.emit_token(req, room.first_token, room.first_logprob)
 
-    def _join(self, entry: Transferred, step: StepBuilder, joined: set[int]) -> ReqOutput:
-        out = self._start_decoding(entry)
-        req = entry.req
+    def _join(self, room: Room, step: StepBuilder, joined: set[int]) -> ReqOutput:
+        req = room.req
+        assert req is not None
+        out = self._start_decoding(room)
         if req.live:  # unless the first token ended it, it takes a worker slot
-            (req.res.slot,) = self.pool.slots.alloc(1) or (None,)
+            (req.res.slot,) = self.core.pool.slots.alloc(1) or (None,)
             assert req.res.slot is not None, "admission kept a slot for every transferring request"
             step.add_new(req)
-            step.batch.new_reqs[-1].next_token = entry.first_token
+            step.batch.new_reqs[-1].next_token = room.first_token
             joined.add(req.res.slot)
         return out
 
-    def _spill(self, entry: Transferred) -> ReqOutput:
-        """Nothing else can free pages and ``entry``'s first decode page does not fit: it streams
+    def _spill(self, room: Room) -> ReqOutput:
+        """Nothing else can free pages and ``room``'s first decode page does not fit: it streams
         its first token and is retracted before taking a slot (its prompt's KV enters the prefix
         cache), so the next ready request can join; it resumes with a local prefill."""
-        out = self._start_decoding(entry)
-        if entry.req.live:
-            self._retract(entry.req)
+        req = room.req
+        assert req is not None
+        out = self._start_decoding(room)
+        if req.live:
+            self.core.retract(req)
         return out
 
-    def _may_join(self, entry: Transferred, now: float) -> bool:
-        req = entry.req
-        if not req.sampling.return_logprob or entry.room in self.first_logprobs:
-            return True
-        if now - entry.since <= self.args.heartbeat_timeout:
-            return False
-        logger.warning(
-            "rid=%s room=%s: no logprob of the first token from the prefill side", req.rid, req.room
-        )
-        return True
-
     def _admit_transfers(self) -> None:
-        if not self.transfer_queue or not self._has_room():
+        core = self.core
+        queue = [room.req for room in self.rooms.in_state(S.QUEUED) if room.req is not None]
+        if not queue or not core.has_room():
             return
-        self._sort_waiting(self.transfer_queue, self.pool.cache)
-        holders = self._admitted() + list(self.open_rooms.values()) + [t.req for t in self.ready]
-        reserved = sum(pages_to_finish(r, len(r.res.row), self.pool, self.new_token_ratio) for r in holders)
-        admitted: set[Request] = set()
-        for req in self.transfer_queue:
-            if not self._has_room():
+        core.sort_queue(queue, core.pool.cache)
+        holders = core.admitted() + [r.req for r in self.rooms.in_state(S.TRANSFERRING, S.READY) if r.req]
+        reserved = sum(pages_to_finish(r, len(r.res.row), core.pool, core.new_token_ratio) for r in holders)
+        for req in queue:
+            if not core.has_room():
                 break
             need = self._try_admit_transfer(req, reserved)
             if need is None:
                 break
             reserved += need
-            admitted.add(req)
-        if admitted:
-            self.transfer_queue = [r for r in self.transfer_queue if r not in admitted]
 
     def _try_admit_transfer(self, req: Request, reserved: int) -> int | None:
         """Admit ``req``: destination pages, the worker's expect, the prefill side's RoomDest.
         Returns the pages still reserved for it beyond those allocated; None if it does not fit."""
-        assert req.room is not None
-        match = self.pool.cache.match_prefix(req.prompt)
-        req.res.take_prefix(self.pool, match)  # locked first: no eviction below can take it
-        need = pages_to_finish(req, len(match.pages), self.pool, self.new_token_ratio)
-        if need > self.pool.available_pages() - reserved:
-            req.res.release(self.pool)
+        pool, room = self.core.pool, self.rooms.live_of(req)
+        assert room is not None
+        match = pool.cache.match_prefix(req.prompt)
+        req.res.take_prefix(pool, match)  # locked first: no eviction below can take it
+        need = pages_to_finish(req, len(match.pages), pool, self.core.new_token_ratio)
+        if need > pool.available_pages() - reserved:
+            req.res.release(pool)
             return None
-        pages = self.pool.alloc_pages(self.pool.pages_for(len(req.prompt)) - len(match.pages))
+        pages = pool.alloc_pages(pool.pages_for(len(req.prompt)) - len(match.pages))
         assert pages is not None, "admission checked the pages"
         req.res.append_pages(pages)
-        prefix = len(match.pages) * self.page_size
+        prefix = len(match.pages) * self.core.page_size
         req.kv_len = prefix  # only the cached prefix holds valid KV until the transfer is done
         req.cached_tokens = prefix
         req.first_scheduled_time = time.time()
         req.transition(ReqState.TRANSFERRING)
-        link = self.links[req.room]
-        link.since = self.clock()
-        self.open_rooms[req.room] = req
-        self._expects.append(KVExpect(req.room, self.peers[link.peer].transfer_addr, pages))
-        self._peer_outbox.append((link.peer, RoomDest(req.room, req.rid, self.input_addr, pages, prefix)))
+        self.rooms.move(room, S.TRANSFERRING)
+        room.open = True
+        peer = self.peers.get(room.peer)
+        assert peer is not None
+        self.pairing.expect(KVExpect(room.id, peer.transfer_addr, pages))
+        self.core.to_peer(room.peer, RoomDest(room.id, req.rid, self.pairing.input_addr, pages, prefix))
         logger.debug(
-            "rid=%s room=%d: %d destination pages, %d tokens cached", req.rid, req.room, len(pages), prefix
+            "rid=%s room=%d: %d destination pages, %d tokens cached", req.rid, room.id, len(pages), prefix
         )
         return need - len(pages)

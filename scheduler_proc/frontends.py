@@ -75,7 +75,9 @@ class Frontends:
         for f in gone:
             logger.warning(
                 "%s: front end at %s silent for %.1f s; detached (its queued replies dropped)",
-                self._name, f.addr, now - f.last_seen,
+                self._name,
+                f.addr,
+                now - f.last_seen,
             )
             f.sock.close(linger=0)
             del self._attached[f.addr]

@@ -1,5 +1,6 @@
-"""The instance's KV bookkeeping (``KVPool``) and the one object that owns a request's share of
-it (``ReqResources``: slot, page-table row, owned pages, prefix-cache lock).
+"""The instance's KV bookkeeping (``PagePool``: page allocator, worker slots and prefix cache, the
+metadata of the engine's ``KVPool`` tensors) and the one object that owns a request's share of it
+(``ReqResources``: slot, page-table row, owned pages, prefix-cache lock).
 
 Every terminal path (finish, abort, failure, retraction) goes through ``ReqResources.release``,
 which is idempotent, so no path can leak or double-free.
@@ -21,7 +22,7 @@ class _MatchMemo:
     match: PrefixMatch
 
 
-class KVPool:
+class PagePool:
     def __init__(self, num_pages: int, page_size: int, max_slots: int, disable_radix_cache: bool) -> None:
         self.page_size = page_size
         self.pages = PageAllocator(num_pages)
@@ -78,7 +79,7 @@ class ReqResources:
     def held(self) -> bool:
         return self.slot is not None or bool(self.row) or self.node is not None
 
-    def take_prefix(self, pool: KVPool, match: PrefixMatch) -> None:
+    def take_prefix(self, pool: PagePool, match: PrefixMatch) -> None:
         """Start the row with a cached prefix, locked so it cannot be evicted while in use."""
         assert not self.row, "a prefix starts an empty row"
         pool.cache.lock(match.node)
@@ -90,7 +91,7 @@ class ReqResources:
         self.row.extend(pages)
         self.owned.extend(pages)
 
-    def cache_prefix(self, pool: KVPool, tokens: list[int]) -> None:
+    def cache_prefix(self, pool: PagePool, tokens: list[int]) -> None:
         """Hand the full pages of ``tokens`` (whose KV is computed or scheduled) to the prefix
         cache and move the lock to the node that ends them. Pages whose tokens another request
         cached first stay owned here: the worker's row still points at them."""
@@ -106,7 +107,7 @@ class ReqResources:
         pool.cache.unlock(self.node)
         self.node, self.in_cache = result.node, n
 
-    def release(self, pool: KVPool, cache_tokens: list[int] | None = None) -> int | None:
+    def release(self, pool: PagePool, cache_tokens: list[int] | None = None) -> int | None:
         """Give everything back (first caching ``cache_tokens`` if given); returns the slot
         that was released (the worker must be told), or None if nothing was held."""
         if not self.held:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import zmq
 
@@ -54,22 +55,14 @@ from protocol.messages import (
     decode,
     encode,
 )
-from scheduler_proc.core import SchedulerCore
-from scheduler_proc.decode_mode import DecodeCore
+from scheduler_proc.core import ROLES, SchedulerCore
 from scheduler_proc.frontends import Frontends
-from scheduler_proc.prefill_mode import PrefillCore
 
 logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 600.0
 SIGNAL_CHECK_MS = 200  # longest wait before pending signal handlers get to run
 MAX_REPLY_TO_SOCKETS = 16  # status reply_to addresses kept connected (least recently used closed)
-
-CORES: dict[str, type[SchedulerCore]] = {
-    "unified": SchedulerCore,
-    "prefill": PrefillCore,
-    "decode": DecodeCore,
-}
 
 
 class WorkerLost(RuntimeError):
@@ -79,8 +72,8 @@ class WorkerLost(RuntimeError):
 def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_START_TIMEOUT_S) -> None:
     """Serve until a ``Shutdown`` arrives on the input socket; raises WorkerLost when the worker
     fails or does not report ready within ``worker_start_timeout`` seconds."""
-    if cfg.role not in CORES:
-        raise ValueError(f"scheduler role {cfg.role!r} is not supported; expected one of {', '.join(CORES)}")
+    if cfg.role not in ROLES:
+        raise ValueError(f"scheduler role {cfg.role!r} is not supported; expected one of {', '.join(ROLES)}")
     ctx = zmq.Context()
     sockets: list[zmq.Socket] = []
     try:
@@ -98,7 +91,7 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
             ready.page_size,
             ready.max_slots,
         )
-        core = CORES[cfg.role].from_config(cfg, ready)
+        core = SchedulerCore.from_config(cfg, ready)
         loop = _Loop(cfg, core, ready, ctx, inputs, results, steps)
         try:
             loop.run()
@@ -125,7 +118,7 @@ def _wait_for_worker(results: zmq.Socket, timeout: float) -> WorkerReady:
     return msg
 
 
-def _recv_valid(sock: zmq.Socket, name: str) -> list[Message]:
+def _recv_valid(sock: zmq.Socket, name: str, refuse: Callable[[RequestFailed], None]) -> list[Message]:
     """Every message queued on ``sock``; frames that are not messages of our protocol are logged
     and dropped, since the input socket faces other processes, possibly of another version."""
     out = []
@@ -138,6 +131,8 @@ def _recv_valid(sock: zmq.Socket, name: str) -> list[Message]:
             out.append(decode(frame))
         except ProtocolError as e:
             logger.warning("%s: dropped a malformed frame on the input socket: %s", name, e)
+            if e.message_type == TokenizedRequest.TYPE and e.rid is not None:  # its sender waits
+                refuse(RequestFailed(rid=e.rid, code=INVALID_REQUEST, message=str(e)))
 
 
 class _Loop:
@@ -176,7 +171,7 @@ class _Loop:
                 for msg in transport.recv_all(self.results):
                     self._on_worker_message(msg)
             if self.inputs in events:
-                for msg in _recv_valid(self.inputs, self.cfg.name):
+                for msg in _recv_valid(self.inputs, self.cfg.name, self._reply):
                     self._on_input_guarded(msg)
             self.core.tick(time.monotonic())
             self._flush()

@@ -1,32 +1,20 @@
-"""What only the instance can check about a tokenized request before queueing it.
+"""What an instance checks about a tokenized request before queueing it.
 
-The front end validates client requests, but the input socket takes frames from any process, and
-the codec rebuilds messages from their type hints without checking scalar types: a frame it
-accepts can still carry a string where a list of ints belongs. So the shape of every field that
-the scheduler or the worker relies on is checked here, before anything is queued.
+The front end validates client requests, but the input socket takes frames from any process:
+the codec has checked every field's type on decoding, so what is left are the value checks of
+``protocol.validation`` (the ones the front end applies too) and what only the instance knows
+(its context length, its KV pool, its queue, the ids already in use).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import TYPE_CHECKING
 
-from protocol.messages import INVALID_REQUEST, QUEUE_FULL, SamplingParams, TokenizedRequest
+from protocol.messages import INVALID_REQUEST, QUEUE_FULL, TokenizedRequest
+from protocol.validation import prompt_problem, sampling_problem
 
 if TYPE_CHECKING:
     from scheduler_proc.core import SchedulerCore
-
-_NUMBER = (int, float)
-_SAMPLING_TYPES: dict[str, tuple[type, ...]] = {
-    "max_new_tokens": (int,),
-    "temperature": _NUMBER,
-    "top_p": _NUMBER,
-    "top_k": (int,),
-    "seed": (int,),
-    "ignore_eos": (bool,),
-    "return_logprob": (bool,),
-}
 
 
 def check_request(msg: TokenizedRequest, core: SchedulerCore) -> tuple[str, str] | None:
@@ -63,62 +51,6 @@ def check_request(msg: TokenizedRequest, core: SchedulerCore) -> tuple[str, str]
 
 
 def check_fields(msg: TokenizedRequest, vocab_size: int) -> str | None:
-    """Why ``msg``'s fields cannot be served (wrong types, token ids outside the model's
-    vocabulary, sampling values the worker cannot use); None when they are fine."""
-    if not isinstance(msg.rid, str):
-        return f"rid must be a string; got {type(msg.rid).__name__}"
-    if not _is_int(msg.priority) or not _is_number(msg.arrival_time):
-        return "priority must be an integer and arrival_time a number"
-    if msg.room is not None and not _is_int(msg.room):
-        return f"room must be an integer; got {type(msg.room).__name__}"
-    if msg.prefill_addr is not None and not isinstance(msg.prefill_addr, str):
-        return f"prefill_addr must be a string; got {type(msg.prefill_addr).__name__}"
-    if not isinstance(msg.input_ids, list):
-        return "input_ids must be a list of token ids"
-    if not msg.input_ids:
-        return "the prompt is empty"
-    problem = _check_token_ids("input_ids", msg.input_ids, vocab_size)
-    if problem is not None:
-        return problem
-    if not isinstance(msg.sampling, SamplingParams):
-        return "sampling must be a map of sampling parameters"
-    return _check_sampling(msg.sampling)
-
-
-def _check_sampling(s: SamplingParams) -> str | None:
-    for f in dataclasses.fields(s):
-        kinds = _SAMPLING_TYPES.get(f.name)
-        value = getattr(s, f.name)
-        if kinds is not None and type(value) not in kinds:
-            return f"sampling.{f.name} must be {' or '.join(k.__name__ for k in kinds)}; got {value!r}"
-    if not isinstance(s.stop_token_ids, list) or not all(_is_int(t) for t in s.stop_token_ids):
-        return "sampling.stop_token_ids must be a list of integers"
-    if s.max_new_tokens < 1:
-        return f"max_new_tokens must be at least 1; got {s.max_new_tokens}"
-    if not math.isfinite(s.temperature) or s.temperature < 0:
-        return f"sampling.temperature must be finite and >= 0; got {s.temperature}"
-    if not 0.0 < s.top_p <= 1.0:
-        return f"sampling.top_p must be in (0, 1]; got {s.top_p}"
-    if s.top_k < -1:
-        return f"sampling.top_k must be -1, 0 or positive; got {s.top_k}"
-    if not 0 <= s.seed < 2**63:
-        return f"sampling.seed must be in [0, 2**63); got {s.seed}"
-    return None
-
-
-def _check_token_ids(name: str, ids: list[object], vocab_size: int) -> str | None:
-    if set(map(type, ids)) != {int}:
-        return f"{name} must be a list of integers"
-    low, high = min(ids), max(ids)  # type: ignore[type-var]
-    if low < 0 or high >= vocab_size:  # type: ignore[operator]
-        bad = low if low < 0 else high  # type: ignore[operator]
-        return f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})"
-    return None
-
-
-def _is_int(value: object) -> bool:
-    return type(value) is int
-
-
-def _is_number(value: object) -> bool:
-    return type(value) in (int, float)
+    """Why ``msg``'s field values cannot be served (an empty prompt, token ids outside the
+    model's vocabulary, sampling values the worker cannot use); None when they are fine."""
+    return prompt_problem(msg.input_ids, vocab_size) or sampling_problem(msg.sampling, "sampling.")

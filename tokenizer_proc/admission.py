@@ -12,8 +12,9 @@ import secrets
 
 from protocol.config import EMBEDDED
 from protocol.messages import ModelInfo, SamplingParams
+from protocol.validation import SEED_LIMIT
 from tokenizer_proc.tokenizer import ByteTokenizer, Tokenizer
-from tokenizer_proc.validation import SEED_LIMIT, GenerateCommand, InvalidRequest, ModelLimits, check_prompt
+from tokenizer_proc.validation import GenerateCommand, InvalidRequest, ModelLimits, check_prompt
 
 log = logging.getLogger("pdserve.frontend")
 

@@ -1,4 +1,4 @@
-"""Python client of the pdserve wire protocol (DESIGN.md "Wire protocol").
+"""Python client of the pdserve wire protocol (docs/design.md, "Wire protocol").
 
     with Client("tcp://127.0.0.1:30000") as client:
         client.wait_ready()

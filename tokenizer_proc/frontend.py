@@ -28,10 +28,12 @@ from protocol.messages import (
     AttachFrontend,
     BatchOutput,
     ClientError,
+    FinishReason,
     Heartbeat,
     Message,
     ProtocolError,
     RequestFailed,
+    Role,
     StatusReport,
     TokenizedRequest,
     decode,
@@ -86,7 +88,7 @@ class Frontend:
         self._clients = transport.bind(self._ctx, zmq.ROUTER, cfg.client_addr, client_guard)
         self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._outputs = transport.bind(self._ctx, zmq.PULL, cfg.output_addr, instance_guard)
-        roles = {"unified": cfg.unified, "prefill": cfg.prefill, "decode": cfg.decode}
+        roles = {Role.UNIFIED: cfg.unified, Role.PREFILL: cfg.prefill, Role.DECODE: cfg.decode}
         self._pool = InstancePool.connect(self._ctx, roles, instance_guard)
         self._topology = topology(self._pool, args.routing_policy)
         self._poller = zmq.Poller()
@@ -118,7 +120,7 @@ class Frontend:
         close the sockets, giving the last replies a moment to leave."""
         for req in list(self._requests):
             self._requests.remove(req)
-            self._abort_everywhere(req, "abort")
+            self._abort_everywhere(req, FinishReason.ABORT)
             self._send_error(req.conn, req.client_rid, SHUTTING_DOWN, "the front end is shutting down")
         self._clients.close(linger=CLOSE_LINGER_MS)
         self._outputs.close(linger=0)
@@ -242,7 +244,7 @@ class Frontend:
             return
         log.info("rid=%s (client rid %s): aborted by the client", req.rid, client_rid)
         req.aborted_by_client = True
-        self._abort_everywhere(req, "abort")  # the (decode) instance answers with the final output
+        self._abort_everywhere(req, FinishReason.ABORT)  # the (decode) instance answers with the final output
 
     def _start_status(self, conn: bytes, cmd: StatusCommand) -> None:
         timeout = min(STATUS_TIMEOUT_S, self.cfg.args.heartbeat_timeout)
@@ -272,9 +274,9 @@ class Frontend:
         for req in self._requests.of_conn(conn):
             log.info("rid=%s (client rid %s): client left, aborting", req.rid, req.client_rid)
             self._requests.remove(req)
-            self._abort_everywhere(req, "abort")
+            self._abort_everywhere(req, FinishReason.ABORT)
 
-    def _abort_everywhere(self, req: LiveRequest, reason: str) -> None:
+    def _abort_everywhere(self, req: LiveRequest, reason: FinishReason) -> None:
         """Abort ``req`` at every instance of its route; one that no longer holds it ignores it."""
         for inst in req.route.instances:
             try:
@@ -290,7 +292,7 @@ class Frontend:
                 "rid=%s (client rid %s, %s): %s", req.rid, req.client_rid, req.route.describe(), message
             )
             self._requests.remove(req)
-            self._abort_everywhere(req, "abort")
+            self._abort_everywhere(req, FinishReason.ABORT)
             self._send_error(req.conn, req.client_rid, PEER_UNAVAILABLE, message)
 
     # ----------------------------------------------------------------------- instance side
@@ -330,7 +332,7 @@ class Frontend:
             if req.finished:
                 self._requests.remove(req)
                 if not out.finished:
-                    self._abort_everywhere(req, "stop")
+                    self._abort_everywhere(req, FinishReason.STOP)
                 log.debug(
                     "rid=%s finished (%s), %d tokens", req.rid, req.finish_reason, req.completion_tokens
                 )
@@ -341,13 +343,13 @@ class Frontend:
         req = self._requests.get(msg.rid)
         if req is None:
             return
-        if msg.role == "prefill" and req.streaming:
+        if msg.role == Role.PREFILL and req.streaming:
             # The decode side already holds the whole KV cache and streams: a late prefill-side
             # failure (e.g. a lost acknowledgement) must not end the request.
             log.info("rid=%s: ignored a late prefill-side failure: %s", req.rid, msg.message)
             return
         self._requests.remove(req)
-        self._abort_everywhere(req, "abort")  # the other side of a pair still holds it
+        self._abort_everywhere(req, FinishReason.ABORT)  # the other side of a pair still holds it
         if req.aborted_by_client:
             # The instance failed it (e.g. its transfer, cut short by the abort's other half)
             # before our abort reached it: to the client it ends as the abort it asked for.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from protocol import transport
-from protocol.messages import AttachFrontend, Heartbeat, InstanceStatus, Message, ModelInfo
+from protocol.messages import AttachFrontend, Heartbeat, InstanceStatus, Message, ModelInfo, Role
 
 log = logging.getLogger("pdserve.frontend")
 
@@ -25,7 +25,7 @@ log = logging.getLogger("pdserve.frontend")
 @dataclass(eq=False)
 class Instance:
     index: int
-    role: str  # "unified" | "prefill" | "decode"
+    role: Role
     addr: str  # the instance's input address
     sock: zmq.Socket  # PUSH to ``addr``
     name: str = ""
@@ -62,7 +62,7 @@ class InstancePool:
     _strangers: set[str] = field(default_factory=set)  # input addresses warned about
 
     @classmethod
-    def connect(cls, ctx: zmq.Context, addrs: dict[str, list[str]], max_message_bytes: int) -> InstancePool:
+    def connect(cls, ctx: zmq.Context, addrs: dict[Role, list[str]], max_message_bytes: int) -> InstancePool:
         pool = cls()
         for role, role_addrs in addrs.items():
             for addr in role_addrs:
@@ -82,10 +82,10 @@ class InstancePool:
     def all_ready(self) -> bool:
         return bool(self.instances) and all(inst.routable for inst in self.instances)
 
-    def routable(self, role: str) -> list[Instance]:
+    def routable(self, role: Role) -> list[Instance]:
         return [inst for inst in self.instances if inst.role == role and inst.routable]
 
-    def of_role(self, role: str) -> list[Instance]:
+    def of_role(self, role: Role) -> list[Instance]:
         return [inst for inst in self.instances if inst.role == role]
 
     def get(self, addr: str) -> Instance | None:
@@ -113,7 +113,7 @@ class InstancePool:
         inst.queued_tokens, inst.routed_tokens = hb.queued_tokens, 0
         if hb.model is not None:
             inst.model = hb.model
-        if inst.role == "decode":  # the decode side's view of each pair is the one that counts
+        if inst.role == Role.DECODE:  # the decode side's view of each pair is the one that counts
             self._log_peer_changes(inst, hb.peers)
             inst.peers = hb.peers
         return inst

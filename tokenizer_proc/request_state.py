@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from protocol.messages import ClientOutput, ReqOutput
+from protocol.messages import ClientOutput, FinishReason, ReqOutput
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.instances import Instance
 from tokenizer_proc.topology import Route
@@ -28,7 +28,7 @@ class LiveRequest:
     queue_ms: float = 0.0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     aborted_by_client: bool = False  # an abort is on its way to the instances
     # Non-streaming requests collect their whole answer here.
     texts: list[str] = field(default_factory=list)
@@ -57,10 +57,10 @@ class LiveRequest:
         self._record(out, now)
         text = self.detok.step(out.token_ids)
         if self.detok.stopped:
-            self.finish_reason = "stop"
+            self.finish_reason = FinishReason.STOP
         elif out.finished:
             text += self.detok.finish()
-            self.finish_reason = out.finish_reason or "stop"
+            self.finish_reason = out.finish_reason or FinishReason.STOP
         logprobs = (out.logprobs or []) if self.return_logprob else None
         if self.stream:
             if not (out.token_ids or self.finished):
@@ -79,7 +79,8 @@ class LiveRequest:
     def abort(self, now: float) -> ClientOutput:
         """Finish with reason ``abort`` here (the client asked for it; the instance failed the
         request before the abort reached it): the client's final message."""
-        final = self.apply(ReqOutput(rid=self.rid, token_ids=[], finished=True, finish_reason="abort"), now)
+        aborted = ReqOutput(rid=self.rid, token_ids=[], finished=True, finish_reason=FinishReason.ABORT)
+        final = self.apply(aborted, now)
         assert final is not None
         return final
 

@@ -58,6 +58,7 @@ class PrefixAffinity(RoutingPolicy):
 
 
 _POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (RoundRobin, LeastLoad, PrefixAffinity)}
+ROUTING_POLICIES = tuple(_POLICIES)  # the --routing-policy choices
 
 
 def make_policy(name: str) -> RoutingPolicy:

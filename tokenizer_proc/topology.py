@@ -1,5 +1,5 @@
 """How requests reach instances: each to one unified instance, or each to a prefill and a
-decode instance (disaggregation, DESIGN.md "Disaggregation").
+decode instance (disaggregation: docs/design.md, "Disaggregation").
 
 The front end picks its topology once at start-up from its configuration. A topology knows
 when the deployment is ready, picks a ``Route`` for each request, and says why none can be
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import zmq
 
 from protocol.config import FrontendConfig
-from protocol.messages import AbortRequest, ConnectPrefill, TokenizedRequest
+from protocol.messages import AbortRequest, ConnectPrefill, Role, TokenizedRequest
 from tokenizer_proc.instances import Instance, InstancePool, refusal_reason
 from tokenizer_proc.router import make_policy, pair_policies
 
@@ -122,7 +122,7 @@ class UnifiedTopology(Topology):
         return self.pool.all_ready
 
     def route(self, input_ids: Sequence[int]) -> Route | None:
-        candidates = self.pool.routable("unified")
+        candidates = self.pool.routable(Role.UNIFIED)
         return UnifiedRoute(self._policy.pick(candidates, input_ids)) if candidates else None
 
     def unavailable(self) -> str:
@@ -136,8 +136,8 @@ class DisaggregatedTopology(Topology):
     def __init__(self, pool: InstancePool, routing_policy: str) -> None:
         super().__init__(pool)
         self._prefill_policy, self._decode_policy = pair_policies(routing_policy)
-        self._prefills = pool.of_role("prefill")
-        self._decodes = pool.of_role("decode")
+        self._prefills = pool.of_role(Role.PREFILL)
+        self._decodes = pool.of_role(Role.DECODE)
         self._connect = ConnectPrefill(prefill_addrs=[p.addr for p in self._prefills])
         self._next_connect: dict[Instance, float] = {}
         # Unique over this front end's life; the random start makes it unlikely that two
@@ -192,7 +192,7 @@ class DisaggregatedTopology(Topology):
     def _registered(self, decode: Instance) -> list[Instance]:
         """The prefill instances ``decode`` reports itself registered with."""
         peers = (self.pool.get(addr) for addr, state in decode.peers.items() if state == REGISTERED)
-        return [p for p in peers if p is not None and p.role == "prefill"]
+        return [p for p in peers if p is not None and p.role == Role.PREFILL]
 
     def _usable_pairs(self) -> dict[Instance, list[Instance]]:
         """Routable prefill instance -> the routable decode instances registered with it,

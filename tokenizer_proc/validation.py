@@ -1,25 +1,27 @@
-"""Field-by-field validation of client frames (DESIGN.md "Wire protocol").
+"""Field-by-field validation of client frames (the client protocol is in docs/design.md,
+"Wire protocol").
 
-Every problem raises ``InvalidRequest`` with a message that names it; the front end answers
-with an ``invalid_request`` error and keeps serving. Optional fields may be absent or null.
+Every problem raises ``InvalidRequest`` with a message that names the field; the front end
+answers with an ``invalid_request`` error and keeps serving. Optional fields may be absent or
+null. Types are checked by the codec (``protocol.codec``) and value ranges by
+``protocol.validation``, the same checks every instance applies again.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-SEED_LIMIT = 1 << 63
+from protocol.codec import ProtocolError, check_value
+from protocol.validation import EMPTY_PROMPT, prompt_problem, sampling_problem, token_ids_problem
+
 DEFAULT_MAX_NEW_TOKENS = 128
 
 _GENERATE_KEYS = frozenset(
     {"type", "rid", "text", "input_ids", "stream", "sampling_params", "return_logprob", "priority"}
-)
-_SAMPLING_KEYS = frozenset(
-    {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos"}
 )
 
 
@@ -31,6 +33,8 @@ class InvalidRequest(ValueError):
 
 @dataclass
 class ClientSampling:
+    """A generate request's ``sampling_params``, as the client gave them (checked)."""
+
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
@@ -39,6 +43,9 @@ class ClientSampling:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+
+
+_SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(ClientSampling))
 
 
 @dataclass
@@ -98,7 +105,7 @@ def _parse(obj: dict[str, Any]) -> Command:
     kind = obj.get("type")
     if kind not in ("generate", "abort", "status"):
         raise InvalidRequest(f"unknown message type {kind!r}: expected generate, abort or status")
-    rid = _required(obj, "rid", _is_str, "a string")
+    rid = _required(obj, "rid", str)
     if not rid:
         raise InvalidRequest("rid must not be empty")
     if kind == "abort":
@@ -112,47 +119,31 @@ def _parse(obj: dict[str, Any]) -> Command:
 
 def _parse_generate(obj: dict[str, Any], rid: str) -> GenerateCommand:
     _reject_unknown("generate", obj, _GENERATE_KEYS)
-    text = _optional(obj, "text", _is_str, "a string", None)
-    input_ids = _optional(obj, "input_ids", _is_int_list, "a list of integers", None)
+    text = _optional(obj, "text", str | None, None)
+    input_ids = _optional(obj, "input_ids", list[int] | None, None)
     if (text is None) == (input_ids is None):
         raise InvalidRequest("give exactly one of text and input_ids")
     if text == "" or input_ids == []:
-        raise InvalidRequest("prompt is empty")
-    sampling_obj = _optional(obj, "sampling_params", _is_map, "a map", {})
+        raise InvalidRequest(EMPTY_PROMPT)
     return GenerateCommand(
         rid=rid,
         text=text,
         input_ids=input_ids,
-        stream=_optional(obj, "stream", _is_bool, "a boolean", False),
-        sampling=_parse_sampling(sampling_obj),
-        return_logprob=_optional(obj, "return_logprob", _is_bool, "a boolean", False),
-        priority=_optional(obj, "priority", _is_int, "an integer", 0),
+        stream=_optional(obj, "stream", bool, False),
+        sampling=_parse_sampling(_optional(obj, "sampling_params", dict[Any, Any], {})),
+        return_logprob=_optional(obj, "return_logprob", bool, False),
+        priority=_optional(obj, "priority", int, 0),
     )
 
 
 def _parse_sampling(obj: dict[str, Any]) -> ClientSampling:
+    """The client's sampling parameters: absent or null ones take ``ClientSampling``'s defaults."""
     _reject_unknown("sampling_params", obj, _SAMPLING_KEYS)
-    where = "sampling_params."
-    s = ClientSampling(
-        max_new_tokens=_optional(obj, "max_new_tokens", _is_int, "an integer", DEFAULT_MAX_NEW_TOKENS, where),
-        temperature=float(_optional(obj, "temperature", _is_number, "a number", 1.0, where)),
-        top_p=float(_optional(obj, "top_p", _is_number, "a number", 1.0, where)),
-        top_k=_optional(obj, "top_k", _is_int, "an integer", -1, where),
-        seed=_optional(obj, "seed", _is_int, "an integer", None, where),
-        stop=_optional(obj, "stop", _is_str_list, "a list of strings", [], where),
-        stop_token_ids=_optional(obj, "stop_token_ids", _is_int_list, "a list of integers", [], where),
-        ignore_eos=_optional(obj, "ignore_eos", _is_bool, "a boolean", False, where),
-    )
-    if s.max_new_tokens < 1:
-        raise InvalidRequest(f"sampling_params.max_new_tokens must be at least 1, got {s.max_new_tokens}")
-    if not math.isfinite(s.temperature) or s.temperature < 0:
-        raise InvalidRequest(f"sampling_params.temperature must be finite and >= 0, got {s.temperature}")
-    if not 0.0 < s.top_p <= 1.0:
-        raise InvalidRequest(f"sampling_params.top_p must be in (0, 1], got {s.top_p}")
-    if s.top_k < -1:
-        raise InvalidRequest(f"sampling_params.top_k must be -1, 0 (no limit) or positive, got {s.top_k}")
-    if s.seed is not None and not 0 <= s.seed < SEED_LIMIT:
-        raise InvalidRequest(f"sampling_params.seed must be in [0, 2**63), got {s.seed}")
+    given = {key: value for key, value in obj.items() if value is not None}
+    s: ClientSampling = _typed(ClientSampling, given, "sampling_params")
+    problem = sampling_problem(s, "sampling_params.")
+    if problem is not None:
+        raise InvalidRequest(problem)
     if any(not stop for stop in s.stop):
         raise InvalidRequest("sampling_params.stop must not contain an empty string")
     return s
@@ -160,10 +151,11 @@ def _parse_sampling(obj: dict[str, Any]) -> ClientSampling:
 
 def check_prompt(input_ids: list[int], sampling: ClientSampling, limits: ModelLimits) -> None:
     """Checks that need the tokenized prompt and the model's limits."""
-    if not input_ids:
-        raise InvalidRequest("prompt is empty")
-    _check_vocab("input_ids", input_ids, limits.vocab_size)
-    _check_vocab("sampling_params.stop_token_ids", sampling.stop_token_ids, limits.vocab_size)
+    problem = prompt_problem(input_ids, limits.vocab_size) or token_ids_problem(
+        "sampling_params.stop_token_ids", sampling.stop_token_ids, limits.vocab_size
+    )
+    if problem is not None:
+        raise InvalidRequest(problem)
     total = len(input_ids) + sampling.max_new_tokens
     if limits.context_len is not None and total > limits.context_len:
         raise InvalidRequest(
@@ -172,64 +164,28 @@ def check_prompt(input_ids: list[int], sampling: ClientSampling, limits: ModelLi
         )
 
 
-def _check_vocab(name: str, ids: list[int], vocab_size: int) -> None:
-    for i, token_id in enumerate(ids):
-        if not 0 <= token_id < vocab_size:
-            raise InvalidRequest(f"{name}[{i}] = {token_id} is outside the vocabulary [0, {vocab_size})")
-
-
 # --------------------------------------------------------------------------------------------
 # Field helpers
 # --------------------------------------------------------------------------------------------
 
 
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_map(v: Any) -> bool:
-    return isinstance(v, dict)
-
-
-def _is_int_list(v: Any) -> bool:
-    return isinstance(v, list) and all(_is_int(x) for x in v)
-
-
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _required(obj: dict[str, Any], key: str, check: Any, what: str) -> Any:
+def _required(obj: dict[str, Any], key: str, hint: Any) -> Any:
     if obj.get(key) is None:
         raise InvalidRequest(f"missing field {key!r}")
-    return _optional(obj, key, check, what, None)
+    return _optional(obj, key, hint, None)
 
 
-def _optional(obj: dict[str, Any], key: str, check: Any, what: str, default: Any, where: str = "") -> Any:
+def _optional(obj: dict[str, Any], key: str, hint: Any, default: Any) -> Any:
+    """``obj[key]`` checked against the type ``hint`` by the codec; ``default`` when absent or null."""
     value = obj.get(key)
-    if value is None:
-        return default
-    if not check(value):
-        raise InvalidRequest(f"{where}{key} must be {what}, got {_describe(value)}")
-    return value
+    return default if value is None else _typed(hint, value, key)
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, list):
-        return f"a list of {', '.join(sorted({type(x).__name__ for x in value}))}"
-    return type(value).__name__
+def _typed(hint: Any, value: Any, name: str) -> Any:
+    try:
+        return check_value(hint, value, name)
+    except ProtocolError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 def _reject_unknown(what: str, obj: dict[str, Any], allowed: set[str] | frozenset[str]) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.config import ATTENTION_BACKENDS
+ATTENTION_BACKENDS = ("auto", "torch", "triton")  # the names make_kernel_backend takes
 
 # (x [N, H], weight [H], eps, residual [N, H] | None) -> (normalized, x + residual | None)
 RMSNormFn = Callable[

@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tests import REPO_ROOT
 from tests.ports import free_tcp_port
 from tokenizer_proc.client import Client
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 READY_TIMEOUT_S = 240.0
 
 

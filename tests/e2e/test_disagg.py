@@ -4,10 +4,10 @@ front end; a client talks the wire protocol.
 Greedy outputs of 1P1D, 1P2D and 2P1D deployments (``--mode pd``) equal the plain-torch
 reference for ≥ 32 concurrent requests, with chunked prefill forced small and prefix-cache hits
 on both sides; aborts at every stage leave nothing behind. Every KV send is delayed on purpose
-(``PDSERVE_TEST_KV_SEND_DELAY_S``) so that a transfer lasts long enough to abort or kill
-during it. Faults that end an instance and registration refusals use standalone
-``--mode prefill`` / ``--mode decode`` / ``--mode frontend`` processes (``--mode pd`` stops
-the whole deployment when one child dies).
+(the ``kv_send_delay_s`` fault of ``PDSERVE_FAULTS``, ``protocol.faults``) so that a transfer
+lasts long enough to abort or kill during it. Faults that end an instance and registration
+refusals use standalone ``--mode prefill`` / ``--mode decode`` / ``--mode frontend``
+processes (``--mode pd`` stops the whole deployment when one child dies).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import TypeVar
 import pytest
 import zmq
 
-from prefill_worker.worker import SEND_DELAY_ENV
 from protocol import transport
 from protocol.config import EMBEDDED
+from protocol.faults import FAULTS_ENV, Faults
 from protocol.messages import (
     AbortRequest,
     AttachFrontend,
@@ -46,7 +46,7 @@ from tokenizer_proc.client import Client, ServerError
 
 T = TypeVar("T")
 MAX_NEW = 10
-SEND_DELAY_S = "0.4"
+SEND_DELAY_S = 0.4
 HEARTBEAT_TIMEOUT_S = 2
 FLAGS = ("--dtype", "float32", "--page-size", "4", "--chunked-prefill-size", "16",
          "--max-running-requests", "48", "--routing-policy", "round_robin",
@@ -56,7 +56,7 @@ FLAGS = ("--dtype", "float32", "--page-size", "4", "--chunked-prefill-size", "16
 @pytest.fixture(scope="module", autouse=True)
 def slow_sends() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(SEND_DELAY_ENV, SEND_DELAY_S)
+        mp.setenv(FAULTS_ENV, Faults(kv_send_delay_s=SEND_DELAY_S).to_setting())
         yield
 
 

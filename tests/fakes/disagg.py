@@ -6,6 +6,9 @@ The fake data plane keeps the real contract: a room opens on the prefill side wi
 send and on the decode side with its expect; pages move only once both are known; every opened
 room ends in exactly one ``TransferResult`` per side; aborts and dead peers fail both sides;
 a destination page is never written twice nor outside the room's announced pages.
+
+(Over 400 lines on purpose: the fake data plane, the two fake workers and the cluster that drives
+them are one fake, each part small and used only through ``Cluster``.)
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
+from protocol.dataplane import KVLayout
 from protocol.messages import (
     AbortRequest,
     BatchOutput,
     ConnectPrefill,
     KVPeerRegistered,
     Message,
+    PeerInfo,
     RegisterKVPeer,
     RequestFailed,
     SamplingParams,
@@ -31,9 +36,10 @@ from protocol.messages import (
     TransferResult,
     WorkerReady,
 )
-from scheduler_proc.decode_mode import DecodeCore
-from scheduler_proc.disagg import DisaggCore
-from scheduler_proc.prefill_mode import PrefillCore
+from scheduler_proc.core import SchedulerCore
+from scheduler_proc.decode_mode import DecodeRole
+from scheduler_proc.peers import PeerTable
+from scheduler_proc.rooms import RoomState, RoomTable
 from tests.fakes.scheduler import FakeWorker, make_args, reference_generate
 
 STOP = 0
@@ -44,7 +50,7 @@ class FakeRoom:
     prefill: FakePrefillWorker | None = None
     decode: FakeDecodeWorker | None = None
     dst_pages: list[int] | None = None
-    pending: list[tuple[list[int], list[int], int | None]] = field(default_factory=list)
+    pending: list[tuple[list[int], list[int], int | None, float | None]] = field(default_factory=list)
     written: set[int] = field(default_factory=set)
     held: bool = False  # the test holds the pages back (a slow transfer)
 
@@ -71,12 +77,19 @@ class FakeLink:
         entry.decode, entry.dst_pages = worker, list(dst_pages)
         self._deliver(room)
 
-    def send(self, room: int, src: list[int], dst: list[int], first_token: int | None) -> None:
+    def send(
+        self,
+        room: int,
+        src: list[int],
+        dst: list[int],
+        first_token: int | None,
+        first_logprob: float | None = None,
+    ) -> None:
         entry = self.rooms.get(room)
         if entry is None or entry.prefill is None:
             return  # the room failed a moment ago
         assert len(src) == len(dst)
-        entry.pending.append((src, dst, first_token))
+        entry.pending.append((src, dst, first_token, first_logprob))
         self._deliver(room)
 
     def hold(self, room: int) -> None:
@@ -104,7 +117,7 @@ class FakeLink:
         if entry.decode is None or entry.prefill is None or entry.dst_pages is None or entry.held:
             return
         pending, entry.pending = entry.pending, []
-        for src, dst, first_token in pending:
+        for src, dst, first_token, first_logprob in pending:
             for s, d in zip(src, dst, strict=True):
                 assert d in entry.dst_pages, f"room {room}: page {d} was not announced"
                 assert d not in entry.written, f"room {room}: page {d} written twice"
@@ -113,15 +126,37 @@ class FakeLink:
                 self.pages_moved += 1
             if first_token is not None:
                 assert entry.written == set(entry.dst_pages), f"room {room}: pages left unwritten"
-                self._finish(room, ok=True, first_token=first_token)
+                self._finish(room, ok=True, first_token=first_token, first_logprob=first_logprob)
                 return
 
-    def _finish(self, room: int, ok: bool, first_token: int | None = None, error: str = "") -> None:
+    def _finish(
+        self,
+        room: int,
+        ok: bool,
+        first_token: int | None = None,
+        error: str = "",
+        first_logprob: float | None = None,
+    ) -> None:
+        """Both sides hear the end; the decode side also gets the first token and its logprob,
+        as the real decode worker reports them."""
         entry = self.rooms.pop(room)
         if entry.prefill is not None:
             entry.prefill.results.append(TransferResult(room, ok, error=error))
         if entry.decode is not None:
-            entry.decode.results.append(TransferResult(room, ok, first_token if ok else None, error))
+            token, logprob = (first_token, first_logprob) if ok else (None, None)
+            entry.decode.results.append(TransferResult(room, ok, token, error, first_logprob=logprob))
+
+
+def fake_layout(ready: WorkerReady, backend: str = "fake") -> KVLayout:
+    """The KV layout a real worker of this shape would report (what registration compares)."""
+    m = ready.model
+    return KVLayout(m.name, m.num_layers, ready.page_size, m.num_kv_heads, m.head_dim, m.dtype, backend)
+
+
+def with_layout(info: PeerInfo, **changes: object) -> PeerInfo:
+    """``info`` whose worker reports a layout with ``changes``."""
+    layout = dataclasses.replace(info.transfer.layout, **changes)
+    return dataclasses.replace(info, transfer=dataclasses.replace(info.transfer, layout=layout))
 
 
 class FakePrefillWorker(FakeWorker):
@@ -132,20 +167,22 @@ class FakePrefillWorker(FakeWorker):
 
     def ready(self, max_context_len: int = 4096) -> WorkerReady:
         ready = super().ready(max_context_len)
-        ready.transfer = TransferEndpoint("fake", f"fake://{self.name}")
+        ready.transfer = TransferEndpoint(fake_layout(ready), f"fake://{self.name}")
         return ready
 
     def step(self, batch: StepBatch) -> StepResult:
         for room in batch.abort_rooms:
             self.link.abort(room, "prefill side: aborted")
         result = super().step(batch)
-        sampled = dict(zip(result.slots, result.token_ids, strict=True))
+        logprobs = result.logprobs or [None] * len(result.slots)
+        sampled = {
+            slot: (tok, lp) for slot, tok, lp in zip(result.slots, result.token_ids, logprobs, strict=True)
+        }
         for send in batch.transfers:
             if send.first:
                 self.link.open(self, send.room)
-            self.link.send(
-                send.room, send.src_pages, send.dst_pages, sampled[send.slot] if send.last else None
-            )
+            token, logprob = sampled[send.slot] if send.last else (None, None)
+            self.link.send(send.room, send.src_pages, send.dst_pages, token, logprob)
         return result
 
 
@@ -158,7 +195,7 @@ class FakeDecodeWorker(FakeWorker):
 
     def ready(self, max_context_len: int = 4096) -> WorkerReady:
         ready = super().ready(max_context_len)
-        ready.transfer = TransferEndpoint("fake")
+        ready.transfer = TransferEndpoint(fake_layout(ready))
         return ready
 
     def register(self, msg: RegisterKVPeer) -> None:
@@ -185,7 +222,7 @@ class FakeDecodeWorker(FakeWorker):
 
 @dataclass
 class Instance:
-    core: DisaggCore
+    core: SchedulerCore
     worker: FakePrefillWorker | FakeDecodeWorker
     inbox: deque[Message] = field(default_factory=deque)
     inflight: deque[StepResult] = field(default_factory=deque)
@@ -193,7 +230,7 @@ class Instance:
 
     @property
     def addr(self) -> str:
-        return self.core.input_addr
+        return self.core.role.pairing.input_addr  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -212,7 +249,7 @@ class FrontendLog:
             self.failed[msg.rid].append(msg)
             return
         assert isinstance(msg, BatchOutput), f"{inst.core.name} sent {msg.TYPE} to the front end"
-        assert isinstance(inst.core, DecodeCore), "outputs come from decode instances only"
+        assert isinstance(inst.core.role, DecodeRole), "outputs come from decode instances only"
         for out in msg.outputs:
             assert out.rid not in self.finish, f"rid={out.rid}: output after its final one"
             self.tokens[out.rid].extend(out.token_ids)
@@ -256,17 +293,16 @@ class Cluster:
         self.instances: dict[str, Instance] = {}
         p_shape = shape | (prefill_worker or {})
         self.prefills = [
-            self._add(PrefillCore, FakePrefillWorker, f"prefill{i}", p_shape, overrides)
+            self._add("prefill", FakePrefillWorker, f"prefill{i}", p_shape, overrides)
             for i in range(num_prefill)
         ]
         d_shape = shape | (decode_worker or {})
         self.decodes = [
-            self._add(DecodeCore, FakeDecodeWorker, f"decode{i}", d_shape, overrides)
-            for i in range(num_decode)
+            self._add("decode", FakeDecodeWorker, f"decode{i}", d_shape, overrides) for i in range(num_decode)
         ]
         self._next_room = 100
 
-    def _add(self, core_cls, worker_cls, name, shape, overrides) -> Instance:  # type: ignore[no-untyped-def]
+    def _add(self, role, worker_cls, name, shape, overrides) -> Instance:  # type: ignore[no-untyped-def]
         worker = worker_cls(self.link, name, **shape)
         args = make_args(
             page_size=shape["page_size"],
@@ -275,9 +311,9 @@ class Cluster:
             transfer_timeout=30.0,
             **overrides,
         )
-        role = "prefill" if core_cls is PrefillCore else "decode"
-        core = core_cls(args, name, role, worker.ready(), input_addr=f"inproc://{name}")
-        core.clock = lambda: self.now
+        core = SchedulerCore(
+            args, name, role, worker.ready(), input_addr=f"inproc://{name}", clock=lambda: self.now
+        )
         inst = Instance(core, worker)
         self.instances[inst.addr] = inst
         return inst
@@ -398,10 +434,28 @@ class Cluster:
     def assert_no_leak(self) -> None:
         for inst in self.live():
             core, status = inst.core, inst.core.status()
-            assert not core.requests and not core.sent and not core.draining and not core.open_rooms, status
+            assert not core.requests and not core.sent and not open_rooms(core), status
             assert status.free_pages + status.cached_pages == status.total_pages, status
             assert core.pool.slots.num_free == core.pool.slots.capacity, status
         assert not self.link.rooms, f"rooms left open on the data plane: {list(self.link.rooms)}"
+
+
+def rooms(core: SchedulerCore) -> RoomTable:
+    return core.role.pairing.rooms  # type: ignore[attr-defined]
+
+
+def peers(core: SchedulerCore) -> PeerTable:
+    return core.role.pairing.peers  # type: ignore[attr-defined]
+
+
+def open_rooms(core: SchedulerCore) -> list[int]:
+    """Rooms ``core`` counts open on the data plane (live or draining)."""
+    return [room.id for room in rooms(core).in_state(*RoomState) if room.open]
+
+
+def state_of(core: SchedulerCore, room: int) -> RoomState | None:
+    entry = rooms(core).get(room)
+    return None if entry is None else entry.state
 
 
 def expected(prompt: list[int], max_new: int = 8, seed: int = 1, stop: bool = True) -> list[int]:

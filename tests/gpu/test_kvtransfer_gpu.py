@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvtransfer import KVLayout, TransferConfig, TransferState, make_backend
+from tests import REPO_ROOT
 from tests.unit.kvtransfer.kernel_checks import CASES, KernelCase, check
 from tests.unit.kvtransfer.kv_helpers import pages_equal, wait_results, wait_state
 
@@ -20,7 +21,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LAYERS, PAGES, PAGE_SIZE, HEADS, DIM = 4, 64, 16, 8, 128
 CONFIG = TransferConfig.uniform(30.0, heartbeat_interval=0.1, heartbeat_timeout=30.0)
 LARGE_CASES = [

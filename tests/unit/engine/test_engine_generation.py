@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from engine.worker import Worker
+from tests import REPO_ROOT
 from tests.oracles import greedy_reference
 from tests.unit.engine.engine_driver import driver_for, greedy, small_args
 
@@ -93,10 +94,14 @@ def test_triton_backend_in_the_interpreter_equals_the_reference() -> None:
     """The Triton kernels behind the engine's kernel backend, the GEMV for every small-batch
     matmul included (interpreter mode is chosen when triton is first imported, hence a fresh
     process)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PDSERVE_TORCH_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", TRITON_SCRIPT],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if proc.stdout.startswith("SKIP "):

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests import REPO_ROOT
+
 CHILD = (
     "import time; from protocol.process import die_with_parent; "
     "die_with_parent(); print('armed', flush=True); time.sleep(60)"
@@ -34,9 +36,8 @@ def is_gone(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_child_dies_when_its_parent_exits() -> None:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     parent = subprocess.run(
-        [sys.executable, "-c", PARENT], cwd=root, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", PARENT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )
     assert parent.returncode == 0, parent.stderr
     pid = int(parent.stdout.strip())

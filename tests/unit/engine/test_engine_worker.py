@@ -28,6 +28,7 @@ from protocol.messages import (
     WorkerFailed,
     WorkerReady,
 )
+from tests import REPO_ROOT
 from tests.oracles import greedy_reference
 from tests.signals import other_thread, skip_without_tgkill, tgkill
 from tests.unit.engine.engine_driver import greedy, small_args
@@ -172,7 +173,7 @@ def test_worker_process_exits_cleanly_on_sigterm(
     env = {**os.environ, "PDSERVE_TORCH_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine", "--config", config_to_json(cfg)],
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+        cwd=REPO_ROOT,
         env=env,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from bench import kvtransfer as bench
+from kvtransfer import page_bytes
 
 
 def test_tiny_benchmark_moves_and_verifies_the_request(tmp_path: Path) -> None:
@@ -17,6 +18,6 @@ def test_tiny_benchmark_moves_and_verifies_the_request(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     (row,) = [r for r in report["rows"] if r["backend"] == "zmq"]
     assert row["verified"] and row["reps"] == 1 and row["gbps"] > 0
-    assert report["request_bytes"] == bench.TINY.pages * bench.TINY.layout("zmq").page_bytes
+    assert report["request_bytes"] == bench.TINY.pages * page_bytes(bench.TINY.layout("zmq"))
     if not torch.cuda.is_available():
         assert report["skipped"] == ["cuda_ipc: no CUDA device"]

@@ -7,15 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kvtransfer import kernels
+from tests import REPO_ROOT
 from tests.unit.kvtransfer.kernel_checks import CASES, KernelCase
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,21 @@ import time
 import pytest
 import torch
 
-from kvtransfer import DuplicateRoom, KVLayout, LayoutMismatch, TransferConfig, TransferState, make_backend
+from kvtransfer import (
+    DuplicateRoom,
+    KVLayout,
+    LayoutMismatch,
+    TransferConfig,
+    TransferState,
+    check_caches,
+    check_peer_layout,
+    layout_from_caches,
+    make_backend,
+    page_bytes,
+)
 from kvtransfer.rooms import RoomTable
+from protocol.codec import decode, encode
+from protocol.dataplane import KVRegister
 from tests.unit.kvtransfer.kv_helpers import layout, pool
 
 S = TransferState
@@ -129,30 +142,38 @@ def test_poll_waits_on_a_condition_for_the_first_result() -> None:
 
 def test_layout_mismatch_names_the_field() -> None:
     ours = layout("zmq")
-    with pytest.raises(LayoutMismatch, match="'page_size'") as info:
-        ours.check_matches(layout("zmq", page_size=32))
+    with pytest.raises(LayoutMismatch, match="page_size mismatch") as info:
+        check_peer_layout(ours, layout("zmq", page_size=32))
     assert info.value.field == "page_size"
     for name, value in [("dtype", "bfloat16"), ("num_layers", 3), ("tp_rank", 1), ("protocol_version", 0)]:
-        with pytest.raises(LayoutMismatch, match=f"'{name}'"):
-            ours.check_matches(layout("zmq", **{name: value}))
-    assert KVLayout.from_dict(ours.to_dict()) == ours
+        with pytest.raises(LayoutMismatch, match=f"{name} mismatch"):
+            check_peer_layout(ours, layout("zmq", **{name: value}))
+    assert decode(encode(KVRegister(ours))).layout == ours  # type: ignore[attr-defined]
+
+
+def test_the_layout_check_in_protocol_names_the_field_and_matches_the_error() -> None:
+    ours, theirs = layout("zmq"), layout("zmq", head_dim=16)
+    assert ours.mismatch(ours) is None and ours.mismatched_field(theirs) == "head_dim"
+    with pytest.raises(LayoutMismatch) as info:
+        check_peer_layout(ours, theirs)
+    assert ours.mismatch(theirs) == str(info.value) and "head_dim mismatch" in str(info.value)
 
 
 def test_layout_checks_the_local_pool() -> None:
     k, v = pool()
-    layout("zmq").check_caches(k, v)
-    assert KVLayout.from_caches(k, model="tiny", backend="zmq") == layout("zmq")
-    with pytest.raises(LayoutMismatch, match="'num_layers'"):
-        layout("zmq", num_layers=3).check_caches(k, v)
-    with pytest.raises(LayoutMismatch, match="'head_dim'"):
-        layout("zmq", head_dim=16).check_caches(k, v)
-    with pytest.raises(LayoutMismatch, match="'dtype'"):
-        layout("zmq").check_caches([t.to(torch.float16) for t in k], v)
+    check_caches(layout("zmq"), k, v)
+    assert layout_from_caches(k, model="tiny", backend="zmq") == layout("zmq")
+    with pytest.raises(LayoutMismatch, match="num_layers mismatch"):
+        check_caches(layout("zmq", num_layers=3), k, v)
+    with pytest.raises(LayoutMismatch, match="head_dim mismatch"):
+        check_caches(layout("zmq", head_dim=16), k, v)
+    with pytest.raises(LayoutMismatch, match="dtype mismatch"):
+        check_caches(layout("zmq"), [t.to(torch.float16) for t in k], v)
 
 
 def test_page_bytes_counts_every_layer_k_and_v() -> None:
     llama8b = KVLayout("llama", 32, 16, 8, 128, "bfloat16", "zmq")
-    assert llama8b.page_bytes * 256 == 512 << 20  # 4096 tokens = 512 MiB
+    assert page_bytes(llama8b) * 256 == 512 << 20  # 4096 tokens = 512 MiB
 
 
 def test_make_backend_rejects_bad_arguments() -> None:
@@ -161,7 +182,7 @@ def test_make_backend_rejects_bad_arguments() -> None:
         make_backend("rdma", "decode", layout("zmq"), k, v)
     with pytest.raises(ValueError, match="role"):
         make_backend("zmq", "router", layout("zmq"), k, v)
-    with pytest.raises(LayoutMismatch, match="'backend'"):
+    with pytest.raises(LayoutMismatch, match="backend mismatch"):
         make_backend("fake", "decode", layout("zmq"), k, v)
     with pytest.raises(ValueError, match="explicit address"):
         make_backend("zmq", "prefill", layout("zmq"), k, v)

@@ -7,9 +7,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import msgpack
 import pytest
 import torch
 import zmq
@@ -18,6 +17,19 @@ from kvtransfer import RegistrationRefused, TransferConfig, TransferState, make_
 from kvtransfer.kernels import PagedCaches, gather_pages_ref
 from kvtransfer.link_receiver import LinkReceiver
 from kvtransfer.zmq_backend import ZmqReceiver
+from protocol.codec import Message, decode, encode
+from protocol.dataplane import (
+    KVAbort,
+    KVAbortAck,
+    KVAck,
+    KVChunk,
+    KVHeartbeat,
+    KVRegister,
+    KVRegistered,
+    KVRoom,
+    KVUnregistered,
+)
+from tests import REPO_ROOT
 from tests.unit.kvtransfer.kv_helpers import (
     FAST,
     connect,
@@ -28,7 +40,7 @@ from tests.unit.kvtransfer.kv_helpers import (
     wait_state,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+M = TypeVar("M", bound=Message)
 QUIET_PEER = TransferConfig.uniform(5.0, heartbeat_interval=0.05, heartbeat_timeout=30.0)
 
 PREFILL_CHILD = """
@@ -115,26 +127,26 @@ class RawPrefill:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.peer = b""
 
-    def recv(self, kind: str) -> dict[str, Any]:
+    def recv(self, kind: type[M]) -> M:
         """The next frame of ``kind`` (heartbeats skipped)."""
         while True:
-            assert self.sock.poll(5000), f"no {kind} frame"
+            assert self.sock.poll(5000), f"no {kind.TYPE} frame"
             self.peer, header, *_ = self.sock.recv_multipart()
-            msg = msgpack.unpackb(header)
-            if msg["k"] != "heartbeat":
-                assert msg["k"] == kind, msg
+            msg = decode(header)
+            if not isinstance(msg, KVHeartbeat):
+                assert isinstance(msg, kind), msg
                 return msg
 
-    def send(self, kind: str, *payload: bytes, **fields: Any) -> None:
-        self.sock.send_multipart([self.peer, msgpack.packb({"k": kind, **fields}), *payload])
+    def send(self, msg: Message, *payload: bytes) -> None:
+        self.sock.send_multipart([self.peer, encode(msg), *payload])
 
     def accept(self, receiver: LinkReceiver) -> str:
         """Let ``receiver`` register with this peer."""
         result: list[str] = []
         t = threading.Thread(target=lambda: result.append(receiver.register(self.address, timeout=5.0)))
         t.start()
-        self.recv("register")
-        self.send("registered", ok=True, error=None)
+        self.recv(KVRegister)
+        self.send(KVRegistered(ok=True))
         t.join()
         return result[0]
 
@@ -156,17 +168,17 @@ def test_late_and_stray_chunks_are_ignored(raw: RawPrefill) -> None:
     try:
         peer = raw.accept(receiver)
         receiver.expect(1, peer, [2])
-        raw.recv("room")
+        raw.recv(KVRoom)
         src = PagedCaches(*pool(seed=3))
         payload = gather_pages_ref(src, [4]).numpy().tobytes()
-        raw.send("chunk", payload, room=99, dst_pages=[2], last=True, first_token=1)  # unknown room
-        raw.send("chunk", payload, room=1, dst_pages=[2], last=True, first_token=8)
+        raw.send(KVChunk(99, [2], last=True, first_token=1), payload)  # unknown room
+        raw.send(KVChunk(1, [2], last=True, first_token=8, first_logprob=-0.5), payload)
         (done,) = wait_results(receiver)
-        assert done.ok and done.first_token == 8
+        assert done.ok and done.first_token == 8 and done.first_logprob == -0.5
         other = gather_pages_ref(PagedCaches(*pool(seed=4)), [4]).numpy().tobytes()
-        raw.send("chunk", other, room=1, dst_pages=[2], last=True, first_token=9)  # late: room is done
-        raw.send("abort", room=1, reason="late abort")
-        raw.send("heartbeat")
+        raw.send(KVChunk(1, [2], last=True, first_token=9), other)  # late: room is done
+        raw.send(KVAbort(1, "late abort"))
+        raw.send(KVHeartbeat())
         assert receiver.poll(timeout=0.3) == []
         assert pages_equal(pool(seed=3), [4], dst, [2])
     finally:
@@ -177,11 +189,11 @@ def test_malformed_payload_fails_the_room_and_tells_the_sender(raw: RawPrefill) 
     receiver = ZmqReceiver(layout("zmq"), *pool(), config=QUIET_PEER)
     try:
         receiver.expect(1, raw.accept(receiver), [2])
-        raw.recv("room")
-        raw.send("chunk", b"short", room=1, dst_pages=[2], last=True, first_token=1)
+        raw.recv(KVRoom)
+        raw.send(KVChunk(1, [2], last=True, first_token=1), b"short")
         (failed,) = wait_results(receiver)
         assert failed.state == TransferState.FAILED and "payload" in (failed.error or "")
-        assert raw.recv("abort")["room"] == 1
+        assert raw.recv(KVAbort).room == 1
     finally:
         receiver.close()
 
@@ -209,13 +221,13 @@ def test_with_a_remote_writer_an_abort_is_reported_after_its_ack(raw: RawPrefill
     receiver = RemoteWriterReceiver(layout("zmq"), *pool(), config=QUIET_PEER)
     try:
         receiver.expect(1, raw.accept(receiver), [2, 3])
-        raw.recv("room")
-        raw.send("chunk", room=1, dst_pages=[2], last=False, first_token=None)
+        raw.recv(KVRoom)
+        raw.send(KVChunk(1, [2], last=False))
         receiver.abort(1)
-        assert raw.recv("abort")["room"] == 1
+        assert raw.recv(KVAbort).room == 1
         assert receiver.poll(timeout=0.3) == []  # the writer may still be writing page 3
         assert receiver.state(1) == TransferState.FAILED
-        raw.send("abort_ack", room=1)
+        raw.send(KVAbortAck(1))
         (failed,) = wait_results(receiver)
         assert failed.room == 1 and failed.state == TransferState.FAILED
     finally:
@@ -227,8 +239,8 @@ def test_with_a_remote_writer_a_timeout_is_reported_when_the_writer_dies(raw: Ra
     receiver = RemoteWriterReceiver(layout("zmq"), *pool(), config=config)
     try:
         receiver.expect(1, raw.accept(receiver), [2])
-        raw.recv("room")
-        assert "timed out" in raw.recv("abort")["reason"]
+        raw.recv(KVRoom)
+        assert "timed out" in raw.recv(KVAbort).reason
         assert receiver.poll(timeout=0.3) == []  # no ack: held until the silent peer counts as dead
         (failed,) = wait_results(receiver, timeout=5.0)
         assert failed.state == TransferState.FAILED
@@ -245,11 +257,11 @@ def test_sender_ignores_frames_for_unknown_rooms() -> None:
         rogue = ctx.socket(zmq.DEALER)
         rogue.setsockopt(zmq.LINGER, 0)
         rogue.connect(p.sender.address)
-        rogue.send(msgpack.packb({"k": "ack", "room": 1}))  # not registered: told so, and ignored
-        rogue.send(msgpack.packb({"k": "room", "room": 3, "dst_pages": [1]}))
+        rogue.send(encode(KVAck(1)))  # not registered: told so, and ignored
+        rogue.send(encode(KVRoom(3, [1])))
         for _ in range(2):
             assert rogue.poll(5000)
-            assert msgpack.unpackb(rogue.recv())["k"] == "unregistered"
+            assert isinstance(decode(rogue.recv()), KVUnregistered)
         rogue.close()
         ctx.term()
         p.sender.add_room(1)

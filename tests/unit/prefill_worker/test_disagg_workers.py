@@ -12,7 +12,7 @@ import zmq
 
 from decode_worker.worker import DecodeWorker, Notifier
 from engine.worker import Worker
-from kvtransfer import KVLayout, TransferConfig, make_backend
+from kvtransfer import TransferConfig, layout_from_caches, make_backend
 from prefill_worker.worker import PrefillWorker
 from protocol import transport
 from protocol.config import EMBEDDED
@@ -47,7 +47,7 @@ def workers():
     try:
         prefill, decode = Worker.create(args), Worker.create(args)
         for worker, role in ((prefill, "prefill"), (decode, "decode")):
-            layout = KVLayout.from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend="fake")
+            layout = layout_from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend="fake")
             pool = worker.runner.kv_pool
             kw = {"address": SENDER} if role == "prefill" else {}
             config = TransferConfig.from_args(args)
@@ -126,3 +126,28 @@ def test_an_expect_for_an_unregistered_peer_fails_the_room_not_the_worker(worker
     (refused,) = dw.take_refused()
     assert refused.room == 99 and not refused.ok and "register" in refused.error
     assert not results.poll(100)
+
+
+def test_the_first_token_and_its_logprob_reach_the_decode_scheduler_together(workers):
+    pw, dw, results = workers
+    dw.register(RegisterKVPeer("tcp://prefill-instance", SENDER))
+    assert next_message(results) == KVPeerRegistered("tcp://prefill-instance", ok=True)
+    prompt = [EMBEDDED.bos_token_id, *range(70, 79)]  # 10 tokens: pages 1..3
+    sampling = SamplingParams(max_new_tokens=2, temperature=0.0, return_logprob=True)
+    room, src, dst = 8, [1, 2, 3], [21, 22, 23]
+    dw.step(StepBatch(step_id=60, expects=[KVExpect(room, SENDER, dst)]))
+    prefilled = pw.step(
+        StepBatch(
+            step_id=60,
+            new_reqs=[NewReq(0, sampling)],
+            page_appends=[PageAppend(0, src)],
+            extends=[ExtendReq(0, 0, prompt)],
+            transfers=[KVSend(room, 0, src, dst, first=True, last=True)],
+        )
+    )
+    done = next_message(results)
+    assert isinstance(done, TransferResult) and done.ok
+    assert prefilled.logprobs is not None
+    assert (done.first_token, done.first_logprob) == (prefilled.token_ids[0], prefilled.logprobs[0])
+    assert [r.ok for r in pw.sender.poll(1.0)] == [True]
+    pw.step(StepBatch(step_id=61, released=[0]))

@@ -3,8 +3,6 @@ ends in one terminal message, and both instances get every page back."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from protocol.messages import (
@@ -17,8 +15,20 @@ from protocol.messages import (
     TransferResult,
 )
 from scheduler_proc.disagg import check_peer
+from scheduler_proc.peers import PeerState
 from scheduler_proc.request import ReqState
-from tests.fakes.disagg import Cluster, ConnectPrefill, TokenizedRequest, expected, sampling
+from scheduler_proc.rooms import RoomState
+from tests.fakes.disagg import (
+    Cluster,
+    ConnectPrefill,
+    TokenizedRequest,
+    expected,
+    peers,
+    rooms,
+    sampling,
+    state_of,
+    with_layout,
+)
 
 PROMPT = list(range(1, 22))  # 21 tokens: 3 chunks of 8 with chunked_prefill_size=8
 
@@ -70,7 +80,7 @@ def test_abort_during_a_slow_transfer_waits_for_the_room_to_close():
     for core in (p, d):
         core.on_abort(AbortRequest("a"))
         assert "a" not in core.requests
-        assert room in core.draining  # the pages stay until the worker closes the room
+        assert state_of(core, room) is RoomState.DRAINING  # the pages stay until the worker closes it
         assert core.status().free_pages + core.status().cached_pages < core.status().total_pages
     c.log.add(c.decodes[0], d.take_outbox()[0])
     c.run()
@@ -105,7 +115,7 @@ def test_a_prefill_refusal_reaches_the_decode_side_at_once():
     c.submit("a", PROMPT)
     c.run()
     assert {f.code for f in c.log.failed["a"]} == {INVALID_REQUEST}
-    assert "a" not in c.decodes[0].core.requests and not c.decodes[0].core.draining
+    assert "a" not in c.decodes[0].core.requests and not rooms(c.decodes[0].core).count(RoomState.DRAINING)
 
 
 def test_duplicate_room_is_refused_and_the_first_request_is_unharmed():
@@ -156,7 +166,7 @@ def test_registration_refused_for_another_page_size():
     c.run()
     (state,) = c.decodes[0].core.peer_states().values()
     assert state.startswith("refused: page_size mismatch") and "4" in state and "8" in state
-    assert not c.prefills[0].core.peers
+    assert not peers(c.prefills[0].core)
     c.submit("a", [1, 2, 3])
     c.run()
     assert {f.code for f in c.log.failed["a"]} == {PEER_UNAVAILABLE}
@@ -172,7 +182,7 @@ def test_dead_decode_instance_fails_its_requests_and_the_prefill_side_keeps_serv
     c.advance(6.0)  # past the heartbeat timeout
     assert [f.code for f in c.log.failed["victim"]] == [PEER_UNAVAILABLE]
     assert "stopped answering" in c.log.failed["victim"][0].message
-    assert c.decodes[0].addr not in c.prefills[0].core.peers
+    assert peers(c.prefills[0].core).get(c.decodes[0].addr).state is PeerState.LOST
     c.submit("after", PROMPT, d=1, stop=False)
     c.run()
     assert c.log.tokens["after"] == expected(PROMPT, stop=False)
@@ -202,11 +212,11 @@ def test_a_decode_instance_dropped_after_a_silence_registers_again():
     d = c.decodes[0]
     d.dead = True  # a long pause: nothing reaches it, it sends nothing
     c.advance(6.0)
-    assert d.addr not in c.prefills[0].core.peers
+    assert peers(c.prefills[0].core).get(d.addr).state is PeerState.LOST
     d.dead = False
     c.advance(3.0)
     assert c.decodes[0].core.peer_states() == {c.prefills[0].addr: "registered"}
-    assert d.addr in c.prefills[0].core.peers
+    assert peers(c.prefills[0].core).registered(d.addr) is not None
     c.submit("after", PROMPT, stop=False)
     c.run()
     assert c.log.tokens["after"] == expected(PROMPT, stop=False)
@@ -216,11 +226,12 @@ def test_a_decode_instance_dropped_after_a_silence_registers_again():
 def test_a_prefill_instance_tells_an_unregistered_decode_instance_to_register_again():
     c = cluster()
     p, d = c.prefills[0], c.decodes[0]
-    del p.core.peers[d.addr]  # dropped while the decode side still counts itself registered
+    peer = peers(p.core).get(d.addr)
+    peers(p.core).move(peer, PeerState.LOST, c.now)  # lost while the decode side counts itself registered
     c.advance(1.0)
     assert d.core.peer_states() == {p.addr: "connecting"}  # told by the prefill side's answer
     c.advance(1.0)
-    assert d.core.peer_states() == {p.addr: "registered"} and d.addr in p.core.peers
+    assert d.core.peer_states() == {p.addr: "registered"} and peers(p.core).registered(d.addr) is not None
     c.submit("after", [1, 2, 3], stop=False)
     c.run()
     assert c.log.tokens["after"] == expected([1, 2, 3], stop=False)
@@ -235,7 +246,7 @@ def test_a_decode_refusal_ends_the_request_on_the_prefill_side_whatever_the_orde
     assert {f.code for f in c.log.failed["a"]} == {INVALID_REQUEST}
     assert not c.prefills[0].core.requests  # at once, not after a timeout
     c.advance(31.0)
-    assert not c.prefills[0].core.refused_rooms  # remembered for late messages, then forgotten
+    assert not rooms(c.prefills[0].core).count(RoomState.REFUSED)  # remembered a while, then forgotten
     c.assert_no_leak()
 
 
@@ -245,15 +256,15 @@ def test_a_decode_refusal_ends_the_request_on_the_prefill_side_whatever_the_orde
         ("model", "another-model"),
         ("dtype", "bfloat16"),
         ("num_kv_heads", 8),
-        ("transfer_backend", "zmq"),
+        ("backend", "zmq"),
         ("protocol_version", 0),
         ("tp_size", 2),
     ],
 )
 def test_registration_check_names_the_mismatching_field(field, value):
     c = Cluster()
-    ours = c.prefills[0].core.info
-    theirs = dataclasses.replace(c.decodes[0].core.info, **{field: value})
+    ours = c.prefills[0].core.role.pairing.info
+    theirs = with_layout(c.decodes[0].core.role.pairing.info, **{field: value})
     error = check_peer(ours, theirs)
     assert error is not None and error.startswith(f"{field} mismatch") and repr(value) in error
-    assert check_peer(ours, c.decodes[0].core.info) is None
+    assert check_peer(ours, c.decodes[0].core.role.pairing.info) is None

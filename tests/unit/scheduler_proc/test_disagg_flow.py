@@ -3,13 +3,15 @@ unconstrained run, with chunking, prefix-cache hits on both sides, overlap, and 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
-from protocol.messages import FirstLogprob, KVSend, StepBatch
+from protocol.messages import KVSend, StepBatch, TransferResult
 from scheduler_proc.request import ReqState
-from tests.fakes.disagg import Cluster, expected
+from scheduler_proc.rooms import RoomState
+from tests.fakes.disagg import Cluster, expected, rooms
 from tests.fakes.scheduler import fake_logprob
 
 
@@ -140,25 +142,26 @@ def test_logprobs_include_the_first_token_sampled_on_the_prefill_side(overlap):
     tokens = cluster.log.tokens["a"]
     assert tokens == expected(prompt, max_new=5, stop=False)
     assert cluster.log.logprobs["a"] == [fake_logprob(t) for t in tokens]
-    assert not cluster.prefills[0].core.acknowledged
+    assert not rooms(cluster.prefills[0].core).count(RoomState.ACKNOWLEDGED)
     cluster.assert_no_leak()
 
 
-def test_a_lost_first_logprob_delays_the_request_by_the_heartbeat_timeout_only():
+def test_a_first_token_reported_without_its_logprob_is_streamed_without_one_at_once():
+    """The logprob travels with the first token (``TransferResult.first_logprob``): nothing is
+    waited for when a worker reports none."""
     cluster = Cluster(chunked_prefill_size=8)
     cluster.connect()
-    route = cluster._route
+    decode = cluster.decodes[0]
+    on_worker_message = decode.core.on_worker_message
 
-    def drop_first_logprobs(inst):
-        peer = inst.core._peer_outbox
-        inst.core._peer_outbox = [(a, m) for a, m in peer if not isinstance(m, FirstLogprob)]
-        return route(inst)
+    def drop_first_logprob(msg):
+        if isinstance(msg, TransferResult):
+            msg = dataclasses.replace(msg, first_logprob=None)
+        return on_worker_message(msg)
 
-    cluster._route = drop_first_logprobs  # type: ignore[method-assign]
+    decode.core.on_worker_message = drop_first_logprob  # type: ignore[method-assign]
     cluster.submit("a", [1, 2, 3], max_new=4, stop=False, return_logprob=True)
     cluster.run()
-    assert "a" not in cluster.log.finish  # waiting for the logprob
-    cluster.advance(6.0)
     assert cluster.log.tokens["a"] == expected([1, 2, 3], max_new=4, stop=False)
-    assert len(cluster.log.logprobs["a"]) == 3
+    assert cluster.log.logprobs["a"] == [fake_logprob(t) for t in cluster.log.tokens["a"][1:]]
     cluster.assert_no_leak()

@@ -4,25 +4,26 @@ depend on what failed. Whatever ends, its pages come back."""
 from __future__ import annotations
 
 from protocol.messages import PEER_UNAVAILABLE, QUEUE_FULL, TRANSFER_FAILED, RoomAbort
-from scheduler_proc.disagg import DisaggCore
-from tests.fakes.disagg import Cluster, TokenizedRequest, expected, sampling
+from scheduler_proc.core import SchedulerCore
+from scheduler_proc.rooms import RoomState
+from tests.fakes.disagg import Cluster, TokenizedRequest, expected, open_rooms, peers, sampling, state_of
 
 PROMPT = list(range(1, 22))
 GUARD_S = 2 * 30.0 + 5.0  # twice the transfer timeout plus the heartbeat timeout (the cluster's)
 
 
-def tick_past_the_guard(c: Cluster, core: DisaggCore) -> None:
+def tick_past_the_guard(c: Cluster, core: SchedulerCore) -> None:
     """Only ``core`` sees the time pass (its peers count as alive): the other side's guard must
     not fire first."""
     c.now += GUARD_S + 1.0
-    for peer in core.peers.values():
+    for peer in peers(core):
         peer.last_seen = c.now
     core.tick(c.now)
 
 
-def assert_pages_back(core: DisaggCore) -> None:
+def assert_pages_back(core: SchedulerCore) -> None:
     status = core.status()
-    assert not core.requests and not core.draining and not core.open_rooms, status
+    assert not core.requests and not open_rooms(core), status
     assert status.free_pages + status.cached_pages == status.total_pages, status
 
 
@@ -91,7 +92,7 @@ def test_the_prefill_guard_releases_the_pages_of_a_room_the_worker_never_reports
     c.link.hold(room)
     c.run()
     p = c.prefills[0].core
-    assert p.open_rooms  # prefilled, waiting for the decode side's acknowledgement
+    assert open_rooms(p)  # prefilled, waiting for the decode side's acknowledgement
     tick_past_the_guard(c, p)
     assert [f.code for f in p.take_outbox()] == [TRANSFER_FAILED]
     assert_pages_back(p)
@@ -107,7 +108,7 @@ def test_a_draining_room_the_worker_never_reports_gives_its_pages_back():
     c.abort("stuck")
     c.run()
     cores = [c.prefills[0].core, c.decodes[0].core]
-    assert all(room in core.draining for core in cores)
+    assert all(state_of(core, room) is RoomState.DRAINING for core in cores)
     c.advance(GUARD_S + 2.0)
     for core in cores:
         assert_pages_back(core)

@@ -28,6 +28,7 @@ from protocol.messages import (
 )
 from scheduler_proc.disagg import peer_info
 from scheduler_proc.scheduler import run_scheduler
+from tests.fakes.disagg import fake_layout, with_layout
 from tests.fakes.scheduler import FakeWorker, make_args
 
 TIMEOUT_MS = 10_000
@@ -45,7 +46,7 @@ class WorkerThread:
 
     def ready(self):
         ready = self.worker.ready()
-        ready.transfer = TransferEndpoint("fake", "fake://prefill-kv")
+        ready.transfer = TransferEndpoint(fake_layout(ready), "fake://prefill-kv")
         return ready
 
     def _serve(self) -> None:
@@ -118,14 +119,14 @@ def test_registration_heartbeats_and_status_replies(deployment):
     assert report.qid == 5 and report.status.role == "prefill" and report.status.ready
 
     good_addr, good = inbox("decode-good")
-    info = peer_info(make_args(), "decode0", good_addr, worker.ready())
+    info = peer_info("decode0", good_addr, worker.ready())
     transport.send(to_instance, RegisterDecode(info))
     reply = next_of(good, RegisterReply)
     assert reply.ok and reply.info is not None and reply.info.transfer.address == "fake://prefill-kv"
     assert next_of(good, PeerHeartbeat).addr == reply.prefill_addr
 
     bad_addr, bad = inbox("decode-bad")
-    other = dataclasses.replace(info, name="decode1", input_addr=bad_addr, page_size=8)
+    other = dataclasses.replace(with_layout(info, page_size=8), name="decode1", input_addr=bad_addr)
     transport.send(to_instance, RegisterDecode(other))
     refused = next_of(bad, RegisterReply)
     assert not refused.ok and refused.error.startswith("page_size mismatch")

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from protocol.messages import StepBatch
-from tests.fakes.disagg import Cluster, Instance, expected
+from tests.fakes.disagg import Cluster, Instance, expected, open_rooms
 
 
 def check_joiners_decode_at_once(inst: Instance) -> list[StepBatch]:
@@ -61,7 +61,7 @@ def test_ready_requests_that_fill_the_pool_with_nothing_running_still_progress()
         c.link.hold(room)
     c.run()
     d = c.decodes[0].core
-    assert d.pool.available_pages() == 0 and len(d.open_rooms) == 2
+    assert d.pool.available_pages() == 0 and len(open_rooms(d)) == 2
     for room in rooms:
         c.link.release(room)
     c.run()

@@ -1,7 +1,7 @@
 """Per-step work that must not grow with what does not change: the scheduler's hot path."""
 
-import scheduler_proc.core as core_module
-from scheduler_proc.resources import KVPool, ReqResources
+import scheduler_proc.admission as admission_module
+from scheduler_proc.resources import PagePool, ReqResources
 from tests.fakes.scheduler import (
     Collected,
     FakeWorker,
@@ -51,7 +51,7 @@ def test_reserved_pages_are_computed_only_when_something_waits(monkeypatch):
     core = make_core(worker)
     core.on_request(make_request("a", [1, 2, 3], max_new=10, stop=False))
     step_once(core, worker)
-    calls = counting(monkeypatch, core_module, "pages_to_finish")
+    calls = counting(monkeypatch, admission_module, "pages_to_finish")
     for _ in range(3):
         step_once(core, worker)
     assert calls == []  # nothing waits: no admission, so no reservation to compute
@@ -79,7 +79,7 @@ def test_a_blocked_head_request_is_not_matched_again_while_the_tree_is_unchanged
 
 
 def test_caching_a_prefix_that_did_not_grow_does_not_walk_the_tree(monkeypatch):
-    pool = KVPool(num_pages=16, page_size=2, max_slots=2, disable_radix_cache=False)
+    pool = PagePool(num_pages=16, page_size=2, max_slots=2, disable_radix_cache=False)
     res = ReqResources()
     res.take_prefix(pool, pool.cache.match_prefix([]))
     res.append_pages(pool.alloc_pages(3))

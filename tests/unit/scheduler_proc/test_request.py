@@ -2,7 +2,7 @@ import pytest
 
 from protocol.messages import SamplingParams, TokenizedRequest
 from scheduler_proc.request import IllegalTransition, ReqState, Request
-from scheduler_proc.resources import KVPool
+from scheduler_proc.resources import PagePool
 
 S = ReqState
 LIVE = [S.PENDING, S.PREFILLING, S.TRANSFERRING, S.DECODING]
@@ -70,7 +70,7 @@ def test_finish_reason_stop_includes_the_stop_token_and_length_at_max():
 
 
 def test_release_is_idempotent_and_returns_everything():
-    pool = KVPool(num_pages=10, page_size=2, max_slots=2, disable_radix_cache=False)
+    pool = PagePool(num_pages=10, page_size=2, max_slots=2, disable_radix_cache=False)
     req = request(S.DECODING)
     req.res.take_prefix(pool, pool.cache.match_prefix(req.tokens))
     req.res.slot = pool.slots.alloc(1)[0]
@@ -84,7 +84,7 @@ def test_release_is_idempotent_and_returns_everything():
 
 
 def test_release_with_a_cached_prefix_unlocks_it():
-    pool = KVPool(num_pages=10, page_size=2, max_slots=2, disable_radix_cache=False)
+    pool = PagePool(num_pages=10, page_size=2, max_slots=2, disable_radix_cache=False)
     pages = pool.alloc_pages(2)
     pool.cache.insert([1, 2, 3, 4], pages)
     req = request()

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from scheduler_proc.core import NEW_TOKEN_RATIO_DECAY_STEPS
 from scheduler_proc.request import ReqState
 from tests.fakes.scheduler import (
     VOCAB,
@@ -113,4 +114,24 @@ def test_chunked_request_can_be_retracted_and_resumes():
     collected = drive(core, worker)
     assert collected.tokens["c"] == reference_generate(c.input_ids, c.sampling)
     assert collected.tokens["d"] == reference_generate(d.input_ids, d.sampling)
+    assert_no_leak(core)
+
+
+def test_retraction_resets_the_new_token_ratio_to_its_initial_value():
+    """After a retraction admission is conservative again: the ratio restarts at its initial value
+    (and decays from there, one step per decode step)."""
+    worker = FakeWorker(num_pages=32, page_size=2)
+    core = make_core(worker, init_new_token_ratio=0.7, min_new_token_ratio=0.1)
+    decay = (0.7 - 0.1) / NEW_TOKEN_RATIO_DECAY_STEPS
+    for rid, prompt in (("a", [5, 6, 7]), ("b", [8, 9, 10, 11])):
+        core.on_request(make_request(rid, prompt, max_new=12, stop=False))
+    for _ in range(4):
+        step_once(core, worker)
+    assert core.new_token_ratio < 0.7 - decay  # decayed over the decode steps so far
+    hog = core.pool.pages.alloc(core.pool.free_pages)  # memory pressure from elsewhere
+    while all(r.state is ReqState.DECODING for r in core.requests.values()):
+        step_once(core, worker)
+    assert core.new_token_ratio == pytest.approx(0.7 - decay)  # reset, then this step's decay
+    core.pool.pages.free(hog)
+    drive(core, worker)
     assert_no_leak(core)

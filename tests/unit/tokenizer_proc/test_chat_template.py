@@ -8,12 +8,18 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tokenizer_proc.chat_template import ChatTemplate, ChatTemplateError, load_chat_template, special_tokens_of
+from tokenizer_proc.chat_template import (
+    ChatTemplate,
+    ChatTemplateError,
+    load_chat_template,
+    special_tokens_of,
+)
 
 # SmolLM2-135M-Instruct's template (its GGUF's tokenizer.chat_template)
 SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -69,7 +75,9 @@ def hf_render(template: str, messages: list[dict], add_generation_prompt: bool) 
 def as_hf(messages: list[dict]) -> list[dict]:
     """Content parts flattened, which is what our renderer gives the template."""
     return [
-        {**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m
+        {**m, "content": "".join(p["text"] for p in m["content"])}
+        if isinstance(m["content"], list)
+        else m
         for m in messages
     ]
 
@@ -77,7 +85,9 @@ def as_hf(messages: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("template", [SMOLLM2, LLAMA3, QWEN2], ids=["smollm2", "llama3", "qwen2"])
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=["one", "multi", "parts"])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_rendering_equals_transformers(template: str, messages: list[dict], add_generation_prompt: bool) -> None:
+def test_rendering_equals_transformers(
+    template: str, messages: list[dict], add_generation_prompt: bool
+) -> None:
     ours = ChatTemplate(template, TOKENS).render(messages, add_generation_prompt=add_generation_prompt)
     assert ours == hf_render(template, as_hf(messages), add_generation_prompt)
 
@@ -98,7 +108,10 @@ def test_raise_exception_namespace_and_tojson_behave_as_in_transformers() -> Non
         ([{"role": "wizard", "content": "x"}], r"messages\[0\]\.role must be one of"),
         ([{"role": "user"}], r"messages\[0\]\.content must be"),
         ([{"role": "user", "content": 3}], r"messages\[0\]\.content must be"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "only parts of type 'text'"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+            "only parts of type 'text'",
+        ),
     ],
 )
 def test_bad_conversations_are_refused_with_the_field_named(messages: list, error: str) -> None:
@@ -117,8 +130,11 @@ def test_the_sandbox_refuses_what_a_hostile_template_tries() -> None:
 def test_templates_are_found_where_transformers_looks(tmp_path) -> None:
     assert load_chat_template(tmp_path) is None
     assert load_chat_template(tmp_path, gguf_template="gguf") == "gguf"
-    config = {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
-              "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"}
+    config = {
+        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+        "bos_token": {"content": "<s>", "special": True},
+        "eos_token": "</s>",
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert load_chat_template(tmp_path, gguf_template="gguf") == "D"
     assert special_tokens_of(config) == {"bos_token": "<s>", "eos_token": "</s>"}

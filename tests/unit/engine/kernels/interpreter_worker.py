@@ -25,12 +25,12 @@ import sys
 import tempfile
 import traceback
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from tests import REPO_ROOT
+
 CASE_TIMEOUT_S = 300.0
 
 

@@ -1,0 +1,159 @@
+"""The frames of the KV data plane, between a prefill worker's KV sender and a decode worker's KV
+receiver (``kvtransfer``), and the ``KVLayout`` both sides must agree on.
+
+Each frame is a typed message of ``protocol.codec`` (its own ``kv_…`` type tag, the protocol
+version ``v``); a ``KVChunk`` header is followed by the chunk's raw payload frames on the zmq
+backend. Which side sends which frame, and when, is described in ``docs/design.md`` (the KV
+data plane); ``kvtransfer/link.py`` is the one place that puts them on a socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from protocol.codec import PROTOCOL_VERSION, Message
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a prefill and a decode worker must agree on, checked once per registration."""
+
+    model: str
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    backend: str
+    tp_size: int = 1
+    tp_rank: int = 0
+    protocol_version: int = PROTOCOL_VERSION
+
+    def mismatched_field(self, theirs: KVLayout) -> str | None:
+        """The first field on which ``theirs`` differs from this layout (the protocol version
+        first: with another version the other fields may mean something else), or None."""
+        others = (f.name for f in dataclasses.fields(self) if f.name != "protocol_version")
+        names = ["protocol_version", *others]
+        return next((n for n in names if getattr(self, n) != getattr(theirs, n)), None)
+
+    def mismatch(
+        self, theirs: KVLayout, ours_label: str = "this side", theirs_label: str = "the peer"
+    ) -> str | None:
+        """Why ``theirs`` does not match this layout (naming the field and both values), or None.
+        The one check of a pairing, for the schedulers' registration and the data plane's alike."""
+        name = self.mismatched_field(theirs)
+        if name is None:
+            return None
+        return describe_mismatch(name, getattr(self, name), getattr(theirs, name), ours_label, theirs_label)
+
+
+def describe_mismatch(field_name: str, ours: Any, theirs: Any, ours_label: str, theirs_label: str) -> str:
+    """The one wording of a layout mismatch."""
+    return f"{field_name} mismatch: {ours_label} has {ours!r}, {theirs_label} has {theirs!r}"
+
+
+# ---- decode → prefill ----------------------------------------------------------------------
+
+
+@dataclass
+class KVRegister(Message):
+    """Register (or register again) with the prefill side. ``extra`` is what the backend needs
+    to write to the decode pool (cuda_ipc: the pool's IPC handles). ``session`` names the decode
+    side's incarnation and ``epoch`` counts its losses of this link: a repeated REGISTER of the
+    (session, epoch) already registered is answered, not redone."""
+
+    TYPE: ClassVar[str] = "kv_register"
+    layout: KVLayout
+    extra: dict[str, Any] = field(default_factory=dict)
+    session: str = ""
+    epoch: int = 0
+
+
+@dataclass
+class KVRoom(Message):
+    """Announce ``room`` and the destination pages its KV goes to."""
+
+    TYPE: ClassVar[str] = "kv_room"
+    room: int
+    dst_pages: list[int]
+
+
+@dataclass
+class KVAck(Message):
+    """Every page of ``room`` is written: the prefill side may free its source pages."""
+
+    TYPE: ClassVar[str] = "kv_ack"
+    room: int
+
+
+# ---- prefill → decode ----------------------------------------------------------------------
+
+
+@dataclass
+class KVRegistered(Message):
+    """The answer to a ``KVRegister`` of ``epoch`` (an answer to an older epoch is stale)."""
+
+    TYPE: ClassVar[str] = "kv_registered"
+    ok: bool
+    error: str | None = None
+    epoch: int = 0
+
+
+@dataclass
+class KVRoomOk(Message):
+    TYPE: ClassVar[str] = "kv_room_ok"
+    room: int
+
+
+@dataclass
+class KVRoomRefused(Message):
+    TYPE: ClassVar[str] = "kv_room_refused"
+    room: int
+    error: str = ""
+
+
+@dataclass
+class KVChunk(Message):
+    """Pages of ``room`` written (cuda_ipc) or carried in the payload frames that follow (zmq).
+    The last chunk carries the first sampled token and, when the prefill side has it, its
+    logprob."""
+
+    TYPE: ClassVar[str] = "kv_chunk"
+    room: int
+    dst_pages: list[int]
+    last: bool = False
+    first_token: int | None = None
+    first_logprob: float | None = None
+
+
+@dataclass
+class KVAbortAck(Message):
+    """The prefill side stopped writing ``room``: the decode side may reuse its pages."""
+
+    TYPE: ClassVar[str] = "kv_abort_ack"
+    room: int
+
+
+@dataclass
+class KVUnregistered(Message):
+    """The answer to any frame of a decode side the prefill side does not know (any more)."""
+
+    TYPE: ClassVar[str] = "kv_unregistered"
+    error: str = ""
+
+
+# ---- both ways -----------------------------------------------------------------------------
+
+
+@dataclass
+class KVAbort(Message):
+    TYPE: ClassVar[str] = "kv_abort"
+    room: int
+    reason: str = "aborted"
+
+
+@dataclass
+class KVHeartbeat(Message):
+    TYPE: ClassVar[str] = "kv_heartbeat"

@@ -1,0 +1,61 @@
+"""The value checks of a generate request, written once: the front end applies them to client
+requests (``tokenizer_proc.validation``) and every instance again to the tokenized requests it
+receives (``scheduler_proc.validation``), since its input socket takes frames from any process.
+Types are not checked here: the codec checks them (``protocol.codec.check_value``).
+
+Each check returns the problem, worded for the client and naming the field, or None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+SEED_LIMIT = 1 << 63
+EMPTY_PROMPT = "the prompt is empty"
+
+
+class SamplingValues(Protocol):
+    """The sampling fields with a valid range: the client's ``sampling_params`` and
+    ``protocol.messages.SamplingParams`` both have them."""
+
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def seed(self) -> int | None: ...
+
+
+def sampling_problem(s: SamplingValues, where: str) -> str | None:
+    """What is out of range in ``s``; ``where`` prefixes the field names (``sampling_params.``)."""
+    if s.max_new_tokens < 1:
+        return f"{where}max_new_tokens must be at least 1, got {s.max_new_tokens}"
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        return f"{where}temperature must be finite and >= 0, got {s.temperature}"
+    if not 0.0 < s.top_p <= 1.0:
+        return f"{where}top_p must be in (0, 1], got {s.top_p}"
+    if s.top_k < -1:
+        return f"{where}top_k must be -1, 0 (no limit) or positive, got {s.top_k}"
+    if s.seed is not None and not 0 <= s.seed < SEED_LIMIT:
+        return f"{where}seed must be in [0, 2**63), got {s.seed}"
+    return None
+
+
+def token_ids_problem(name: str, ids: Sequence[int], vocab_size: int) -> str | None:
+    """The first id of ``ids`` outside the vocabulary (one pass in C when there is none)."""
+    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+        return None
+    i = next(i for i, token_id in enumerate(ids) if not 0 <= token_id < vocab_size)
+    return f"{name}[{i}] = {ids[i]} is outside the vocabulary [0, {vocab_size})"
+
+
+def prompt_problem(input_ids: Sequence[int], vocab_size: int) -> str | None:
+    if not input_ids:
+        return EMPTY_PROMPT
+    return token_ids_problem("input_ids", input_ids, vocab_size)
