@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import itertools
 import logging
 import os
@@ -26,107 +25,24 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from launcher.flags import flag_choices, parse_args  # noqa: F401 (flag_choices: part of launch's API)
 from protocol.config import (
     FrontendConfig,
     InstanceAddrs,
+    Mode,
     SchedulerConfig,
     ServerArgs,
     WorkerConfig,
     config_to_json,
 )
-from protocol.messages import StatusQuery, StatusReport
+from protocol.messages import Role, StatusQuery, StatusReport
 from protocol.process import SignalWakeup, dump_stacks_on_sigusr1
 from protocol.transport import bind, connect, ipc_addr, ipc_dir, recv, send
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-MODES = ("unified", "prefill", "decode", "frontend", "pd")
 STOP_GRACE_S = 10.0
 
 logger = logging.getLogger("pdserve.launch")
-
-
-# --------------------------------------------------------------------------------------------
-# Flags: one per ServerArgs field, named as SGLang names them (--model-path, --page-size, ...)
-# --------------------------------------------------------------------------------------------
-
-
-FLAG_HELP = {
-    "model_path": "local Hugging Face model directory; omit to serve the embedded default model",
-    "load_format": "auto: weights from the directory; dummy: random weights of the configured shape",
-    "dtype": "auto: float32 on CPU, the model's dtype (or bfloat16) on CUDA",
-    "device": "auto: CUDA if present, else CPU",
-    "host": "interface to bind: the front end's client socket, or a prefill/decode instance's input",
-    "port": "the front end's client port (in frontend mode instances send outputs to port + 1), "
-    "or a prefill/decode instance's input port",
-    "page_size": "tokens per KV-cache page",
-    "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",
-    "mem_fraction_static": "fraction of free device memory for the KV pool",
-    "chunked_prefill_size": "longest prefill chunk per step, in tokens",
-    "max_prefill_tokens": "prefill tokens per step, all requests together",
-    "max_running_requests": "requests decoding at once",
-    "max_queued_requests": "waiting requests beyond which new ones get a queue_full error",
-    "schedule_policy": "order of the waiting queue",
-    "heartbeat_interval": "seconds between heartbeats (instances to front ends and back)",
-    "heartbeat_timeout": "seconds of silence after which an instance or a front end counts as dead",
-    "disable_radix_cache": "do not reuse KV pages of shared prefixes",
-    "disable_overlap_schedule": "form each step only after the previous one returned",
-    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph",
-    "max_message_bytes": "largest frame accepted from a client or a peer",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Launch a pdserve deployment.")
-    parser.add_argument("--mode", choices=MODES, default="unified", help="what to start")
-    parser.add_argument("--prefill", nargs="+", default=[], metavar="ADDR",
-                        help="frontend mode: input addresses of the prefill instances")
-    parser.add_argument("--decode", nargs="+", default=[], metavar="ADDR",
-                        help="frontend mode: input addresses of the decode instances")
-    parser.add_argument("--num-prefill", type=int, default=1, help="pd mode: prefill instances")
-    parser.add_argument("--num-decode", type=int, default=1, help="pd mode: decode instances")
-    for f in dataclasses.fields(ServerArgs):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = FLAG_HELP.get(f.name)
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=help_text)
-        else:
-            parser.add_argument(flag, type=_flag_type(f), default=f.default, help=help_text)
-    return parser
-
-
-def _flag_type(f: dataclasses.Field) -> type:
-    text = str(f.type)
-    for name, kind in (("int", int), ("float", float)):
-        if text.startswith(name):
-            return kind
-    return str
-
-
-LAUNCH_ONLY = ("mode", "prefill", "decode", "num_prefill", "num_decode")
-
-
-# Modes whose --host is handed to other processes to connect to (the front end's output address,
-# an instance's input and KV-transfer addresses), so it must name a reachable interface.
-ADVERTISED_MODES = ("prefill", "decode", "frontend")
-WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "*")
-
-
-def parse_args(argv: list[str]) -> tuple[str, ServerArgs, argparse.Namespace]:
-    ns = build_parser().parse_args(argv)
-    fields = {k: v for k, v in vars(ns).items() if k not in LAUNCH_ONLY}
-    args = ServerArgs(**fields)
-    args.validate()
-    if ns.mode == "frontend" and not (ns.prefill and ns.decode):
-        raise ValueError("--mode frontend needs --prefill ADDR... and --decode ADDR...")
-    if ns.mode == "pd" and (ns.num_prefill < 1 or ns.num_decode < 1):
-        raise ValueError("--num-prefill and --num-decode must be at least 1")
-    if ns.mode in ADVERTISED_MODES and args.host in WILDCARD_HOSTS:
-        raise ValueError(
-            f"--host {args.host} binds every interface, but a --mode {ns.mode} process also gives "
-            "its address to other processes to connect back to: give the address they reach this "
-            "host at (e.g. --host 10.0.0.5)"
-        )
-    return ns.mode, args, ns
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,10 +69,14 @@ class Child:
 
 
 def spawn(name: str, package: str, config: object) -> Child:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return spawn_module(name, package, ["--config", config_to_json(config)])
+
+
+def spawn_module(name: str, package: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
-        [sys.executable, "-m", package, "--config", config_to_json(config)],
+        [sys.executable, "-m", package, *argv],
         cwd=REPO_ROOT,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -179,10 +99,10 @@ class Deployment:
     probe: Callable[[], bool]  # one readiness check; True once ready
 
 
-WORKER_PACKAGES = {"unified": "engine", "prefill": "prefill_worker", "decode": "decode_worker"}
+WORKER_PACKAGES = {Role.UNIFIED: "engine", Role.PREFILL: "prefill_worker", Role.DECODE: "decode_worker"}
 
 
-def start_instance(args: ServerArgs, name: str, role: str, input_addr: str, directory: str) -> list[Child]:
+def start_instance(args: ServerArgs, name: str, role: Role, input_addr: str, directory: str) -> list[Child]:
     """One instance: its worker and its scheduler."""
     addrs = InstanceAddrs(
         input_addr=input_addr,
@@ -212,35 +132,74 @@ def start_frontend(
     return client_addr, spawn("frontend", "tokenizer_proc", cfg)
 
 
-def start(mode: str, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
+def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
     directory = ipc_dir()
-    if mode in ("prefill", "decode"):
+    if mode in (Mode.PREFILL, Mode.DECODE):
         addr = f"tcp://{args.host}:{args.port}"
         # Named by address: instances of one deployment start from separate launches.
-        children = start_instance(args, f"{mode}@{args.host}:{args.port}", mode, addr, directory)
+        children = start_instance(args, f"{mode}@{args.host}:{args.port}", Role(mode), addr, directory)
         return Deployment(mode, addr, children, instance_probe(addr, directory))
     unified: list[str] = []
     prefill: list[str] = list(ns.prefill)
     decode: list[str] = list(ns.decode)
     children: list[Child] = []
-    if mode == "unified":
+    if mode == Mode.UNIFIED:
         unified = [ipc_addr(directory, "unified0-input")]
-        children += start_instance(args, "unified0", "unified", unified[0], directory)
-    elif mode == "pd":
+        children += start_instance(args, "unified0", Role.UNIFIED, unified[0], directory)
+    elif mode == Mode.PD:
         prefill = [ipc_addr(directory, f"prefill{i}-input") for i in range(ns.num_prefill)]
         decode = [ipc_addr(directory, f"decode{i}-input") for i in range(ns.num_decode)]
         for i, addr in enumerate(prefill):
-            children += start_instance(args, f"prefill{i}", "prefill", addr, directory)
+            children += start_instance(args, f"prefill{i}", Role.PREFILL, addr, directory)
         for i, addr in enumerate(decode):
-            children += start_instance(args, f"decode{i}", "decode", addr, directory)
+            children += start_instance(args, f"decode{i}", Role.DECODE, addr, directory)
     # Instances on other hosts send their outputs back over TCP, beside the client port;
     # a deployment that launch starts whole stays on this host and uses ipc.
-    if mode == "frontend":
+    if mode == Mode.FRONTEND:
         output_addr = f"tcp://{args.host}:{args.port + 1}"
     else:
         output_addr = ipc_addr(directory, "frontend-output")
     client_addr, frontend = start_frontend(args, output_addr, unified, prefill, decode)
-    return Deployment(mode, client_addr, [*children, frontend], frontend_probe(client_addr))
+    children.append(frontend)
+    probe = frontend_probe(client_addr)
+    if ns.http_port is not None:
+        http_url, http_server = start_http(args, ns, client_addr)
+        children.append(http_server)
+        probe = both(probe, http_probe(http_url))
+    return Deployment(mode, client_addr, children, probe)
+
+
+def start_http(args: ServerArgs, ns: argparse.Namespace, frontend_addr: str) -> tuple[str, Child]:
+    """The OpenAI-compatible HTTP server (api_server), a client of the front end. The API key
+    travels in its environment, not on a command line that every user can read."""
+    argv = ["--frontend-addr", frontend_addr, "--host", args.host, "--port", str(ns.http_port)]
+    for flag, value in (
+        ("--model-path", args.model_path),
+        ("--chat-template", ns.chat_template),
+        ("--served-model-name", args.served_model_name),
+    ):
+        if value is not None:
+            argv += [flag, value]
+    env = {"PDSERVE_API_KEY": ns.api_key} if ns.api_key else {}
+    return f"http://{args.host}:{ns.http_port}", spawn_module("http", "api_server", argv, env)
+
+
+def both(first: Callable[[], bool], second: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: first() and second()
+
+
+def http_probe(url: str) -> Callable[[], bool]:
+    import urllib.error
+    import urllib.request
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2.0) as reply:
+                return reply.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    return probe
 
 
 def frontend_probe(client_addr: str) -> Callable[[], bool]:
@@ -339,6 +298,10 @@ class Supervisor:
                 child.proc.wait()
 
 
+def http_note(ns: argparse.Namespace) -> str:
+    return f" (HTTP on port {ns.http_port})" if ns.http_port is not None else ""
+
+
 def report_failure(child: Child) -> None:
     if child.forwarder is not None:
         child.forwarder.join(timeout=5.0)  # the child has exited: its stderr is about to end
@@ -365,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pdserve: started {mode}: {pids}", flush=True)
     try:
         if supervisor.wait_ready(timeout_s=float(os.environ.get("PDSERVE_READY_TIMEOUT", "900"))):
-            print(f"pdserve ready: {mode} on {deployment.address}", flush=True)
+            print(f"pdserve ready: {mode} on {deployment.address}{http_note(ns)}", flush=True)
             dead = supervisor.wait_until_stopped()
         else:
             dead = supervisor.dead_child()

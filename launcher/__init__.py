@@ -1,0 +1,1 @@
+"""The launcher's parts (``launch.py`` is its entry point): the command line (``flags``)."""

@@ -1,0 +1,124 @@
+"""launch.py's command line: one flag per ``ServerArgs`` field, named as SGLang names them
+(``--model-path``, ``--page-size``, ...), the choice lists taken from the packages that implement
+them, plus the launcher's own flags (mode, peers, the HTTP API's)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from protocol.config import FlagChoices, Mode, ServerArgs, flag_name
+
+FLAG_HELP = {
+    "model_path": "local Hugging Face model directory, a .gguf file, or a packaged model's short name "
+    "(smollm2-135m-instruct); omit to serve the embedded default model (pdserve-embedded-llama)",
+    "load_format": "auto: weights from the directory; dummy: random weights of the configured shape",
+    "dtype": "auto: float32 on CPU, the model's dtype (or bfloat16) on CUDA",
+    "device": "auto: CUDA if present, else CPU",
+    "host": "interface to bind: the front end's client socket, or a prefill/decode instance's input",
+    "port": "the front end's client port (in frontend mode instances send outputs to port + 1), "
+    "or a prefill/decode instance's input port",
+    "page_size": "tokens per KV-cache page",
+    "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",
+    "mem_fraction_static": "fraction of free device memory for the KV pool",
+    "chunked_prefill_size": "longest prefill chunk per step, in tokens",
+    "max_prefill_tokens": "prefill tokens per step, all requests together",
+    "max_running_requests": "requests decoding at once",
+    "max_queued_requests": "waiting requests beyond which new ones get a queue_full error",
+    "schedule_policy": "order of the waiting queue",
+    "heartbeat_interval": "seconds between heartbeats (instances to front ends and back)",
+    "heartbeat_timeout": "seconds of silence after which an instance or a front end counts as dead",
+    "disable_radix_cache": "do not reuse KV pages of shared prefixes",
+    "disable_overlap_schedule": "form each step only after the previous one returned",
+    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph",
+    "max_message_bytes": "largest frame accepted from a client or a peer",
+}
+
+
+def flag_choices() -> FlagChoices:
+    """The names each implementing package registers. Imported here, when the flags are parsed,
+    not with this module: the engine and kvtransfer registries bring torch with them."""
+    from engine.layers.backend import ATTENTION_BACKENDS
+    from engine.weights import LOAD_FORMATS
+    from kvtransfer import BACKENDS
+    from scheduler_proc.policy import POLICIES
+    from tokenizer_proc.router import ROUTING_POLICIES
+
+    return FlagChoices(
+        schedule_policy=tuple(POLICIES),
+        routing_policy=ROUTING_POLICIES,
+        transfer_backend=tuple(BACKENDS),
+        attention_backend=ATTENTION_BACKENDS,
+        load_format=LOAD_FORMATS,
+    )
+
+
+def build_parser(choices: FlagChoices) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Launch a pdserve deployment.")
+    parser.add_argument("--mode", choices=list(map(str, Mode)), default=Mode.UNIFIED, help="what to start")
+    parser.add_argument("--prefill", nargs="+", default=[], metavar="ADDR",
+                        help="frontend mode: input addresses of the prefill instances")
+    parser.add_argument("--decode", nargs="+", default=[], metavar="ADDR",
+                        help="frontend mode: input addresses of the decode instances")
+    parser.add_argument("--num-prefill", type=int, default=1, help="pd mode: prefill instances")
+    parser.add_argument("--num-decode", type=int, default=1, help="pd mode: decode instances")
+    http = parser.add_argument_group("HTTP API (unified, pd and frontend modes)")
+    http.add_argument("--http-port", type=int, default=None,
+                      help="also serve the OpenAI-compatible HTTP API on --host at this port")
+    http.add_argument("--chat-template", default=None,
+                      help="a Jinja chat template file (overrides the model's)")
+    http.add_argument("--api-key", default=None,
+                      help="HTTP clients must send 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)")
+    allowed = choices.by_field()
+    for f in dataclasses.fields(ServerArgs):
+        flag, help_text = flag_name(f.name), FLAG_HELP.get(f.name)
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            parser.add_argument(flag, type=_flag_type(f), default=f.default, choices=allowed.get(f.name),
+                                help=help_text)
+    return parser
+
+
+def _flag_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    for name, kind in (("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+LAUNCH_ONLY = (
+    "mode", "prefill", "decode", "num_prefill", "num_decode",
+    "http_port", "chat_template", "api_key",
+)
+
+
+# Modes whose --host is handed to other processes to connect to (the front end's output address,
+# an instance's input and KV-transfer addresses), so it must name a reachable interface.
+ADVERTISED_MODES = (Mode.PREFILL, Mode.DECODE, Mode.FRONTEND)
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "*")
+
+
+def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:
+    """Exits through argparse (status 2) on an unknown flag or value; raises ValueError on a
+    combination of values that is not allowed."""
+    choices = flag_choices()
+    ns = build_parser(choices).parse_args(argv)
+    ns.mode = Mode(ns.mode)
+    fields = {k: v for k, v in vars(ns).items() if k not in LAUNCH_ONLY}
+    args = ServerArgs(**fields)
+    args.validate(choices)
+    if ns.mode == Mode.FRONTEND and not (ns.prefill and ns.decode):
+        raise ValueError("--mode frontend needs --prefill ADDR... and --decode ADDR...")
+    if ns.http_port is not None and ns.mode in (Mode.PREFILL, Mode.DECODE):
+        raise ValueError("--http-port is served by a front end: use it with --mode unified, pd or frontend")
+    if ns.mode == Mode.PD and (ns.num_prefill < 1 or ns.num_decode < 1):
+        raise ValueError("--num-prefill and --num-decode must be at least 1")
+    if ns.mode in ADVERTISED_MODES and args.host in WILDCARD_HOSTS:
+        raise ValueError(
+            f"--host {args.host} binds every interface, but a --mode {ns.mode} process also gives "
+            "its address to other processes to connect back to: give the address they reach this "
+            "host at (e.g. --host 10.0.0.5)"
+        )
+    return ns.mode, args, ns
