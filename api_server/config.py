@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cached_property
 
-from protocol.config import EMBEDDED
+from protocol.model_source import resolve_model
 from tokenizer_proc.client import DEFAULT_ADDR
 
 
@@ -26,16 +26,14 @@ class ApiServerConfig:
     shutdown_timeout_s: float = 5.0  # on SIGTERM, open streams get this long, then are aborted
     log_level: str = "info"
 
-    @property
+    @cached_property
     def model_name(self) -> str:
         """The name clients use in ``model``: the served name, or the model path's last part."""
         if self.served_model_name:
             return self.served_model_name
-        if self.model_path:
-            return Path(self.model_path.rstrip("/")).name
-        return EMBEDDED.name
+        return resolve_model(self.model_path).name
 
-    @property
+    @cached_property
     def accepted_model_names(self) -> frozenset[str]:
         """``model_name``, and the model path as given."""
         return frozenset(n for n in (self.model_name, self.model_path) if n)

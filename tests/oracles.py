@@ -1,6 +1,6 @@
 """Test oracles shared by the unit and end-to-end tests.
 
-``greedy_reference`` is the plain-torch reference of DESIGN.md "Testing": one request at a
+``greedy_reference`` is the plain-torch reference of docs/design.md "Testing": one request at a
 time, the whole sequence recomputed every step with dense causal attention (no KV pool, no
 batching, no paging), float32 on CPU, on exactly the weights a server loads. It shares only
 the weights and the config parsing with the engine, not its model code.
