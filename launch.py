@@ -1,4 +1,5 @@
-"""Start a pdserve deployment: ``python launch.py --mode unified [flags]``.
+"""Start a pdserve deployment: ``python launch.py --mode unified [flags]``; make the CURVE keys of
+a cluster deployment: ``python launch.py keys --out DIR --names frontend prefill0 decode0``.
 
 The launcher only supervises: it starts every role as its own Python process (``python -m
 <package> --config <json>``), waits until the front end reports ready, prints the address,
@@ -37,6 +38,8 @@ from protocol.config import (
 )
 from protocol.messages import Role, StatusQuery, StatusReport
 from protocol.process import SignalWakeup, dump_stacks_on_sigusr1
+from protocol.security import ClusterKeys
+from protocol.security import main as keys_main
 from protocol.transport import bind, connect, ipc_addr, ipc_dir, recv, send
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -138,7 +141,8 @@ def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
         addr = f"tcp://{args.host}:{args.port}"
         # Named by address: instances of one deployment start from separate launches.
         children = start_instance(args, f"{mode}@{args.host}:{args.port}", Role(mode), addr, directory)
-        return Deployment(mode, addr, children, instance_probe(addr, directory))
+        keys = ClusterKeys.from_dir(args.cluster_key_dir)
+        return Deployment(mode, addr, children, instance_probe(addr, directory, keys))
     unified: list[str] = []
     prefill: list[str] = list(ns.prefill)
     decode: list[str] = list(ns.decode)
@@ -216,12 +220,12 @@ def frontend_probe(client_addr: str) -> Callable[[], bool]:
     return probe
 
 
-def instance_probe(input_addr: str, directory: str) -> Callable[[], bool]:
+def instance_probe(input_addr: str, directory: str, keys: ClusterKeys | None) -> Callable[[], bool]:
     """Ask a standalone instance for its status (reply to our own socket) until it is ready."""
     ctx = zmq.Context.instance()
     reply_addr = ipc_addr(directory, "launch-probe")
-    replies = bind(ctx, zmq.PULL, reply_addr)
-    requests = connect(ctx, zmq.PUSH, input_addr)
+    replies = bind(ctx, zmq.PULL, reply_addr, keys=keys)
+    requests = connect(ctx, zmq.PUSH, input_addr, keys=keys)
     qids = itertools.count()
 
     def probe() -> bool:
@@ -315,8 +319,11 @@ def report_failure(child: Child) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        return keys_main(argv[1:])
     try:
-        mode, args, ns = parse_args(sys.argv[1:] if argv is None else argv)
+        mode, args, ns = parse_args(argv)
     except ValueError as e:
         print(f"launch: {e}", file=sys.stderr)
         return 2

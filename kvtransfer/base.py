@@ -13,6 +13,7 @@ side the destination pages may be decoded from (``DONE``) or freed (``FAILED``).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from abc import ABC, abstractmethod
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.config import ServerArgs
 from protocol.dataplane import KVLayout, describe_mismatch
+from protocol.security import ClusterKeys
 
 if TYPE_CHECKING:
     from kvtransfer.rooms import RoomTable
@@ -77,6 +79,7 @@ class TransferConfig:
     transfer_timeout: float = 30.0  # between two chunks, and from the last chunk to its ack
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0  # a peer silent this long is dead: its rooms fail
+    keys: ClusterKeys | None = None  # CURVE keys of the link sockets (docs/design.md, "Security")
 
     @classmethod
     def uniform(cls, timeout: float, heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0):
@@ -84,8 +87,9 @@ class TransferConfig:
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> TransferConfig:
-        """The data plane's timeouts from the instance's flags."""
-        return cls.uniform(args.transfer_timeout, args.heartbeat_interval, args.heartbeat_timeout)
+        """The data plane's timeouts and keys from the instance's flags."""
+        timeouts = cls.uniform(args.transfer_timeout, args.heartbeat_interval, args.heartbeat_timeout)
+        return dataclasses.replace(timeouts, keys=ClusterKeys.from_dir(args.cluster_key_dir))
 
     def timeout(self, state: TransferState) -> float:
         return {

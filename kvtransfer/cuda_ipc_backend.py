@@ -11,6 +11,10 @@ reported only after the prefill side acknowledges it (or is found dead): see ``L
 The decode pool may live on another GPU of the host if that GPU is visible to the prefill
 process (matched by UUID) and peer access is possible; otherwise registration is refused with
 a message saying so, and the ``zmq`` backend is the way.
+
+A peer's description of each array is checked before any handle is opened (``check_shared``):
+the dtype against an allow list, and the fields' types, the page shape and the extent against
+the storage, so that a malformed or hostile registration is refused, never opened.
 """
 
 from __future__ import annotations
@@ -24,6 +28,41 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from kvtransfer.kernels import DeviceLane, PagedCaches, copy_pages
 from kvtransfer.link_receiver import LinkReceiver
 from kvtransfer.link_sender import Chunk, LinkSender
+
+SHARED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MAX_DIMS = 8
+_INT_FIELDS = ("offset", "storage_bytes", "storage_offset", "ref_offset")
+_BYTES_FIELDS = ("handle", "ref_handle")
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def check_shared(d: object, page_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Raise ValueError unless ``d`` describes one K/V array of ``page_shape`` pages of ``dtype``
+    that lies within its shared storage (a peer's ``share_cuda_tensor``, before it is opened)."""
+    if not isinstance(d, dict):
+        raise ValueError("a shared KV array must be a map")
+    name = d.get("dtype")
+    if SHARED_DTYPES.get(name) is not dtype:  # type: ignore[arg-type]
+        raise ValueError(f"shared KV array dtype {name!r} is not this pool's {dtype}")
+    size, stride = d.get("size"), d.get("stride")
+    if not (isinstance(size, list) and isinstance(stride, list) and 1 <= len(size) == len(stride) <= _MAX_DIMS
+            and all(map(_is_count, size + stride))):
+        raise ValueError("a shared KV array needs size and stride lists of non-negative ints")
+    if tuple(size[1:]) != tuple(page_shape) or size[0] < 1:
+        raise ValueError(f"shared KV array of shape {size} does not hold pages of shape {list(page_shape)}")
+    if not all(_is_count(d.get(k)) for k in _INT_FIELDS) or not all(
+        isinstance(d.get(k), bytes) for k in _BYTES_FIELDS
+    ):
+        raise ValueError(f"a shared KV array needs non-negative ints {_INT_FIELDS} and bytes {_BYTES_FIELDS}")
+    if not (isinstance(d.get("device_uuid"), str) and isinstance(d.get("event_sync"), bool)
+            and isinstance(d.get("event_handle"), bytes | None)):
+        raise ValueError("a shared KV array needs a device_uuid, event_handle and event_sync")
+    last = d["offset"] + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if (last + 1) * dtype.itemsize > d["storage_bytes"]:
+        raise ValueError("a shared KV array reaches past the end of its storage")
 
 
 def share_cuda_tensor(t: torch.Tensor) -> dict[str, Any]:
@@ -52,7 +91,7 @@ def open_cuda_tensor(d: dict[str, Any]) -> torch.Tensor:
     device = _local_device_with_uuid(d["device_uuid"])
     return rebuild_cuda_tensor(
         torch.Tensor, torch.Size(d["size"]), tuple(d["stride"]), d["offset"], torch.storage.TypedStorage,
-        getattr(torch, d["dtype"]), device, d["handle"], d["storage_bytes"], d["storage_offset"], False,
+        SHARED_DTYPES[d["dtype"]], device, d["handle"], d["storage_bytes"], d["storage_offset"], False,
         d["ref_handle"], d["ref_offset"], d["event_handle"], d["event_sync"],
     )
 
@@ -80,9 +119,16 @@ class CudaIpcSenderMover:
         self._peers: dict[str, PagedCaches] = {}
 
     def open_peer(self, peer: str, extra: dict[str, Any]) -> None:
-        arrays = [open_cuda_tensor(d) for d in extra.get("arrays", [])]
-        if not arrays:
+        shared = extra.get("arrays")
+        if not isinstance(shared, list) or not shared:
             raise ValueError("the decode side shared no KV cache handles")
+        if len(shared) != self._pool.num_arrays:
+            raise ValueError(
+                f"the decode side shared {len(shared)} KV arrays; this pool has {self._pool.num_arrays}"
+            )
+        for d in shared:
+            check_shared(d, self._pool.page_shape, self._pool.dtype)
+        arrays = [open_cuda_tensor(d) for d in shared]
         remote = PagedCaches(arrays[0::2], arrays[1::2])
         if (remote.num_arrays, remote.page_shape, remote.dtype) != (
             self._pool.num_arrays, self._pool.page_shape, self._pool.dtype

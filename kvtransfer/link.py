@@ -22,6 +22,7 @@ import zmq
 
 from kvtransfer.base import log
 from protocol.codec import Message, decode, encode
+from protocol.security import ClusterKeys, make_client, make_server
 
 if TYPE_CHECKING:
     from kvtransfer.rooms import Room, RoomTable
@@ -48,9 +49,18 @@ def dispatch(handlers: Mapping[type[Message], Callable[..., None]], msg: Message
     handle(*args, msg)
 
 
-def socket(ctx: zmq.Context, kind: int, identity: bytes | None = None) -> zmq.Socket:
-    """A data-plane socket: no linger, no high-water mark (chunks are bounded by the pool)."""
+def socket(
+    ctx: zmq.Context,
+    kind: int,
+    identity: bytes | None = None,
+    keys: ClusterKeys | None = None,
+    serve: bool = False,
+) -> zmq.Socket:
+    """A data-plane socket: no linger, no high-water mark (chunks are bounded by the pool). With
+    ``keys``, a CURVE server (``serve``: it will bind) or client (docs/design.md, "Security")."""
     sock = ctx.socket(kind)
+    if keys is not None:
+        (make_server if serve else make_client)(sock, keys)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)

@@ -160,7 +160,9 @@ class LinkReceiver(PoolReceiver):
         try:
             if self._registration is None:
                 self._registration = self._mover.registration()
-            sock = link.socket(self._io.ctx, zmq.DEALER, identity=self.name.encode())
+            sock = link.socket(
+                self._io.ctx, zmq.DEALER, identity=self.name.encode(), keys=self.rooms.config.keys
+            )
             sock.setsockopt(zmq.SNDHWM, CONTROL_HWM)  # only small control frames go this way
             sock.connect(peer_link.peer)
         except Exception as e:  # a bad address or an unshareable pool: register() raises it

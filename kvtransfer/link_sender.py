@@ -74,7 +74,7 @@ class LinkSender(PoolSender):
         self._io = link.IoLoop(
             f"kv-sender-{address}", self.rooms, self._on_frames, self._on_expired, self._on_heartbeat
         )
-        self._router = link.socket(self._io.ctx, zmq.ROUTER)
+        self._router = link.socket(self._io.ctx, zmq.ROUTER, keys=self.rooms.config.keys, serve=True)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted decode worker keeps its name
         self._router.bind(address)
         self._io.add_socket(self._router)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from protocol.config import FlagChoices, Mode, ServerArgs, flag_name
+from protocol.security import KEYGEN_HINT, ClusterKeys
 
 FLAG_HELP = {
     "model_path": "local Hugging Face model directory, a .gguf file, or a packaged model's short name "
@@ -32,6 +34,10 @@ FLAG_HELP = {
     "disable_overlap_schedule": "form each step only after the previous one returned",
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph",
     "max_message_bytes": "largest frame accepted from a client or a peer",
+    "cluster_key_dir": "this process's CURVE key directory (made by 'launch.py keys'): authenticates and "
+    "encrypts every socket between pdserve processes; needed by --mode prefill, decode and frontend",
+    "insecure": "run --mode prefill, decode or frontend over tcp:// without keys: anyone who reaches "
+    "a port can read outputs and send commands (trusted networks only)",
 }
 
 
@@ -121,4 +127,21 @@ def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:
             "its address to other processes to connect back to: give the address they reach this "
             "host at (e.g. --host 10.0.0.5)"
         )
+    if args.cluster_key_dir is not None:  # children run from the repository root
+        args.cluster_key_dir = os.path.abspath(args.cluster_key_dir)
+    _check_security(ns.mode, args)
     return ns.mode, args, ns
+
+
+def _check_security(mode: Mode, args: ServerArgs) -> None:
+    """A cluster mode talks tcp:// to other processes: it needs keys, or an explicit --insecure."""
+    if args.cluster_key_dir is not None and args.insecure:
+        raise ValueError("give either --cluster-key-dir or --insecure, not both")
+    if args.cluster_key_dir is not None:
+        ClusterKeys.load(args.cluster_key_dir)  # ValueError naming the missing file
+    elif mode in ADVERTISED_MODES and not args.insecure:
+        raise ValueError(
+            f"--mode {mode} talks to other processes over tcp://: give it --cluster-key-dir DIR "
+            f"({KEYGEN_HINT}; every process of the deployment gets its own directory), or --insecure "
+            "on a network where every host is trusted"
+        )

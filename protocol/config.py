@@ -100,6 +100,9 @@ class ServerArgs:
     routing_policy: str = "round_robin"
     transfer_backend: str = "zmq"
     transfer_timeout: float = 30.0
+    # Security (docs/design.md, "Security")
+    cluster_key_dir: str | None = None  # CURVE keys for every socket between pdserve processes
+    insecure: bool = False  # allow a tcp:// cluster mode without keys
     # Logging
     log_level: str = "info"
 

@@ -121,6 +121,13 @@ class ClientError(Message):
     rid: str | None
     code: str
     message: str
+    duplicate: bool | None = None  # true: refuses a request whose rid is live; that one goes on
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if d["duplicate"] is None:
+            del d["duplicate"]
+        return d
 
 
 @dataclass
@@ -145,6 +152,7 @@ class ClientStatus(Message):
     rid: str
     ready: bool
     instances: list[InstanceStatus]
+    model: ModelInfo | None = None  # what the deployment serves (None until an instance reported)
 
 
 # --------------------------------------------------------------------------------------------

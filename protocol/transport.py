@@ -1,4 +1,8 @@
-"""ZeroMQ socket helpers: every process uses these, so socket options live in one place."""
+"""ZeroMQ socket helpers: every process uses these, so socket options live in one place.
+
+``keys`` (``protocol.security.ClusterKeys``) makes a socket between pdserve processes a CURVE
+server (``bind``) or client (``connect``); docs/design.md, "Security".
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,34 @@ import tempfile
 import zmq
 
 from protocol.messages import Message, decode, encode
+from protocol.security import ClusterKeys, make_client, make_server
 
 
-def bind(ctx: zmq.Context, kind: int, addr: str, max_message_bytes: int | None = None) -> zmq.Socket:
+def bind(
+    ctx: zmq.Context,
+    kind: int,
+    addr: str,
+    max_message_bytes: int | None = None,
+    keys: ClusterKeys | None = None,
+) -> zmq.Socket:
     """Bind a socket of ``kind`` to an explicit address (never all interfaces by default)."""
     sock = _socket(ctx, kind, max_message_bytes)
+    if keys is not None:
+        make_server(sock, keys)
     sock.bind(addr)
     return sock
 
 
-def connect(ctx: zmq.Context, kind: int, addr: str, max_message_bytes: int | None = None) -> zmq.Socket:
+def connect(
+    ctx: zmq.Context,
+    kind: int,
+    addr: str,
+    max_message_bytes: int | None = None,
+    keys: ClusterKeys | None = None,
+) -> zmq.Socket:
     sock = _socket(ctx, kind, max_message_bytes)
+    if keys is not None:
+        make_client(sock, keys)
     sock.connect(addr)
     return sock
 
@@ -54,8 +75,14 @@ def recv_all(sock: zmq.Socket) -> list[Message]:
 
 
 def ipc_dir() -> str:
-    """A private directory for this deployment's ipc:// endpoints."""
-    return tempfile.mkdtemp(prefix="pdserve-")
+    """A private directory (0700: only this user may connect) for this deployment's ipc:// endpoints."""
+    return tempfile.mkdtemp(prefix="pdserve-")  # mkdtemp makes it 0700
+
+
+def is_private(addr: str) -> bool:
+    """Whether only this host's processes of this user can reach ``addr`` (ipc in an ``ipc_dir``,
+    or inproc): where an instance's launcher, and no network peer, may talk to it."""
+    return addr.startswith(("ipc://", "inproc://"))
 
 
 def ipc_addr(directory: str, name: str) -> str:

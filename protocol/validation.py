@@ -13,7 +13,22 @@ from collections.abc import Sequence
 from typing import Protocol
 
 SEED_LIMIT = 1 << 63
+TOP_K_LIMIT = 1 << 31  # top_k must be below it (a larger one means "no limit" anyway)
+PRIORITY_LIMIT = 1 << 31  # priority is in [-PRIORITY_LIMIT, PRIORITY_LIMIT)
 EMPTY_PROMPT = "the prompt is empty"
+PREVIEW_CHARS = 40
+
+
+def preview(value: object, limit: int = PREVIEW_CHARS) -> str:
+    """A short quote of a value a sender got wrong, for error messages and logs: at most about
+    ``limit`` characters whatever its size or nesting (only a prefix of it is ever formatted)."""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[: limit + 1])
+    elif isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SamplingValues(Protocol):
@@ -40,10 +55,16 @@ def sampling_problem(s: SamplingValues, where: str) -> str | None:
         return f"{where}temperature must be finite and >= 0, got {s.temperature}"
     if not 0.0 < s.top_p <= 1.0:
         return f"{where}top_p must be in (0, 1], got {s.top_p}"
-    if s.top_k < -1:
-        return f"{where}top_k must be -1, 0 (no limit) or positive, got {s.top_k}"
+    if not -1 <= s.top_k < TOP_K_LIMIT:
+        return f"{where}top_k must be -1, 0 (no limit) or positive and below 2**31, got {s.top_k}"
     if s.seed is not None and not 0 <= s.seed < SEED_LIMIT:
         return f"{where}seed must be in [0, 2**63), got {s.seed}"
+    return None
+
+
+def priority_problem(priority: int) -> str | None:
+    if not -PRIORITY_LIMIT <= priority < PRIORITY_LIMIT:
+        return f"priority must be in [-2**31, 2**31), got {preview(priority)}"
     return None
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import zmq
 
 from protocol import transport
+from protocol.security import ClusterKeys
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ class AttachedFrontend:
 
 
 class Frontends:
-    def __init__(self, ctx: zmq.Context, instance_name: str) -> None:
+    def __init__(self, ctx: zmq.Context, instance_name: str, keys: ClusterKeys | None = None) -> None:
         self._ctx = ctx
+        self._keys = keys  # an attach's output address is reached only by CURVE, when given
         self._name = instance_name
         self._attached: dict[str, AttachedFrontend] = {}  # in attach order
         self._replaced: list[AttachedFrontend] = []  # earlier lives of restarted front ends
@@ -55,7 +57,7 @@ class Frontends:
                 known.rid_prefix = rid_prefix
             known.last_seen = now
             return None
-        sock = transport.connect(self._ctx, zmq.PUSH, addr)
+        sock = transport.connect(self._ctx, zmq.PUSH, addr, keys=self._keys)
         self._attached[addr] = AttachedFrontend(addr, rid_prefix, sock, now)
         logger.info("%s: front end attached at %s", self._name, addr)
         if len(self._attached) > 1:

@@ -16,6 +16,10 @@ departed (or restarted) front end are aborted (by id prefix; all of them once no
 left), so a dead front end costs neither an unbounded queue nor decode steps for nobody
 (scheduler_proc/frontends.py).
 
+Security: with ``--cluster-key-dir`` every socket to or from another process is CURVE
+(protocol/security.py): only holders of an allowed key reach the input socket. A ``Shutdown`` is
+obeyed only on a private (ipc) input, never from the network (docs/design.md, "Security").
+
 A message from a front end or a peer that makes a handler raise is logged and, when it names a
 request id, answered with ``RequestFailed(INVALID_REQUEST)``; the instance keeps serving.
 
@@ -55,6 +59,7 @@ from protocol.messages import (
     decode,
     encode,
 )
+from protocol.security import ClusterKeys
 from scheduler_proc.core import ROLES, SchedulerCore
 from scheduler_proc.frontends import Frontends
 
@@ -78,7 +83,8 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
     sockets: list[zmq.Socket] = []
     try:
         args = cfg.args
-        inputs = transport.bind(ctx, zmq.PULL, cfg.addrs.input_addr, args.max_message_bytes)
+        keys = ClusterKeys.from_dir(args.cluster_key_dir)
+        inputs = transport.bind(ctx, zmq.PULL, cfg.addrs.input_addr, args.max_message_bytes, keys)
         results = transport.bind(ctx, zmq.PULL, cfg.addrs.result_addr)
         steps = transport.connect(ctx, zmq.PUSH, cfg.addrs.step_addr)
         sockets += [inputs, results, steps]
@@ -92,7 +98,7 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
             ready.max_slots,
         )
         core = SchedulerCore.from_config(cfg, ready)
-        loop = _Loop(cfg, core, ready, ctx, inputs, results, steps)
+        loop = _Loop(cfg, core, ready, ctx, inputs, results, steps, keys)
         try:
             loop.run()
         finally:
@@ -145,13 +151,16 @@ class _Loop:
         inputs: zmq.Socket,
         results: zmq.Socket,
         steps: zmq.Socket,
+        keys: ClusterKeys | None = None,
     ) -> None:
         self.cfg = cfg
+        self.keys = keys  # CURVE client keys of every socket this loop connects
         self.core = core
         self.model = ready.model
         self.ctx = ctx
         self.inputs, self.results, self.steps = inputs, results, steps
-        self.frontends = Frontends(ctx, cfg.name)
+        self.frontends = Frontends(ctx, cfg.name, keys)
+        self.shutdown_allowed = transport.is_private(cfg.addrs.input_addr)
         self.peers: dict[str, zmq.Socket] = {}  # PUSH to peer instances
         self.reply_to: OrderedDict[str, zmq.Socket] = OrderedDict()  # status reply_to addresses, LRU
         self.max_inflight = 1 if cfg.args.disable_overlap_schedule else 2
@@ -225,6 +234,9 @@ class _Loop:
                 self._reply(report)
         elif isinstance(msg, AttachFrontend):
             self._attach(msg)
+        elif isinstance(msg, Shutdown) and not self.shutdown_allowed:
+            logger.warning("%s: ignored a shutdown on the network input; stop the instance with a signal "
+                           "to its launcher", self.cfg.name)
         elif isinstance(msg, Shutdown):
             logger.info("%s: shutting down (%s)", self.cfg.name, msg.reason or "requested")
             self.core.fail_all(SHUTTING_DOWN, f"instance {self.cfg.name} is shutting down")
@@ -278,7 +290,7 @@ class _Loop:
     def _peer(self, addr: str) -> zmq.Socket:
         sock = self.peers.get(addr)
         if sock is None:
-            sock = self.peers[addr] = transport.connect(self.ctx, zmq.PUSH, addr)
+            sock = self.peers[addr] = transport.connect(self.ctx, zmq.PUSH, addr, keys=self.keys)
         return sock
 
     def _reply_to(self, addr: str) -> zmq.Socket:
@@ -289,7 +301,7 @@ class _Loop:
         if sock is not None:
             self.reply_to.move_to_end(addr)
             return sock
-        sock = self.reply_to[addr] = transport.connect(self.ctx, zmq.PUSH, addr)
+        sock = self.reply_to[addr] = transport.connect(self.ctx, zmq.PUSH, addr, keys=self.keys)
         if len(self.reply_to) > MAX_REPLY_TO_SOCKETS:
             _, oldest = self.reply_to.popitem(last=False)
             oldest.close()

@@ -14,7 +14,13 @@ from protocol.config import EMBEDDED
 from protocol.messages import ModelInfo, SamplingParams
 from protocol.validation import SEED_LIMIT
 from tokenizer_proc.tokenizer import ByteTokenizer, Tokenizer
-from tokenizer_proc.validation import GenerateCommand, InvalidRequest, ModelLimits, check_prompt
+from tokenizer_proc.validation import (
+    GenerateCommand,
+    InvalidRequest,
+    ModelLimits,
+    check_prompt,
+    check_text_size,
+)
 
 log = logging.getLogger("pdserve.frontend")
 
@@ -57,6 +63,7 @@ class Admission:
         if cmd.input_ids is not None:
             ids = cmd.input_ids
         elif self.tokenizer.has_text:
+            check_text_size(cmd.text or "", self.limits)
             ids = self.tokenizer.encode(cmd.text or "")
         else:
             raise InvalidRequest("this model has no tokenizer.json: send input_ids instead of text")

@@ -8,7 +8,8 @@
 
 One DEALER socket; messages for requests nobody is waiting on yet are buffered by rid, so
 ``submit`` + ``result`` can run many requests at once. Server errors raise ``ServerError``.
-A ``Client`` is not thread-safe: use one per thread.
+A ``Client`` is not thread-safe: use one per thread. An error with ``duplicate`` set refuses a
+second request with a live request's rid and does not end the live one (``ServerError.duplicate``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ DEFAULT_ADDR = "tcp://127.0.0.1:30000"
 class ServerError(Exception):
     """An ``error`` reply of the server."""
 
-    def __init__(self, code: str, message: str, rid: str | None = None) -> None:
+    def __init__(self, code: str, message: str, rid: str | None = None, duplicate: bool = False) -> None:
         super().__init__(f"{code}: {message}" + (f" (rid {rid})" if rid is not None else ""))
         self.code = code
         self.message = message
         self.rid = rid
+        self.duplicate = duplicate  # refuses a second request with ``rid``; the live one goes on
 
 
 class Client:
@@ -65,8 +67,8 @@ class Client:
             while not finished:
                 try:
                     msg = self._next_for(rid, self.timeout)
-                except ServerError:
-                    finished = True  # an error is the request's last message
+                except ServerError as e:
+                    finished = not e.duplicate  # an error is the request's last message
                     raise
                 finished = msg["finished"]
                 yield msg
@@ -178,7 +180,7 @@ class Client:
             rid = msg.get("rid")
             if rid not in self._abandoned:
                 return msg
-            if msg.get("type") != "output" or msg.get("finished"):  # its last message
+            if _ends_request(msg):
                 self._abandoned.discard(rid)
 
     def _next_for(self, rid: str, timeout: float | None) -> dict[str, Any]:
@@ -199,9 +201,17 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+def _ends_request(msg: dict[str, Any]) -> bool:
+    """Whether ``msg`` is the last message of the request its rid names."""
+    if msg.get("type") == "output":
+        return bool(msg.get("finished"))
+    return not (msg.get("type") == "error" and msg.get("duplicate"))
+
+
 def _raise_if_error(msg: dict[str, Any]) -> dict[str, Any]:
     if msg.get("type") == "error":
-        raise ServerError(msg.get("code", "internal"), msg.get("message", ""), msg.get("rid"))
+        code, message = msg.get("code", "internal"), msg.get("message", "")
+        raise ServerError(code, message, msg.get("rid"), bool(msg.get("duplicate")))
     return msg
 
 

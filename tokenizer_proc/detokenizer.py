@@ -4,7 +4,8 @@ Token ids become bytes (``Tokenizer.decode_bytes``), bytes become text through a
 UTF-8 decoder: a character split across tokens is held until its last byte arrives, and
 U+FFFD appears only for bytes that can never complete. Text that could still be the start of
 a stop string is held back too; when a stop string appears, it and everything after it are
-dropped and the detokenizer is ``stopped``. ``finish`` flushes whatever is held.
+dropped and the detokenizer is ``stopped``. ``finish`` flushes whatever is held. Only the held
+text (the new text and at most the longest stop string's length before it) is ever searched.
 """
 
 from __future__ import annotations
@@ -53,10 +54,17 @@ class IncrementalDetokenizer:
         return min(hits) if hits else None
 
     def _stop_prefix_len(self) -> int:
-        """Length of the longest tail of the held text that some stop string starts with."""
-        text = self._held
-        for n in range(min(len(text), max((len(s) for s in self._stop), default=1) - 1), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self._stop):
-                return n
-        return 0
+        """Length of the longest tail of the held text that some stop string starts with.
+
+        Each stop string is tried only at the positions of its first character among the last
+        ``len(stop) - 1`` characters, so a step costs a bounded amount (the number and length of
+        stop strings are bounded by ``tokenizer_proc.validation``)."""
+        text, best = self._held, 0
+        for stop in self._stop:
+            pos = text.find(stop[0], max(len(text) - len(stop) + 1, 0))
+            while pos != -1 and len(text) - pos > best:
+                if stop.startswith(text[pos:]):
+                    best = len(text) - pos
+                    break
+                pos = text.find(stop[0], pos + 1)
+        return best

@@ -5,7 +5,9 @@ send outputs, reports and heartbeats. Timers (attach, liveness, status deadlines
 decode instances to prefill instances) run on every turn of the loop; the poll timeout is
 bounded so that a stop request is seen promptly. Whether each request goes to one unified
 instance or to a prefill + decode pair is the topology's business (``topology.py``): the rest
-of the front end sees a ``Route`` and treats both alike.
+of the front end sees a ``Route`` and treats both alike. (Over 400 lines: one poll loop and the
+handlers of its two sockets, which share its state; the parts with state of their own live in
+``connections.py``, ``request_state.py``, ``status.py``, ``topology.py``.)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from protocol.messages import (
     INTERNAL,
     INVALID_REQUEST,
     PEER_UNAVAILABLE,
+    QUEUE_FULL,
     SHUTTING_DOWN,
     AbortRequest,
     AttachFrontend,
@@ -40,7 +43,15 @@ from protocol.messages import (
     encode,
 )
 from protocol.process import StopRequest, stop_on_sigterm
+from protocol.security import ClusterKeys
+from protocol.validation import preview
 from tokenizer_proc.admission import Admission
+from tokenizer_proc.connections import (
+    CLIENT_QUEUE_MESSAGES,
+    ClientConnections,
+    assigned_by_router,
+    bind_client_socket,
+)
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.instances import InstancePool
 from tokenizer_proc.request_state import LiveRequest, RequestTable
@@ -85,11 +96,12 @@ class Frontend:
         # enforces it by silently dropping the connection.
         client_guard = args.max_message_bytes * HARD_SIZE_FACTOR
         instance_guard = max(args.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES) * HARD_SIZE_FACTOR
-        self._clients = transport.bind(self._ctx, zmq.ROUTER, cfg.client_addr, client_guard)
-        self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._outputs = transport.bind(self._ctx, zmq.PULL, cfg.output_addr, instance_guard)
+        self._clients = bind_client_socket(self._ctx, cfg.client_addr, client_guard)
+        self._connections = ClientConnections(self._clients)
+        keys = ClusterKeys.from_dir(args.cluster_key_dir)  # instances: CURVE (docs/design.md, "Security")
+        self._outputs = transport.bind(self._ctx, zmq.PULL, cfg.output_addr, instance_guard, keys)
         roles = {Role.UNIFIED: cfg.unified, Role.PREFILL: cfg.prefill, Role.DECODE: cfg.decode}
-        self._pool = InstancePool.connect(self._ctx, roles, instance_guard)
+        self._pool = InstancePool.connect(self._ctx, roles, instance_guard, keys)
         self._topology = topology(self._pool, args.routing_policy)
         self._poller = zmq.Poller()
         self._poller.register(self._clients, zmq.POLLIN)
@@ -122,6 +134,7 @@ class Frontend:
             self._requests.remove(req)
             self._abort_everywhere(req, FinishReason.ABORT)
             self._send_error(req.conn, req.client_rid, SHUTTING_DOWN, "the front end is shutting down")
+        self._connections.close()
         self._clients.close(linger=CLOSE_LINGER_MS)
         self._outputs.close(linger=0)
         self._pool.close(linger_ms=CLOSE_LINGER_MS)
@@ -147,6 +160,7 @@ class Frontend:
         """Silence is judged only when every queued instance message has been read: a front
         end that falls behind must not take its own backlog for dead instances."""
         args = self.cfg.args
+        self._note_departures()
         if outputs_caught_up:
             for inst in self._pool.expire(now, args.heartbeat_timeout):
                 reqs = self._requests.involving(inst)
@@ -159,7 +173,16 @@ class Frontend:
     # ------------------------------------------------------------------------- client side
 
     def _read_client_frames(self, frames: list[zmq.Frame]) -> None:
+        """Handle one client message; whatever a frame provokes costs that frame only."""
+        self._note_departures()
         conn = frames[0].bytes
+        if not assigned_by_router(conn):
+            why = "a client must not choose its routing identity (ZMQ_ROUTING_ID)"
+            self._send_error(conn, None, INVALID_REQUEST, why)
+            return
+        replaced = self._connections.spoke(conn, frames[-1].get(zmq.SRCFD))
+        if replaced is not None:
+            self._drop_client(replaced, "it left")
         if len(frames) != 2:
             self._send_error(
                 conn, None, INVALID_REQUEST, f"expected one frame per message, got {len(frames) - 1}"
@@ -169,6 +192,10 @@ class Frontend:
             cmd = parse_command(unpack_frame(frames[1].buffer, self.cfg.args.max_message_bytes))
         except InvalidRequest as e:
             self._refuse(conn, e.rid, e)
+            return
+        except Exception as e:  # noqa: BLE001 - a frame that breaks the parser is still only invalid
+            log.warning("unreadable client frame: %s", preview(repr(e), 200))
+            self._send_error(conn, None, INVALID_REQUEST, f"unreadable message ({type(e).__name__})")
             return
         try:
             if isinstance(cmd, GenerateCommand):
@@ -181,7 +208,8 @@ class Frontend:
             self._refuse(conn, cmd.rid, e)
         except Exception as e:  # a bug must cost one request, not the service
             log.exception("rid=%s (client): internal error", cmd.rid)
-            self._send_error(conn, cmd.rid, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            why = preview(f"{type(e).__name__}: {e}", 200)
+            self._send_error(conn, cmd.rid, INTERNAL, f"internal error: {why}")
 
     def _refuse(self, conn: bytes, rid: str | None, e: InvalidRequest) -> None:
         log.info("rid=%s (client) invalid request: %s", rid, e)
@@ -189,7 +217,9 @@ class Frontend:
 
     def _generate(self, conn: bytes, cmd: GenerateCommand) -> None:
         if self._requests.find(conn, cmd.rid) is not None:
-            raise InvalidRequest(f"rid {cmd.rid!r} is already in use by a live request")
+            why = f"rid {preview(cmd.rid)} is already in use by a live request, which goes on"
+            self._send(conn, ClientError(rid=cmd.rid, code=INVALID_REQUEST, message=why, duplicate=True))
+            return
         if not self._ready_once:
             self._send_error(conn, cmd.rid, PEER_UNAVAILABLE, f"not ready: {self._topology.unavailable()}")
             return
@@ -240,7 +270,7 @@ class Frontend:
     def _abort(self, conn: bytes, client_rid: str) -> None:
         req = self._requests.find(conn, client_rid)
         if req is None:
-            log.debug("abort of unknown rid %s ignored", client_rid)
+            log.debug("abort of unknown rid %s ignored", client_rid)  # silent (docs/design.md)
             return
         log.info("rid=%s (client rid %s): aborted by the client", req.rid, client_rid)
         req.aborted_by_client = True
@@ -259,22 +289,37 @@ class Frontend:
         self._send(conn, ClientError(rid=rid, code=code, message=message))
 
     def _send(self, conn: bytes, msg: Message) -> bool:
-        """Send to a client; a client that left has its live requests aborted."""
-        try:
-            self._clients.send(conn, zmq.SNDMORE)
-            self._clients.send(encode(msg))
+        """Send to a client; one that left, or that does not read its replies, has its live
+        requests aborted."""
+        problem = self._deliver(conn, msg)
+        if problem is None:
             return True
+        self._drop_client(conn, problem)
+        return False
+
+    def _deliver(self, conn: bytes, msg: Message) -> str | None:
+        """Queue ``msg`` for ``conn`` without blocking; why it could not be, or None."""
+        try:
+            self._clients.send_multipart([conn, encode(msg)], zmq.NOBLOCK)
+            return None
+        except zmq.Again:
+            return f"it does not read its replies ({CLIENT_QUEUE_MESSAGES} are queued)"
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-        self._client_left(conn)
-        return False
+            return "it left"
 
-    def _client_left(self, conn: bytes) -> None:
+    def _note_departures(self) -> None:
+        for conn in self._connections.departed():
+            self._drop_client(conn, "it left")
+
+    def _drop_client(self, conn: bytes, why: str) -> None:
+        """Abort the live requests of ``conn``; each gets an error, should it still fit."""
         for req in self._requests.of_conn(conn):
-            log.info("rid=%s (client rid %s): client left, aborting", req.rid, req.client_rid)
+            log.info("rid=%s (client rid %s): aborted: %s", req.rid, req.client_rid, why)
             self._requests.remove(req)
             self._abort_everywhere(req, FinishReason.ABORT)
+            self._deliver(conn, ClientError(rid=req.client_rid, code=QUEUE_FULL, message=f"aborted: {why}"))
 
     def _abort_everywhere(self, req: LiveRequest, reason: FinishReason) -> None:
         """Abort ``req`` at every instance of its route; one that no longer holds it ignores it."""

@@ -18,6 +18,7 @@ import zmq
 
 from protocol import transport
 from protocol.messages import AttachFrontend, Heartbeat, InstanceStatus, Message, ModelInfo, Role
+from protocol.security import ClusterKeys
 
 log = logging.getLogger("pdserve.frontend")
 
@@ -62,11 +63,17 @@ class InstancePool:
     _strangers: set[str] = field(default_factory=set)  # input addresses warned about
 
     @classmethod
-    def connect(cls, ctx: zmq.Context, addrs: dict[Role, list[str]], max_message_bytes: int) -> InstancePool:
+    def connect(
+        cls,
+        ctx: zmq.Context,
+        addrs: dict[Role, list[str]],
+        max_message_bytes: int,
+        keys: ClusterKeys | None = None,
+    ) -> InstancePool:
         pool = cls()
         for role, role_addrs in addrs.items():
             for addr in role_addrs:
-                sock = transport.connect(ctx, zmq.PUSH, addr, max_message_bytes)
+                sock = transport.connect(ctx, zmq.PUSH, addr, max_message_bytes, keys)
                 inst = Instance(index=len(pool.instances), role=role, addr=addr, sock=sock, name=addr)
                 pool.instances.append(inst)
                 pool._by_addr[addr] = inst

@@ -30,7 +30,8 @@ class PendingStatus:
         """The answer; an instance that did not answer is reported as not alive."""
         pairs = zip(self.answers, self.instances, strict=True)
         statuses = [a if a is not None else inst.unknown_status() for a, inst in pairs]
-        return ClientStatus(rid=self.rid, ready=ready, instances=statuses)
+        model = next((inst.model for inst in self.instances if inst.model is not None), None)
+        return ClientStatus(rid=self.rid, ready=ready, instances=statuses, model=model)
 
 
 class StatusCollector:

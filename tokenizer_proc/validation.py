@@ -5,6 +5,11 @@ Every problem raises ``InvalidRequest`` with a message that names the field; the
 answers with an ``invalid_request`` error and keeps serving. Optional fields may be absent or
 null. Types are checked by the codec (``protocol.codec``) and value ranges by
 ``protocol.validation``, the same checks every instance applies again.
+
+Every request costs a bounded amount of work, checked before the work is done: a frame's
+nesting depth and map sizes when it is unpacked, the sizes of ``rid``, ``stop`` and
+``stop_token_ids`` when it is parsed, and a prompt's text against the context length before it
+is tokenized. Error messages quote bad values through ``protocol.validation.preview``.
 """
 
 from __future__ import annotations
@@ -16,9 +21,25 @@ from typing import Any
 import msgpack
 
 from protocol.codec import ProtocolError, check_value
-from protocol.validation import EMPTY_PROMPT, prompt_problem, sampling_problem, token_ids_problem
+from protocol.validation import (
+    EMPTY_PROMPT,
+    preview,
+    priority_problem,
+    prompt_problem,
+    sampling_problem,
+    token_ids_problem,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 128
+MAX_RID_CHARS = 256
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256  # per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_NESTING = 8  # a valid client message nests 3 deep (generate > sampling_params > stop)
+MAX_MAP_ITEMS = 64
+TEXT_BYTES_PER_TOKEN = 32  # generous: text longer than this per token of context cannot fit
+UNKNOWN_CONTEXT_TOKENS = 1 << 15  # for the text bound when the context length is not known
+_LIST_LIMITS = {"stop": MAX_STOP_STRINGS, "stop_token_ids": MAX_STOP_TOKEN_IDS}
 
 _GENERATE_KEYS = frozenset(
     {"type", "rid", "text", "input_ids", "stream", "sampling_params", "return_logprob", "priority"}
@@ -79,21 +100,44 @@ class ModelLimits:
 
 
 def unpack_frame(frame: bytes, max_bytes: int) -> dict[str, Any]:
-    """The map in one client frame (the size is checked first, before unpacking)."""
+    """The map in one client frame (the size is checked first, before unpacking; map sizes
+    while unpacking; the nesting depth right after, before anything walks it recursively)."""
     if len(frame) > max_bytes:
         raise InvalidRequest(f"message of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
     try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_map_len=MAX_MAP_ITEMS)
     except Exception as e:  # msgpack raises several unrelated types
-        raise InvalidRequest(f"frame is not msgpack: {e}") from None
+        raise InvalidRequest(f"frame is not msgpack: {preview(str(e), 80)}") from None
     if not isinstance(obj, dict):
         raise InvalidRequest(f"message must be a map, got {type(obj).__name__}")
+    if _nesting(obj) > MAX_NESTING:
+        raise InvalidRequest(f"message nests more than {MAX_NESTING} levels deep")
     return obj
+
+
+def _nesting(obj: dict[Any, Any]) -> int:
+    """How deep ``obj`` nests (a flat map: 1), found level by level without recursion; stops
+    one level past MAX_NESTING. Scalars are looked at only by type, in C."""
+    level: list[Any] = [obj]
+    depth = 0
+    while level and depth <= MAX_NESTING:
+        depth += 1
+        deeper: list[Any] = []
+        for container in level:
+            items = list(container.values()) + list(container) if type(container) is dict else container
+            kinds = set(map(type, items))
+            if kinds & _CONTAINERS:
+                deeper += [x for x in items if type(x) in _CONTAINERS]
+        level = deeper
+    return depth + 1 if level else depth
+
+
+_CONTAINERS = frozenset({list, dict, tuple})
 
 
 def parse_command(obj: dict[str, Any]) -> Command:
     rid = obj.get("rid")
-    error_rid = rid if isinstance(rid, str) else None
+    error_rid = rid if isinstance(rid, str) and len(rid) <= MAX_RID_CHARS else None
     try:
         return _parse(obj)
     except InvalidRequest as e:
@@ -104,10 +148,12 @@ def parse_command(obj: dict[str, Any]) -> Command:
 def _parse(obj: dict[str, Any]) -> Command:
     kind = obj.get("type")
     if kind not in ("generate", "abort", "status"):
-        raise InvalidRequest(f"unknown message type {kind!r}: expected generate, abort or status")
+        raise InvalidRequest(f"unknown message type {preview(kind)}: expected generate, abort or status")
     rid = _required(obj, "rid", str)
     if not rid:
         raise InvalidRequest("rid must not be empty")
+    if len(rid) > MAX_RID_CHARS:
+        raise InvalidRequest(f"rid of {len(rid)} characters exceeds the limit of {MAX_RID_CHARS}")
     if kind == "abort":
         _reject_unknown("abort", obj, {"type", "rid"})
         return AbortCommand(rid)
@@ -125,6 +171,10 @@ def _parse_generate(obj: dict[str, Any], rid: str) -> GenerateCommand:
         raise InvalidRequest("give exactly one of text and input_ids")
     if text == "" or input_ids == []:
         raise InvalidRequest(EMPTY_PROMPT)
+    priority = _optional(obj, "priority", int, 0)
+    problem = priority_problem(priority)
+    if problem is not None:
+        raise InvalidRequest(problem)
     return GenerateCommand(
         rid=rid,
         text=text,
@@ -132,7 +182,7 @@ def _parse_generate(obj: dict[str, Any], rid: str) -> GenerateCommand:
         stream=_optional(obj, "stream", bool, False),
         sampling=_parse_sampling(_optional(obj, "sampling_params", dict[Any, Any], {})),
         return_logprob=_optional(obj, "return_logprob", bool, False),
-        priority=_optional(obj, "priority", int, 0),
+        priority=priority,
     )
 
 
@@ -140,13 +190,30 @@ def _parse_sampling(obj: dict[str, Any]) -> ClientSampling:
     """The client's sampling parameters: absent or null ones take ``ClientSampling``'s defaults."""
     _reject_unknown("sampling_params", obj, _SAMPLING_KEYS)
     given = {key: value for key, value in obj.items() if value is not None}
+    for key, limit in _LIST_LIMITS.items():  # before the codec looks at each item
+        if isinstance(given.get(key), list) and len(given[key]) > limit:
+            raise InvalidRequest(f"sampling_params.{key} has {len(given[key])} items; the limit is {limit}")
     s: ClientSampling = _typed(ClientSampling, given, "sampling_params")
     problem = sampling_problem(s, "sampling_params.")
     if problem is not None:
         raise InvalidRequest(problem)
     if any(not stop for stop in s.stop):
         raise InvalidRequest("sampling_params.stop must not contain an empty string")
+    if any(len(stop) > MAX_STOP_CHARS for stop in s.stop):
+        raise InvalidRequest(f"sampling_params.stop strings must be at most {MAX_STOP_CHARS} characters")
     return s
+
+
+def check_text_size(text: str, limits: ModelLimits) -> None:
+    """Refuse, before tokenizing it, a text too long for the context however it tokenizes."""
+    context = limits.context_len or UNKNOWN_CONTEXT_TOKENS
+    limit = context * TEXT_BYTES_PER_TOKEN
+    size = len(text) if len(text) > limit else len(text.encode())  # characters <= UTF-8 bytes
+    if size > limit:
+        raise InvalidRequest(
+            f"text of at least {size} bytes cannot fit the context length ({context} tokens): "
+            f"the limit is {limit} bytes"
+        )
 
 
 def check_prompt(input_ids: list[int], sampling: ClientSampling, limits: ModelLimits) -> None:
@@ -189,6 +256,8 @@ def _typed(hint: Any, value: Any, name: str) -> Any:
 
 
 def _reject_unknown(what: str, obj: dict[str, Any], allowed: set[str] | frozenset[str]) -> None:
-    unknown = sorted(str(k) for k in obj if k not in allowed)
+    unknown = [k for k in obj if k not in allowed]
     if unknown:
-        raise InvalidRequest(f"unknown field(s) in {what}: {', '.join(unknown)}")
+        names = sorted(k if isinstance(k, str) and len(k) <= 40 else preview(k) for k in unknown[:8])
+        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        raise InvalidRequest(f"unknown field(s) in {what}: {', '.join(names)}{more}")

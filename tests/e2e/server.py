@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -13,11 +14,33 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from protocol.security import ClusterKeys, generate
 from tests import REPO_ROOT
 from tests.ports import free_tcp_port
 from tokenizer_proc.client import Client
 
 READY_TIMEOUT_S = 240.0
+CLUSTER_MODES = ("prefill", "decode", "frontend")  # tcp:// between processes: CURVE keys needed
+
+
+@functools.cache
+def e2e_key_dir() -> str:
+    """One CURVE key directory for every cluster-mode process of the test session (they share
+    an identity: the tests are not about which process holds which key)."""
+    (directory,) = generate(tempfile.mkdtemp(prefix="pdserve-e2e-keys-"), ["e2e"])
+    return str(directory)
+
+
+def e2e_keys() -> ClusterKeys:
+    """The keys of ``e2e_key_dir``, for a test's own sockets to the processes it started."""
+    return ClusterKeys.load(e2e_key_dir())
+
+
+def key_flags(mode: str, flags: tuple[str, ...] = ()) -> list[str]:
+    """``--cluster-key-dir`` for a cluster mode, unless ``flags`` choose keys or --insecure."""
+    if mode not in CLUSTER_MODES or {"--cluster-key-dir", "--insecure"} & set(flags):
+        return []
+    return ["--cluster-key-dir", e2e_key_dir()]
 
 
 @dataclass
@@ -78,7 +101,7 @@ def running_server(*flags: str, mode: str = "unified") -> Iterator[Server]:
     port = free_tcp_port()
     fd, log_path = tempfile.mkstemp(prefix="pdserve-e2e-", suffix=".log")
     env = dict(os.environ, PDSERVE_TORCH_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "launch.py", "--mode", mode, "--port", str(port), *flags]
+    cmd = [sys.executable, "launch.py", "--mode", mode, "--port", str(port), *flags, *key_flags(mode, flags)]
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=fd, text=True, start_new_session=True
     )

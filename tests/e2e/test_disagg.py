@@ -39,7 +39,15 @@ from protocol.messages import (
     StatusReport,
     TokenizedRequest,
 )
-from tests.e2e.server import REPO_ROOT, Server, pid_alive, running_server, wait_no_leak
+from tests.e2e.server import (
+    REPO_ROOT,
+    Server,
+    e2e_keys,
+    key_flags,
+    pid_alive,
+    running_server,
+    wait_no_leak,
+)
 from tests.oracles import greedy_reference
 from tests.ports import free_tcp_port
 from tokenizer_proc.client import Client, ServerError
@@ -309,8 +317,8 @@ def check_duplicate_room(prefill: Server, directory: str) -> None:
     """Acting as a front end of the prefill instance: a second request with a live room is
     refused, nothing leaks."""
     ctx = zmq.Context.instance()
-    inbox = transport.bind(ctx, zmq.PULL, transport.ipc_addr(directory, "fake-frontend"))
-    to_p = transport.connect(ctx, zmq.PUSH, prefill.addr)
+    inbox = transport.bind(ctx, zmq.PULL, transport.ipc_addr(directory, "fake-frontend"), keys=e2e_keys())
+    to_p = transport.connect(ctx, zmq.PUSH, prefill.addr, keys=e2e_keys())
     try:
         transport.send(to_p, AttachFrontend(output_addr=transport.ipc_addr(directory, "fake-frontend")))
         params = SamplingParams(max_new_tokens=4, temperature=0.0)
@@ -344,7 +352,7 @@ def launched(*argv: str) -> Iterator[str]:
     port = free_tcp_port()
     fd, log_path = tempfile.mkstemp(prefix="pdserve-e2e-", suffix=".log")
     proc = subprocess.Popen(
-        [sys.executable, "launch.py", "--port", str(port), *argv],
+        [sys.executable, "launch.py", "--port", str(port), *argv, *key_flags("frontend", argv)],
         cwd=REPO_ROOT,
         stdout=fd,
         stderr=fd,

@@ -1,4 +1,4 @@
-"""The command-line client and the serving benchmark against the fake deployment."""
+"""The command-line client and the serving benchmark (its zmq backend) against the fake deployment."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from bench import serving
+from bench.serving_workload import Workload, arrival_offsets, make_requests
 from tokenizer_proc import cli
 
 
@@ -33,13 +34,13 @@ def test_cli_reports_errors_and_status(deployment, capsys):
 
 
 def test_requests_are_seeded_and_in_range():
-    args = serving.parse_args(["--num-prompts", "20", "--input-len", "3", "9", "--output-len", "2", "4"])
-    a = serving.make_requests(args, np.random.default_rng(1))
-    b = serving.make_requests(args, np.random.default_rng(1))
+    workload = Workload(num_prompts=20, input_len=(3, 9), output_len=(2, 4), vocab_size=320, seed=0)
+    a = make_requests(workload, np.random.default_rng(1))
+    b = make_requests(workload, np.random.default_rng(1))
     assert [r.prompt for r in a] == [r.prompt for r in b]
     assert all(3 <= len(r.prompt) <= 9 and 2 <= r.output_len <= 4 for r in a)
-    assert all(0 <= t < args.vocab_size for r in a for t in r.prompt)
-    offsets = serving.arrival_offsets(50, 100.0, np.random.default_rng(0))
+    assert all(0 <= t < workload.vocab_size for r in a for t in r.prompt)
+    offsets = arrival_offsets(50, 100.0, np.random.default_rng(0))
     assert offsets == sorted(offsets) and 0.1 < offsets[-1] < 2.0
 
 
@@ -60,13 +61,15 @@ def test_benchmark_reports_throughput_and_latencies(deployment, tmp_path, capsys
         assert set(results[key]) == {"mean", "p50", "p90", "p99"}
         assert results[key]["p50"] <= results[key]["p99"]
     assert results["ttft_ms"]["p99"] <= results["e2e_latency_ms"]["p99"]
-    assert report["config"]["request_rate"] == 200.0
+    assert report["config"]["request_rate"] == [200.0]
+    assert report["config"]["vocab_size"] == 320  # asked of the server (its status names the model)
 
 
 def test_benchmark_text_prompts_all_at_once(deployment):
     args = serving.parse_args(["--addr", deployment.cfg.client_addr, "--num-prompts", "4", "--text"])
     args.input_len, args.output_len, args.no_progress = (5, 5), (3, 3), True
-    results = serving.run_benchmark(args)
+    (run,) = serving.run_benchmark(args)["runs"]
+    results = run["results"]
     assert results["completed"] == 4 and results["output_tokens"] == 12
     assert results["input_tokens"] == 4 * 6  # BOS + 5 characters
     assert not math.isnan(results["request_throughput"])
