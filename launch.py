@@ -3,10 +3,15 @@ a cluster deployment: ``python launch.py keys --out DIR --names frontend prefill
 
 The launcher only supervises: it starts every role as its own Python process (``python -m
 <package> --config <json>``), waits until the front end reports ready, prints the address,
-and from then on waits for a signal or a child's death. Ctrl-C / SIGTERM stop every child; a
-child that dies makes the launcher stop the rest and exit non-zero with that child's error.
+and from then on waits for a signal or a child's death. Ctrl-C / SIGTERM drain first: the front
+end (told by SIGUSR2) refuses new requests and gives live ones ``--drain-timeout`` seconds; then
+every child stops; a second signal stops them at once. A child that dies makes the launcher stop
+the rest (instances first, the front end last, so that failures the instances reported reach the
+clients) and exit non-zero with that child's error. The ipc directory is removed on exit.
 Children run in their own session (so a terminal's Ctrl-C reaches only the launcher) and die
-with it if it is killed outright (PR_SET_PDEATHSIG, see protocol/process.py).
+with it if it is killed outright (PR_SET_PDEATHSIG, see protocol/process.py). (Just over 400
+lines: starting each mode's children and supervising them read as one story; the command line
+is launcher/flags.py.)
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import collections
 import itertools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +50,8 @@ from protocol.transport import bind, connect, ipc_addr, ipc_dir, recv, send
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 STOP_GRACE_S = 10.0
+FAILURE_GRACE_S = 2.0  # after a child's death, for the others to report failures and exit by themselves
+DRAIN_MARGIN_S = 5.0  # beyond --drain-timeout, for the front end to answer the rest and exit
 
 logger = logging.getLogger("pdserve.launch")
 
@@ -100,6 +108,9 @@ class Deployment:
     address: str  # what the deployment serves on (a front end's or an instance's address)
     children: list[Child]
     probe: Callable[[], bool]  # one readiness check; True once ready
+    directory: str | None = None  # the private ipc directory, removed on exit
+    frontend: Child | None = None  # drained before the rest stop
+    drain_timeout: float = 0.0
 
 
 WORKER_PACKAGES = {Role.UNIFIED: "engine", Role.PREFILL: "prefill_worker", Role.DECODE: "decode_worker"}
@@ -142,7 +153,7 @@ def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
         # Named by address: instances of one deployment start from separate launches.
         children = start_instance(args, f"{mode}@{args.host}:{args.port}", Role(mode), addr, directory)
         keys = ClusterKeys.from_dir(args.cluster_key_dir)
-        return Deployment(mode, addr, children, instance_probe(addr, directory, keys))
+        return Deployment(mode, addr, children, instance_probe(addr, directory, keys), directory)
     unified: list[str] = []
     prefill: list[str] = list(ns.prefill)
     decode: list[str] = list(ns.decode)
@@ -170,7 +181,7 @@ def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
         http_url, http_server = start_http(args, ns, client_addr)
         children.append(http_server)
         probe = both(probe, http_probe(http_url))
-    return Deployment(mode, client_addr, children, probe)
+    return Deployment(mode, client_addr, children, probe, directory, frontend, args.drain_timeout)
 
 
 def start_http(args: ServerArgs, ns: argparse.Namespace, frontend_addr: str) -> tuple[str, Child]:
@@ -287,19 +298,53 @@ class Supervisor:
                 return dead
             self.wakeup.wait(SIGNAL_CHECK_S)
 
-    def stop_all(self) -> None:
-        children = self.deployment.children
-        for child in children:
-            if child.proc.poll() is None:
-                child.proc.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in children:
-            try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop within %.0f s; killing it", child.name, STOP_GRACE_S)
-                child.proc.kill()
-                child.proc.wait()
+    def drain(self) -> Child | None:
+        """Tell the front end to drain (SIGUSR2) and wait until it exits, a second stop signal
+        or another child's death (returned); a deployment without a front end has nothing to drain."""
+        frontend = self.deployment.frontend
+        if frontend is None or frontend.proc.poll() is not None:
+            return None
+        first_signal, self.stop_signal = self.stop_signal, None
+        logger.info("draining: in-flight requests get %g s", self.deployment.drain_timeout)
+        frontend.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + self.deployment.drain_timeout + DRAIN_MARGIN_S
+        others = [c for c in self.deployment.children if c is not frontend]
+        dead = None
+        while time.monotonic() < deadline and self.stop_signal is None and frontend.proc.poll() is None:
+            dead = next((c for c in others if c.proc.poll() is not None), None)
+            if dead is not None:
+                break
+            self.wakeup.wait(SIGNAL_CHECK_S)
+        if self.stop_signal is not None:
+            logger.warning("second signal: stopping at once")
+        self.stop_signal = self.stop_signal or first_signal
+        return dead
+
+    def stop_all(self, failure_grace_s: float = 0.0) -> None:
+        """Stop every child: the instances (given ``failure_grace_s`` to exit by themselves),
+        then the front end and the HTTP server, so that the front end reads what they reported."""
+        last = [c for c in self.deployment.children if c is self.deployment.frontend or c.name == "http"]
+        first = [c for c in self.deployment.children if c not in last]
+        deadline = time.monotonic() + failure_grace_s
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in first):
+            self.wakeup.wait(0.05)
+        for group in (first, last):
+            _stop(group)
+
+
+def _stop(children: list[Child]) -> None:
+    """SIGTERM ``children``, and kill those still running ``STOP_GRACE_S`` later."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        try:
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0f s; killing it", child.name, STOP_GRACE_S)
+            child.proc.kill()
+            child.proc.wait()
 
 
 def http_note(ns: argparse.Namespace) -> str:
@@ -328,6 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch: {e}", file=sys.stderr)
         return 2
     deployment = start(mode, args, ns)
+    try:
+        return supervise(deployment, mode, ns)
+    finally:
+        if deployment.directory is not None:
+            shutil.rmtree(deployment.directory, ignore_errors=True)
+
+
+def supervise(deployment: Deployment, mode: Mode, ns: argparse.Namespace) -> int:
+    """Wait for readiness, then for a stop signal (drain, then stop) or a child's death."""
     supervisor = Supervisor(deployment)
     supervisor.install_signal_handlers()
     dump_stacks_on_sigusr1()
@@ -337,13 +391,15 @@ def main(argv: list[str] | None = None) -> int:
         if supervisor.wait_ready(timeout_s=float(os.environ.get("PDSERVE_READY_TIMEOUT", "900"))):
             print(f"pdserve ready: {mode} on {deployment.address}{http_note(ns)}", flush=True)
             dead = supervisor.wait_until_stopped()
+            if dead is None:
+                dead = supervisor.drain()
         else:
             dead = supervisor.dead_child()
     except TimeoutError as e:
         print(f"launch: {e}", file=sys.stderr)
         supervisor.stop_all()
         return 1
-    supervisor.stop_all()
+    supervisor.stop_all(FAILURE_GRACE_S if dead is not None else 0.0)
     if dead is not None:
         report_failure(dead)
         return 1

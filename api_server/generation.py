@@ -53,6 +53,7 @@ class Output:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[list[float]]] = field(default_factory=list)  # per token: [id, logprob] pairs
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -61,6 +62,7 @@ class Output:
         self.text += msg.get("text") or ""
         self.token_ids += msg.get("token_ids") or []
         self.logprobs += msg.get("logprobs") or []
+        self.top_logprobs += msg.get("top_logprobs") or []
         if msg.get("finished"):
             self.finish_reason = msg.get("finish_reason")
             self.usage = msg.get("usage") or {}

@@ -28,7 +28,7 @@ def openai_routes(state: ServerState) -> APIRouter:
         check_completion(req)
         prompts = req.prompts()
         logprobs = req.logprobs is not None
-        specs = openai_specs(req, prompts, req.max_tokens, logprobs)
+        specs = openai_specs(req, prompts, req.max_tokens, logprobs, req.logprobs)
         head = Head(f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model)
         echo = [p for p in prompts if isinstance(p, str)] if req.echo else None
         group = RequestGroup(state.bridge, request.receive, "cmpl")
@@ -48,7 +48,8 @@ def openai_routes(state: ServerState) -> APIRouter:
         check_chat(req)
         prompt = state.chat_prompt(req.messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        specs = openai_specs(req, [prompt], max_tokens, req.logprobs)
+        top = req.top_logprobs if req.logprobs else None
+        specs = openai_specs(req, [prompt], max_tokens, req.logprobs, top)
         head = Head(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model)
         group = RequestGroup(state.bridge, request.receive, "chatcmpl")
         if req.stream:

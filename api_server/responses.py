@@ -40,21 +40,36 @@ def usage(outputs: list[Output], n: int) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[float]) -> dict[str, Any]:
+TopLogprobs = list[list[list[float]]]  # the front end's: per token, its [token id, logprob] pairs
+
+
+def completion_logprobs(
+    token_ids: list[int], logprobs: list[float], top: TopLogprobs | None = None
+) -> dict[str, Any]:
+    """OpenAI's completion ``logprobs``; ``top`` (when asked): per token a map token → logprob."""
+    top_maps = [{token_name(int(t)): lp for t, lp in pairs} for pairs in top] if top else None
     return {
         "tokens": [token_name(t) for t in token_ids],
         "token_logprobs": logprobs,
-        "top_logprobs": None,
+        "top_logprobs": top_maps,
         "text_offset": None,
     }
 
 
-def chat_logprobs(token_ids: list[int], logprobs: list[float]) -> dict[str, Any]:
+def chat_logprobs(
+    token_ids: list[int], logprobs: list[float], top: TopLogprobs | None = None
+) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``; each entry's ``top_logprobs`` from ``top`` when asked."""
+    tops = top or [[] for _ in token_ids]
     content = [
-        {"token": token_name(t), "logprob": lp, "bytes": None, "top_logprobs": []}
-        for t, lp in zip(token_ids, logprobs, strict=True)
+        {"token": token_name(t), "logprob": lp, "bytes": None, "top_logprobs": _chat_top(pairs)}
+        for t, lp, pairs in zip(token_ids, logprobs, tops, strict=True)
     ]
     return {"content": content, "refusal": None}
+
+
+def _chat_top(pairs: list[list[float]]) -> list[dict[str, Any]]:
+    return [{"token": token_name(int(t)), "logprob": lp, "bytes": None} for t, lp in pairs]
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,9 @@ def completion_response(
         choices.append({
             "index": i,
             "text": prefix + out.text,
-            "logprobs": completion_logprobs(out.token_ids, out.logprobs) if logprobs else None,
+            "logprobs": (
+                completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs) if logprobs else None
+            ),
             "finish_reason": out.finish_reason,
         })
     return {**head.fields("text_completion"), "choices": choices, "usage": usage(outputs, n)}
@@ -90,7 +107,7 @@ def chat_response(head: Head, outputs: list[Output], n: int, logprobs: bool) -> 
         {
             "index": i,
             "message": {"role": "assistant", "content": out.text, "refusal": None},
-            "logprobs": chat_logprobs(out.token_ids, out.logprobs) if logprobs else None,
+            "logprobs": chat_logprobs(out.token_ids, out.logprobs, out.top_logprobs) if logprobs else None,
             "finish_reason": out.finish_reason,
         }
         for i, out in enumerate(outputs)
@@ -123,7 +140,10 @@ class CompletionChunks:
         choice = {
             "index": index,
             "text": text,
-            "logprobs": completion_logprobs(ids, msg.get("logprobs") or []) if self.logprobs else None,
+            "logprobs": (
+                completion_logprobs(ids, msg.get("logprobs") or [], msg.get("top_logprobs"))
+                if self.logprobs else None
+            ),
             "finish_reason": msg.get("finish_reason") if msg.get("finished") else None,
         }
         return [self._chunk([choice])]
@@ -157,7 +177,9 @@ class ChatChunks:
         out = []
         text, ids = msg.get("text") or "", msg.get("token_ids") or []
         if text or (self.logprobs and ids):
-            lps = chat_logprobs(ids, msg.get("logprobs") or []) if self.logprobs else None
+            lps = None
+            if self.logprobs:
+                lps = chat_logprobs(ids, msg.get("logprobs") or [], msg.get("top_logprobs"))
             out.append(self._chunk(index, {"content": text}, lps))
         if msg.get("finished"):
             out.append(self._chunk(index, {}, finish_reason=msg.get("finish_reason")))

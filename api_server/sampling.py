@@ -1,5 +1,6 @@
 """What an OpenAI request asks of the front end: the checks that span fields, the refusal of what
-is not supported yet (each naming its field), and the front-end generate requests it becomes."""
+is not supported yet (each naming its field), and the front-end generate requests it becomes.
+The ranges of the sampling values are checked by the front end (``protocol/validation.py``)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,6 @@ from api_server.protocol import (
     SamplingFields,
     stop_list,
 )
-
-# sampling knobs the engine does not implement yet: only their neutral value is accepted
-_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0}
-
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -46,15 +43,7 @@ def validation_error(e: ValidationError) -> ApiError:
     return invalid(f"{param}: {msg}" if param else f"request body: {msg}", param)
 
 
-def refuse_unsupported_sampling(fields: SamplingFields | NativeSampling) -> None:
-    for name, neutral in _NEUTRAL.items():
-        value = getattr(fields, name)
-        if value is not None and value != neutral:
-            raise not_supported(name, f"{name} other than {neutral:g}")
-
-
 def check_openai(req: SamplingFields) -> None:
-    refuse_unsupported_sampling(req)
     if req.logit_bias:
         raise not_supported("logit_bias", "logit_bias")
     if req.stream_options is not None and not req.stream:
@@ -69,8 +58,6 @@ def check_completion(req: CompletionRequest) -> None:
     prompts = len(req.prompts())
     if prompts * req.n > MAX_CHOICES:
         raise invalid(f"n: prompts x n must be at most {MAX_CHOICES}, got {prompts} x {req.n}", "n")
-    if req.logprobs:
-        raise not_supported("logprobs", "returning top alternatives (logprobs > 0)")
     if req.echo and not all(isinstance(p, str) for p in req.prompts()):
         raise not_supported("echo", "echo of token id prompts")
     if req.echo and req.logprobs is not None:
@@ -85,8 +72,6 @@ def check_chat(req: ChatCompletionRequest) -> None:
     check_openai(req)
     if req.top_logprobs and not req.logprobs:
         raise invalid("top_logprobs: logprobs must be true when top_logprobs is used", "top_logprobs")
-    if req.top_logprobs:
-        raise not_supported("top_logprobs", "returning top alternatives (top_logprobs > 0)")
     if req.tools:
         raise not_supported("tools", "tool calling")
     if req.tool_choice not in (None, "none"):
@@ -96,10 +81,12 @@ def check_chat(req: ChatCompletionRequest) -> None:
 
 
 def openai_specs(
-    req: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None, logprobs: bool
+    req: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None, logprobs: bool,
+    top_logprobs: int | None = None,
 ) -> list[GenerateSpec]:
     """``n`` front-end requests per prompt, prompt-major (choice ``i * n + j`` is sample ``j`` of
-    prompt ``i``); sample ``j`` is seeded ``seed + j``, so the samples differ but repeat."""
+    prompt ``i``); sample ``j`` is seeded ``seed + j``, so the samples differ but repeat.
+    ``top_logprobs``: alternatives per token (chat's ``top_logprobs``, completions' ``logprobs``)."""
     specs = []
     for prompt in prompts:
         for j in range(req.n):
@@ -112,6 +99,8 @@ def openai_specs(
                 stop=stop_list(req.stop),
                 stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos,
+                **_extra_sampling(req),
+                top_logprobs=top_logprobs or None,
             )
             text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
             specs.append(GenerateSpec(text, ids, params, logprobs))
@@ -119,7 +108,6 @@ def openai_specs(
 
 
 def native_sampling(s: NativeSampling) -> dict[str, Any]:
-    refuse_unsupported_sampling(s)
     return _sampling_params(
         max_new_tokens=s.max_new_tokens,
         temperature=s.temperature,
@@ -129,7 +117,18 @@ def native_sampling(s: NativeSampling) -> dict[str, Any]:
         stop=stop_list(s.stop),
         stop_token_ids=s.stop_token_ids,
         ignore_eos=s.ignore_eos,
+        **_extra_sampling(s),
     )
+
+
+def _extra_sampling(s: SamplingFields | NativeSampling) -> dict[str, Any]:
+    """Penalties and min_p, the same fields in OpenAI's and SGLang's requests."""
+    return {
+        "frequency_penalty": s.frequency_penalty,
+        "presence_penalty": s.presence_penalty,
+        "repetition_penalty": s.repetition_penalty,
+        "min_p": s.min_p,
+    }
 
 
 def _sampling_params(**params: Any) -> dict[str, Any]:

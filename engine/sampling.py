@@ -1,4 +1,5 @@
-"""Batched sampling: greedy, temperature, top-k, top-p (both limits apply), seeded per request.
+"""Batched sampling: penalties, greedy, temperature, top-k, top-p, min-p (every limit applies),
+seeded per request; the sampled token's logprob and the top logprobs of the raw distribution.
 
 Randomness is counter-based: the noise of row ``i`` at vocabulary entry ``j`` is a hash of
 (request seed, position of the token being sampled, ``j``). A request therefore draws the same
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.penalties import PenaltyRows, apply_penalties
 from protocol.messages import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -34,11 +36,14 @@ class SamplingBatch:
     temperatures: torch.Tensor  # [N] float32, below GREEDY_BELOW_TEMPERATURE = greedy
     top_ks: torch.Tensor  # [N] int64, vocab size = no limit
     top_ps: torch.Tensor  # [N] float32
+    min_ps: torch.Tensor  # [N] float32
     keys: torch.Tensor  # [N] int64, hash of (seed, position)
     all_greedy: bool
     use_top_k: bool
     use_top_p: bool
+    use_min_p: bool
     want_logprobs: bool
+    penalties: PenaltyRows | None = None  # None: no row has a penalty
 
     @classmethod
     def build(
@@ -47,6 +52,7 @@ class SamplingBatch:
         positions: Sequence[int],
         vocab_size: int,
         device: torch.device,
+        penalties: PenaltyRows | None = None,
     ) -> SamplingBatch:
         """``positions[i]``: the position the sampled token of row ``i`` will occupy."""
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
@@ -55,32 +61,46 @@ class SamplingBatch:
         keys = row_keys(seeds, torch.tensor(positions, dtype=torch.int64))
         # two host-to-device copies per step: the float and the integer parameters
         floats = torch.tensor(
-            [[p.temperature for p in params], [p.top_p for p in params]], dtype=torch.float32
+            [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]],
+            dtype=torch.float32,
         )
         ints = torch.stack([torch.tensor(top_ks, dtype=torch.int64), keys])
-        temperatures, top_ps = floats.to(device, non_blocking=True)
+        temperatures, top_ps, min_ps = floats.to(device, non_blocking=True)
         top_ks_t, keys_t = ints.to(device, non_blocking=True)
         return cls(
             temperatures=temperatures,
             top_ks=top_ks_t,
             top_ps=top_ps,
+            min_ps=min_ps,
             keys=keys_t,
             all_greedy=not sampled,
             use_top_k=any(0 < p.top_k < vocab_size for p in sampled),
             use_top_p=any(p.top_p < 1.0 for p in sampled),
+            use_min_p=any(p.min_p > 0.0 for p in sampled),
             want_logprobs=any(p.return_logprob for p in params),
+            penalties=penalties,
         )
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids [N] int64 and, when any row asked, the log-probability [N] float32 of each
-    sampled token under the raw (untempered) distribution."""
+    sampled token under the raw (unpenalized, untempered) distribution."""
+    raw = logits
+    if batch.penalties is not None:
+        logits = apply_penalties(logits, batch.penalties)
     greedy_tokens = logits.argmax(dim=-1)
     tokens = greedy_tokens if batch.all_greedy else _sample_random(logits, batch, greedy_tokens)
     logprobs = None
     if batch.want_logprobs:
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        logprobs = torch.log_softmax(raw, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
     return tokens, logprobs
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely token ids [N, k] and their logprobs [N, k] under the raw
+    distribution (most likely first)."""
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return ids, values
 
 
 def _sample_random(logits: torch.Tensor, batch: SamplingBatch, greedy_tokens: torch.Tensor) -> torch.Tensor:
@@ -89,6 +109,8 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch, greedy_tokens: to
     probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)
     if batch.use_top_k or batch.use_top_p:
         probs = _filter_top_k_top_p(probs, batch)
+    if batch.use_min_p:
+        probs = _filter_min_p(probs, batch.min_ps)
     noise = exponential_noise(batch.keys, logits.shape[1])
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(greedy, greedy_tokens, sampled)
@@ -105,6 +127,12 @@ def _filter_top_k_top_p(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tens
         drop |= mass_before > batch.top_ps.unsqueeze(1)
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+
+def _filter_min_p(probs: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """Zero the probabilities below ``min_p`` times the row's largest (SGLang's min-p)."""
+    threshold = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
+    return probs.masked_fill(probs < threshold, 0.0)
 
 
 def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

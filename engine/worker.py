@@ -26,14 +26,17 @@ import torch
 import zmq
 
 from engine.cuda_graph import EagerStepRunner, StepRunner, compile_decode_variants, make_step_runner
+from engine.faults import with_step_faults
 from engine.kv_pool import KVPool, PoolSizing, kv_bytes_per_token
 from engine.layers.backend import make_kernel_backend
 from engine.models.config import ModelConfig
+from engine.penalties import SlotPenalties
 from engine.runner import ModelRunner
-from engine.sampling import SamplingBatch, sample
+from engine.sampling import SamplingBatch, sample, top_logprobs
 from engine.weights import LoadedModel, load_model
 from protocol import transport
 from protocol.config import ServerArgs, WorkerConfig
+from protocol.faults import Faults
 from protocol.messages import (
     ExtendReq,
     Message,
@@ -76,6 +79,7 @@ class Worker:
     max_context_len: int
     sampling: list[SamplingParams | None]  # per slot
     step_runner: StepRunner  # decode steps by CUDA-graph replay, or everything eagerly
+    penalties: SlotPenalties  # token counts of the slots whose request asks for a penalty
 
     @classmethod
     def create(cls, args: ServerArgs, decodes: bool = True) -> Worker:
@@ -94,7 +98,10 @@ class Worker:
         runner = ModelRunner(loaded.model, pool, kernels, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
         step_runner = make_step_runner(runner, args) if decodes else EagerStepRunner(runner)
-        worker = cls(runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner)
+        penalties = SlotPenalties(cfg.vocab_size, loaded.device)
+        worker = cls(
+            runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner, penalties
+        )
         worker.warm_up(decodes)
         return worker
 
@@ -156,8 +163,10 @@ class Worker:
         self.runner.release_slots(batch.released)
         for slot in batch.released:
             self.sampling[slot] = None
+        self.penalties.release(batch.released)
         for req in batch.new_reqs:
             self.sampling[req.slot] = req.sampling
+            self.penalties.admit(req.slot, req.sampling, req.prompt_ids, req.output_ids)
         self.runner.release_slots([req.slot for req in batch.new_reqs])
         self.runner.append_pages([(a.slot, a.pages) for a in batch.page_appends])
         if not batch.extends and not batch.decode_slots:
@@ -170,16 +179,38 @@ class Worker:
         if not inputs.sample_slots:
             return StepResult(step_id=batch.step_id, slots=[], token_ids=[])
         params = [self.sampling[slot] for slot in inputs.sample_slots]
-        sampling = SamplingBatch.build(params, inputs.sample_positions, self.config.vocab_size, logits.device)
+        penalty_rows = self.penalties.rows(inputs.sample_slots, params) if self.penalties.active else None
+        sampling = SamplingBatch.build(
+            params, inputs.sample_positions, self.config.vocab_size, logits.device, penalty_rows
+        )
         tokens, logprobs = sample(logits, sampling)
         self.runner.set_next_tokens(inputs.sample_slots_device, tokens)
-        return StepResult(
+        if penalty_rows is not None:
+            self.penalties.record(inputs.sample_slots, tokens)
+        result = StepResult(
             step_id=batch.step_id,
             slots=inputs.sample_slots,
             token_ids=tokens.tolist(),
             logprobs=None if logprobs is None else logprobs.tolist(),
             forward_ms=(time.perf_counter() - start) * 1000.0,
         )
+        if any(p.top_logprobs for p in params):
+            result.top_token_ids, result.top_logprobs = _top_logprobs_rows(logits, params)
+        return result
+
+
+def _top_logprobs_rows(
+    logits: torch.Tensor, params: list[SamplingParams]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's ``top_logprobs`` most likely (token id, logprob) pairs; [] for rows that did
+    not ask."""
+    k = max(p.top_logprobs for p in params)
+    ids, values = top_logprobs(logits, min(k, logits.shape[1]))
+    ids_rows, value_rows = ids.tolist(), values.tolist()
+    return (
+        [row[: p.top_logprobs] for row, p in zip(ids_rows, params, strict=True)],
+        [row[: p.top_logprobs] for row, p in zip(value_rows, params, strict=True)],
+    )
 
 
 def choose_small_batch_matmuls(linear: SmallBatchLinear, model: torch.nn.Module) -> None:
@@ -327,8 +358,10 @@ def _set_torch_threads_from_env() -> None:
 
 def run_worker(cfg: WorkerConfig) -> None:
     """The worker process of a unified instance: start up (or report ``WorkerFailed`` and
-    raise), report ready, serve until shutdown."""
+    raise), report ready, serve until shutdown. A failing step ends the process (non-zero),
+    which frees its memory; its scheduler fails the requests in flight."""
+    faults = Faults.from_env()
     with worker_process(cfg) as proc:
         worker = proc.start(lambda: Worker.create(cfg.args))
         proc.announce_ready(worker.ready_message())
-        proc.serve(StepHooks(worker.step))
+        proc.serve(StepHooks(with_step_faults(worker.step, faults)))

@@ -30,6 +30,10 @@ FLAG_HELP = {
     "schedule_policy": "order of the waiting queue",
     "heartbeat_interval": "seconds between heartbeats (instances to front ends and back)",
     "heartbeat_timeout": "seconds of silence after which an instance or a front end counts as dead",
+    "watchdog_timeout": "seconds a step may run before its instance counts as hung: its requests fail "
+    "(internal) and it exits",
+    "drain_timeout": "on SIGTERM, seconds in-flight requests get to finish (new ones are refused with "
+    "shutting_down) before the rest fail; a second signal stops at once",
     "disable_radix_cache": "do not reuse KV pages of shared prefixes",
     "disable_overlap_schedule": "form each step only after the previous one returned",
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph",

@@ -70,7 +70,8 @@ def decode(frame: bytes) -> Message:
 def from_dict(obj: Any) -> Message:
     if not isinstance(obj, dict):
         raise ProtocolError("message must be a map")
-    cls = _REGISTRY.get(obj.get("type"))  # type: ignore[arg-type]
+    tag = obj.get("type")
+    cls = _REGISTRY.get(tag) if isinstance(tag, str) else None  # a list or map tag is unhashable
     if cls is None:
         raise ProtocolError(f"unknown message type {obj.get('type')!r}")
     if cls.INTERNAL and obj.get("v") != PROTOCOL_VERSION:

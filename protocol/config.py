@@ -96,6 +96,8 @@ class ServerArgs:
     # Liveness
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
+    watchdog_timeout: float = 300.0  # a step in flight longer than this fails the instance
+    drain_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     # Disaggregation
     routing_policy: str = "round_robin"
     transfer_backend: str = "zmq"
@@ -115,6 +117,10 @@ class ServerArgs:
         _positive("--max-prefill-tokens", self.max_prefill_tokens)
         _positive("--max-running-requests", self.max_running_requests)
         _positive("--max-queued-requests", self.max_queued_requests)
+        if self.watchdog_timeout <= 0:
+            raise ValueError("--watchdog-timeout must be > 0")
+        if self.drain_timeout < 0:
+            raise ValueError("--drain-timeout must be ≥ 0")
         if self.chunked_prefill_size < self.page_size:
             raise ValueError("--chunked-prefill-size must be at least --page-size")
         if self.max_total_tokens is not None and self.max_total_tokens < 2 * self.page_size:

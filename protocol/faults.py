@@ -7,6 +7,12 @@ The setting is the environment variable ``PDSERVE_FAULTS``: a comma-separated li
   ``kv_send_delay_s`` (float ≥ 0)
       Every KV send of a prefill worker leaves this many seconds late, in order, so that a
       transfer lasts long enough to abort or kill an instance during it.
+  ``step_delay_s`` (float ≥ 0) and ``step_delay_at_step`` (int ≥ 0)
+      A unified instance's worker sleeps this long, once, before the first step numbered at
+      least ``step_delay_at_step``: a hung worker, for the scheduler's ``--watchdog-timeout``.
+  ``forward_error_at_step`` (int ≥ 0)
+      A unified instance's worker raises in the first step numbered at least this: a
+      forward-pass exception.
 
 An unknown key, a repeated key or a value of the wrong type is refused when the process starts
 (``FaultsError`` names it). A process that honours a fault reads the setting once at start-up
@@ -35,10 +41,15 @@ class Faults:
     """The faults asked for; every default means "no fault"."""
 
     kv_send_delay_s: float = 0.0
+    step_delay_s: float = 0.0
+    step_delay_at_step: int = 0
+    forward_error_at_step: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kv_send_delay_s < 0:
-            raise FaultsError(f"kv_send_delay_s must be ≥ 0; got {self.kv_send_delay_s}")
+        for name in ("kv_send_delay_s", "step_delay_s", "step_delay_at_step", "forward_error_at_step"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise FaultsError(f"{name} must be ≥ 0; got {value}")
 
     @classmethod
     def parse(cls, text: str) -> Faults:

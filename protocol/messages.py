@@ -57,10 +57,20 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     return_logprob: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    top_logprobs: int = 0  # the k most likely tokens (and logprobs) returned per sampled token
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def uses_penalty(self) -> bool:
+        """The worker keeps token counts for this request (engine.penalties)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 @dataclass
@@ -95,10 +105,11 @@ class ClientOutput(Message):
     logprobs: list[float] | None = None
     usage: dict[str, int] | None = None
     metrics: dict[str, float] | None = None
+    top_logprobs: list[list[list[float]]] | None = None  # per token: [[token id (an int), logprob], ...]
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        for key in ("logprobs", "usage", "metrics"):
+        for key in ("logprobs", "usage", "metrics", "top_logprobs"):
             if d[key] is None:
                 del d[key]
         return d
@@ -231,6 +242,8 @@ class ReqOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     queue_ms: float | None = None  # set once, on the first output
+    top_token_ids: list[list[int]] | None = None  # per token, when the request asked for top_logprobs
+    top_logprobs: list[list[float]] | None = None
 
 
 @dataclass
@@ -287,6 +300,9 @@ class NewReq:
     slot: int
     sampling: SamplingParams
     next_token: int | None = None
+    # the request's history, sent only when it asks for a penalty (the worker counts tokens)
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -368,6 +384,9 @@ class StepResult(Message):
     token_ids: list[int]
     logprobs: list[float] | None = None
     forward_ms: float = 0.0
+    # per row, the k most likely tokens of rows whose request asked for top_logprobs ([] otherwise)
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
 
 
 @dataclass

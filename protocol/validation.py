@@ -15,6 +15,9 @@ from typing import Protocol
 SEED_LIMIT = 1 << 63
 TOP_K_LIMIT = 1 << 31  # top_k must be below it (a larger one means "no limit" anyway)
 PRIORITY_LIMIT = 1 << 31  # priority is in [-PRIORITY_LIMIT, PRIORITY_LIMIT)
+PENALTY_LIMIT = 2.0  # frequency and presence penalties are in [-2, 2] (OpenAI's range)
+REPETITION_PENALTY_LIMIT = 2.0  # repetition_penalty is in (0, 2]
+TOP_LOGPROBS_LIMIT = 20  # top_logprobs is in [0, 20] (OpenAI's limit)
 EMPTY_PROMPT = "the prompt is empty"
 PREVIEW_CHARS = 40
 
@@ -45,6 +48,16 @@ class SamplingValues(Protocol):
     def top_k(self) -> int: ...
     @property
     def seed(self) -> int | None: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def top_logprobs(self) -> int: ...
 
 
 def sampling_problem(s: SamplingValues, where: str) -> str | None:
@@ -59,6 +72,24 @@ def sampling_problem(s: SamplingValues, where: str) -> str | None:
         return f"{where}top_k must be -1, 0 (no limit) or positive and below 2**31, got {s.top_k}"
     if s.seed is not None and not 0 <= s.seed < SEED_LIMIT:
         return f"{where}seed must be in [0, 2**63), got {s.seed}"
+    return _penalty_problem(s, where) or _filter_problem(s, where)
+
+
+def _penalty_problem(s: SamplingValues, where: str) -> str | None:
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(s, name)
+        if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:  # NaN fails too
+            return f"{where}{name} must be in [-2, 2], got {value}"
+    if not 0.0 < s.repetition_penalty <= REPETITION_PENALTY_LIMIT:
+        return f"{where}repetition_penalty must be in (0, 2], got {s.repetition_penalty}"
+    return None
+
+
+def _filter_problem(s: SamplingValues, where: str) -> str | None:
+    if not 0.0 <= s.min_p <= 1.0:
+        return f"{where}min_p must be in [0, 1], got {s.min_p}"
+    if not 0 <= s.top_logprobs <= TOP_LOGPROBS_LIMIT:
+        return f"{where}top_logprobs must be in [0, 20], got {s.top_logprobs}"
     return None
 
 

@@ -88,7 +88,10 @@ class StepBuilder:
     def add_new(self, req: Request) -> None:
         """``req`` takes its slot; its row (cached prefix included) is sent as its first append."""
         assert req.res.slot is not None
-        self.batch.new_reqs.append(NewReq(slot=req.res.slot, sampling=req.sampling))
+        new = NewReq(slot=req.res.slot, sampling=req.sampling)
+        if req.sampling.uses_penalty:  # the worker counts its tokens from the whole history
+            new.prompt_ids, new.output_ids = list(req.prompt), list(req.output_ids)
+        self.batch.new_reqs.append(new)
         self.add_pages(req, list(req.res.row))
 
     def add_pages(self, req: Request, pages: list[int]) -> None:

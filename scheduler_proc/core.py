@@ -153,7 +153,10 @@ class SchedulerCore:
                 logger.debug("rid=%s token of step %d discarded", row.req.rid, sent.step_id)
                 continue
             logprob = result.logprobs[i] if result.logprobs is not None else None
-            outputs.append(self.emit_token(row.req, result.token_ids[i], logprob))
+            out = self.emit_token(row.req, result.token_ids[i], logprob)
+            if row.req.sampling.top_logprobs and result.top_token_ids and result.top_logprobs:
+                out.top_token_ids, out.top_logprobs = [result.top_token_ids[i]], [result.top_logprobs[i]]
+            outputs.append(out)
         if outputs:
             self._outbox.append(BatchOutput(outputs=outputs))
         self.role.on_step_done(sent)

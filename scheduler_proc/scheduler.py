@@ -23,6 +23,12 @@ obeyed only on a private (ipc) input, never from the network (docs/design.md, "S
 A message from a front end or a peer that makes a handler raise is logged and, when it names a
 request id, answered with ``RequestFailed(INVALID_REQUEST)``; the instance keeps serving.
 
+Watchdog: a step in flight for longer than ``--watchdog-timeout`` means a hung worker: every
+live request fails (``internal``, naming the watchdog) and the process exits with ``WorkerLost``
+(non-zero), as on a ``WorkerFailed``; past half that time the instance already reports itself
+not ready (heartbeats and status), so no new request is routed to it. On either failure the
+sockets to the front ends linger a moment, so that those failures reach them.
+
 Overlap: up to two steps are in flight, so while the worker runs step N the scheduler has
 already formed and sent step N+1; then it processes N's result. With
 ``--disable-overlap-schedule`` one step is in flight at a time.
@@ -30,6 +36,7 @@ already formed and sent step N+1; then it processes N's result. With
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -60,6 +67,7 @@ from protocol.messages import (
     encode,
 )
 from protocol.security import ClusterKeys
+from protocol.validation import preview
 from scheduler_proc.core import ROLES, SchedulerCore
 from scheduler_proc.frontends import Frontends
 
@@ -68,6 +76,8 @@ logger = logging.getLogger(__name__)
 WORKER_START_TIMEOUT_S = 600.0
 SIGNAL_CHECK_MS = 200  # longest wait before pending signal handlers get to run
 MAX_REPLY_TO_SOCKETS = 16  # status reply_to addresses kept connected (least recently used closed)
+FAILURE_LINGER_MS = 2000  # how long the last failures may take to reach the front ends
+STALL_FRACTION = 0.5  # of --watchdog-timeout: a step in flight longer than this reports not ready
 
 
 class WorkerLost(RuntimeError):
@@ -101,6 +111,10 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
         loop = _Loop(cfg, core, ready, ctx, inputs, results, steps, keys)
         try:
             loop.run()
+        except WorkerLost:
+            for sock in loop.frontends.sockets():
+                sock.setsockopt(zmq.LINGER, FAILURE_LINGER_MS)
+            raise
         finally:
             sockets += [*loop.frontends.sockets(), *loop.peers.values(), *loop.reply_to.values()]
     finally:
@@ -165,6 +179,8 @@ class _Loop:
         self.reply_to: OrderedDict[str, zmq.Socket] = OrderedDict()  # status reply_to addresses, LRU
         self.max_inflight = 1 if cfg.args.disable_overlap_schedule else 2
         self.heartbeat_interval = cfg.args.heartbeat_interval
+        self.watchdog_timeout = cfg.args.watchdog_timeout
+        self.step_wait_start: float | None = None  # since when the oldest step in flight has run
         self.running = True
 
     def run(self) -> None:
@@ -174,6 +190,7 @@ class _Loop:
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         while self.running:
             self._send_steps()
+            self._check_watchdog(time.monotonic())
             timeout = max(next_heartbeat - time.monotonic(), 0.0)
             events = dict(poller.poll(timeout * 1000))
             if self.results in events:
@@ -195,11 +212,32 @@ class _Loop:
             if batch is None:
                 break
             transport.send(self.steps, batch)
+            if self.step_wait_start is None:
+                self.step_wait_start = time.monotonic()
         self._flush()
+
+    def _check_watchdog(self, now: float) -> None:
+        """Fail the instance when its oldest step in flight has run past ``--watchdog-timeout``."""
+        if self.step_wait_start is None or now - self.step_wait_start <= self.watchdog_timeout:
+            return
+        step_id = self.core.sent[0].step_id
+        why = (f"watchdog: the worker of instance {self.cfg.name} has run step {step_id} for "
+               f"{now - self.step_wait_start:.1f} s, over --watchdog-timeout {self.watchdog_timeout:g} s")
+        logger.error("%s: %s", self.cfg.name, why)
+        self.core.fail_all(INTERNAL, why)
+        self._flush()
+        raise WorkerLost(why)
+
+    @property
+    def stalled(self) -> bool:
+        """Whether the oldest step in flight has run past ``STALL_FRACTION`` of the watchdog."""
+        start = self.step_wait_start
+        return start is not None and time.monotonic() - start > STALL_FRACTION * self.watchdog_timeout
 
     def _on_worker_message(self, msg: Message) -> None:
         if isinstance(msg, StepResult):
             self.core.on_result(msg)
+            self.step_wait_start = time.monotonic() if self.core.sent else None
             return
         if isinstance(msg, WorkerFailed):
             logger.error("%s: worker failed: %s", self.cfg.name, msg.message)
@@ -227,7 +265,8 @@ class _Loop:
         elif isinstance(msg, AbortRequest):
             self.core.on_abort(msg)
         elif isinstance(msg, StatusQuery):
-            report = StatusReport(qid=msg.qid, status=self.core.status())
+            status = dataclasses.replace(self.core.status(), ready=not self.stalled)
+            report = StatusReport(qid=msg.qid, status=status)
             if msg.reply_to:
                 transport.send(self._reply_to(msg.reply_to), report)
             else:
@@ -269,7 +308,7 @@ class _Loop:
         return Heartbeat(
             name=self.cfg.name,
             role=self.cfg.role,
-            ready=True,
+            ready=not self.stalled,
             input_addr=self.cfg.addrs.input_addr,
             model=self.model,
             queued_tokens=self.core.queued_tokens,
@@ -287,10 +326,16 @@ class _Loop:
             return
         self.frontends.send_all(encode(msg))
 
-    def _peer(self, addr: str) -> zmq.Socket:
+    def _peer(self, addr: str) -> zmq.Socket | None:
+        """The socket to a peer instance; None for an address zmq refuses (a peer's message
+        named it: the reply is dropped, the instance keeps serving)."""
         sock = self.peers.get(addr)
         if sock is None:
-            sock = self.peers[addr] = transport.connect(self.ctx, zmq.PUSH, addr, keys=self.keys)
+            try:
+                sock = self.peers[addr] = transport.connect(self.ctx, zmq.PUSH, addr, keys=self.keys)
+            except zmq.ZMQError as e:
+                logger.warning("%s: no reply to peer address %s: %s", self.cfg.name, preview(addr), e)
+                return None
         return sock
 
     def _reply_to(self, addr: str) -> zmq.Socket:
@@ -311,6 +356,7 @@ class _Loop:
         for msg in self.core.take_outbox():
             self._reply(msg)
         for addr, msg in self.core.take_peer_outbox():
-            transport.send(self._peer(addr), msg)
+            if (sock := self._peer(addr)) is not None:
+                transport.send(sock, msg)
         for msg in self.core.take_worker_outbox():
             transport.send(self.steps, msg)

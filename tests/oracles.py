@@ -76,13 +76,15 @@ def write_tiny_hf_model(
 
 
 def greedy_reference(
-    model_path: str | None, prompts: list[list[int]], max_new_tokens: int, seed: int = 0
+    model_path: str | None, prompts: list[list[int]], max_new_tokens: int, seed: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Exactly ``max_new_tokens`` greedy tokens per prompt (EOS does not stop it: compare with
     requests that set ``ignore_eos``, or cut at the first stop token yourself).
 
     ``model_path`` None: the embedded default model with weights from ``seed`` (the server's
-    ``--seed``); otherwise the safetensors checkpoint in that directory."""
+    ``--seed``); otherwise the safetensors checkpoint in that directory. ``repetition_penalty``:
+    each logit of a token already in the sequence is divided by it if positive, else multiplied."""
     if model_path is None:
         cfg = ModelConfig.embedded()
         weights = random_hf_state_dict(cfg, seed)
@@ -94,7 +96,11 @@ def greedy_reference(
         for prompt in prompts:
             ids = list(prompt)
             for _ in range(max_new_tokens):
-                ids.append(int(dense_logits(cfg, weights, ids)[-1].argmax()))
+                logits = dense_logits(cfg, weights, ids)[-1]
+                for token in set(ids):
+                    value = float(logits[token])
+                    logits[token] = value / repetition_penalty if value > 0 else value * repetition_penalty
+                ids.append(int(logits.argmax()))
             outputs.append(ids[len(prompt) :])
     return outputs
 

@@ -86,4 +86,9 @@ class Admission:
             stop_token_ids=list(dict.fromkeys(stop_ids)),
             ignore_eos=s.ignore_eos,
             return_logprob=cmd.return_logprob,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            repetition_penalty=s.repetition_penalty,
+            min_p=s.min_p,
+            top_logprobs=s.top_logprobs,
         )

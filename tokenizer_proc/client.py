@@ -220,6 +220,8 @@ def _merge(merged: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
     merged["token_ids"] += msg["token_ids"]
     if "logprobs" in msg:
         merged["logprobs"] = merged.get("logprobs", []) + msg["logprobs"]
+    if "top_logprobs" in msg:
+        merged["top_logprobs"] = merged.get("top_logprobs", []) + msg["top_logprobs"]
     for key in ("finished", "finish_reason", "usage", "metrics"):
         if key in msg:
             merged[key] = msg[key]

@@ -8,12 +8,20 @@ instance or to a prefill + decode pair is the topology's business (``topology.py
 of the front end sees a ``Route`` and treats both alike. (Over 400 lines: one poll loop and the
 handlers of its two sockets, which share its state; the parts with state of their own live in
 ``connections.py``, ``request_state.py``, ``status.py``, ``topology.py``.)
+
+Shutdown: SIGTERM/SIGINT stop at once (live requests fail with ``shutting_down``); SIGUSR2, what
+launch.py sends on its own SIGTERM, drains: new generate requests are refused with
+``shutting_down``, live ones get ``--drain-timeout`` seconds to finish, then the rest fail.
+Before closing, the instance messages already queued are read, so that failures an instance
+reported before it stopped reach their clients as such (docs/design.md, "Launcher and
+supervision").
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import signal
 import time
 from collections.abc import Callable, Iterable
 
@@ -42,7 +50,7 @@ from protocol.messages import (
     decode,
     encode,
 )
-from protocol.process import StopRequest, stop_on_sigterm
+from protocol.process import StopFlag, StopRequest, stop_on_sigterm
 from protocol.security import ClusterKeys
 from protocol.validation import preview
 from tokenizer_proc.admission import Admission
@@ -90,6 +98,7 @@ class Frontend:
         self._rid_counter = 0
         self._attach = AttachFrontend(output_addr=cfg.output_addr, rid_prefix=self._rid_prefix)
         self._ready_once = False
+        self._drain_deadline: float | None = None  # set once draining
         # Client frames are checked against max_message_bytes in the app (to answer with an
         # error); zmq's limit is only a hard guard. Instances batch the outputs of hundreds of
         # requests into one frame: their guard never drops below the default limit, since zmq
@@ -117,8 +126,11 @@ class Frontend:
 
     # ---------------------------------------------------------------------------------- loop
 
-    def serve(self, stop: StopRequest) -> None:
+    def serve(self, stop: StopRequest, drain: StopRequest | None = None) -> None:
+        """Serve until ``stop`` is set, or until drained once ``drain`` is set."""
         while not stop.is_set():
+            if drain is not None and drain.is_set() and self._drained(time.monotonic()):
+                return
             events = dict(self._poller.poll(self._poll_timeout_ms()))
             caught_up = True
             if self._outputs in events:
@@ -127,9 +139,22 @@ class Frontend:
                 self._drain(self._clients, self._read_client_frames)
             self._run_timers(time.monotonic(), caught_up)
 
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def _drained(self, now: float) -> bool:
+        """Start draining (first call); True once no request is live or the drain time is up."""
+        if self._drain_deadline is None:
+            self._drain_deadline = now + self.cfg.args.drain_timeout
+            log.info("draining: %d live request(s), at most %g s", len(self._requests),
+                     self.cfg.args.drain_timeout)
+        return not self._requests or now >= self._drain_deadline
+
     def close(self) -> None:
-        """Fail the live requests (``shutting_down``), abort them at their instances, and
-        close the sockets, giving the last replies a moment to leave."""
+        """Read what instances already sent, fail the live requests (``shutting_down``), abort
+        them at their instances, and close the sockets, giving the last replies a moment to leave."""
+        self._drain(self._outputs, self._read_instance_message)
         for req in list(self._requests):
             self._requests.remove(req)
             self._abort_everywhere(req, FinishReason.ABORT)
@@ -220,6 +245,9 @@ class Frontend:
             why = f"rid {preview(cmd.rid)} is already in use by a live request, which goes on"
             self._send(conn, ClientError(rid=cmd.rid, code=INVALID_REQUEST, message=why, duplicate=True))
             return
+        if self.draining:
+            self._send_error(conn, cmd.rid, SHUTTING_DOWN, "the service is shutting down")
+            return
         if not self._ready_once:
             self._send_error(conn, cmd.rid, PEER_UNAVAILABLE, f"not ready: {self._topology.unavailable()}")
             return
@@ -283,7 +311,8 @@ class Frontend:
             self._reply_status(pending)
 
     def _reply_status(self, pending: PendingStatus) -> None:
-        self._send(pending.conn, pending.reply(self._topology.ready))
+        ready = self._ready_once and not self.draining and self._topology.can_serve
+        self._send(pending.conn, pending.reply(ready))
 
     def _send_error(self, conn: bytes, rid: str | None, code: str, message: str) -> None:
         self._send(conn, ClientError(rid=rid, code=code, message=message))
@@ -424,13 +453,25 @@ class Frontend:
             log.info("front end ready: %d instance(s)", len(self._pool))
 
 
-def run_frontend(cfg: FrontendConfig, stop: StopRequest | None = None) -> None:
-    """Serve until ``stop`` is set (or, when none is given, until SIGTERM or SIGINT)."""
+def drain_on_sigusr2() -> StopFlag:
+    """A drain request that SIGUSR2 sets (launch.py's way to drain the front end)."""
+    flag = StopFlag()
+    signal.signal(signal.SIGUSR2, lambda *_: flag.set())
+    return flag
+
+
+def run_frontend(
+    cfg: FrontendConfig, stop: StopRequest | None = None, drain: StopRequest | None = None
+) -> None:
+    """Serve until ``stop`` is set, or until drained once ``drain`` is set (when neither is
+    given: SIGTERM or SIGINT stop, SIGUSR2 drains)."""
+    if stop is None and drain is None:
+        drain = drain_on_sigusr2()
     if stop is None:
         stop = stop_on_sigterm()
     frontend = Frontend(cfg)
     try:
-        frontend.serve(stop)
+        frontend.serve(stop, drain)
     finally:
         frontend.close()
         log.info("front end stopped")

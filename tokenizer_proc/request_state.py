@@ -34,6 +34,7 @@ class LiveRequest:
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[list[float]]] = field(default_factory=list)
 
     @property
     def key(self) -> ClientKey:
@@ -62,18 +63,21 @@ class LiveRequest:
             text += self.detok.finish()
             self.finish_reason = out.finish_reason or FinishReason.STOP
         logprobs = (out.logprobs or []) if self.return_logprob else None
+        top = top_logprob_pairs(out)
         if self.stream:
             if not (out.token_ids or self.finished):
                 return None
-            return self._message(text, list(out.token_ids), logprobs, now)
+            return self._message(text, list(out.token_ids), logprobs, now, top)
         self.texts.append(text)
         self.token_ids += out.token_ids
         if logprobs is not None:
             self.logprobs += logprobs
+        self.top_logprobs += top or []
         if not self.finished:
             return None
         return self._message(
-            "".join(self.texts), self.token_ids, self.logprobs if self.return_logprob else None, now
+            "".join(self.texts), self.token_ids, self.logprobs if self.return_logprob else None, now,
+            self.top_logprobs or None,
         )
 
     def abort(self, now: float) -> ClientOutput:
@@ -95,7 +99,8 @@ class LiveRequest:
         self.completion_tokens += len(out.token_ids)
 
     def _message(
-        self, text: str, token_ids: list[int], logprobs: list[float] | None, now: float
+        self, text: str, token_ids: list[int], logprobs: list[float] | None, now: float,
+        top_logprobs: list[list[list[float]]] | None = None,
     ) -> ClientOutput:
         msg = ClientOutput(
             rid=self.client_rid,
@@ -104,6 +109,7 @@ class LiveRequest:
             finished=self.finished,
             finish_reason=self.finish_reason,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         if self.finished:
             msg.usage = {
@@ -118,6 +124,16 @@ class LiveRequest:
                 "latency_ms": round((now - self.arrival) * 1e3, 3),
             }
         return msg
+
+
+def top_logprob_pairs(out: ReqOutput) -> list[list[list[float]]] | None:
+    """The client's ``top_logprobs`` of ``out``: per token, its [token id, logprob] pairs."""
+    if out.top_token_ids is None or out.top_logprobs is None:
+        return None
+    return [
+        [[token_id, logprob] for token_id, logprob in zip(ids, lps, strict=True)]
+        for ids, lps in zip(out.top_token_ids, out.top_logprobs, strict=True)
+    ]
 
 
 class RequestTable:

@@ -95,6 +95,11 @@ class Topology(ABC):
     def ready(self) -> bool:
         """Every instance is ready and can be routed to."""
 
+    @property
+    @abstractmethod
+    def can_serve(self) -> bool:
+        """A request could be routed now (status ``ready``, once the deployment was ready)."""
+
     @abstractmethod
     def route(self, input_ids: Sequence[int]) -> Route | None:
         """Where a request with prompt ``input_ids`` goes; None when nothing can take it."""
@@ -120,6 +125,10 @@ class UnifiedTopology(Topology):
     @property
     def ready(self) -> bool:
         return self.pool.all_ready
+
+    @property
+    def can_serve(self) -> bool:
+        return bool(self.pool.routable(Role.UNIFIED))
 
     def route(self, input_ids: Sequence[int]) -> Route | None:
         candidates = self.pool.routable(Role.UNIFIED)
@@ -151,6 +160,10 @@ class DisaggregatedTopology(Topology):
         peers = [self._registered(d) for d in self._decodes]
         paired_prefills = {p for registered in peers for p in registered}
         return all(peers) and paired_prefills.issuperset(self._prefills)
+
+    @property
+    def can_serve(self) -> bool:
+        return bool(self._usable_pairs())
 
     def route(self, input_ids: Sequence[int]) -> Route | None:
         pairs = self._usable_pairs()

@@ -64,6 +64,11 @@ class ClientSampling:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    top_logprobs: int = 0
 
 
 _SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(ClientSampling))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,3 +163,30 @@ def wait_no_leak(client: Client, timeout: float = 30.0) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"requests or pages leaked: {status}")
         time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class ProcUsage:
+    """What a process holds: resident memory (VmRSS, KiB) and open file descriptors."""
+
+    rss_kib: int
+    fds: int
+
+
+def proc_usage(pid: int) -> ProcUsage:
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return ProcUsage(rss, len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def kv_sender_addr(server: Server) -> str:
+    """The KV sender address of a prefill instance, as its worker logs it when ready."""
+    match = re.search(r"KV sender at (\S+)", server.log())
+    assert match, "the prefill worker logged no KV sender address"
+    return match.group(1)
+
+
+def frontend_output_addr(server: Server) -> str:
+    """Where a ``--mode frontend`` front end takes its instances' messages: its port + 1."""
+    host, port = server.addr.rsplit(":", 1)
+    return f"{host}:{int(port) + 1}"

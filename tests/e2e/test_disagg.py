@@ -329,19 +329,22 @@ def check_duplicate_room(prefill: Server, directory: str) -> None:
             failed.rid == "second" and failed.code == "invalid_request" and "duplicate room" in failed.message
         )
         transport.send(to_p, AbortRequest("first"))
-        transport.send(to_p, StatusQuery(qid=1))
-        report = next_of(inbox, StatusReport)
+        transport.send(to_p, StatusQuery(qid=987654))  # not a qid the real front end uses
+        # replies go to every attached front end: the real one's status reports come here too
+        report = next_of(inbox, StatusReport, where=lambda r: r.qid == 987654)
         assert report.status.pending == 0 and report.status.free_pages == report.status.total_pages
     finally:
         inbox.close()
         to_p.close()
 
 
-def next_of(sock: zmq.Socket, kind: type[T], timeout_s: float = 10.0) -> T:
+def next_of(
+    sock: zmq.Socket, kind: type[T], timeout_s: float = 10.0, where: Callable[[T], bool] = lambda _: True
+) -> T:
     deadline = time.monotonic() + timeout_s
     while sock.poll(max(deadline - time.monotonic(), 0) * 1000):
         msg = transport.recv(sock)
-        if isinstance(msg, kind):
+        if isinstance(msg, kind) and where(msg):
             return msg
     raise AssertionError(f"no {kind.__name__} within {timeout_s} s")
 

@@ -44,12 +44,12 @@ BAD_COMPLETIONS = [
     ({"prompt": ["a"] * 9, "n": 15}, 400, "n", "at most 128"),
     ({"stop": [""]}, 400, "stop", "must not be empty"),
     ({"stop": ["x"] * 17}, 400, "stop", "at most 16"),
-    ({"logprobs": 2}, 400, "logprobs", "not supported yet"),
+    ({"logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
     ({"echo": True, "prompt": [1, 2]}, 400, "echo", "not supported yet"),
-    ({"frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported yet"),
-    ({"presence_penalty": -1.0}, 400, "presence_penalty", "not supported yet"),
-    ({"repetition_penalty": 1.2}, 400, "repetition_penalty", "not supported yet"),
-    ({"min_p": 0.1}, 400, "min_p", "not supported yet"),
+    ({"frequency_penalty": 2.5}, 400, "frequency_penalty", "less than or equal to 2"),
+    ({"presence_penalty": -2.5}, 400, "presence_penalty", "greater than or equal to -2"),
+    ({"repetition_penalty": 2.5}, 400, None, "repetition_penalty must be in (0, 2]"),  # the front end's
+    ({"min_p": 1.5}, 400, "min_p", "less than or equal to 1"),
     ({"logit_bias": {"5": 1}}, 400, "logit_bias", "not supported yet"),
     ({"best_of": 3}, 400, "best_of", "not supported yet"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed when stream"),
@@ -70,7 +70,7 @@ BAD_CHATS = [
     ({"messages": None}, 400, "messages", "valid array"),
     ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", "role must be one of"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages", "content must be"),
-    ({"top_logprobs": 2, "logprobs": True}, 400, "top_logprobs", "not supported yet"),
+    ({"top_logprobs": 21, "logprobs": True}, 400, "top_logprobs", "less than or equal to 20"),
     ({"top_logprobs": 2}, 400, "top_logprobs", "logprobs must be true"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "not supported yet"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "not supported yet"),
@@ -93,7 +93,8 @@ def test_missing_messages_and_malformed_bodies(http, zmq_client):
     assert_error(http.post("/generate", json={"sampling_params": {}}), 400, "text", says="exactly one")
     assert_error(http.post("/generate", json={"text": "x", "sampling_params": {"foo": 1}}), 400,
                  "sampling_params.foo")
-    assert_error(http.post("/generate", json={"text": "x", "sampling_params": {"min_p": 0.5}}), 400, "min_p")
+    bad_min_p = {"text": "x", "sampling_params": {"min_p": 1.5}}
+    assert_error(http.post("/generate", json=bad_min_p), 400, "sampling_params.min_p")
     assert_error(http.get("/v1/nothing"), 404)
     assert_error(http.get("/v1/completions"), 405)
     # and the service keeps serving

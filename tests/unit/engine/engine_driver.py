@@ -86,7 +86,7 @@ class StepDriver:
         while waiting and sum(not r.released for r in running) < self.max_running:
             req = waiting.pop(0)
             req.slot = self.free_slots.pop(0)
-            batch.new_reqs.append(NewReq(req.slot, req.sampling))
+            batch.new_reqs.append(NewReq(req.slot, req.sampling, prompt_ids=list(req.prompt)))
             running.append(req)
         for req in running:
             if req.finished:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from engine.sampling import SamplingBatch, exponential_noise, row_keys, sample
+from engine.penalties import SlotPenalties, apply_penalties
+from engine.sampling import SamplingBatch, exponential_noise, row_keys, sample, top_logprobs
 from engine.worker import Worker
 from protocol.messages import SamplingParams
+from tests.oracles import greedy_reference
 from tests.unit.engine.engine_driver import driver_for
 
 CPU = torch.device("cpu")
@@ -121,3 +124,127 @@ def test_seeded_requests_through_the_worker_are_batch_and_retraction_invariant(
     resumed_params = SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.95, seed=77, ignore_eos=True)
     (resumed,) = driver_for(embedded_worker).generate([prompt + alone.outputs[:3]], [resumed_params])
     assert resumed.outputs == alone.outputs[3:]
+
+
+# ---------------------------------------------------------------- penalties, min_p, top logprobs
+
+
+def penalized_reference(
+    logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]], params: list[SamplingParams]
+) -> torch.Tensor:
+    """vLLM's penalties, one token at a time: repetition on prompt and output tokens, then
+    frequency and presence on output tokens."""
+    out = logits.clone()
+    for row, (prompt, output, p) in enumerate(zip(prompts, outputs, params, strict=True)):
+        for token in set(prompt) | set(output):
+            value = float(out[row, token])
+            out[row, token] = value / p.repetition_penalty if value > 0 else value * p.repetition_penalty
+        for token in set(output):
+            out[row, token] -= p.frequency_penalty * output.count(token) + p.presence_penalty
+    return out
+
+
+def random_history(rows: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, VOCAB, (8,), generator=gen).tolist() for _ in range(rows)]
+    outputs = [torch.randint(0, VOCAB, (12,), generator=gen).tolist() for _ in range(rows)]
+    return prompts, outputs
+
+
+def penalty_rows(prompts, outputs, params):
+    penalties = SlotPenalties(VOCAB, CPU)
+    for slot, (prompt, output, p) in enumerate(zip(prompts, outputs, params, strict=True)):
+        penalties.admit(slot, p, prompt, output)
+    return penalties, penalties.rows(list(range(len(params))), params)
+
+
+PENALTY_CASES = {
+    "frequency": dict(frequency_penalty=0.7),
+    "presence": dict(presence_penalty=-1.3),
+    "repetition": dict(repetition_penalty=1.6),
+    "combined": dict(frequency_penalty=0.4, presence_penalty=1.1, repetition_penalty=0.7),
+}
+
+
+@pytest.mark.parametrize("case", PENALTY_CASES)
+def test_penalties_match_the_reference(case: str) -> None:
+    logits = random_logits(5, seed=11)
+    prompts, outputs = random_history(5, seed=12)
+    params = [SamplingParams(temperature=0.0, **PENALTY_CASES[case])] * 4 + [SamplingParams(temperature=0.0)]
+    _, rows = penalty_rows(prompts, outputs, params)
+    assert rows is not None
+    want = penalized_reference(logits, prompts, outputs, params)
+    assert torch.allclose(apply_penalties(logits, rows), want, atol=1e-5)
+    batch = SamplingBatch.build(params, [0] * 5, VOCAB, CPU, rows)
+    tokens, _ = sample(logits, batch)
+    assert tokens.tolist() == want.argmax(-1).tolist()
+    assert tokens[4].item() == logits[4].argmax().item()  # the row without a penalty
+
+
+def test_a_greedy_penalty_changes_the_choice_as_the_reference_says() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3], logits[0, 7] = 2.0, 1.8
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3)]
+    _, rows = penalty_rows([[3]], [[]], params)
+    tokens, logprobs = sample(logits, SamplingBatch.build(params, [0], VOCAB, CPU, rows))
+    assert tokens.tolist() == [7] == penalized_reference(logits, [[3]], [[]], params).argmax(-1).tolist()
+    assert logprobs is None
+
+
+def test_slot_penalties_count_the_sampled_tokens_and_forget_released_slots() -> None:
+    params = [SamplingParams(frequency_penalty=1.0), SamplingParams()]
+    penalties, _ = penalty_rows([[1, 2], [3]], [[4], []], params)
+    assert penalties.active
+    penalties.record([0, 1], torch.tensor([4, 9]))
+    penalties.record([0, 1], torch.tensor([5, 9]))
+    rows = penalties.rows([1, 0], params[::-1])
+    assert rows is not None
+    assert rows.counts[1, 4].item() == 2 and rows.counts[1, 5].item() == 1 and rows.counts[1].sum() == 3
+    assert rows.seen[1, [1, 2, 4, 5]].all() and rows.seen[1].sum() == 4
+    assert not rows.seen[0].any() and rows.counts[0].sum() == 0  # slot 1 asks for no penalty
+    penalties.release([0])
+    assert not penalties.active and penalties.rows([0, 1], params) is None
+
+
+def test_min_p_drops_the_tokens_below_min_p_times_the_top_probability() -> None:
+    logits = random_logits(6, seed=21)
+    params = [SamplingParams(temperature=0.8, min_p=0.3, seed=s) for s in range(6)]
+    positions = [4] * 6
+    batch = SamplingBatch.build(params, positions, VOCAB, CPU)
+    assert batch.use_min_p
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    kept = probs >= 0.3 * probs.max(dim=-1, keepdim=True).values
+    reference = torch.where(kept, probs, torch.zeros_like(probs))
+    noise = exponential_noise(batch.keys, VOCAB)
+    assert draw(logits, params, positions) == (reference / noise).argmax(-1).tolist()
+    for pos in range(40):  # every draw is a kept token
+        row = draw(logits[:1], params[:1], [pos])[0]
+        assert kept[0, row]
+
+
+def test_top_logprobs_are_the_largest_raw_logprobs_in_order() -> None:
+    logits = random_logits(3, seed=31)
+    ids, values = top_logprobs(logits, 5)
+    want_values, want_ids = torch.log_softmax(logits, dim=-1).sort(dim=-1, descending=True)
+    assert ids.tolist() == want_ids[:, :5].tolist()
+    assert torch.allclose(values, want_values[:, :5])
+
+
+def test_a_greedy_repetition_penalty_through_the_worker_matches_the_reference(
+    embedded_worker: Worker,
+) -> None:
+    prompts = [[256, 10, 20, 30, 40, 50, 60, 70, 80, 90], [256, 7, 7, 7]]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
+    plain = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    reqs = driver_for(embedded_worker).generate([*prompts, [256, 3]], [params, params, plain])
+    assert [r.outputs for r in reqs[:2]] == greedy_reference(None, prompts, 10, repetition_penalty=1.3)
+    assert reqs[2].outputs == greedy_reference(None, [[256, 3]], 6)[0]
+
+
+def test_top_logprobs_through_the_worker(embedded_worker: Worker) -> None:
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, top_logprobs=4, ignore_eos=True)
+    driver = driver_for(embedded_worker)
+    (req,) = driver.generate([[256, 1, 2]], [params])
+    tops = [r for r in driver.results if r.top_token_ids]
+    assert tops and all(len(ids) == 4 and ids[0] == token for r in tops
+                        for ids, token in zip(r.top_token_ids, r.token_ids, strict=True))

@@ -194,3 +194,10 @@ def test_config_json_rebuilds_enums_and_checks_types():
     assert back == cfg and back.role is Role.PREFILL
     with pytest.raises(ProtocolError, match="SchedulerConfig: args.page_size must be an integer"):
         config_from_json(SchedulerConfig, config_to_json(cfg).replace('"page_size": 16', '"page_size": "16"'))
+
+
+@pytest.mark.parametrize("tag", [[1], {"a": 1}, 3, None])
+def test_a_type_tag_that_is_not_a_string_is_a_protocol_error(tag) -> None:
+    """Found by fuzzing an instance's input: an unhashable tag escaped as TypeError and killed it."""
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        decode(msgpack.packb({"type": tag, "v": PROTOCOL_VERSION}))

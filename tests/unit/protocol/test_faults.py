@@ -18,6 +18,13 @@ def test_a_known_fault_is_parsed_and_round_trips() -> None:
     assert Faults.parse(faults.to_setting()) == faults
 
 
+def test_step_faults_are_parsed_and_round_trip() -> None:
+    faults = Faults.parse("step_delay_s=2.5,step_delay_at_step=4,forward_error_at_step=7")
+    assert (faults.step_delay_s, faults.step_delay_at_step, faults.forward_error_at_step) == (2.5, 4, 7)
+    assert Faults.parse(faults.to_setting()) == faults
+    assert Faults().forward_error_at_step is None
+
+
 @pytest.mark.parametrize(
     ("setting", "needle"),
     [
@@ -26,6 +33,9 @@ def test_a_known_fault_is_parsed_and_round_trips() -> None:
         ("kv_send_delay_s=soon", "needs a float"),
         ("kv_send_delay_s=-1", "must be ≥ 0"),
         ("kv_send_delay_s=1,kv_send_delay_s=2", "given twice"),
+        ("step_delay_s=-0.5", "step_delay_s must be ≥ 0"),
+        ("forward_error_at_step=-1", "forward_error_at_step must be ≥ 0"),
+        ("step_delay_at_step=1.5", "needs a int"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_what_is_wrong(setting: str, needle: str) -> None:

@@ -201,6 +201,25 @@ def test_worker_failure_mid_run_fails_requests_and_raises(ctx, addrs, start_work
         front.close()
 
 
+def test_watchdog_fails_requests_of_a_hung_worker_and_raises(ctx, addrs, start_worker):
+    """A step in flight past --watchdog-timeout: not ready after half of it, then every request
+    fails (internal, naming the watchdog) and the loop raises WorkerLost."""
+    start_worker(step_delay_s=5.0)
+    scheduler = Scheduler(config(addrs, watchdog_timeout=1.0))
+    front = FrontEnd(ctx, addrs)
+    try:
+        front.attach()
+        front.send(make_request("a", [1, 2, 3], max_new=50, stop=False))
+        while front.recv(Heartbeat).ready:
+            pass
+        failed = front.recv(RequestFailed)
+        assert failed.rid == "a" and failed.code == INTERNAL and "watchdog" in failed.message
+        scheduler.join()
+        assert isinstance(scheduler.error, WorkerLost) and "--watchdog-timeout" in str(scheduler.error)
+    finally:
+        front.close()
+
+
 def test_worker_failed_at_start_raises(addrs, start_worker):
     start_worker(fail_at_start=True)
     scheduler = Scheduler(config(addrs))
