@@ -30,6 +30,7 @@ def ipc_parent(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A TMPDIR of its own for launch (short: ipc paths are limited to ~100 bytes); after the
     test, launch must have removed its ipc directory from it."""
     parent = Path(tempfile.mkdtemp(prefix="pf-", dir="/tmp"))
+    tempfile.gettempdir()  # this process's own temporary files stay where they were (it caches)
     monkeypatch.setenv("TMPDIR", str(parent))
     yield parent
     left = sorted(p.name for p in parent.glob("pdserve-*") if not p.name.startswith("pdserve-e2e-"))
