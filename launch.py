@@ -5,34 +5,43 @@ The launcher only supervises: it starts every role as its own Python process (``
 <package> --config <json>``), waits until the front end reports ready, prints the address,
 and from then on waits for a signal or a child's death. Ctrl-C / SIGTERM drain first: the front
 end (told by SIGUSR2) refuses new requests and gives live ones ``--drain-timeout`` seconds; then
-every child stops; a second signal stops them at once. A child that dies makes the launcher stop
-the rest (instances first, the front end last, so that failures the instances reported reach the
-clients) and exit non-zero with that child's error. The ipc directory is removed on exit.
+every child stops; a second signal stops them at once. Once the deployment was ready, a dead
+process of an instance stops and restarts that instance alone (launcher/supervisor.py, with
+back-off, up to ``--max-restarts`` quick failures in a row); a dead front end or HTTP server, an
+instance given up on, or any death before readiness makes the launcher stop the rest (instances
+first, the front end last, so that failures the instances reported reach the clients) and exit
+non-zero with that child's error. The ipc directory is removed on exit.
 Children run in their own session (so a terminal's Ctrl-C reaches only the launcher) and die
-with it if it is killed outright (PR_SET_PDEATHSIG, see protocol/process.py). (Just over 400
-lines: starting each mode's children and supervising them read as one story; the command line
-is launcher/flags.py.)
+with it if it is killed outright (PR_SET_PDEATHSIG, see protocol/process.py). The command line is
+launcher/flags.py, a child process and its readiness probe launcher/children.py, an instance's
+restarts launcher/supervisor.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import itertools
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import zmq
-
+from launcher.children import (  # noqa: F401 (Child: part of launch's API)
+    REPO_ROOT,
+    Child,
+    both,
+    frontend_probe,
+    http_probe,
+    instance_probe,
+    spawn,
+    spawn_module,
+)
 from launcher.flags import flag_choices, parse_args  # noqa: F401 (flag_choices: part of launch's API)
+from launcher.supervisor import InstanceSupervisor, RestartPolicy
 from protocol.config import (
     FrontendConfig,
     InstanceAddrs,
@@ -40,15 +49,14 @@ from protocol.config import (
     SchedulerConfig,
     ServerArgs,
     WorkerConfig,
-    config_to_json,
 )
-from protocol.messages import Role, StatusQuery, StatusReport
+from protocol.faults import FAULTS_ENV
+from protocol.messages import Role
 from protocol.process import SignalWakeup, dump_stacks_on_sigusr1
 from protocol.security import ClusterKeys
 from protocol.security import main as keys_main
-from protocol.transport import bind, connect, ipc_addr, ipc_dir, recv, send
+from protocol.transport import ipc_addr, ipc_dir
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 STOP_GRACE_S = 10.0
 FAILURE_GRACE_S = 2.0  # after a child's death, for the others to report failures and exit by themselves
 DRAIN_MARGIN_S = 5.0  # beyond --drain-timeout, for the front end to answer the rest and exit
@@ -57,67 +65,39 @@ logger = logging.getLogger("pdserve.launch")
 
 
 # --------------------------------------------------------------------------------------------
-# Children
+# Children of each mode (launcher/children.py: how one is started, how it is probed)
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Child:
-    """One supervised process; keeps the tail of its stderr to report a start-up failure."""
-
-    name: str
-    proc: subprocess.Popen
-    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
-    forwarder: threading.Thread | None = None
-
-    def forward_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            self.tail.append(line)
-            sys.stderr.write(line)
-            sys.stderr.flush()
-
-
-def spawn(name: str, package: str, config: object) -> Child:
-    return spawn_module(name, package, ["--config", config_to_json(config)])
-
-
-def spawn_module(name: str, package: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", package, *argv],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    child = Child(name, proc)
-    child.forwarder = threading.Thread(target=child.forward_stderr, name=f"stderr-{name}", daemon=True)
-    child.forwarder.start()
-    return child
-
-
-@dataclass
 class Deployment:
-    """What a mode started: its children, and how to tell when it is ready."""
+    """What a mode started: its instances (each restarted on its own), its other children (the
+    front end, the HTTP server: their death stops everything), and how to tell when it is ready."""
 
     mode: str
-    address: str  # what the deployment serves on (a front end's or an instance's address)
-    children: list[Child]
+    address: str  # what the deployment serves on: the HTTP API's URL, or an instance's address
+    children: list[Child]  # those not part of an instance
     probe: Callable[[], bool]  # one readiness check; True once ready
     directory: str | None = None  # the private ipc directory, removed on exit
     frontend: Child | None = None  # drained before the rest stop
     drain_timeout: float = 0.0
+    instances: list[InstanceSupervisor] = field(default_factory=list)
+
+    def all_children(self) -> list[Child]:
+        """Every process of the deployment now: the instances' current ones first."""
+        current = [c for inst in self.instances for c in inst.children]
+        return [*current, *self.children]  # type: ignore[list-item]
 
 
 WORKER_PACKAGES = {Role.UNIFIED: "engine", Role.PREFILL: "prefill_worker", Role.DECODE: "decode_worker"}
 
 
-def start_instance(args: ServerArgs, name: str, role: Role, input_addr: str, directory: str) -> list[Child]:
-    """One instance: its worker and its scheduler."""
+def start_instance(
+    args: ServerArgs, name: str, role: Role, input_addr: str, directory: str, restart: bool = False
+) -> list[Child]:
+    """One instance: its worker (a process per tensor-parallel rank) and its scheduler. A
+    restarted instance runs without the injected faults of ``PDSERVE_FAULTS`` (they apply to
+    the first incarnation only)."""
     addrs = InstanceAddrs(
         input_addr=input_addr,
         step_addr=ipc_addr(directory, f"{name}-step"),
@@ -125,16 +105,35 @@ def start_instance(args: ServerArgs, name: str, role: Role, input_addr: str, dir
     )
     worker = WorkerConfig(args=args, name=name, role=role, addrs=addrs)
     scheduler = SchedulerConfig(args=args, name=name, role=role, addrs=addrs)
+    env = {FAULTS_ENV: ""} if restart else None
+    ranks = worker.tensor_parallel_ranks(directory)  # one worker process per --tp-size rank
     return [
-        spawn(f"{name}-worker", WORKER_PACKAGES[role], worker),
-        spawn(f"{name}-scheduler", "scheduler_proc", scheduler),
+        *(spawn(rank.process_name, WORKER_PACKAGES[role], rank, env) for rank in ranks),
+        spawn(f"{name}-scheduler", "scheduler_proc", scheduler, env),
     ]
+
+
+def supervised_instance(
+    args: ServerArgs, name: str, role: Role, input_addr: str, directory: str, policy: RestartPolicy
+) -> InstanceSupervisor:
+    """An instance started now, and restarted alone when one of its processes dies."""
+
+    def start_it(restart: bool) -> list[Child]:
+        return start_instance(args, name, role, input_addr, directory, restart)
+
+    return InstanceSupervisor(name, start_it, policy, on_restart=announce_restart)  # type: ignore[arg-type]
+
+
+def announce_restart(instance: InstanceSupervisor) -> None:
+    """Its new processes, as the ``pdserve: started`` line names them."""
+    pids = " ".join(f"{c.name}={c.proc.pid}" for c in instance.children)  # type: ignore[attr-defined]
+    print(f"pdserve: restarted {instance.name}: {pids}", flush=True)
 
 
 def start_frontend(
     args: ServerArgs, output_addr: str, unified: list[str], prefill: list[str], decode: list[str]
 ) -> tuple[str, Child]:
-    client_addr = f"tcp://{args.host}:{args.port}"
+    client_addr = f"tcp://{args.host}:{args.client_port}"
     cfg = FrontendConfig(
         args=args,
         client_addr=client_addr,
@@ -148,46 +147,48 @@ def start_frontend(
 
 def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
     directory = ipc_dir()
+    policy = RestartPolicy(max_restarts=ns.max_restarts)
     if mode in (Mode.PREFILL, Mode.DECODE):
         addr = f"tcp://{args.host}:{args.port}"
         # Named by address: instances of one deployment start from separate launches.
-        children = start_instance(args, f"{mode}@{args.host}:{args.port}", Role(mode), addr, directory)
-        keys = ClusterKeys.from_dir(args.cluster_key_dir)
-        return Deployment(mode, addr, children, instance_probe(addr, directory, keys), directory)
+        name = f"{mode}@{args.host}:{args.port}"
+        instance = supervised_instance(args, name, Role(mode), addr, directory, policy)
+        probe = instance_probe(addr, directory, ClusterKeys.from_dir(args.cluster_key_dir))
+        return Deployment(mode, addr, [], probe, directory, instances=[instance])
     unified: list[str] = []
     prefill: list[str] = list(ns.prefill)
     decode: list[str] = list(ns.decode)
-    children: list[Child] = []
+    instances: list[InstanceSupervisor] = []
     if mode == Mode.UNIFIED:
         unified = [ipc_addr(directory, "unified0-input")]
-        children += start_instance(args, "unified0", Role.UNIFIED, unified[0], directory)
+        instances.append(supervised_instance(args, "unified0", Role.UNIFIED, unified[0], directory, policy))
     elif mode == Mode.PD:
         prefill = [ipc_addr(directory, f"prefill{i}-input") for i in range(ns.num_prefill)]
         decode = [ipc_addr(directory, f"decode{i}-input") for i in range(ns.num_decode)]
         for i, addr in enumerate(prefill):
-            children += start_instance(args, f"prefill{i}", Role.PREFILL, addr, directory)
+            instances.append(supervised_instance(args, f"prefill{i}", Role.PREFILL, addr, directory, policy))
         for i, addr in enumerate(decode):
-            children += start_instance(args, f"decode{i}", Role.DECODE, addr, directory)
+            instances.append(supervised_instance(args, f"decode{i}", Role.DECODE, addr, directory, policy))
+    children: list[Child] = []
     # Instances on other hosts send their outputs back over TCP, beside the client port;
     # a deployment that launch starts whole stays on this host and uses ipc.
     if mode == Mode.FRONTEND:
-        output_addr = f"tcp://{args.host}:{args.port + 1}"
+        output_addr = f"tcp://{args.host}:{args.client_port + 1}"
     else:
         output_addr = ipc_addr(directory, "frontend-output")
     client_addr, frontend = start_frontend(args, output_addr, unified, prefill, decode)
     children.append(frontend)
-    probe = frontend_probe(client_addr)
-    if ns.http_port is not None:
-        http_url, http_server = start_http(args, ns, client_addr)
-        children.append(http_server)
-        probe = both(probe, http_probe(http_url))
-    return Deployment(mode, client_addr, children, probe, directory, frontend, args.drain_timeout)
+    http_url, http_server = start_http(args, ns, client_addr)
+    children.append(http_server)
+    probe = both(frontend_probe(client_addr), http_probe(http_url))
+    address = f"{http_url} (ZMQ clients: {client_addr})"
+    return Deployment(mode, address, children, probe, directory, frontend, args.drain_timeout, instances)
 
 
 def start_http(args: ServerArgs, ns: argparse.Namespace, frontend_addr: str) -> tuple[str, Child]:
     """The OpenAI-compatible HTTP server (api_server), a client of the front end. The API key
     travels in its environment, not on a command line that every user can read."""
-    argv = ["--frontend-addr", frontend_addr, "--host", args.host, "--port", str(ns.http_port)]
+    argv = ["--frontend-addr", frontend_addr, "--host", args.host, "--port", str(args.port)]
     for flag, value in (
         ("--model-path", args.model_path),
         ("--chat-template", ns.chat_template),
@@ -196,57 +197,7 @@ def start_http(args: ServerArgs, ns: argparse.Namespace, frontend_addr: str) -> 
         if value is not None:
             argv += [flag, value]
     env = {"PDSERVE_API_KEY": ns.api_key} if ns.api_key else {}
-    return f"http://{args.host}:{ns.http_port}", spawn_module("http", "api_server", argv, env)
-
-
-def both(first: Callable[[], bool], second: Callable[[], bool]) -> Callable[[], bool]:
-    return lambda: first() and second()
-
-
-def http_probe(url: str) -> Callable[[], bool]:
-    import urllib.error
-    import urllib.request
-
-    def probe() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2.0) as reply:
-                return reply.status == 200
-        except (OSError, urllib.error.URLError):
-            return False
-
-    return probe
-
-
-def frontend_probe(client_addr: str) -> Callable[[], bool]:
-    from tokenizer_proc.client import Client
-
-    client = Client(client_addr, timeout=2.0)
-
-    def probe() -> bool:
-        try:
-            return bool(client.status().get("ready"))
-        except TimeoutError:
-            return False
-
-    return probe
-
-
-def instance_probe(input_addr: str, directory: str, keys: ClusterKeys | None) -> Callable[[], bool]:
-    """Ask a standalone instance for its status (reply to our own socket) until it is ready."""
-    ctx = zmq.Context.instance()
-    reply_addr = ipc_addr(directory, "launch-probe")
-    replies = bind(ctx, zmq.PULL, reply_addr, keys=keys)
-    requests = connect(ctx, zmq.PUSH, input_addr, keys=keys)
-    qids = itertools.count()
-
-    def probe() -> bool:
-        send(requests, StatusQuery(qid=next(qids), reply_to=reply_addr))
-        if not replies.poll(2000):
-            return False
-        report = recv(replies)
-        return isinstance(report, StatusReport) and report.status.ready
-
-    return probe
+    return f"http://{args.host}:{args.port}", spawn_module("http", "api_server", argv, env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +209,8 @@ SIGNAL_CHECK_S = 0.5  # longest wait between checks of the children
 
 
 class Supervisor:
-    """Waits for readiness, then for a signal or a child's death, and stops everyone."""
+    """Waits for readiness, then for a signal or a death it cannot mend (a dead instance is
+    restarted by its ``InstanceSupervisor``), and stops everyone."""
 
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
@@ -275,7 +227,7 @@ class Supervisor:
         self.stop_signal = signum
 
     def dead_child(self) -> Child | None:
-        return next((c for c in self.deployment.children if c.proc.poll() is not None), None)
+        return next((c for c in self.deployment.all_children() if c.proc.poll() is not None), None)
 
     def wait_ready(self, timeout_s: float) -> bool:
         """True once the deployment says ready; False on a signal or a dead child."""
@@ -289,14 +241,27 @@ class Supervisor:
         raise TimeoutError(f"the deployment was not ready within {timeout_s:.0f} s")
 
     def wait_until_stopped(self) -> Child | None:
-        """Block until a stop signal (returns None) or a child's death (returns it)."""
+        """Block until a stop signal (returns None), or the death of a child that is not part
+        of an instance, or of an instance's child once its restarts were given up (returned).
+        Meanwhile dead instances are stopped and restarted."""
         while True:
             if self.stop_signal is not None:
                 return None
-            dead = self.dead_child()
+            dead = next((c for c in self.deployment.children if c.proc.poll() is not None), None)
             if dead is not None:
                 return dead
-            self.wakeup.wait(SIGNAL_CHECK_S)
+            for instance in self.deployment.instances:
+                given_up = instance.step()
+                if given_up is not None:
+                    return given_up  # type: ignore[return-value]
+            self.wakeup.wait(self._next_wait())
+
+    def _next_wait(self) -> float:
+        """Until the next check: a child's death (SIGCHLD) ends it early; an instance being
+        stopped or waiting to start again needs a check at its deadline."""
+        deadlines = [d for inst in self.deployment.instances if (d := inst.next_deadline()) is not None]
+        soonest = min(deadlines, default=time.monotonic() + SIGNAL_CHECK_S) - time.monotonic()
+        return min(SIGNAL_CHECK_S, max(0.0, soonest))
 
     def drain(self) -> Child | None:
         """Tell the front end to drain (SIGUSR2) and wait until it exits, a second stop signal
@@ -308,7 +273,7 @@ class Supervisor:
         logger.info("draining: in-flight requests get %g s", self.deployment.drain_timeout)
         frontend.proc.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + self.deployment.drain_timeout + DRAIN_MARGIN_S
-        others = [c for c in self.deployment.children if c is not frontend]
+        others = [c for c in self.deployment.all_children() if c is not frontend]
         dead = None
         while time.monotonic() < deadline and self.stop_signal is None and frontend.proc.poll() is None:
             dead = next((c for c in others if c.proc.poll() is not None), None)
@@ -323,8 +288,9 @@ class Supervisor:
     def stop_all(self, failure_grace_s: float = 0.0) -> None:
         """Stop every child: the instances (given ``failure_grace_s`` to exit by themselves),
         then the front end and the HTTP server, so that the front end reads what they reported."""
-        last = [c for c in self.deployment.children if c is self.deployment.frontend or c.name == "http"]
-        first = [c for c in self.deployment.children if c not in last]
+        children = self.deployment.all_children()
+        last = [c for c in children if c is self.deployment.frontend or c.name == "http"]
+        first = [c for c in children if c not in last]
         deadline = time.monotonic() + failure_grace_s
         while time.monotonic() < deadline and any(c.proc.poll() is None for c in first):
             self.wakeup.wait(0.05)
@@ -345,10 +311,6 @@ def _stop(children: list[Child]) -> None:
             logger.warning("%s did not stop within %.0f s; killing it", child.name, STOP_GRACE_S)
             child.proc.kill()
             child.proc.wait()
-
-
-def http_note(ns: argparse.Namespace) -> str:
-    return f" (HTTP on port {ns.http_port})" if ns.http_port is not None else ""
 
 
 def report_failure(child: Child) -> None:
@@ -385,11 +347,11 @@ def supervise(deployment: Deployment, mode: Mode, ns: argparse.Namespace) -> int
     supervisor = Supervisor(deployment)
     supervisor.install_signal_handlers()
     dump_stacks_on_sigusr1()
-    pids = " ".join(f"{c.name}={c.proc.pid}" for c in deployment.children)
+    pids = " ".join(f"{c.name}={c.proc.pid}" for c in deployment.all_children())
     print(f"pdserve: started {mode}: {pids}", flush=True)
     try:
         if supervisor.wait_ready(timeout_s=float(os.environ.get("PDSERVE_READY_TIMEOUT", "900"))):
-            print(f"pdserve ready: {mode} on {deployment.address}{http_note(ns)}", flush=True)
+            print(f"pdserve ready: {mode} on {deployment.address}", flush=True)
             dead = supervisor.wait_until_stopped()
             if dead is None:
                 dead = supervisor.drain()

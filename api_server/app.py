@@ -1,6 +1,6 @@
 """The FastAPI application: shared state, authentication, the request-body bound, errors as
 OpenAI error objects, and the routes (OpenAI's in ``openai_api``, SGLang's ``/generate`` in
-``native_api``, ``/health`` and ``/v1/models`` here)."""
+``native_api``, ``/metrics`` in ``metrics_api``, ``/health`` and ``/v1/models`` here)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from api_server.errors import (
     invalid,
 )
 from api_server.generation import ClientGone
+from api_server.metrics_api import metrics_routes
 from api_server.native_api import native_routes
 from api_server.openai_api import openai_routes
 from api_server.state import ServerState
@@ -59,6 +60,7 @@ def create_app(config: ApiServerConfig) -> FastAPI:
     app.include_router(openai_routes(state), dependencies=protected)
     app.include_router(native_routes(state), dependencies=protected)
     app.include_router(_info_routes(state))
+    app.include_router(metrics_routes(state))  # open, like /health (metrics_api.py)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     return app

@@ -2,7 +2,9 @@
 
 One ``zmq.asyncio`` DEALER, shared by every HTTP request, speaks the front end's client protocol
 (docs/design.md, "Wire protocol"). A reader task hands each reply to the queue registered for
-its rid; rids are minted here, unique on this connection. Nothing here blocks the event loop.
+its rid; rids are minted here, unique on this connection. Generate requests ask for
+``batch_outputs``: the outputs of many requests arrive in one ``outputs`` frame per front-end
+step, unpacked here. Nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class FrontendBridge:
     def submit(self, message: Message, replies: asyncio.Queue[Message]) -> None:
         """Send ``message`` (a generate or status request); its replies go to ``replies``."""
         self._routes[message["rid"]] = replies
+        if message.get("type") == "generate":
+            message = {**message, "batch_outputs": True}
         self._send(message)
 
     def release(self, rid: str, abort: bool) -> None:
@@ -102,15 +106,20 @@ class FrontendBridge:
             frame = await self._sock.recv()
             try:
                 msg = msgpack.unpackb(frame, raw=False)
-                rid = msg.get("rid")
+                msgs = msg["outputs"] if msg.get("type") == "outputs" else [msg]
             except Exception:  # msgpack raises several unrelated types
                 log.exception("unreadable frame from the front end")
                 continue
-            replies = self._routes.get(rid) if isinstance(rid, str) else None
-            if replies is not None:
-                replies.put_nowait(msg)
-            elif msg.get("type") == "error":
-                log.warning("front end error for no live request (rid %s): %s", rid, msg.get("message"))
+            for one in msgs:
+                self._route(one)
+
+    def _route(self, msg: Message) -> None:
+        rid = msg.get("rid") if isinstance(msg, dict) else None
+        replies = self._routes.get(rid) if isinstance(rid, str) else None
+        if replies is not None:
+            replies.put_nowait(msg)
+        elif isinstance(msg, dict) and msg.get("type") == "error":
+            log.warning("front end error for no live request (rid %s): %s", rid, msg.get("message"))
 
 
 async def next_reply(replies: asyncio.Queue[Message], timeout_s: float) -> Message:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 
+from protocol.config import DEFAULT_MODEL_PATH
 from protocol.model_source import resolve_model
 from tokenizer_proc.client import DEFAULT_ADDR
 
@@ -15,8 +16,8 @@ from tokenizer_proc.client import DEFAULT_ADDR
 class ApiServerConfig:
     frontend_addr: str = DEFAULT_ADDR
     host: str = "127.0.0.1"
-    port: int = 8000
-    model_path: str | None = None  # None: the embedded default model
+    port: int = 30000
+    model_path: str = DEFAULT_MODEL_PATH
     chat_template: str | None = None  # a Jinja file that overrides the model's template
     api_key: str | None = None  # when set, /v1/* and /generate need "Authorization: Bearer KEY"
     served_model_name: str | None = None
@@ -45,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> ApiServerConfig:
     p.add_argument("--frontend-addr", default=defaults.frontend_addr, help="the pdserve front end's address")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
-    p.add_argument("--model-path", default=None,
-                   help="the served model's directory or GGUF file (default: the embedded model)")
+    p.add_argument("--model-path", default=defaults.model_path,
+                   help="the served model's directory, GGUF file or packaged name (default %(default)s)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file (overrides the model's)")
     p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
                    help="require this bearer token (default: $PDSERVE_API_KEY)")

@@ -37,7 +37,7 @@ class ChatFormat:
         return text
 
 
-def load_chat_format(model_path: str | None, override: str | None) -> ChatFormat | None:
+def load_chat_format(model_path: str, override: str | None) -> ChatFormat | None:
     """The chat format of the model ``model_path`` names (``protocol.model_source``), or None
     when it has no template."""
     override_path = Path(override) if override else None

@@ -10,8 +10,11 @@ backend: the device-to-device copy rate of the same bytes measured in the same r
 
 ``python -m bench.kvtransfer --output bench/results/kvtransfer.json``          (GPU)
 ``python -m bench.kvtransfer --tiny --output /tmp/kvtransfer.json``            (CPU smoke test)
+``python -m bench.kvtransfer --tokens 512``                                     (8B shape on CPU)
 
-zmq runs over ``tcp://127.0.0.1`` (as between hosts) and ``ipc://``; cuda_ipc needs CUDA.
+zmq runs over ``tcp://127.0.0.1`` (as between hosts) and ``ipc://``; nixl writes over UCX (its
+control frames on ``tcp://``; on CPU ``UCX_TLS=tcp`` unless set: try ``UCX_TLS=sm,tcp``) when
+the nixl-cu12 package is installed; cuda_ipc needs CUDA.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from kvtransfer import KVLayout, TransferConfig, TransferState, make_backend, page_bytes
+from kvtransfer.nixl_agent import CPU_UCX_ENV, nixl_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
@@ -200,10 +204,14 @@ def verify(shape: Shape, device: str, k: list[torch.Tensor], v: list[torch.Tenso
     return all(torch.equal(a[src].view(torch.uint8), b[dst].view(torch.uint8)) for a, b in pairs)
 
 
-def addresses(backend: str, transports: list[str], workdir: str) -> list[tuple[str, str]]:
-    """(transport, address) pairs to bind; cuda_ipc carries only control frames: ipc:// only."""
+def addresses(backend: str, transports: list[str], workdir: str, device: str) -> list[tuple[str, str]]:
+    """(transport, address) pairs to bind; cuda_ipc and nixl carry only control frames on them
+    (ipc:// and tcp:// respectively): their transport is how the pages move."""
     if backend == "cuda_ipc":
         return [("ipc", f"ipc://{workdir}/cuda-ipc.sock")]
+    if backend == "nixl":
+        default_tls = CPU_UCX_ENV["UCX_TLS"] if device == "cpu" else "auto"
+        return [(f"ucx:{os.environ.get('UCX_TLS', default_tls)}", f"tcp://127.0.0.1:{_free_port()}")]
     named = {"tcp": f"tcp://127.0.0.1:{_free_port()}", "ipc": f"ipc://{workdir}/zmq.sock"}
     return [(t, named[t]) for t in transports]
 
@@ -220,10 +228,10 @@ def print_table(report: Report) -> None:
     mib = report.request_bytes / (1 << 20)
     print(f"\nKV of one request: {mib:.1f} MiB on {report.device}; "
           f"device-to-device copy: {report.d2d_copy_gbps:.1f} GB/s")
-    print(f"{'backend':<10} {'transport':<9} {'reps':>4} {'median ms':>10} {'min ms':>9} {'GB/s':>8} "
+    print(f"{'backend':<10} {'transport':<11} {'reps':>4} {'median ms':>10} {'min ms':>9} {'GB/s':>8} "
           f"{'vs d2d':>7} verified")
     for r in report.rows:
-        print(f"{r.backend:<10} {r.transport:<9} {r.reps:>4} {r.median_ms:>10.2f} {r.min_ms:>9.2f} "
+        print(f"{r.backend:<10} {r.transport:<11} {r.reps:>4} {r.median_ms:>10.2f} {r.min_ms:>9.2f} "
               f"{r.gbps:>8.2f} {r.vs_d2d:>7.3f} {r.verified}")
     for s in report.skipped:
         print(f"skipped: {s}")
@@ -233,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, help="where to write the JSON results")
     parser.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test)")
+    parser.add_argument("--tokens", type=int, help="request length (default: the shape's; e.g. 512 on CPU)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per backend")
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per send call")
-    parser.add_argument("--backends", default="zmq,cuda_ipc", help="comma-separated")
+    parser.add_argument("--backends", default="zmq,nixl,cuda_ipc", help="comma-separated")
     parser.add_argument("--transports", default="tcp,ipc", help="zmq transports, comma-separated")
     parser.add_argument("--serve-prefill", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -244,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(int(os.environ.get("PDSERVE_TORCH_THREADS", "1")))
     shape = TINY if args.tiny else FULL
+    if args.tokens:
+        shape = replace(shape, tokens=args.tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     request_bytes = page_bytes(shape.layout("zmq")) * shape.pages
     report = Report(device, asdict(shape), request_bytes, d2d_copy_gbps(request_bytes, device))
@@ -252,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             if backend == "cuda_ipc" and device != "cuda":
                 report.skipped.append("cuda_ipc: no CUDA device")
                 continue
-            for transport, address in addresses(backend, args.transports.split(","), workdir):
+            if backend == "nixl" and not nixl_available():
+                report.skipped.append("nixl: the nixl-cu12 package is not installed")
+                continue
+            for transport, address in addresses(backend, args.transports.split(","), workdir, device):
                 times, ok = run_backend(backend, address, shape, device, args.reps + 1, args.chunk_tokens)
                 timed = times[1:]  # the first repetition warms up (kernel compile, pinned buffers)
                 med = statistics.median(timed)

@@ -45,7 +45,7 @@ from bench.profile_step import Profile, StepProfile, format_profile, has_categor
 from engine.cuda_graph import EagerStepRunner
 from engine.kv_pool import kv_bytes_per_token
 from engine.worker import Worker
-from protocol.config import ServerArgs
+from protocol.config import EMBEDDED, ServerArgs
 from protocol.messages import ExtendReq, NewReq, PageAppend, SamplingParams, StepBatch
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model_configs" / "llama-3-8b"
@@ -128,9 +128,9 @@ def make_worker(model_path: str | None, plan: Plan, device: str) -> Worker:
     max_batch = max(plan.decode_batches)
     tokens = max(max_batch * (max(plan.decode_contexts) + PAGE_SIZE), max(plan.prefill_lens) + PAGE_SIZE)
     args = ServerArgs(
-        model_path=model_path, load_format="dummy" if model_path else "auto", dtype=plan.dtype,
-        device=device, page_size=PAGE_SIZE, max_total_tokens=tokens, max_running_requests=max_batch,
-        cuda_graph_max_bs=max_batch,
+        model_path=model_path or EMBEDDED.name, load_format="dummy" if model_path else "auto",
+        dtype=plan.dtype, device=device, page_size=PAGE_SIZE, max_total_tokens=tokens,
+        max_running_requests=max_batch, cuda_graph_max_bs=max_batch,
     )
     worker = Worker.create(args)
     for cache in worker.runner.kv_pool.k + worker.runner.kv_pool.v:

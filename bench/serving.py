@@ -1,12 +1,12 @@
 """Serving benchmark: drive a running server with synthetic requests and measure it.
 
-    python -m bench.serving --addr tcp://127.0.0.1:30000 --num-prompts 200 \
+    python -m bench.serving --addr tcp://127.0.0.1:30001 --num-prompts 200 \
         --input-len 64 512 --output-len 16 256 --request-rate 8 --output bench/results/serving.json
-    python -m bench.serving --backend openai --base-url http://127.0.0.1:8000/v1 --vocab-size 32000 \
+    python -m bench.serving --backend openai --base-url http://127.0.0.1:30000/v1 --vocab-size 32000 \
         --request-rate 1 2 4 inf --output sweep.json --plot plots/
 
 Backends (``bench.serving_backends``): ``zmq``, pdserve's wire protocol; ``openai``, any
-OpenAI-compatible server (pdserve's ``--http-port``, vLLM, SGLang), streaming completions of
+OpenAI-compatible server (pdserve's ``--port``, vLLM, SGLang), streaming completions of
 token-id prompts (or chat completions of their text), so peers see identical inputs.
 Requests have random input and output lengths in the given ranges: random token ids below the
 vocabulary size (or random text with ``--text``), ``ignore_eos`` so every output has its length.

@@ -19,11 +19,13 @@ from typing import cast
 
 import zmq
 
+from engine.parallel.ranks import refuse_tensor_parallel
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import KVReceiver, TransferConfig, TransferError, layout_from_caches, make_backend
 from protocol import transport
 from protocol.config import WorkerConfig
 from protocol.messages import (
+    KVLinkStates,
     KVPeerRegistered,
     Message,
     RegisterKVPeer,
@@ -55,9 +57,13 @@ class Notifier:
             transport.send(self._sock, msg)
 
     def _run(self) -> None:
+        links: dict[str, str] = {}
         while not self._stop.is_set():
             for r in self._receiver.poll(RESULT_POLL_S):
                 self.notify(TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob))
+            if (now := self._receiver.link_states()) != links:
+                links = now
+                self.notify(KVLinkStates(links))
 
     def close(self) -> None:
         self._stop.set()
@@ -108,6 +114,7 @@ class DecodeWorker:
 
 def start_decode(cfg: WorkerConfig) -> tuple[Worker, KVReceiver]:
     """The engine's worker and the KV receiver over its pool."""
+    refuse_tensor_parallel(cfg)
     worker = Worker.create(cfg.args)
     backend = cfg.args.transfer_backend
     layout = layout_from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)

@@ -11,8 +11,6 @@ import torch
 
 logger = logging.getLogger("pdserve.worker")
 
-CPU_POOL_BUDGET_BYTES = 1 << 30  # times mem_fraction_static: the pool of a CPU worker
-
 
 @dataclass
 class KVPool:
@@ -31,11 +29,12 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
     ) -> KVPool:
+        # Zeros, not empty: padded rows read the padding page, and the torch / CPU attention read
+        # whole pages, slots not yet written included (masked scores, but 0 × NaN is NaN); a
+        # reused heap block (the weights a tensor-parallel rank just freed) may hold NaN
         shape = (num_pages, page_size, num_kv_heads, head_dim)
-        k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        for cache in k + v:
-            cache[0].zero_()  # padded rows read the padding page: keep it finite
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         return cls(k, v, page_size)
 
     @property
@@ -65,8 +64,9 @@ class PoolSizing:
         """Usable pages plus the padding page.
 
         ``--max-total-tokens`` if given; else on CUDA ``mem_fraction_static`` of the memory
-        free after the weights were loaded; on CPU a fixed budget of 1 GiB ×
-        ``mem_fraction_static``. Both capped at ``max_useful_tokens``."""
+        free after the weights were loaded; on CPU ``mem_fraction_static`` of a share of the
+        memory available after the weights were loaded (``engine.cpu_env.cpu_pool_budget_bytes``).
+        Both capped at ``max_useful_tokens``."""
         if self.max_total_tokens is not None:
             tokens = self.max_total_tokens
         else:
@@ -78,7 +78,9 @@ class PoolSizing:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             return int(free * self.mem_fraction_static)
-        return int(CPU_POOL_BUDGET_BYTES * self.mem_fraction_static)
+        from engine.cpu_env import cpu_pool_budget_bytes
+
+        return cpu_pool_budget_bytes(self.mem_fraction_static)
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

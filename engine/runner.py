@@ -176,6 +176,8 @@ class ModelRunner:
             meta.decode_page_table = self.page_table[token_slots[n:]]
             meta.decode_seq_lens = (positions[n:] + 1).to(torch.int32)
             input_ids = torch.cat([ext_ids, self.next_tokens[token_slots[n:]]])
+        if self.kernels.plan_attention is not None:
+            meta.plan = self.kernels.plan_attention(meta, page_size)
         return StepInputs(
             input_ids=input_ids,
             positions=positions,

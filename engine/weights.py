@@ -3,8 +3,10 @@ weights of a real shape, and the seeded embedded default model.
 
 Checkpoint tensors keep their Hugging Face names; ``load_hf_weights`` maps them onto our
 parameters (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) and refuses a checkpoint
-that leaves any parameter unset. Random weights are *scaled* (unit-variance activations and a
-wide logit spread) so that greedy decoding is decided by a clear margin, never a near-tie.
+that leaves any parameter unset. Under tensor parallelism every rank reads the full tensors and
+keeps its part (``engine.parallel.layers.rank_part``). Random weights are *scaled*
+(unit-variance activations and a wide logit spread) so that greedy decoding is decided by a
+clear margin, never a near-tie.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from engine.gguf import gguf_model_config, iter_gguf_weights
 from engine.layers.linear import MergedLinear
 from engine.models.config import ModelConfig
 from engine.models.registry import build_model
+from engine.parallel.group import SINGLE_RANK, TensorParallel, rank_device
+from engine.parallel.layers import full_shape, rank_part
 from protocol.config import ServerArgs
 from protocol.model_source import ModelFormat, ModelSource, resolve_model
 
@@ -83,14 +87,14 @@ def model_config(source: ModelSource) -> ModelConfig:
     return ModelConfig.from_dir(_path(source))
 
 
-def load_model(args: ServerArgs) -> LoadedModel:
-    """The model ``args`` asks for, on its device, every parameter set."""
+def load_model(args: ServerArgs, tp: TensorParallel = SINGLE_RANK) -> LoadedModel:
+    """The model ``args`` asks for (this rank's part of it), on its device, every parameter set."""
     started = time.monotonic()
     source = resolve_model(args.model_path)
     cfg = model_config(source)
-    device = resolve_device(args.device)
+    device = rank_device(resolve_device(args.device), tp)
     dtype = resolve_dtype(args.dtype, cfg, device)
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, tp)
     if source.format is ModelFormat.EMBEDDED:
         load_hf_weights(model, random_hf_state_dict(cfg, args.seed).items())
     elif args.load_format == "dummy":
@@ -146,7 +150,8 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         name = hf_name.removeprefix("model.")
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.lm_head is None):
             continue
-        key, target = _target(model, name)
+        key, target, module, index = _target(model, name)
+        tensor = rank_part(module, name.rsplit(".", 1)[1], tensor, index)
         if target.shape != tensor.shape:
             raise ValueError(
                 f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(target.shape)}"
@@ -161,17 +166,18 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:3]}")
 
 
-def _target(model: nn.Module, name: str) -> tuple[str, torch.Tensor]:
-    """(bookkeeping key, the tensor to fill) for one of our parameter names (HF spelling)."""
+def _target(model: nn.Module, name: str) -> tuple[str, torch.Tensor, nn.Module, int | None]:
+    """(bookkeeping key, the tensor to fill, its module, its shard index in a fused projection)
+    for one of our parameter names (HF spelling)."""
     module_path, param_name = name.rsplit(".", 1)
     parent, _, leaf = module_path.rpartition(".")
     if leaf in STACKED_PARAMS:
         fused, index = STACKED_PARAMS[leaf]
         fused_path = f"{parent}.{fused}"
         module = model.get_submodule(fused_path)
-        return f"{fused_path}.{param_name}#{index}", module.shard(param_name, index)
+        return f"{fused_path}.{param_name}#{index}", module.shard(param_name, index), module, index
     try:
-        return name, model.get_parameter(name)
+        return name, model.get_parameter(name), model.get_submodule(module_path), None
     except AttributeError:
         raise ValueError(f"checkpoint has an unexpected weight {name!r}") from None
 
@@ -244,12 +250,19 @@ def random_hf_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]
 @torch.no_grad()
 def fill_dummy_weights(model: nn.Module, seed: int) -> None:
     """Scaled random weights generated on the model's device in its dtype (no host work per
-    element, so an 8B model fills in about a second on a GPU)."""
+    element, so an 8B model fills in about a second on a GPU). A tensor-parallel rank draws each
+    parameter's full tensor and keeps its part: every ``--tp-size`` serves the same weights."""
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        std = init_std(name, param.shape)
-        if std is None:
-            param.fill_(1.0)
-        else:
-            param.normal_(0.0, std, generator=gen)
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            shape = full_shape(module, param_name, param.shape)
+            std = init_std(name, shape)
+            if std is None:
+                param.fill_(1.0)
+            elif shape == tuple(param.shape):
+                param.normal_(0.0, std, generator=gen)
+            else:
+                full = torch.empty(shape, dtype=param.dtype, device=device).normal_(0.0, std, generator=gen)
+                param.copy_(rank_part(module, param_name, full, None))

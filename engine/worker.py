@@ -30,10 +30,12 @@ from engine.faults import with_step_faults
 from engine.kv_pool import KVPool, PoolSizing, kv_bytes_per_token
 from engine.layers.backend import make_kernel_backend
 from engine.models.config import ModelConfig
+from engine.parallel.group import SINGLE_RANK, TensorParallel, close_tensor_parallel
+from engine.parallel.steps import NO_RELAY, Relay, make_relay
 from engine.penalties import SlotPenalties
 from engine.runner import ModelRunner
 from engine.sampling import SamplingBatch, sample, top_logprobs
-from engine.weights import LoadedModel, load_model
+from engine.weights import LoadedModel, load_model, resolve_device
 from protocol import transport
 from protocol.config import ServerArgs, WorkerConfig
 from protocol.faults import Faults
@@ -50,6 +52,7 @@ from protocol.messages import (
     TransferEndpoint,
     WorkerFailed,
     WorkerReady,
+    decode,
 )
 
 if TYPE_CHECKING:
@@ -82,22 +85,27 @@ class Worker:
     penalties: SlotPenalties  # token counts of the slots whose request asks for a penalty
 
     @classmethod
-    def create(cls, args: ServerArgs, decodes: bool = True) -> Worker:
+    def create(cls, args: ServerArgs, decodes: bool = True, tp: TensorParallel = SINGLE_RANK) -> Worker:
         """Load the model, size and allocate the KV pool, capture the decode graphs, warm up.
         A worker that never ``decodes`` (a prefill instance's) skips the decode graphs and the
-        decode kernels' warm-up: they would only cost start-up time and memory."""
-        loaded = load_model(args)
+        decode kernels' warm-up: they would only cost start-up time and memory. ``tp``: this
+        rank's part of a tensor-parallel instance (every rank runs this at once)."""
+        loaded = load_model(args, tp)
         cfg = loaded.config
         context_len = _context_len(args, cfg)
         max_slots = args.max_running_requests + SPARE_SLOTS
         max_pages_per_req = -(-context_len // args.page_size)
-        pool = _allocate_pool(args, loaded, max_useful_tokens=max_slots * max_pages_per_req * args.page_size)
+        pool = _allocate_pool(
+            args, loaded, max_useful_tokens=max_slots * max_pages_per_req * args.page_size, tp=tp
+        )
         kernels = make_kernel_backend(args.attention_backend, loaded.device)
         if decodes and loaded.device.type == "cuda" and kernels.name == "triton":
             choose_small_batch_matmuls(kernels.linear, loaded.model)
         runner = ModelRunner(loaded.model, pool, kernels, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
-        step_runner = make_step_runner(runner, args) if decodes else EagerStepRunner(runner)
+        # CUDA graphs around tensor-parallel collectives are not verified yet: such ranks run eagerly
+        graphs = decodes and tp.size == 1
+        step_runner = make_step_runner(runner, args) if graphs else EagerStepRunner(runner)
         penalties = SlotPenalties(cfg.vocab_size, loaded.device)
         worker = cls(
             runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner, penalties
@@ -139,12 +147,13 @@ class Worker:
         padding page, then every decode-kernel variant: kernels are compiled before the worker
         reports ready."""
         num_tokens = self.runner.page_size + 1
+        num_pages = -(-(num_tokens + 1) // self.runner.page_size)  # the extend, then one decode
         new_req = NewReq(slot=0, sampling=SamplingParams(temperature=0.0))
         self.step(
             StepBatch(
                 step_id=-3,
                 new_reqs=[new_req],
-                page_appends=[PageAppend(0, [0, 0])],
+                page_appends=[PageAppend(0, [0] * num_pages)],
                 extends=[ExtendReq(0, 0, [0] * num_tokens)],
             )
         )
@@ -227,19 +236,26 @@ def choose_small_batch_matmuls(linear: SmallBatchLinear, model: torch.nn.Module)
     logger.debug("small-batch matmuls:\n%s", describe(measured))
 
 
-def _allocate_pool(args: ServerArgs, loaded: LoadedModel, max_useful_tokens: int) -> KVPool:
-    """The KV pool, sized by ``PoolSizing`` (after the weights are on the device)."""
+def _allocate_pool(
+    args: ServerArgs, loaded: LoadedModel, max_useful_tokens: int, tp: TensorParallel = SINGLE_RANK
+) -> KVPool:
+    """The KV pool, sized by ``PoolSizing`` (after the weights are on the device). A
+    tensor-parallel rank holds its KV heads only; the ranks agree on the smallest page count
+    (the scheduler's page ids index every rank's pool), and on the CPU, where they share the
+    host's memory, each takes its share of the budget."""
     cfg = loaded.config
+    kv_heads = tp.split(cfg).num_kv_heads if tp.size > 1 else cfg.num_kv_heads
+    share = tp.size if loaded.device.type == "cpu" else 1
     sizing = PoolSizing(
         page_size=args.page_size,
-        bytes_per_token=kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, loaded.dtype),
+        bytes_per_token=kv_bytes_per_token(cfg.num_layers, kv_heads, cfg.head_dim, loaded.dtype),
         max_total_tokens=args.max_total_tokens,
-        mem_fraction_static=args.mem_fraction_static,
+        mem_fraction_static=args.mem_fraction_static / share,
         max_useful_tokens=max_useful_tokens,
     )
-    num_pages = sizing.num_pages(loaded.device)
+    num_pages = tp.min_over_ranks(sizing.num_pages(loaded.device))
     pool = KVPool.allocate(
-        cfg.num_layers, num_pages, args.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype, loaded.device
+        cfg.num_layers, num_pages, args.page_size, kv_heads, cfg.head_dim, loaded.dtype, loaded.device
     )
     logger.info("KV pool: %d pages of %d tokens (%.1f MiB)", num_pages, args.page_size, pool.nbytes / 2**20)
     return pool
@@ -297,16 +313,20 @@ class WorkerProcess:
         kv_sender = f", KV sender at {sender}" if sender else ""
         logger.info("%s ready: %d pages, %d slots%s", self.name, ready.num_pages, ready.max_slots, kv_sender)
 
-    def serve(self, hooks: StepHooks) -> None:
+    def serve(self, hooks: StepHooks, relay: Relay = NO_RELAY) -> None:
         """Run steps until ``Shutdown``; a failing step sends ``WorkerFailed`` and re-raises.
+        ``relay``: where each frame goes first (a tensor-parallel instance's other ranks).
 
         Waits in bounded polls, not one blocking receive: the kernel may deliver SIGTERM to any
         thread (zmq's I/O threads, torch's pool), and Python runs the handler only when the main
         thread comes back to the interpreter, which a receive blocked in libzmq never does."""
         while True:
             if not self.step_sock.poll(SIGNAL_CHECK_MS):
+                relay.idle()
                 continue
-            msg = transport.recv(self.step_sock)
+            frame = self.step_sock.recv()
+            relay.forward(frame)
+            msg = decode(frame)
             if isinstance(msg, Shutdown):
                 logger.info("shutdown: %s", msg.reason or "requested")
                 return
@@ -334,10 +354,10 @@ class WorkerProcess:
 
 @contextlib.contextmanager
 def worker_process(cfg: WorkerConfig) -> Iterator[WorkerProcess]:
-    """Set torch's threads (``PDSERVE_TORCH_THREADS``), bind the step socket and connect the
-    result socket; on exit close what the role registered, then the sockets (the result socket
-    lingers, so that a last ``WorkerFailed`` still leaves)."""
-    _set_torch_threads_from_env()
+    """Apply the process settings (``apply_process_settings``), bind the step socket and connect
+    the result socket; on exit close what the role registered, then the sockets (the result
+    socket lingers, so that a last ``WorkerFailed`` still leaves)."""
+    apply_process_settings(cfg.args)
     ctx = zmq.Context()
     step_sock = transport.bind(ctx, zmq.PULL, cfg.addrs.step_addr)
     result_sock = transport.connect(ctx, zmq.PUSH, cfg.addrs.result_addr)
@@ -350,18 +370,31 @@ def worker_process(cfg: WorkerConfig) -> Iterator[WorkerProcess]:
         ctx.term()
 
 
-def _set_torch_threads_from_env() -> None:
-    threads = os.environ.get("PDSERVE_TORCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
+def apply_process_settings(args: ServerArgs) -> None:
+    """A worker computing on the CPU: torch threads and the allocator (``engine.cpu_env``). On
+    CUDA only an explicit thread count (flag or environment) is applied."""
+    from engine import cpu_env
+
+    if resolve_device(args.device).type == "cpu":
+        cpu_env.apply_threads(args.cpu_omp_threads)
+        cpu_env.tune_malloc()
+    elif args.cpu_omp_threads is not None or os.environ.get(cpu_env.LEGACY_THREADS_ENV):
+        cpu_env.apply_threads(args.cpu_omp_threads)
 
 
 def run_worker(cfg: WorkerConfig) -> None:
     """The worker process of a unified instance: start up (or report ``WorkerFailed`` and
     raise), report ready, serve until shutdown. A failing step ends the process (non-zero),
     which frees its memory; its scheduler fails the requests in flight."""
+    from engine.parallel.ranks import join_tensor_parallel, run_follower
+
+    if cfg.tp_rank > 0:
+        run_follower(cfg)
+        return
     faults = Faults.from_env()
     with worker_process(cfg) as proc:
-        worker = proc.start(lambda: Worker.create(cfg.args))
+        tp = proc.start(lambda: join_tensor_parallel(cfg))
+        proc.exit_stack.callback(close_tensor_parallel, tp)
+        worker = proc.start(lambda: Worker.create(cfg.args, tp=tp))
         proc.announce_ready(worker.ready_message())
-        proc.serve(StepHooks(with_step_faults(worker.step, faults)))
+        proc.serve(StepHooks(with_step_faults(worker.step, faults)), make_relay(tp))

@@ -1,8 +1,10 @@
 """KV data plane between a prefill worker (``KVSender``) and a decode worker (``KVReceiver``).
 
 Backends: ``zmq`` (host-staged, any two hosts), ``cuda_ipc`` (same host, device-to-device into
-the decode pool), ``fake`` (in-process, with delay / failure injection for tests). Build one
-side with ``make_backend``; the interface and call order are documented in ``kvtransfer.base``.
+the decode pool), ``nixl`` (one-sided NIXL / UCX writes into the decode pool; needs the optional
+``nixl-cu12`` package, imported only when chosen), ``fake`` (in-process, with delay / failure
+injection for tests). Build one side with ``make_backend``; the interface and call order are
+documented in ``kvtransfer.base``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from kvtransfer.base import (
 from kvtransfer.layout import check_caches, check_peer_layout, layout_from_caches, page_bytes, torch_dtype
 from protocol.dataplane import KVLayout
 
-BACKENDS = ("zmq", "cuda_ipc", "fake")
+BACKENDS = ("zmq", "cuda_ipc", "nixl", "fake")
 ROLES = ("prefill", "decode")
 
 __all__ = [
@@ -76,7 +78,7 @@ def make_backend(
 
 
 def _classes(name: str) -> tuple[type, type]:
-    """Import only the chosen backend (cuda_ipc needs CUDA, fake is for tests)."""
+    """Import only the chosen backend (cuda_ipc needs CUDA, nixl its package, fake is for tests)."""
     if name == "zmq":
         from kvtransfer.zmq_backend import ZmqReceiver, ZmqSender
 
@@ -85,6 +87,10 @@ def _classes(name: str) -> tuple[type, type]:
         from kvtransfer.cuda_ipc_backend import CudaIpcReceiver, CudaIpcSender
 
         return CudaIpcSender, CudaIpcReceiver
+    if name == "nixl":
+        from kvtransfer.nixl_backend import NixlReceiver, NixlSender
+
+        return NixlSender, NixlReceiver
     from kvtransfer.fake import FakeReceiver, FakeSender
 
     return FakeSender, FakeReceiver

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from protocol.config import ServerArgs
-from protocol.dataplane import KVLayout, describe_mismatch
+from protocol.dataplane import KVLayout, TokenLogprob, describe_mismatch
 from protocol.security import ClusterKeys
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class RoomResult:
     room: int
     state: TransferState  # DONE or FAILED
     first_token: int | None = None  # the first sampled token (decode side, DONE)
-    first_logprob: float | None = None  # its logprob, when the prefill side computed it
+    first_logprob: TokenLogprob | None = None  # its logprob, when the prefill side computed it
     error: str | None = None  # why it failed
 
     @property
@@ -123,6 +123,11 @@ class _Side(ABC):
     def state(self, room: int) -> TransferState | None:
         """The room's state, or None when this side does not know it (any more)."""
         return self.rooms.state(room)
+
+    def link_states(self) -> dict[str, str]:
+        """Each data-plane link's state by peer (``LinkState`` values); {} for a backend without
+        links of its own."""
+        return {}
 
     def poll(self, timeout: float = 0.0) -> list[RoomResult]:
         """Final results since the last call, each room exactly once. Non-blocking by default;
@@ -175,7 +180,7 @@ class KVSender(_Side):
         src_pages: Sequence[int],
         dst_pages: Sequence[int],
         first_token: int | None = None,
-        first_logprob: float | None = None,
+        first_logprob: TokenLogprob | None = None,
     ) -> bool:
         """Queue the newly completed pages of ``room`` (``first_token`` marks the last send, and
         travels with its ``first_logprob`` when the prefill side has it).

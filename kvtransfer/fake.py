@@ -24,6 +24,7 @@ from kvtransfer.kernels import copy_pages_ref
 from kvtransfer.layout import check_peer_layout
 from kvtransfer.rooms import Room, RoomTable
 from kvtransfer.sides import PoolReceiver, PoolSender
+from protocol.dataplane import TokenLogprob
 
 _LOCK = threading.RLock()  # every fake side of this process: one transfer at a time
 _SENDERS: dict[str, FakeSender] = {}
@@ -53,7 +54,7 @@ class _Delivery:
     src_pages: list[int]
     dst_pages: list[int]
     first_token: int | None
-    first_logprob: float | None
+    first_logprob: TokenLogprob | None
 
 
 class FakeSender(PoolSender):
@@ -72,7 +73,7 @@ class FakeSender(PoolSender):
         src_pages: Sequence[int],
         dst_pages: Sequence[int],
         first_token: int | None = None,
-        first_logprob: float | None = None,
+        first_logprob: TokenLogprob | None = None,
     ) -> bool:
         with _LOCK:
             entry = self.rooms.live(room)

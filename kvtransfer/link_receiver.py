@@ -124,6 +124,9 @@ class LinkReceiver(PoolReceiver):
     def abort(self, room: int, reason: str = "aborted") -> None:
         self._io.submit(self._abort, room, f"decode side: {reason}")
 
+    def link_states(self) -> dict[str, str]:
+        return self._links.states()
+
     def close(self) -> None:
         self._io.close()
 

@@ -30,6 +30,7 @@ from protocol.dataplane import (
     KVRoomOk,
     KVRoomRefused,
     KVUnregistered,
+    TokenLogprob,
 )
 
 
@@ -41,7 +42,7 @@ class Chunk:
     src_pages: list[int]
     dst_pages: list[int]
     first_token: int | None
-    first_logprob: float | None
+    first_logprob: TokenLogprob | None
     ready: torch.cuda.Event | None
 
     @property
@@ -89,7 +90,7 @@ class LinkSender(PoolSender):
         src_pages: Sequence[int],
         dst_pages: Sequence[int],
         first_token: int | None = None,
-        first_logprob: float | None = None,
+        first_logprob: TokenLogprob | None = None,
     ) -> bool:
         if self.rooms.live(room) is None:
             return False
@@ -103,6 +104,9 @@ class LinkSender(PoolSender):
 
     def abort(self, room: int, reason: str = "aborted") -> None:
         self._io.submit(self._fail, room, f"prefill side: {reason}")
+
+    def link_states(self) -> dict[str, str]:
+        return self._links.states()
 
     def close(self) -> None:
         self._io.close()
@@ -220,12 +224,20 @@ class LinkSender(PoolSender):
             log.warning("refused decode peer %s: %s", peer, e)
             first = peer_link.state is LinkState.CONNECTING
             self._links.move(peer_link, LinkState.CLOSED if first else LinkState.LOST)
-            self._reply(peer, KVRegistered(ok=False, error=str(e), epoch=msg.epoch))
+            self._reply(peer, KVRegistered(ok=False, error=self._told(e), epoch=msg.epoch))
             return
         peer_link.session, peer_link.epoch, peer_link.last_seen = msg.session, msg.epoch, time.monotonic()
         self._links.move(peer_link, LinkState.REGISTERED)
         self._reply(peer, KVRegistered(ok=True, epoch=msg.epoch))
         log.info("decode peer %s registered (epoch %d)", peer, msg.epoch)
+
+    def _told(self, refusal: Exception) -> str:
+        """What the refused peer hears: everything when it is authenticated (CURVE keys, or an
+        ipc address only this host's user reaches); else only the field that mismatched, so a
+        stranger does not learn this side's values (they are in the local log)."""
+        if self.rooms.config.keys is not None or self.address.startswith(("ipc://", "inproc://")):
+            return str(refusal)
+        return f"{refusal.field} mismatch" if isinstance(refusal, LayoutMismatch) else "registration refused"
 
     def _on_heartbeat(self, now: float) -> None:
         for peer_link in self._links:

@@ -82,6 +82,11 @@ class LinkTable(Generic[L]):
         with self._lock:
             return self._links.get(peer)
 
+    def states(self) -> dict[str, str]:
+        """Each open link's state, by peer."""
+        with self._lock:
+            return {peer: link.state.value for peer, link in self._links.items()}
+
     def __iter__(self) -> Iterator[L]:
         with self._lock:
             return iter(list(self._links.values()))

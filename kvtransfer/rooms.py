@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtransfer.base import DuplicateRoom, RoomResult, TransferConfig, TransferState, log
+from protocol.dataplane import TokenLogprob
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Room:
     received: set[int] = field(default_factory=set)  # decode side: destination pages written
     pending: list[Any] = field(default_factory=list)  # prefill side: chunks not moved yet
     first_token: int | None = None
-    first_logprob: float | None = None
+    first_logprob: TokenLogprob | None = None
     error: str | None = None
     reported: bool = True  # False: created by the peer; dropped silently unless adopted locally
     held: bool = False  # final, but its result waits until a remote writer has stopped
@@ -135,7 +136,11 @@ class RoomTable:
             return None
 
     def land(
-        self, entry: Room, dst_pages: list[int], first_token: int | None, first_logprob: float | None = None
+        self,
+        entry: Room,
+        dst_pages: list[int],
+        first_token: int | None,
+        first_logprob: TokenLogprob | None = None,
     ) -> str | None:
         """Decode side: a chunk was written into ``dst_pages``; the last one (``first_token``
         set, with its logprob if any) completes the room. Returns why the room must fail
@@ -185,7 +190,8 @@ class RoomTable:
             return min((r.deadline for r in self._rooms.values() if not r.state.final), default=None)
 
     def _move(self, room: int, state: TransferState, *, first_token: int | None = None,
-              first_logprob: float | None = None, error: str | None = None, hold: bool = False) -> bool:
+              first_logprob: TokenLogprob | None = None, error: str | None = None,
+              hold: bool = False) -> bool:
         entry = self._rooms.get(room)
         if entry is None or not entry.state.may_move_to(state):
             return False

@@ -8,26 +8,40 @@ import argparse
 import dataclasses
 import os
 
-from protocol.config import FlagChoices, Mode, ServerArgs, flag_name
+from launcher.supervisor import RestartPolicy
+from protocol.config import DEFAULT_MODEL_PATH, FlagChoices, Mode, ServerArgs, flag_name
 from protocol.security import KEYGEN_HINT, ClusterKeys
 
 FLAG_HELP = {
-    "model_path": "local Hugging Face model directory, a .gguf file, or a packaged model's short name "
-    "(smollm2-135m-instruct); omit to serve the embedded default model (pdserve-embedded-llama)",
+    "model_path": "local Hugging Face model directory, a .gguf file, or a packaged model's short name: "
+    "smollm2-135m-instruct (the default, installed by scripts/setup.sh) or pdserve-embedded-llama (a "
+    "tiny random model built in, for tests)",
     "load_format": "auto: weights from the directory; dummy: random weights of the configured shape",
     "dtype": "auto: float32 on CPU, the model's dtype (or bfloat16) on CUDA",
     "device": "auto: CUDA if present, else CPU",
-    "host": "interface to bind: the front end's client socket, or a prefill/decode instance's input",
-    "port": "the front end's client port (in frontend mode instances send outputs to port + 1), "
-    "or a prefill/decode instance's input port",
+    "host": "interface to bind: the front end's HTTP and ZMQ client sockets, or a prefill/decode "
+    "instance's input",
+    "port": "unified, pd and frontend modes: the OpenAI-compatible HTTP API's port; prefill and decode "
+    "modes: the instance's input port",
+    "zmq_port": "the front end's ZMQ client port (default: --port + 1); in frontend mode, instances "
+    "send their outputs to the port after it",
     "page_size": "tokens per KV-cache page",
     "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",
-    "mem_fraction_static": "fraction of free device memory for the KV pool",
+    "mem_fraction_static": "fraction of free device memory for the KV pool (on CPU: of a quarter of "
+    "the available memory)",
+    "cpu_omp_threads": "torch threads of a CPU worker (default: physical cores minus 1, or minus 2 from "
+    "8 cores, at least 1; env PDSERVE_CPU_OMP_THREADS)",
+    "tp_size": "tensor-parallel ranks of an instance, one worker process each (NCCL on CUDA, gloo on "
+    "the CPU); the model's attention heads must divide by it (unified mode only for now)",
     "chunked_prefill_size": "longest prefill chunk per step, in tokens",
     "max_prefill_tokens": "prefill tokens per step, all requests together",
     "max_running_requests": "requests decoding at once",
     "max_queued_requests": "waiting requests beyond which new ones get a queue_full error",
     "schedule_policy": "order of the waiting queue",
+    "transfer_backend": "KV data plane between prefill and decode instances: zmq (host-staged, any two "
+    "hosts, no extra dependency), cuda_ipc (same host, device to device), nixl (one-sided NIXL / UCX "
+    "writes into the decode pool: RDMA or NVLink on GPUs, TCP on CPU; pip install 'pdserve[nixl]'), "
+    "fake (tests)",
     "heartbeat_interval": "seconds between heartbeats (instances to front ends and back)",
     "heartbeat_timeout": "seconds of silence after which an instance or a front end counts as dead",
     "watchdog_timeout": "seconds a step may run before its instance counts as hung: its requests fail "
@@ -43,6 +57,10 @@ FLAG_HELP = {
     "insecure": "run --mode prefill, decode or frontend over tcp:// without keys: anyone who reaches "
     "a port can read outputs and send commands (trusted networks only)",
 }
+
+
+# Where the command line's default is not ServerArgs' (which is for configurations built in code).
+CLI_DEFAULTS = {"model_path": DEFAULT_MODEL_PATH}
 
 
 def flag_choices() -> FlagChoices:
@@ -72,9 +90,11 @@ def build_parser(choices: FlagChoices) -> argparse.ArgumentParser:
                         help="frontend mode: input addresses of the decode instances")
     parser.add_argument("--num-prefill", type=int, default=1, help="pd mode: prefill instances")
     parser.add_argument("--num-decode", type=int, default=1, help="pd mode: decode instances")
-    http = parser.add_argument_group("HTTP API (unified, pd and frontend modes)")
-    http.add_argument("--http-port", type=int, default=None,
-                      help="also serve the OpenAI-compatible HTTP API on --host at this port")
+    parser.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
+                        help="an instance whose scheduler or worker dies is restarted alone, with back-off "
+                        "(1 s doubling to 30 s); after this many failures in a row within a minute of "
+                        "its start the launcher stops the deployment (0: never restart)")
+    http = parser.add_argument_group("HTTP API (unified, pd and frontend modes, on --host:--port)")
     http.add_argument("--chat-template", default=None,
                       help="a Jinja chat template file (overrides the model's)")
     http.add_argument("--api-key", default=None,
@@ -85,7 +105,8 @@ def build_parser(choices: FlagChoices) -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", help=help_text)
         else:
-            parser.add_argument(flag, type=_flag_type(f), default=f.default, choices=allowed.get(f.name),
+            default = CLI_DEFAULTS.get(f.name, f.default)
+            parser.add_argument(flag, type=_flag_type(f), default=default, choices=allowed.get(f.name),
                                 help=help_text)
     return parser
 
@@ -99,8 +120,8 @@ def _flag_type(f: dataclasses.Field) -> type:
 
 
 LAUNCH_ONLY = (
-    "mode", "prefill", "decode", "num_prefill", "num_decode",
-    "http_port", "chat_template", "api_key",
+    "mode", "prefill", "decode", "num_prefill", "num_decode", "max_restarts",
+    "chat_template", "api_key",
 )
 
 
@@ -121,8 +142,17 @@ def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:
     args.validate(choices)
     if ns.mode == Mode.FRONTEND and not (ns.prefill and ns.decode):
         raise ValueError("--mode frontend needs --prefill ADDR... and --decode ADDR...")
-    if ns.http_port is not None and ns.mode in (Mode.PREFILL, Mode.DECODE):
-        raise ValueError("--http-port is served by a front end: use it with --mode unified, pd or frontend")
+    if args.zmq_port is not None and ns.mode in (Mode.PREFILL, Mode.DECODE):
+        raise ValueError("--zmq-port is the front end's: use it with --mode unified, pd or frontend")
+    if ns.mode not in (Mode.PREFILL, Mode.DECODE) and args.port in _front_end_zmq_ports(ns.mode, args):
+        raise ValueError(f"--port {args.port} is also a ZMQ port of the front end: choose another --zmq-port")
+    if ns.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be ≥ 0, got {ns.max_restarts}")
+    if args.tp_size > 1 and ns.mode in (Mode.PREFILL, Mode.DECODE, Mode.PD):
+        raise ValueError(
+            f"--tp-size {args.tp_size} is supported in --mode unified only for now: a disaggregated "
+            "instance's KV transfer moves one rank's pool"
+        )
     if ns.mode == Mode.PD and (ns.num_prefill < 1 or ns.num_decode < 1):
         raise ValueError("--num-prefill and --num-decode must be at least 1")
     if ns.mode in ADVERTISED_MODES and args.host in WILDCARD_HOSTS:
@@ -135,6 +165,13 @@ def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:
         args.cluster_key_dir = os.path.abspath(args.cluster_key_dir)
     _check_security(ns.mode, args)
     return ns.mode, args, ns
+
+
+def _front_end_zmq_ports(mode: Mode, args: ServerArgs) -> tuple[int, ...]:
+    """The front end's TCP ports beside the HTTP one: clients, and (frontend mode) outputs."""
+    if mode == Mode.FRONTEND:
+        return args.client_port, args.client_port + 1
+    return (args.client_port,)
 
 
 def _check_security(mode: Mode, args: ServerArgs) -> None:

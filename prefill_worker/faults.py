@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 from kvtransfer import KVSender, RoomResult, TransferState
+from protocol.dataplane import TokenLogprob
 from protocol.faults import FAULTS_ENV, Faults
 
 logger = logging.getLogger("pdserve.prefill_worker")
@@ -39,7 +40,7 @@ class DelayedSender(KVSender):
         src_pages: Sequence[int],
         dst_pages: Sequence[int],
         first_token: int | None = None,
-        first_logprob: float | None = None,
+        first_logprob: TokenLogprob | None = None,
     ) -> bool:
         item = (room, list(src_pages), list(dst_pages), first_token, first_logprob)
         self._queue.put((time.monotonic() + self._delay, item))

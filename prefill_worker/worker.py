@@ -17,13 +17,15 @@ from typing import cast
 
 import zmq
 
+from engine.parallel.ranks import refuse_tensor_parallel
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, layout_from_caches, make_backend
 from prefill_worker.faults import with_faults
 from protocol import transport
 from protocol.config import WorkerConfig
+from protocol.dataplane import TokenLogprob
 from protocol.faults import Faults
-from protocol.messages import StepBatch, StepResult, TransferEndpoint, TransferResult
+from protocol.messages import KVLinkStates, StepBatch, StepResult, TransferEndpoint, TransferResult
 
 logger = logging.getLogger("pdserve.prefill_worker")
 
@@ -57,15 +59,29 @@ class ResultForwarder:
         self._thread.start()
 
     def _run(self) -> None:
+        links: dict[str, str] = {}
         while not self._stop.is_set():
             for r in self._side.poll(RESULT_POLL_S):
                 result = TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob)
                 transport.send(self._sock, result)
+            if (now := self._side.link_states()) != links:
+                links = now
+                transport.send(self._sock, KVLinkStates(links))
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5.0)
         self._sock.close(linger=RESULT_LINGER_MS)
+
+
+def token_logprob(result: StepResult, row: int) -> TokenLogprob | None:
+    """What ``result`` says of the logprobs of its ``row``'s token, if the request asked."""
+    if not result.logprobs:
+        return None
+    top_ids, top_lps = result.top_token_ids, result.top_logprobs
+    if top_ids and top_lps and top_ids[row]:
+        return TokenLogprob(result.logprobs[row], top_ids[row], top_lps[row])
+    return TokenLogprob(result.logprobs[row])
 
 
 class PrefillWorker:
@@ -80,12 +96,11 @@ class PrefillWorker:
         result = self.worker.step(batch)
         if batch.transfers:
             sampled = dict(zip(result.slots, result.token_ids, strict=True))
-            logprobs = dict(zip(result.slots, result.logprobs or [], strict=False))
             for send in batch.transfers:
                 if send.first and not self._open(send.room):
                     continue
                 first_token = sampled[send.slot] if send.last else None
-                first_logprob = logprobs.get(send.slot) if send.last else None
+                first_logprob = token_logprob(result, result.slots.index(send.slot)) if send.last else None
                 self.sender.send(send.room, send.src_pages, send.dst_pages, first_token, first_logprob)
         return result
 
@@ -104,6 +119,7 @@ class PrefillWorker:
 
 def start_prefill(cfg: WorkerConfig) -> tuple[Worker, KVSender]:
     """The engine's worker and the KV sender over its pool."""
+    refuse_tensor_parallel(cfg)
     worker = Worker.create(cfg.args, decodes=False)  # a prefill instance samples first tokens only
     backend = cfg.args.transfer_backend
     sender = make_backend(

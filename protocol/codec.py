@@ -47,7 +47,7 @@ class Message:
             _REGISTRY[cls.TYPE] = cls
 
     def to_dict(self) -> dict[str, Any]:
-        d = _encode_value(self)
+        d = _encoder(type(self))(self)
         d["type"] = self.TYPE
         if self.INTERNAL:
             d["v"] = PROTOCOL_VERSION
@@ -113,13 +113,17 @@ def build(cls: type[Any], obj: dict[str, Any]) -> Any:
 # Enum members of a StrEnum (or IntEnum) are str (int) instances: they go to msgpack as their
 # plain value, with no Python call.
 _SCALARS = (str, int, float, bool, bytes, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 def _encode_value(value: Any) -> Any:
-    if isinstance(value, _SCALARS):
+    kind = type(value)
+    if kind is list and (not value or type(value[0]) in _SCALAR_TYPES):
+        return value  # token ids, page ids: the hot path
+    if kind in _SCALAR_TYPES or isinstance(value, _SCALARS):
         return value
     if dataclasses.is_dataclass(value):
-        return {name: _encode_value(getattr(value, name)) for name in _field_names(type(value))}
+        return _encoder(type(value))(value)
     if isinstance(value, (list, tuple)):
         # Lists in messages are homogeneous: token ids, page ids, or nested messages. A list of
         # scalars goes to msgpack as it is, without a Python call per element (the hot path).
@@ -131,6 +135,24 @@ def _encode_value(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     return value
+
+
+@cache
+def _encoder(cls: type) -> Callable[[Any], dict[str, Any]]:
+    """A function that makes the map of a ``cls`` instance: a field whose hint is a scalar type
+    is read as it is, others go through ``_encode_value``. Generated once per class, as
+    ``_builder`` is: a loop over the fields costs several times more per message."""
+    hints = typing.get_type_hints(cls)
+    items = []
+    for name in _field_names(cls):
+        check = _check_for(hints[name])
+        plain = check.exact or check.accepted in (frozenset({float}), frozenset({float, type(None)}))
+        getter = f"v.{name}" if plain else f"enc(v.{name})"
+        items.append(f"{name!r}: {getter}")
+    source = f"def encode_fields(v):\n    return {{{', '.join(items)}}}"
+    namespace: dict[str, Any] = {"enc": _encode_value}
+    exec(source, namespace)  # noqa: S102 - source built above from field names only
+    return namespace["encode_fields"]
 
 
 @cache

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -26,6 +28,9 @@ T = TypeVar("T")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
+# Served without --model-path: SmolLM2-135M-Instruct, shipped as a GGUF file by a Python package
+# (protocol.model_source.PACKAGED_MODELS). The tiny random model is `pdserve-embedded-llama`.
+DEFAULT_MODEL_PATH = "smollm2-135m-instruct"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # any socket that faces a client or a peer
 
 
@@ -62,10 +67,36 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """The embedded default model served when no ``--model-path`` is given: a small
+    Llama-architecture model with seeded random weights (built by ``engine``) and a byte-level
+    tokenizer (built by ``tokenizer_proc``). Token ids 0..255 are the bytes; then BOS and EOS."""
+
+    name: str = "pdserve-embedded-llama"
+    vocab_size: int = 320
+    bos_token_id: int = 256
+    eos_token_id: int = 257
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    context_len: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+
+EMBEDDED = EmbeddedModel()
+
+
 @dataclass
 class ServerArgs:
     # Model
-    model_path: str | None = None  # None: the embedded default model
+    # What protocol.model_source.resolve_model reads. launch.py's default is DEFAULT_MODEL_PATH;
+    # configurations built in code (tests, benchmarks) get the tiny embedded model.
+    model_path: str = EMBEDDED.name
     load_format: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
@@ -74,12 +105,13 @@ class ServerArgs:
     seed: int = 0  # seed of the embedded / dummy weights
     # Front end
     host: str = "127.0.0.1"
-    port: int = 30000
+    port: int = 30000  # front-end modes: the HTTP API; prefill / decode: the instance's input
+    zmq_port: int | None = None  # the front end's ZMQ client port; None: port + 1
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Memory and scheduling
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; overrides the fraction
-    mem_fraction_static: float = 0.85  # of free GPU memory (or a fixed CPU budget) for the pool
+    mem_fraction_static: float = 0.85  # of free GPU memory (on CPU: of a share of MemAvailable) for the pool
     chunked_prefill_size: int = 2048
     max_prefill_tokens: int = 16384
     max_running_requests: int = 256
@@ -93,6 +125,8 @@ class ServerArgs:
     attention_backend: str = "auto"
     cuda_graph_max_bs: int = 160
     disable_cuda_graph: bool = False
+    cpu_omp_threads: int | None = None  # torch threads of a CPU worker; None: engine.cpu_env's default
+    tp_size: int = 1  # tensor-parallel ranks of an instance: one worker process each (engine.parallel)
     # Liveness
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
@@ -125,10 +159,18 @@ class ServerArgs:
             raise ValueError("--chunked-prefill-size must be at least --page-size")
         if self.max_total_tokens is not None and self.max_total_tokens < 2 * self.page_size:
             raise ValueError("--max-total-tokens must hold at least two pages")
+        if self.cpu_omp_threads is not None:
+            _positive("--cpu-omp-threads", self.cpu_omp_threads)
+        _positive("--tp-size", self.tp_size)
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1]")
-        if self.load_format == "dummy" and self.model_path is None:
+        if self.load_format == "dummy" and self.model_path in (EMBEDDED.name, DEFAULT_MODEL_PATH):
             raise ValueError("--load-format dummy needs --model-path (a directory with config.json)")
+
+    @property
+    def client_port(self) -> int:
+        """The front end's ZMQ client port (instances on other hosts send outputs to the next)."""
+        return self.zmq_port if self.zmq_port is not None else self.port + 1
 
 
 @dataclass
@@ -155,6 +197,23 @@ class WorkerConfig:
     name: str
     role: Role
     addrs: InstanceAddrs
+    tp_rank: int = 0  # rank 0 talks to the scheduler; the others follow it (--tp-size > 1)
+    dist_init_method: str = ""  # the ranks' torch.distributed rendezvous (file:// in the ipc directory)
+
+    @property
+    def process_name(self) -> str:
+        return f"{self.name}-worker" if self.tp_rank == 0 else f"{self.name}-worker-tp{self.tp_rank}"
+
+    def tensor_parallel_ranks(self, directory: str) -> list[WorkerConfig]:
+        """One config per rank of ``--tp-size``, sharing a rendezvous file new to this start (a
+        restarted instance must not meet its previous incarnation's file) in ``directory``."""
+        if self.args.tp_size == 1:
+            return [self]
+        store = os.path.join(directory, f"{self.name}-tp-{secrets.token_hex(8)}")
+        return [
+            dataclasses.replace(self, tp_rank=rank, dist_init_method=f"file://{store}")
+            for rank in range(self.args.tp_size)
+        ]
 
 
 @dataclass
@@ -187,27 +246,3 @@ def config_from_json(cls: type[T], text: str) -> T:
     if not isinstance(obj, dict):
         raise ValueError(f"a {cls.__name__} must be a JSON object")
     return build(cls, obj)
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """The embedded default model served when no ``--model-path`` is given: a small
-    Llama-architecture model with seeded random weights (built by ``engine``) and a byte-level
-    tokenizer (built by ``tokenizer_proc``). Token ids 0..255 are the bytes; then BOS and EOS."""
-
-    name: str = "pdserve-embedded-llama"
-    vocab_size: int = 320
-    bos_token_id: int = 256
-    eos_token_id: int = 257
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    context_len: int = 4096
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-
-
-EMBEDDED = EmbeddedModel()

@@ -58,9 +58,24 @@ def describe_mismatch(field_name: str, ours: Any, theirs: Any, ours_label: str, 
 
 
 @dataclass
+class NixlPool:
+    """What a decode side of the ``nixl`` backend shares at registration (``KVRegister.extra``
+    under ``"nixl"``): its NIXL agent's metadata and where the K/V page arrays of its pool
+    (``k0, v0, k1, v1, ...``, each ``num_pages`` pages of ``page_bytes``) lie in ``memory``."""
+
+    agent_metadata: bytes
+    memory: str  # "DRAM" or "VRAM"
+    device_id: int
+    num_pages: int
+    page_bytes: int
+    addresses: list[int]  # the first byte of each array
+
+
+@dataclass
 class KVRegister(Message):
     """Register (or register again) with the prefill side. ``extra`` is what the backend needs
-    to write to the decode pool (cuda_ipc: the pool's IPC handles). ``session`` names the decode
+    to write to the decode pool (cuda_ipc: the pool's IPC handles; nixl: a ``NixlPool``
+    under ``"nixl"``). ``session`` names the decode
     side's incarnation and ``epoch`` counts its losses of this link: a repeated REGISTER of the
     (session, epoch) already registered is answered, not redone."""
 
@@ -115,17 +130,28 @@ class KVRoomRefused(Message):
 
 
 @dataclass
+class TokenLogprob:
+    """A sampled token's logprob and, when its request asked for them, the logprobs of the k
+    most likely tokens: how the first token of a disaggregated request is described to the
+    decode side, which streams it."""
+
+    logprob: float
+    top_token_ids: list[int] | None = None
+    top_logprobs: list[float] | None = None
+
+
+@dataclass
 class KVChunk(Message):
     """Pages of ``room`` written (cuda_ipc) or carried in the payload frames that follow (zmq).
     The last chunk carries the first sampled token and, when the prefill side has it, its
-    logprob."""
+    logprob (with the top logprobs the request asked for)."""
 
     TYPE: ClassVar[str] = "kv_chunk"
     room: int
     dst_pages: list[int]
     last: bool = False
     first_token: int | None = None
-    first_logprob: float | None = None
+    first_logprob: TokenLogprob | None = None
 
 
 @dataclass

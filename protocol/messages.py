@@ -11,13 +11,14 @@ protocol is read in one place; the data plane's frames are in ``protocol.datapla
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
 # Re-exported: a process imports its messages and their codec from this one module.
 from protocol.codec import PROTOCOL_VERSION, Message, ProtocolError, decode, encode, from_dict  # noqa: F401
-from protocol.dataplane import KVLayout
+from protocol.dataplane import KVLayout, TokenLogprob
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
@@ -40,7 +41,7 @@ class FinishReason(StrEnum):
     ABORT = "abort"
 
 
-@dataclass
+@dataclass(slots=True)  # one per live request: no __dict__ for the garbage collector to walk
 class SamplingParams:
     """Sampling parameters as the scheduler and worker see them (already validated).
 
@@ -108,11 +109,33 @@ class ClientOutput(Message):
     top_logprobs: list[list[list[float]]] | None = None  # per token: [[token id (an int), logprob], ...]
 
     def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        for key in ("logprobs", "usage", "metrics", "top_logprobs"):
-            if d[key] is None:
-                del d[key]
+        # built by hand, not by the codec's encoder: one per streamed token, every field plain
+        d = {"type": self.TYPE, "rid": self.rid, "text": self.text, "token_ids": self.token_ids,
+             "finished": self.finished, "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            d["logprobs"] = self.logprobs
+        if self.usage is not None:
+            d["usage"] = self.usage
+        if self.metrics is not None:
+            d["metrics"] = self.metrics
+        if self.top_logprobs is not None:
+            d["top_logprobs"] = self.top_logprobs
         return d
+
+
+@dataclass
+class ClientOutputs(Message):
+    """Several ``output`` messages of one connection in one frame: the front end groups the
+    outputs of one instance step for the requests that asked with ``batch_outputs`` (one send
+    per connection and step instead of one per request). Each entry is the map its ``output``
+    message would be, ``type`` included; a request's entries keep their order."""
+
+    TYPE: ClassVar[str] = "outputs"
+    INTERNAL: ClassVar[bool] = False
+    outputs: list[ClientOutput]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "outputs": [out.to_dict() for out in self.outputs]}
 
 
 # Error codes of the client protocol.
@@ -154,6 +177,12 @@ class InstanceStatus:
     free_pages: int = 0
     cached_pages: int = 0
     total_pages: int = 0
+    # disaggregated instances: each peer instance (input address) → its state on the control
+    # plane ("registered", "connecting", "registering", "lost", "refused: <why>")
+    peers: dict[str, str] = field(default_factory=dict)
+    # disaggregated instances: each data-plane link of the worker (peer's KV address → state:
+    # "registered", "connecting", "lost", "re_registering")
+    links: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,6 +193,17 @@ class ClientStatus(Message):
     ready: bool
     instances: list[InstanceStatus]
     model: ModelInfo | None = None  # what the deployment serves (None until an instance reported)
+
+
+@dataclass
+class ClientMetrics(Message):
+    """The answer to a client ``metrics`` request: the Prometheus text exposition of the front
+    end's and every answering instance's metrics (docs/design.md, "Metrics")."""
+
+    TYPE: ClassVar[str] = "metrics"
+    INTERNAL: ClassVar[bool] = False
+    rid: str
+    text: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +263,7 @@ class StatusQuery(Message):
     TYPE: ClassVar[str] = "status_query"
     qid: int
     reply_to: str | None = None  # send the StatusReport there instead of to the front end
+    metrics: bool = False  # the report also carries the instance's InstanceMetrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,8 +289,47 @@ class ReqOutput:
 
 @dataclass
 class BatchOutput(Message):
+    """One step's outputs. The common row, one more token of a request that goes on, travels
+    as columns (no map per request on the wire, no object per request to build): request
+    ``rids[i]`` got ``token_ids[i]``, and ``logprobs[i]`` when that column is sent (NaN for a
+    request that did not ask). The rows that carry more (a request's first and last output, an
+    abort, top logprobs) are ``outputs``. ``rows()`` reads both as ``ReqOutput``s."""
+
     TYPE: ClassVar[str] = "batch_output"
-    outputs: list[ReqOutput]
+    outputs: list[ReqOutput] = field(default_factory=list)
+    rids: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.rids) or (
+            self.logprobs is not None and len(self.logprobs) != len(self.rids)
+        ):
+            raise ProtocolError("batch_output: rids, token_ids and logprobs must have one entry per row",
+                                self.TYPE)
+
+    @classmethod
+    def of_tokens(
+        cls, rids: list[str], token_ids: list[int], finished: FinishReason | None = None
+    ) -> BatchOutput:
+        """One token per request, as columns; with ``finished``, as final rows of that reason."""
+        if finished is None:
+            return cls(rids=rids, token_ids=token_ids)
+        pairs = zip(rids, token_ids, strict=True)
+        outputs = [ReqOutput(rid, [t], finished=True, finish_reason=finished) for rid, t in pairs]
+        return cls(outputs=outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs) + len(self.rids)
+
+    def rows(self) -> list[ReqOutput]:
+        """Every row as a ``ReqOutput`` (the column rows after the others)."""
+        lps = self.logprobs if self.logprobs is not None else [None] * len(self.rids)
+        columns = [
+            ReqOutput(rid, [tok], None if lp is None or lp != lp else [lp])  # NaN: not asked for
+            for rid, tok, lp in zip(self.rids, self.token_ids, lps, strict=True)
+        ]
+        return [*self.outputs, *columns]
 
 
 @dataclass
@@ -264,10 +344,54 @@ class RequestFailed(Message):
 
 
 @dataclass
+class BucketHistogram:
+    """A Prometheus histogram as plain numbers: ``counts[i]`` observations in (``bounds[i-1]``,
+    ``bounds[i]``], the last one above every bound (+Inf); not cumulative (the exposition makes
+    them so). ``observe`` is a bisect and two additions: cheap enough for a hot path."""
+
+    bounds: list[float]  # increasing upper bounds, +Inf implied
+    counts: list[int]  # len(bounds) + 1
+    total: float = 0.0  # the sum of the observed values
+
+    @classmethod
+    def empty(cls, bounds: tuple[float, ...] | list[float]) -> BucketHistogram:
+        return cls(list(bounds), [0] * (len(bounds) + 1))
+
+    def observe(self, value: float, n: int = 1) -> None:
+        """``n`` observations of ``value``."""
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.total += value * n
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class InstanceMetrics:
+    """An instance scheduler's Prometheus values (docs/design.md, "Metrics"), in its
+    ``StatusReport`` when the query asks for them. Counters count since the instance started;
+    the KV-transfer ones stay zero on a unified instance."""
+
+    running: int  # requests holding a slot (or owed one)
+    waiting: int  # requests queued and not yet admitted
+    used_pages: int  # KV pages neither free nor evictable prefix cache
+    total_pages: int
+    prefix_cache_queries: int  # prompt tokens of the requests that ended after admission
+    prefix_cache_hits: int  # of those, the tokens found in the prefix cache
+    preemptions: int  # retractions (out of KV pages)
+    queue_time: BucketHistogram  # seconds from arrival to first admission, per ended request
+    kv_transfer_bytes: int = 0  # KV bytes of the rooms whose transfer succeeded
+    kv_transfer_failures: int = 0  # rooms whose transfer failed (not those ended by an abort)
+    kv_transfer_time: BucketHistogram | None = None  # seconds per successful room transfer
+
+
+@dataclass
 class StatusReport(Message):
     TYPE: ClassVar[str] = "status_report"
     qid: int
     status: InstanceStatus
+    metrics: InstanceMetrics | None = None  # when the query asked for them
 
 
 @dataclass
@@ -284,6 +408,7 @@ class Heartbeat(Message):
     running: int = 0
     # decode instances: prefill input address → "registered" | "connecting" | "refused: <why>"
     peers: dict[str, str] = field(default_factory=dict)
+    incarnation: str = ""  # random per scheduler process: a new one at the same address is a restart
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,6 +577,16 @@ class KVPeerRegistered(Message):
 
 
 @dataclass
+class KVLinkStates(Message):
+    """Worker → its scheduler, whenever they change: the state of each data-plane link of the
+    worker's KV sender or receiver (peer's KV address → ``kvtransfer.LinkState`` value), for
+    ``status``."""
+
+    TYPE: ClassVar[str] = "kv_link_states"
+    links: dict[str, str]
+
+
+@dataclass
 class TransferResult(Message):
     """Prefill or decode worker → its scheduler, once per room it opened: the room's pages are
     the scheduler's again. Prefill side: ``ok`` means the decode side acknowledged every page.
@@ -463,7 +598,7 @@ class TransferResult(Message):
     ok: bool
     first_token: int | None = None
     error: str = ""
-    first_logprob: float | None = None
+    first_logprob: TokenLogprob | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +615,7 @@ class PeerInfo:
     name: str
     input_addr: str
     transfer: TransferEndpoint
+    incarnation: str = ""  # random per scheduler process: a peer registering with a new one restarted
 
 
 @dataclass

@@ -63,11 +63,11 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
-def resolve_model(model_path: str | None) -> ModelSource:
-    """The model ``--model-path`` names: None or the embedded model's name → the embedded
-    model; a short name of ``PACKAGED_MODELS`` → its packaged file; a ``*.gguf`` file → GGUF;
-    anything else → a Hugging Face directory."""
-    if model_path is None or model_path == EMBEDDED.name:
+def resolve_model(model_path: str) -> ModelSource:
+    """The model ``--model-path`` names: the embedded model's name → the embedded model; a
+    short name of ``PACKAGED_MODELS`` → its packaged file; a ``*.gguf`` file → GGUF; anything
+    else → a Hugging Face directory."""
+    if model_path == EMBEDDED.name:
         return ModelSource(ModelFormat.EMBEDDED, None, EMBEDDED.name)
     packaged = PACKAGED_MODELS.get(model_path)
     if packaged is not None:

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import repeat
 
 from protocol.config import SchedulerConfig, ServerArgs
 from protocol.messages import (
@@ -32,10 +33,12 @@ from protocol.messages import (
     WorkerReady,
 )
 from scheduler_proc import admission
-from scheduler_proc.batch import SentStep, StepBuilder
+from scheduler_proc.admission import RunningBudget
+from scheduler_proc.batch import SentStep, StepBuilder, pages_to_finish
 from scheduler_proc.decode_mode import DecodeRole
 from scheduler_proc.disagg import Pairing
-from scheduler_proc.policy import get_policy
+from scheduler_proc.metrics import SchedulerMetrics
+from scheduler_proc.policy import WaitingQueue, get_policy
 from scheduler_proc.prefill_mode import PrefillRole
 from scheduler_proc.request import ReqState, Request
 from scheduler_proc.resources import PagePool
@@ -48,6 +51,7 @@ NEW_TOKEN_RATIO_DECAY_STEPS = 600  # decode steps for the ratio to fall from ini
 
 
 ROLES = tuple(Role)
+_NOT_ASKED = float("nan")  # the logprobs column's entry for a request that did not ask for them
 
 
 class SchedulerCore:
@@ -74,8 +78,9 @@ class SchedulerCore:
         self.max_running = min(args.max_running_requests, worker.max_slots)
         self.sort_queue = get_policy(args.schedule_policy)
         self.requests: dict[str, Request] = {}  # every live request
-        self.waiting: list[Request] = []
+        self.waiting = WaitingQueue(args.schedule_policy)  # kept in the policy's order
         self.running: list[Request] = []  # decoding, holding a slot
+        self.budget = RunningBudget(self.pool)  # Σ pages the running batch still needs
         self.chunked_req: Request | None = None
         self.sent: deque[SentStep] = deque()
         self.new_token_ratio = args.init_new_token_ratio
@@ -88,6 +93,7 @@ class SchedulerCore:
         self._outbox: list[Message] = []
         self._peer_outbox: list[tuple[str, Message]] = []  # (input address of a peer instance, message)
         self._worker_outbox: list[Message] = []  # to the worker, outside the step pipeline
+        self.metrics = SchedulerMetrics.for_worker(worker)  # Prometheus counters (metrics.py)
         self.role: InstanceRole = self._make_role(role, worker, input_addr)
 
     def _make_role(self, role: Role | str, worker: WorkerReady, input_addr: str) -> InstanceRole:
@@ -139,7 +145,7 @@ class SchedulerCore:
 
     def on_result(self, result: StepResult) -> None:
         sent = self.sent.popleft()
-        expected_slots = [row.slot for row in sent.rows]
+        expected_slots = sent.rows.slots
         if result.step_id != sent.step_id or result.slots != expected_slots:
             raise RuntimeError(
                 f"worker answered step {result.step_id} with rows for slots {result.slots}; "
@@ -147,18 +153,9 @@ class SchedulerCore:
             )
         for req in sent.members:
             req.inflight -= 1
-        outputs = []
-        for i, row in enumerate(sent.rows):
-            if row.req.epoch != row.epoch or row.req.state is not ReqState.DECODING:
-                logger.debug("rid=%s token of step %d discarded", row.req.rid, sent.step_id)
-                continue
-            logprob = result.logprobs[i] if result.logprobs is not None else None
-            out = self.emit_token(row.req, result.token_ids[i], logprob)
-            if row.req.sampling.top_logprobs and result.top_token_ids and result.top_logprobs:
-                out.top_token_ids, out.top_logprobs = [result.top_token_ids[i]], [result.top_logprobs[i]]
-            outputs.append(out)
-        if outputs:
-            self._outbox.append(BatchOutput(outputs=outputs))
+        batch = self._step_outputs(sent, result)
+        if len(batch):
+            self._outbox.append(batch)
         self.role.on_step_done(sent)
 
     def to_frontend(self, msg: Message) -> None:
@@ -202,6 +199,11 @@ class SchedulerCore:
     # ---------------------------------------------------------------------------- state
 
     @property
+    def arrivals(self) -> int:
+        """Requests taken in so far (the source of ``seq``)."""
+        return self._next_seq
+
+    @property
     def has_live_requests(self) -> bool:
         return bool(self.requests)
 
@@ -215,7 +217,7 @@ class SchedulerCore:
 
     @property
     def queued_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.waiting) + self.role.queued_tokens()
+        return self.waiting.num_tokens + self.role.queued_tokens()
 
     def status(self) -> InstanceStatus:
         counts = dict.fromkeys(ReqState, 0)
@@ -233,6 +235,8 @@ class SchedulerCore:
             free_pages=self.pool.free_pages,
             cached_pages=self.pool.cache.cached_pages,
             total_pages=self.pool.total_pages,
+            peers=self.peer_states(),
+            links=self.role.link_states(),
         )
 
     # ---------------------------------------------------------------------------- step formation
@@ -253,18 +257,23 @@ class SchedulerCore:
     def schedule_decodes(self, step: StepBuilder) -> list[int]:
         """Every running decode (retracting requests until their pages fit); returns the slots
         that retraction released."""
-        decoders = [r for r in self.running if r.remaining_new_tokens > 0]
+        decoders = [r for r in self.running if r.scheduled_outputs < r.sampling.max_new_tokens]
         if not decoders:
             return []
-        retracted = self._retract_until_decodes_fit(decoders)
-        needy = [r for r in decoders if self.needs_page(r)]
+        page_size = self.page_size
+        needy = [r for r in decoders if r.kv_len >= len(r.res.row) * page_size]  # as needs_page
+        retracted = self._retract_until_decodes_fit(decoders, len(needy))
+        if retracted:
+            needy = [r for r in decoders if self.needs_page(r)]
         pages = self.pool.alloc_pages(len(needy))  # one allocation (and eviction) for the step
         assert pages is not None, "retraction left room for every decode"
+        budget = self.budget
         for req, page in zip(needy, pages, strict=True):
             req.res.append_pages([page])
             step.add_pages(req, [page])
+            budget.grew(req)
+        step.add_decodes(decoders)
         for req in decoders:
-            step.add_decode(req, req.kv_len)
             req.kv_len += 1
             req.scheduled_outputs += 1
         self.new_token_ratio = max(self.new_token_ratio - self._ratio_decay, self.args.min_new_token_ratio)
@@ -273,11 +282,12 @@ class SchedulerCore:
     def needs_page(self, req: Request) -> bool:
         return req.kv_len >= len(req.res.row) * self.page_size
 
-    def _retract_until_decodes_fit(self, decoders: list[Request]) -> list[int]:
+    def _retract_until_decodes_fit(self, decoders: list[Request], need: int) -> list[int]:
         """Out of KV memory: retract the request with the fewest output tokens (ties: the longest
-        prompt) until every remaining decode gets its page. A lone request always fits, because
-        ``on_request`` refuses any request that the whole pool cannot hold."""
-        need, released = sum(self.needs_page(r) for r in decoders), []
+        prompt) until every remaining decode gets its page (``need`` pages in all). A lone
+        request always fits, because ``on_request`` refuses any request that the whole pool
+        cannot hold."""
+        released: list[int | None] = []
         while need > self.pool.available_pages():
             victim = min(self.admitted(), key=lambda r: (len(r.output_ids), -len(r.prompt)))
             if victim in decoders:
@@ -298,6 +308,7 @@ class SchedulerCore:
             self.chunked_req = None
         else:
             self.running.remove(req)
+            self.budget.leave(req)
         slot = self.release(req, cache=True)
         req.transition(ReqState.PENDING)
         req.epoch += 1
@@ -305,11 +316,21 @@ class SchedulerCore:
         req.scheduled_outputs = len(req.output_ids)
         self.waiting.append(req)
         self.new_token_ratio = self.args.init_new_token_ratio
+        self.metrics.preemptions += 1
         return slot
 
     def schedule_prefills(self, step: StepBuilder) -> None:
         """Continue the chunked request, then admit waiting requests as the budgets allow."""
         admission.schedule_prefills(self, step)
+
+    def reserved_pages(self) -> int:
+        """Pages the admitted requests still need to finish: ``Σ pages_to_finish`` over
+        ``admitted()``, the running batch's part kept as a running total."""
+        reserved = self.budget.total(self.new_token_ratio)
+        if self.chunked_req is not None:
+            req = self.chunked_req
+            reserved += pages_to_finish(req, len(req.res.row), self.pool, self.new_token_ratio)
+        return reserved
 
     def admitted(self) -> list[Request]:
         """Requests holding a slot: the running batch and the chunked request."""
@@ -323,8 +344,45 @@ class SchedulerCore:
         """``req`` decodes here from the next step on."""
         req.transition(ReqState.DECODING)
         self.running.append(req)
+        self.budget.join(req)  # counted when next read: the role may still set its progress
 
     # ---------------------------------------------------------------------------- results
+
+    def _step_outputs(self, sent: SentStep, result: StepResult) -> BatchOutput:
+        """The outputs of a step's result. A request's plain next token goes into the columns
+        (no object per request); its first and last output, and top logprobs, are full rows."""
+        batch = BatchOutput()
+        rids, tokens, logprobs, outputs = batch.rids, batch.token_ids, [], batch.outputs
+        result_lps, any_lp = result.logprobs, False
+        decoding = ReqState.DECODING
+        rows = sent.rows
+        if len(result.token_ids) != len(rows) or (result_lps is not None and len(result_lps) != len(rows)):
+            raise RuntimeError(f"worker answered step {sent.step_id} with a column of the wrong length")
+        lps = repeat(None) if result_lps is None else result_lps  # lengths checked above
+        columns = zip(rows.reqs, rows.epochs, result.token_ids, lps, strict=False)
+        for i, (req, epoch, token, logprob) in enumerate(columns):
+            if req.epoch != epoch or req.state is not decoding:
+                logger.debug("rid=%s token of step %d discarded", req.rid, sent.step_id)
+                continue
+            output_ids = req.output_ids
+            if len(output_ids) < req.plain_until and token not in req.stop_ids:  # the common case
+                output_ids.append(token)
+                rids.append(req.rid)
+                tokens.append(token)
+                if logprob is not None and req.sampling.return_logprob:
+                    logprobs.append(logprob)
+                    any_lp = True
+                else:
+                    logprobs.append(_NOT_ASKED)
+                continue
+            sampling = req.sampling
+            out = self.emit_token(req, token, logprob)
+            if sampling.top_logprobs and result.top_token_ids and result.top_logprobs:
+                out.top_token_ids, out.top_logprobs = [result.top_token_ids[i]], [result.top_logprobs[i]]
+            outputs.append(out)
+        if any_lp:
+            batch.logprobs = logprobs
+        return batch
 
     def emit_token(self, req: Request, token: int, logprob: float | None) -> ReqOutput:
         req.output_ids.append(token)
@@ -335,6 +393,8 @@ class SchedulerCore:
             assert req.first_scheduled_time is not None
             out.queue_ms = max(req.first_scheduled_time - req.arrival_time, 0.0) * 1000.0
             req.sent_first_output = True
+            if not req.sampling.top_logprobs:  # its next tokens are plain ones, as columns
+                req.plain_until = req.sampling.max_new_tokens - 1
         reason = req.finish_reason(token)
         if reason is not None:
             out.finished, out.finish_reason = True, reason
@@ -356,6 +416,7 @@ class SchedulerCore:
             self._detach(req)
         req.transition(state)
         del self.requests[req.rid]
+        self.metrics.request_ended(req)
         cache = state is not ReqState.FAILED
         if not self.role.on_end(req, cache):
             self.release(req, cache)
@@ -368,6 +429,7 @@ class SchedulerCore:
             self.chunked_req = None
         elif req.state is ReqState.DECODING:
             self.running.remove(req)
+            self.budget.leave(req)
 
     def release(self, req: Request, cache: bool) -> int | None:
         """Give back ``req``'s slot and pages (caching its KV if ``cache``); returns the slot."""

@@ -80,10 +80,9 @@ class DecodeRole:
             self._on_register_reply(msg)
         elif isinstance(msg, PeerUnknown):
             peer = self.peers.registered(msg.addr)
-            if peer is not None:
-                logger.warning("prefill instance %s dropped this instance; registering again", peer.addr)
+            if peer is not None:  # it restarted, or lost us: the rooms it held are gone
                 self.peers.move(peer, PeerState.LOST, self.core.clock())
-                self._register_again(peer)
+                self._peer_lost(peer, "it no longer knows this instance: it restarted, or dropped it")
         else:
             return False
         return True
@@ -103,7 +102,7 @@ class DecodeRole:
             return
         assert msg.info is not None and msg.info.transfer is not None
         self.peers.move(peer, PeerState.REGISTERING, self.core.clock())
-        peer.transfer_addr = msg.info.transfer.address
+        peer.transfer_addr, peer.incarnation = msg.info.transfer.address, msg.info.incarnation
         self.core.to_worker(RegisterKVPeer(peer.addr, peer.transfer_addr))
 
     def _reply_problem(self, msg: RegisterReply) -> str | None:
@@ -136,6 +135,9 @@ class DecodeRole:
 
     def peer_states(self) -> dict[str, str]:
         return self.peers.statuses()
+
+    def link_states(self) -> dict[str, str]:
+        return self.pairing.links
 
     def tick(self, now: float) -> None:
         lost = self.pairing.beat(now)
@@ -189,6 +191,8 @@ class DecodeRole:
             )
 
     def on_worker_message(self, msg: Message) -> bool:
+        if self.pairing.on_worker_message(msg):
+            return True
         if isinstance(msg, KVPeerRegistered):
             self._on_kv_peer_registered(msg)
             return True
@@ -292,7 +296,11 @@ class DecodeRole:
         self.core.start_running(req)
         req.kv_len = len(req.prompt)
         req.scheduled_outputs = 1
-        return self.core.emit_token(req, room.first_token, room.first_logprob)
+        first = room.first_logprob
+        out = self.core.emit_token(req, room.first_token, first.logprob if first is not None else None)
+        if first is not None and first.top_token_ids is not None and req.sampling.top_logprobs:
+            out.top_token_ids, out.top_logprobs = [first.top_token_ids], [first.top_logprobs or []]
+        return out
 
     def _join(self, room: Room, step: StepBuilder, joined: set[int]) -> ReqOutput:
         req = room.req
@@ -323,8 +331,10 @@ class DecodeRole:
         if not queue or not core.has_room():
             return
         core.sort_queue(queue, core.pool.cache)
-        holders = core.admitted() + [r.req for r in self.rooms.in_state(S.TRANSFERRING, S.READY) if r.req]
-        reserved = sum(pages_to_finish(r, len(r.res.row), core.pool, core.new_token_ratio) for r in holders)
+        holders = [r.req for r in self.rooms.in_state(S.TRANSFERRING, S.READY) if r.req]
+        reserved = core.reserved_pages() + sum(
+            pages_to_finish(r, len(r.res.row), core.pool, core.new_token_ratio) for r in holders
+        )
         for req in queue:
             if not core.has_room():
                 break

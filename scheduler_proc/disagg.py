@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from typing import TYPE_CHECKING
 
 from protocol.messages import (
     INVALID_REQUEST,
     TRANSFER_FAILED,
     KVExpect,
+    KVLinkStates,
+    Message,
     PeerHeartbeat,
     PeerInfo,
     RequestFailed,
@@ -25,6 +28,7 @@ from protocol.messages import (
     TransferResult,
     WorkerReady,
 )
+from protocol.transport import is_private
 from scheduler_proc.batch import StepBuilder
 from scheduler_proc.peers import Peer, PeerState, PeerTable
 from scheduler_proc.request import ReqState, Request
@@ -40,10 +44,12 @@ ROOM_MEMORY_S = 120.0  # how long an ended room is remembered (duplicates refuse
 TRANSFER_GUARD_FACTOR = 2  # the data plane times out first; the guard only catches a room it never reports
 
 def peer_info(name: str, input_addr: str, worker: WorkerReady) -> PeerInfo:
-    """This instance's side of the registration: its worker's data-plane end, layout included."""
+    """This instance's side of the registration: its worker's data-plane end, layout included,
+    and a random incarnation of this process (a peer that sees a new one knows it restarted)."""
     if worker.transfer is None:
         raise ValueError(f"the worker of disaggregated instance {name} reported no KV data-plane end")
-    return PeerInfo(name=name, input_addr=input_addr, transfer=worker.transfer)
+    return PeerInfo(name=name, input_addr=input_addr, transfer=worker.transfer,
+                    incarnation=secrets.token_hex(6))
 
 
 def check_peer(ours: PeerInfo, theirs: PeerInfo) -> str | None:
@@ -52,6 +58,16 @@ def check_peer(ours: PeerInfo, theirs: PeerInfo) -> str | None:
         return f"instance {theirs.name} sent no input address"
     ours_label, theirs_label = f"instance {ours.name}", f"instance {theirs.name}"
     return ours.transfer.layout.mismatch(theirs.transfer.layout, ours_label, theirs_label)
+
+
+def told_to_peer(ours: PeerInfo, theirs: PeerInfo, problem: str, authenticated: bool) -> str:
+    """What the peer hears of a refused registration: the whole ``problem`` when it is
+    authenticated (CURVE keys, or a private ipc address), else only the field that mismatched,
+    so that a stranger does not learn this instance's values (they go to the local log)."""
+    if authenticated:
+        return problem
+    field = ours.transfer.layout.mismatched_field(theirs.transfer.layout)
+    return f"{field} mismatch" if field else "registration refused"
 
 
 def with_max_new_tokens(req: Request, max_new_tokens: int) -> None:
@@ -65,13 +81,23 @@ class Pairing:
         self.side = side
         self.input_addr = input_addr
         self.info = peer_info(core.name, input_addr, worker)
+        # peers reached with keys, or only by this host's user (ipc), may hear a refusal's details
+        self.peers_authenticated = core.args.cluster_key_dir is not None or is_private(input_addr)
         self.rooms = RoomTable(side, core.clock)
         self.peers = PeerTable()
         self._abort_rooms: list[int] = []
         self._expects: list[KVExpect] = []
         self._next_beat = 0.0
+        self.links: dict[str, str] = {}  # the worker's data-plane links, as it last reported them
 
     # ---------------------------------------------------------------------------- rooms
+
+    def on_worker_message(self, msg: Message) -> bool:
+        """The worker messages both sides take alike; False for the others."""
+        if isinstance(msg, KVLinkStates):
+            self.links = msg.links
+            return True
+        return False
 
     def room_refusal(self, room: int | None) -> Refusal | None:
         """A request without a room, or for a room in use here (live or remembered), is refused."""
@@ -121,10 +147,25 @@ class Pairing:
             return None
         room.open = False
         if room.state is not RoomState.DRAINING:
+            self._count_transfer(room, msg.ok)
             return room
         self._release_drained(room)
         logger.debug("rid=%s room=%d: pages released after the room closed", room.rid, msg.room)
         return None
+
+    def _count_transfer(self, room: Room, ok: bool) -> None:
+        """A live room's transfer ended (an aborted one's does not count): its bytes and time
+        (since the room became ``TRANSFERRING``), or a failure."""
+        if not ok:
+            self.core.metrics.transfer_failed()
+            return
+        assert room.req is not None
+        if self.side is Role.PREFILL:
+            pages = len(room.dst_pages)
+        else:  # the prompt's pages less those the decode side had cached
+            cached = (room.req.cached_tokens or 0) // self.core.page_size
+            pages = self.core.pool.pages_for(len(room.req.prompt)) - cached
+        self.core.metrics.transfer_done(pages, self.core.clock() - room.since)
 
     def _release_drained(self, room: Room) -> None:
         assert room.req is not None
@@ -192,6 +233,7 @@ class Pairing:
                 assert room.req is not None
                 room.open = False  # so that ending it releases the pages at once
                 self._abort_rooms.append(room.id)
+                self.core.metrics.transfer_failed()
                 self.fail(room.req, TRANSFER_FAILED, f"room {room.id}: no transfer result within {limit:g} s")
         for room in self.rooms.in_state(RoomState.DRAINING):
             if now - room.since > limit:

@@ -49,6 +49,7 @@ class Peer:
     state: PeerState
     last_seen: float
     transfer_addr: str = ""  # decode side: the prefill worker's KV sender
+    incarnation: str = ""  # the peer process's, from its PeerInfo: a new one means it restarted
     refusal: str = ""  # REFUSED: why
 
     @property

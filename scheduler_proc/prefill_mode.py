@@ -21,6 +21,7 @@ from protocol.messages import (
     KVSend,
     Message,
     PeerHeartbeat,
+    PeerInfo,
     PeerUnknown,
     RegisterDecode,
     RegisterReply,
@@ -30,7 +31,7 @@ from protocol.messages import (
     TokenizedRequest,
     TransferResult,
 )
-from scheduler_proc.disagg import Pairing, check_peer, with_max_new_tokens
+from scheduler_proc.disagg import Pairing, check_peer, told_to_peer, with_max_new_tokens
 from scheduler_proc.peers import Peer, PeerState
 from scheduler_proc.request import ReqState, Request
 from scheduler_proc.role import Refusal
@@ -110,24 +111,32 @@ class PrefillRole:
         return True
 
     def _register(self, msg: RegisterDecode) -> None:
-        theirs, now = msg.info, self.core.clock()
-        error = check_peer(self.pairing.info, theirs)
-        reply = RegisterReply(
-            self.pairing.input_addr, ok=error is None, error=error or "", info=self.pairing.info
-        )
-        self.core.to_peer(theirs.input_addr, reply)
+        theirs, ours = msg.info, self.pairing.info
+        error = check_peer(ours, theirs)
         if error is not None:
+            told = told_to_peer(ours, theirs, error, self.pairing.peers_authenticated)
+            self.core.to_peer(theirs.input_addr, RegisterReply(ours.input_addr, ok=False, error=told))
             logger.warning("refused decode instance %s (%s): %s", theirs.name, theirs.input_addr, error)
             return
-        peer = self.peers.get(theirs.input_addr)
+        self.core.to_peer(theirs.input_addr, RegisterReply(ours.input_addr, ok=True, info=ours))
+        self._take_registration(theirs)
+
+    def _take_registration(self, theirs: PeerInfo) -> None:
+        """A new decode instance, one registering again after a loss, or one that restarted (a
+        new incarnation: its old rooms are gone, so their requests fail here as on a loss)."""
+        now, peer = self.core.clock(), self.peers.get(theirs.input_addr)
         if peer is None:
             logger.info("decode instance %s registered from %s", theirs.name, theirs.input_addr)
-            self.peers.add(theirs.input_addr, PeerState.REGISTERED, now)
-        elif peer.state is PeerState.REGISTERED:
+            peer = self.peers.add(theirs.input_addr, PeerState.REGISTERED, now)
+        elif peer.state is PeerState.REGISTERED and peer.incarnation == theirs.incarnation:
             peer.last_seen = now
         else:
+            if peer.state is PeerState.REGISTERED:
+                self.peers.move(peer, PeerState.LOST, now)
+                self._peer_lost(peer, "it restarted: a new incarnation registered")
             logger.info("decode instance %s registered again from %s", theirs.name, theirs.input_addr)
             self.peers.move(peer, PeerState.REGISTERED, now)
+        peer.incarnation = theirs.incarnation
 
     def _on_dest(self, msg: RoomDest) -> None:
         if self.peers.registered(msg.decode_addr) is None:
@@ -211,6 +220,9 @@ class PrefillRole:
     def peer_states(self) -> dict[str, str]:
         return self.peers.statuses()
 
+    def link_states(self) -> dict[str, str]:
+        return self.pairing.links
+
     # ---------------------------------------------------------------------------- scheduling
 
     def fill_step(self, step: StepBuilder) -> None:
@@ -245,6 +257,8 @@ class PrefillRole:
                 self.core.end(req, ReqState.FINISHED)
 
     def on_worker_message(self, msg: Message) -> bool:
+        if self.pairing.on_worker_message(msg):
+            return True
         if not isinstance(msg, TransferResult):
             return False
         room = self.pairing.transfer_closed(msg)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from array import array
 from dataclasses import dataclass, field
 
 from protocol.messages import SamplingParams, TokenizedRequest
+from scheduler_proc.radix_cache import token_array
 from scheduler_proc.resources import ReqResources
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,23 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-@dataclass(eq=False)
+_STOP_SETS: dict[tuple[int, ...], frozenset[int]] = {}
+_MAX_STOP_SETS = 1024
+
+
+def _stop_set(ids: list[int]) -> frozenset[int]:
+    """One shared frozenset per distinct stop-id list (nearly every request has the model's EOS
+    ids): one object fewer per request for the garbage collector to walk."""
+    key = tuple(ids)
+    found = _STOP_SETS.get(key)
+    if found is None:
+        if len(_STOP_SETS) >= _MAX_STOP_SETS:
+            _STOP_SETS.clear()
+        found = _STOP_SETS[key] = frozenset(key)
+    return found
+
+
+@dataclass(eq=False, slots=True)
 class Request:
     """One request's tokens, progress and resources.
 
@@ -51,17 +69,19 @@ class Request:
     tokens that will exist once every sent step has been answered (so max_new_tokens is never
     overrun under overlap). ``epoch`` changes on retraction so that a result row of an older
     incarnation is recognised and discarded; ``inflight`` counts sent steps not yet answered
-    that contain this request.
+    that contain this request. Token ids are compact arrays (``token_array``), which the
+    garbage collector does not walk; ``__slots__`` spare it a ``__dict__`` to walk per request.
+    ``budget_member`` and ``budget_share`` are its entry in the core's ``RunningBudget``.
     """
 
     rid: str
-    prompt: list[int]
+    prompt: array
     sampling: SamplingParams
     priority: int
     arrival_time: float
     seq: int  # arrival order at this instance, the tie-breaker of every policy
     state: ReqState = ReqState.PENDING
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: array = field(default_factory=lambda: token_array(()))
     res: ReqResources = field(default_factory=ReqResources)
     kv_len: int = 0
     scheduled_outputs: int = 0
@@ -70,9 +90,12 @@ class Request:
     cached_tokens: int | None = None  # prefix-cache hit at first admission
     first_scheduled_time: float | None = None
     sent_first_output: bool = False
+    plain_until: int = 0  # output tokens below which a new token goes out as a plain column entry
     stop_ids: frozenset[int] = frozenset()
     room: int | None = None  # disaggregation: the pairing id minted by the front end
     priority_order: tuple[int, int] = field(init=False)  # sort key of the priority policy
+    budget_member: bool = False  # counted in the running batch's pages to finish (admission.py)
+    budget_share: tuple[int, int] = (0, 0)  # its (input, decode) pages as counted there
 
     def __post_init__(self) -> None:
         self.priority_order = (-self.priority, self.seq)
@@ -81,12 +104,12 @@ class Request:
     def from_message(cls, msg: TokenizedRequest, seq: int) -> Request:
         return cls(
             rid=msg.rid,
-            prompt=list(msg.input_ids),
+            prompt=token_array(msg.input_ids),
             sampling=msg.sampling,
             priority=msg.priority,
             arrival_time=msg.arrival_time or time.time(),
             seq=seq,
-            stop_ids=frozenset(msg.sampling.stop_token_ids),
+            stop_ids=_stop_set(msg.sampling.stop_token_ids),
             room=msg.room,
         )
 
@@ -95,7 +118,7 @@ class Request:
         return self.state not in _TERMINAL
 
     @property
-    def tokens(self) -> list[int]:
+    def tokens(self) -> array:
         return self.prompt + self.output_ids
 
     @property
@@ -107,7 +130,7 @@ class Request:
         """Output tokens still to schedule."""
         return self.sampling.max_new_tokens - self.scheduled_outputs
 
-    def kv_tokens(self) -> list[int]:
+    def kv_tokens(self) -> array:
         """The known tokens whose KV is computed or scheduled: what may enter the prefix cache."""
         return self.tokens[: min(self.kv_len, self.num_tokens)]
 

@@ -67,7 +67,7 @@ class PagePool:
         return self.pages.alloc(n)
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: no __dict__ to look attributes up in or for the GC to walk
 class ReqResources:
     slot: int | None = None
     row: list[int] = field(default_factory=list)  # the worker's page-table row of ``slot``

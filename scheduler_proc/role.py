@@ -70,6 +70,9 @@ class InstanceRole(Protocol):
     def peer_states(self) -> dict[str, str]:
         """Registration state per peer instance, for the heartbeat to the front end."""
 
+    def link_states(self) -> dict[str, str]:
+        """The worker's data-plane links by peer, as it last reported them, for ``status``."""
+
     def owed_slots(self) -> int:
         """Requests that will take a worker slot without being admitted again."""
 
@@ -125,6 +128,9 @@ class UnifiedRole:
         pass
 
     def peer_states(self) -> dict[str, str]:
+        return {}
+
+    def link_states(self) -> dict[str, str]:
         return {}
 
     def owed_slots(self) -> int:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protocol.dataplane import TokenLogprob
 from protocol.messages import Role, RoomDest
 from scheduler_proc.request import IllegalTransition, Request
 
@@ -83,7 +84,7 @@ class Room:
     open: bool = False  # the worker holds it open on the data plane (its pages are in use there)
     cache: bool = True  # draining: cache its KV when the pages return
     first_token: int | None = None  # decode: the token the prefill side sampled
-    first_logprob: float | None = None
+    first_logprob: TokenLogprob | None = None
     refusal: tuple[str, str] = ("", "")  # REFUSED: (code, message)
     ended_as: str = ""  # ENDED: what a late message for it is told
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -70,6 +71,7 @@ from protocol.security import ClusterKeys
 from protocol.validation import preview
 from scheduler_proc.core import ROLES, SchedulerCore
 from scheduler_proc.frontends import Frontends
+from scheduler_proc.heap import ArrivalFreezer, IdleFreezer, freeze
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ def run_scheduler(cfg: SchedulerConfig, worker_start_timeout: float = WORKER_STA
             ready.max_slots,
         )
         core = SchedulerCore.from_config(cfg, ready)
+        freeze()  # the start-up heap is never walked again (scheduler_proc/heap.py)
         loop = _Loop(cfg, core, ready, ctx, inputs, results, steps, keys)
         try:
             loop.run()
@@ -181,7 +184,10 @@ class _Loop:
         self.heartbeat_interval = cfg.args.heartbeat_interval
         self.watchdog_timeout = cfg.args.watchdog_timeout
         self.step_wait_start: float | None = None  # since when the oldest step in flight has run
+        self.incarnation = secrets.token_hex(6)  # in every heartbeat: front ends tell a restart by it
         self.running = True
+        self.idle_freezer = IdleFreezer()
+        self.arrival_freezer = ArrivalFreezer()
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -200,6 +206,8 @@ class _Loop:
                 for msg in _recv_valid(self.inputs, self.cfg.name, self._reply):
                     self._on_input_guarded(msg)
             self.core.tick(time.monotonic())
+            self.idle_freezer.note(not self.core.has_live_requests and not self.core.sent)
+            self.arrival_freezer.note(self.core.arrivals)
             self._flush()
             if time.monotonic() >= next_heartbeat:
                 self._detach_silent_frontends()
@@ -267,6 +275,8 @@ class _Loop:
         elif isinstance(msg, StatusQuery):
             status = dataclasses.replace(self.core.status(), ready=not self.stalled)
             report = StatusReport(qid=msg.qid, status=status)
+            if msg.metrics:
+                report.metrics = self.core.metrics.snapshot(self.core)
             if msg.reply_to:
                 transport.send(self._reply_to(msg.reply_to), report)
             else:
@@ -314,6 +324,7 @@ class _Loop:
             queued_tokens=self.core.queued_tokens,
             running=self.core.num_running,
             peers=self.core.peer_states(),
+            incarnation=self.incarnation,
         )
 
     def _heartbeat_all(self) -> None:

@@ -80,15 +80,13 @@ step_transfer() {
   run kvtransfer 300 "$PY" -m bench.kvtransfer --output "$RESULTS/kvtransfer.json"
 }
 
-# serve the llama-3-8b-shaped dummy model in unified mode, then drive it at full load and at a
-# fixed request rate
 # serve_and_drive NAME LAUNCH_FLAGS...: serve the llama-3-8b-shaped dummy model, then drive it at
-# full load and at a fixed request rate
+# full load (over ZMQ, then the same requests over the HTTP API: its cost) and at a fixed rate
 serve_and_drive() {
   local name=$1 port=31000 rc=0
   shift
   local log="$RESULTS/$name-server.log"
-  timeout --kill-after=20 270 "$PY" launch.py "$@" --port "$port" --model-path "$MODEL" --load-format dummy \
+  timeout --kill-after=20 370 "$PY" launch.py "$@" --port "$port" --model-path "$MODEL" --load-format dummy \
     >"$log" 2>&1 &
   local server=$!
   local waited=0
@@ -100,10 +98,14 @@ serve_and_drive() {
     sleep 1; waited=$((waited + 1))
   done
   echo "$name server ready after ${waited}s"
-  local common=(--addr "tcp://127.0.0.1:$port" --vocab-size 128000 --no-progress --timeout 120)
-  run "$name-max" 100 "$PY" -m bench.serving "${common[@]}" --num-prompts 256 --input-len 128 1024 \
+  local common=(--vocab-size 128000 --no-progress --timeout 120)
+  local zmq=(--addr "tcp://127.0.0.1:$((port + 1))")
+  run "$name-max" 100 "$PY" -m bench.serving "${zmq[@]}" "${common[@]}" --num-prompts 256 --input-len 128 1024 \
     --output-len 64 256 --request-rate inf --output "$RESULTS/$name-max.json" || rc=1
-  run "$name-rate" 80 "$PY" -m bench.serving "${common[@]}" --num-prompts 200 --input-len 128 1024 \
+  run "$name-max-http" 100 "$PY" -m bench.serving --backend openai --base-url "http://127.0.0.1:$port/v1" \
+    "${common[@]}" --num-prompts 256 --input-len 128 1024 \
+    --output-len 64 256 --request-rate inf --output "$RESULTS/$name-max-http.json" || rc=1
+  run "$name-rate" 80 "$PY" -m bench.serving "${zmq[@]}" "${common[@]}" --num-prompts 200 --input-len 128 1024 \
     --output-len 64 256 --request-rate 16 --output "$RESULTS/$name-rate16.json" || rc=1
   kill -TERM "$server" 2>/dev/null
   wait "$server" 2>/dev/null

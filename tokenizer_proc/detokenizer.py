@@ -6,6 +6,10 @@ U+FFFD appears only for bytes that can never complete. Text that could still be 
 a stop string is held back too; when a stop string appears, it and everything after it are
 dropped and the detokenizer is ``stopped``. ``finish`` flushes whatever is held. Only the held
 text (the new text and at most the longest stop string's length before it) is ever searched.
+
+Without stop strings nothing is ever held back but the incomplete UTF-8 tail, which the
+incremental decoder holds itself: ``step`` is then one bytes lookup and one decode per output
+(picked once, when the detokenizer is made).
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ class IncrementalDetokenizer:
         self._stop = tuple(s for s in stop if s)
         self._held = ""  # decoded text not yet released
         self.stopped = False
+        if not self._stop:
+            self.step = self._step_plain  # type: ignore[method-assign]
+
+    def _step_plain(self, token_ids: Sequence[int]) -> str:
+        """``step`` without stop strings: no text is held back, none is searched."""
+        return self._utf8.decode(self._decode_bytes(token_ids))
 
     def step(self, token_ids: Sequence[int]) -> str:
         """Text that is safe to emit after ``token_ids`` (possibly empty)."""

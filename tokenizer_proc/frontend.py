@@ -24,6 +24,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Iterable
+from itertools import repeat
 
 import zmq
 
@@ -39,6 +40,9 @@ from protocol.messages import (
     AttachFrontend,
     BatchOutput,
     ClientError,
+    ClientMetrics,
+    ClientOutput,
+    ClientOutputs,
     FinishReason,
     Heartbeat,
     Message,
@@ -62,6 +66,7 @@ from tokenizer_proc.connections import (
 )
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.instances import InstancePool
+from tokenizer_proc.metrics import FrontendMetrics, MetricsExposition
 from tokenizer_proc.request_state import LiveRequest, RequestTable
 from tokenizer_proc.status import PendingStatus, StatusCollector
 from tokenizer_proc.tokenizer import load_tokenizer
@@ -70,6 +75,7 @@ from tokenizer_proc.validation import (
     AbortCommand,
     GenerateCommand,
     InvalidRequest,
+    MetricsCommand,
     StatusCommand,
     parse_command,
     unpack_frame,
@@ -78,6 +84,8 @@ from tokenizer_proc.validation import (
 log = logging.getLogger("pdserve.frontend")
 
 MAX_POLL_MS = 50  # bounds how long a stop request waits
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 DRAIN_BUDGET_S = 0.01  # time spent reading one socket per turn, so neither side starves
 HARD_SIZE_FACTOR = 4  # zmq drops peers whose frames exceed this many times the app limit
 CLOSE_LINGER_MS = 200
@@ -94,6 +102,8 @@ class Frontend:
         self._admission = Admission(self._tokenizer, args.context_length)
         self._requests = RequestTable()
         self._status = StatusCollector()
+        self._metrics = FrontendMetrics()
+        self._exposition = MetricsExposition(self._metrics)
         self._rid_prefix = secrets.token_hex(4)
         self._rid_counter = 0
         self._attach = AttachFrontend(output_addr=cfg.output_addr, rid_prefix=self._rid_prefix)
@@ -214,7 +224,8 @@ class Frontend:
             )
             return
         try:
-            cmd = parse_command(unpack_frame(frames[1].buffer, self.cfg.args.max_message_bytes))
+            obj = unpack_frame(frames[1].buffer, self.cfg.args.max_message_bytes)
+            cmd = parse_command(obj)
         except InvalidRequest as e:
             self._refuse(conn, e.rid, e)
             return
@@ -258,6 +269,7 @@ class Frontend:
             self._send_error(conn, cmd.rid, PEER_UNAVAILABLE, reason)
             return
         req = self._live_request(conn, cmd, route, len(input_ids))
+        req.batch_outputs = cmd.batch_outputs
         msg = TokenizedRequest(
             rid=req.rid,
             input_ids=input_ids,
@@ -304,13 +316,20 @@ class Frontend:
         req.aborted_by_client = True
         self._abort_everywhere(req, FinishReason.ABORT)  # the (decode) instance answers with the final output
 
-    def _start_status(self, conn: bytes, cmd: StatusCommand) -> None:
+    def _start_status(self, conn: bytes, cmd: StatusCommand | MetricsCommand) -> None:
+        """A ``status`` or ``metrics`` request: both ask every instance (status.py)."""
         timeout = min(STATUS_TIMEOUT_S, self.cfg.args.heartbeat_timeout)
-        pending = self._status.start(conn, cmd.rid, self._pool, time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        metrics = isinstance(cmd, MetricsCommand)
+        pending = self._status.start(conn, cmd.rid, self._pool, deadline, metrics)
         if pending.complete:
             self._reply_status(pending)
 
     def _reply_status(self, pending: PendingStatus) -> None:
+        if pending.wants_metrics:
+            text = self._exposition.render(pending.samples())
+            self._send(pending.conn, ClientMetrics(rid=pending.rid, text=text))
+            return
         ready = self._ready_once and not self.draining and self._topology.can_serve
         self._send(pending.conn, pending.reply(ready))
 
@@ -329,7 +348,11 @@ class Frontend:
     def _deliver(self, conn: bytes, msg: Message) -> str | None:
         """Queue ``msg`` for ``conn`` without blocking; why it could not be, or None."""
         try:
-            self._clients.send_multipart([conn, encode(msg)], zmq.NOBLOCK)
+            frame = encode(msg)
+            # two plain sends (send_multipart's per-call flag arithmetic costs as much as a send);
+            # an unroutable or full connection fails on the first, so nothing is half sent
+            self._clients.send(conn, _MORE_NOBLOCK)
+            self._clients.send(frame, _NOBLOCK)
             return None
         except zmq.Again:
             return f"it does not read its replies ({CLIENT_QUEUE_MESSAGES} are queued)"
@@ -397,21 +420,48 @@ class Frontend:
             log.error("unexpected %s message from an instance", msg.TYPE)
 
     def _on_batch_output(self, batch: BatchOutput) -> None:
+        """Each row to its request's client: the full rows, then the column rows (one more plain
+        token each: ``apply_token``, no ``ReqOutput`` built), in ``rows()`` order."""
         now = time.perf_counter()
+        grouped: dict[bytes, list[ClientOutput]] = {}  # outputs of requests that asked for batch_outputs
+        requests, metrics = self._requests, self._metrics
         for out in batch.outputs:
-            req = self._requests.get(out.rid)
+            req = requests.get(out.rid)
             if req is None:
                 continue  # finished here already (stop string, departed client): drop
-            msg = req.apply(out, now)
-            if req.finished:
-                self._requests.remove(req)
-                if not out.finished:
-                    self._abort_everywhere(req, FinishReason.STOP)
-                log.debug(
-                    "rid=%s finished (%s), %d tokens", req.rid, req.finish_reason, req.completion_tokens
-                )
-            if msg is not None:
-                self._send(req.conn, msg)
+            metrics.on_output(req, len(out.token_ids), now)
+            self._forward(req, req.apply(out, now), out.finished, now, grouped)
+        lps = batch.logprobs if batch.logprobs is not None else repeat(None, len(batch.rids))
+        for rid, token, lp in zip(batch.rids, batch.token_ids, lps, strict=True):
+            req = requests.get(rid)
+            if req is None:
+                continue
+            metrics.on_output(req, 1, now)
+            msg = req.apply_token(token, None if lp is None or lp != lp else lp, now)  # NaN: not asked for
+            if msg is not None and not req.finished and req.batch_outputs:
+                grouped.setdefault(req.conn, []).append(msg)  # the common case, inline
+            else:
+                self._forward(req, msg, False, now, grouped)
+        for conn, msgs in grouped.items():  # one frame per connection and step
+            self._send(conn, msgs[0] if len(msgs) == 1 else ClientOutputs(outputs=msgs))
+
+    def _forward(
+        self, req: LiveRequest, msg: ClientOutput | None, instance_finished: bool, now: float,
+        grouped: dict[bytes, list[ClientOutput]],
+    ) -> None:
+        """Retire ``req`` if that output finished it, and send or group ``msg``."""
+        if req.finished:
+            self._metrics.on_finished(req, now)
+            self._requests.remove(req)
+            if not instance_finished:
+                self._abort_everywhere(req, FinishReason.STOP)
+            log.debug("rid=%s finished (%s), %d tokens", req.rid, req.finish_reason, req.completion_tokens)
+        if msg is None:
+            return
+        if req.batch_outputs:
+            grouped.setdefault(req.conn, []).append(msg)
+        else:
+            self._send(req.conn, msg)
 
     def _on_request_failed(self, msg: RequestFailed) -> None:
         req = self._requests.get(msg.rid)
@@ -428,7 +478,10 @@ class Frontend:
             # The instance failed it (e.g. its transfer, cut short by the abort's other half)
             # before our abort reached it: to the client it ends as the abort it asked for.
             log.info("rid=%s: failed after the client aborted it (%s): an abort", req.rid, msg.code)
-            self._send(req.conn, req.abort(time.perf_counter()))
+            now = time.perf_counter()
+            final = req.abort(now)
+            self._metrics.on_finished(req, now)
+            self._send(req.conn, final)
             return
         log.warning(
             "rid=%s (client rid %s, %s) failed: %s: %s",

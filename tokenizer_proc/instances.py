@@ -4,8 +4,11 @@ An instance is attached by sending it ``AttachFrontend``, repeated every heartbe
 as long as the front end runs: it is the front end's heartbeat (an instance detaches a silent
 front end and aborts its requests). An instance is alive while its heartbeats keep coming, and
 routable when alive and ready. Silence for ``heartbeat_timeout`` makes it dead; it is attached
-again as soon as it may come back. A decode instance's heartbeats also carry the state of its registration
-with each prefill instance (``peers``); a change of that state is logged, refusals loudly.
+again as soon as it may come back. An instance restarted at the same address (its launcher
+restarts it, or an operator does) is told apart by the ``incarnation`` of its heartbeats: its
+old requests count as lost like a dead instance's, and its new state is taken as it comes. A
+decode instance's heartbeats also carry the state of its registration with each prefill
+instance (``peers``); a change of that state is logged, refusals loudly.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Instance:
     model: ModelInfo | None = None
     # decode instances: prefill input address -> "registered" | "connecting" | "refused: <why>"
     peers: dict[str, str] = field(default_factory=dict)
+    incarnation: str = ""  # of the process whose heartbeats come now
 
     @property
     def load_tokens(self) -> int:
@@ -61,6 +65,7 @@ class InstancePool:
     instances: list[Instance] = field(default_factory=list)
     _by_addr: dict[str, Instance] = field(default_factory=dict)
     _strangers: set[str] = field(default_factory=set)  # input addresses warned about
+    _restarted: list[Instance] = field(default_factory=list)  # seen by a new incarnation, not yet expired
 
     @classmethod
     def connect(
@@ -111,11 +116,19 @@ class InstancePool:
                     "heartbeat from an instance not configured here: %s at %s", hb.name, hb.input_addr
                 )
             return None
+        restarted = bool(inst.incarnation) and hb.incarnation != inst.incarnation
+        if restarted:
+            log.warning("instance %s (%s) restarted: the requests it held are lost", hb.name, inst.addr)
+            self._restarted.append(inst)
+            inst.peers = {}
+        inst.incarnation = hb.incarnation
         if not inst.alive:
             log.info("instance %s (%s) is alive, ready=%s", hb.name, inst.addr, hb.ready)
         elif hb.ready and not inst.ready:
             log.info("instance %s is ready", hb.name)
-        inst.name, inst.alive, inst.ready = hb.name, True, hb.ready
+        # Not routable until its next heartbeat: by then ``expire`` failed its old requests, and
+        # no new one can be taken for an old one.
+        inst.name, inst.alive, inst.ready = hb.name, True, hb.ready and not restarted
         inst.last_heartbeat = now
         inst.queued_tokens, inst.routed_tokens = hb.queued_tokens, 0
         if hb.model is not None:
@@ -135,7 +148,9 @@ class InstancePool:
                 log.info("%s with %s: %s", inst.name, self.name_of(addr), state)
 
     def expire(self, now: float, timeout: float) -> list[Instance]:
-        """Instances whose heartbeats stopped: mark them dead and return them."""
+        """Instances whose requests are lost: those whose heartbeats stopped (marked dead), and
+        those that restarted since the last call (alive again, in their new incarnation)."""
+        restarted, self._restarted = self._restarted, []
         dead = [inst for inst in self.instances if inst.alive and now - inst.last_heartbeat > timeout]
         for inst in dead:
             log.warning(
@@ -144,7 +159,7 @@ class InstancePool:
             inst.alive = inst.ready = False
             inst.peers = {}  # a decode instance that comes back registers again
             inst.next_attach = now
-        return dead
+        return [*dead, *(inst for inst in restarted if inst not in dead)]
 
     def attach_due(self, now: float, interval: float, attach: AttachFrontend) -> None:
         """Send ``attach`` to every instance once per interval (at once to one just dead)."""

@@ -25,11 +25,13 @@ class LiveRequest:
     prompt_tokens: int
     arrival: float  # time.perf_counter() when the front end received it
     first_token_at: float | None = None
+    last_token_at: float | None = None  # when its latest output with tokens came (metrics)
     queue_ms: float = 0.0
     cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
     aborted_by_client: bool = False  # an abort is on its way to the instances
+    batch_outputs: bool = False  # its outputs may share an ``outputs`` frame with others of ``conn``
     # Non-streaming requests collect their whole answer here.
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
@@ -80,6 +82,33 @@ class LiveRequest:
             self.top_logprobs or None,
         )
 
+    def apply_token(self, token: int, logprob: float | None, now: float) -> ClientOutput | None:
+        """``apply`` of a column row of ``BatchOutput``: one more token of a request that the
+        instance goes on with (no finish, counts or top logprobs come with it), without a
+        ``ReqOutput`` to build. The same state and message as ``apply`` of that row."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.completion_tokens += 1
+        text = self.detok.step((token,))
+        if self.detok.stopped:
+            self.finish_reason = FinishReason.STOP
+        logprobs = ([] if logprob is None else [logprob]) if self.return_logprob else None
+        if self.stream:
+            if self.finish_reason is None:  # the common case: no usage or metrics to add
+                return ClientOutput(self.client_rid, text, [token], False, None, logprobs)
+            return self._message(text, [token], logprobs, now)
+        self.texts.append(text)
+        self.token_ids.append(token)
+        if logprobs is not None:
+            self.logprobs += logprobs
+        if not self.finished:
+            return None
+        return self._message(
+            "".join(self.texts), self.token_ids, self.logprobs if self.return_logprob else None, now,
+            self.top_logprobs or None,
+        )
+
     def abort(self, now: float) -> ClientOutput:
         """Finish with reason ``abort`` here (the client asked for it; the instance failed the
         request before the abort reached it): the client's final message."""
@@ -91,6 +120,8 @@ class LiveRequest:
     def _record(self, out: ReqOutput, now: float) -> None:
         if self.first_token_at is None and (out.token_ids or out.finished):
             self.first_token_at = now
+        if out.token_ids:
+            self.last_token_at = now
         if out.queue_ms is not None:
             self.queue_ms = out.queue_ms
         if out.prompt_tokens:

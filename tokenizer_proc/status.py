@@ -1,15 +1,17 @@
-"""Client ``status`` requests: ask every instance, answer once all replied or time ran out."""
+"""Client ``status`` and ``metrics`` requests: ask every instance, answer once all replied or time
+ran out."""
 
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
-from protocol.messages import ClientStatus, InstanceStatus, StatusQuery, StatusReport
+from protocol.messages import ClientStatus, InstanceMetrics, InstanceStatus, StatusQuery, StatusReport
 from tokenizer_proc.instances import Instance, InstancePool
+from tokenizer_proc.metrics import InstanceSample
 
 log = logging.getLogger("pdserve.frontend")
 
@@ -21,6 +23,8 @@ class PendingStatus:
     deadline: float
     instances: list[Instance]
     answers: list[InstanceStatus | None]
+    wants_metrics: bool = False  # a client ``metrics`` request: the reports carry InstanceMetrics
+    metrics: list[InstanceMetrics | None] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -33,6 +37,12 @@ class PendingStatus:
         model = next((inst.model for inst in self.instances if inst.model is not None), None)
         return ClientStatus(rid=self.rid, ready=ready, instances=statuses, model=model)
 
+    def samples(self) -> list[InstanceSample]:
+        """Each instance (by name, or address before it first reported) with the metrics it
+        reported (None: it did not answer in time)."""
+        pairs = zip(self.instances, self.metrics, strict=True)
+        return [InstanceSample(inst.name or inst.addr, inst.role, metrics) for inst, metrics in pairs]
+
 
 class StatusCollector:
     def __init__(self) -> None:
@@ -40,16 +50,20 @@ class StatusCollector:
         self._queries: dict[int, tuple[PendingStatus, int]] = {}  # qid -> (pending, instance index)
         self._pending: list[PendingStatus] = []
 
-    def start(self, conn: bytes, rid: str, pool: InstancePool, deadline: float) -> PendingStatus:
-        """Query every live instance; dead ones are answered at once from what is known."""
-        pending = PendingStatus(conn, rid, deadline, list(pool), [None] * len(pool))
+    def start(
+        self, conn: bytes, rid: str, pool: InstancePool, deadline: float, metrics: bool = False
+    ) -> PendingStatus:
+        """Query every live instance (for its metrics too, if ``metrics``); dead ones are
+        answered at once from what is known."""
+        n = len(pool)
+        pending = PendingStatus(conn, rid, deadline, list(pool), [None] * n, metrics, [None] * n)
         for i, inst in enumerate(pool):
             if not inst.alive:
                 pending.answers[i] = inst.unknown_status()
                 continue
             qid = next(self._qids)
             try:
-                inst.send(StatusQuery(qid=qid))
+                inst.send(StatusQuery(qid=qid, metrics=metrics))
             except zmq.Again:
                 log.warning("status query to %s not sent (queue full)", inst.name)
                 continue
@@ -65,6 +79,7 @@ class StatusCollector:
             return None  # answered after its deadline
         pending, i = entry
         pending.answers[i] = report.status
+        pending.metrics[i] = report.metrics
         if not pending.complete:
             return None
         self._pending.remove(pending)

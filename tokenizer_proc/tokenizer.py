@@ -150,7 +150,7 @@ class HFTokenizer(Tokenizer):
         return b"".join(table[i] for i in ids if 0 <= i < size)
 
 
-def load_tokenizer(model_path: str | None) -> Tokenizer:
+def load_tokenizer(model_path: str) -> Tokenizer:
     source = resolve_model(model_path)
     if source.format is ModelFormat.EMBEDDED:
         return ByteTokenizer()

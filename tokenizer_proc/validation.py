@@ -42,7 +42,8 @@ UNKNOWN_CONTEXT_TOKENS = 1 << 15  # for the text bound when the context length i
 _LIST_LIMITS = {"stop": MAX_STOP_STRINGS, "stop_token_ids": MAX_STOP_TOKEN_IDS}
 
 _GENERATE_KEYS = frozenset(
-    {"type", "rid", "text", "input_ids", "stream", "sampling_params", "return_logprob", "priority"}
+    {"type", "rid", "text", "input_ids", "stream", "sampling_params", "return_logprob", "priority",
+     "batch_outputs"}
 )
 
 
@@ -83,6 +84,7 @@ class GenerateCommand:
     sampling: ClientSampling
     return_logprob: bool
     priority: int
+    batch_outputs: bool = False  # its outputs may share `outputs` frames with others of its connection
 
 
 @dataclass
@@ -95,7 +97,12 @@ class StatusCommand:
     rid: str
 
 
-Command = GenerateCommand | AbortCommand | StatusCommand
+@dataclass
+class MetricsCommand:
+    rid: str
+
+
+Command = GenerateCommand | AbortCommand | StatusCommand | MetricsCommand
 
 
 @dataclass(frozen=True)
@@ -152,8 +159,10 @@ def parse_command(obj: dict[str, Any]) -> Command:
 
 def _parse(obj: dict[str, Any]) -> Command:
     kind = obj.get("type")
-    if kind not in ("generate", "abort", "status"):
-        raise InvalidRequest(f"unknown message type {preview(kind)}: expected generate, abort or status")
+    if kind not in ("generate", "abort", "status", "metrics"):
+        raise InvalidRequest(
+            f"unknown message type {preview(kind)}: expected generate, abort, status or metrics"
+        )
     rid = _required(obj, "rid", str)
     if not rid:
         raise InvalidRequest("rid must not be empty")
@@ -165,6 +174,9 @@ def _parse(obj: dict[str, Any]) -> Command:
     if kind == "status":
         _reject_unknown("status", obj, {"type", "rid"})
         return StatusCommand(rid)
+    if kind == "metrics":
+        _reject_unknown("metrics", obj, {"type", "rid"})
+        return MetricsCommand(rid)
     return _parse_generate(obj, rid)
 
 
@@ -188,6 +200,7 @@ def _parse_generate(obj: dict[str, Any], rid: str) -> GenerateCommand:
         sampling=_parse_sampling(_optional(obj, "sampling_params", dict[Any, Any], {})),
         return_logprob=_optional(obj, "return_logprob", bool, False),
         priority=priority,
+        batch_outputs=_optional(obj, "batch_outputs", bool, False),
     )
 
 

@@ -33,6 +33,7 @@ class AttentionMetadata:
     extend_max_new_tokens: int | None = None  # longest run of new tokens: bounds the kernel's grid
     decode_page_table: torch.Tensor | None = None  # [B, max_pages] int32
     decode_seq_lens: torch.Tensor | None = None  # [B] int32, including the current token
+    plan: object | None = None  # KernelBackend.plan_attention's, when the backend has one
 
 
 def paged_attention(
@@ -48,16 +49,26 @@ def paged_attention(
     if meta.decode_page_table is None:
         return _extend(kernels, q, k_cache, v_cache, meta, sm_scale)
     if meta.extend_page_table is None:
-        return kernels.decode_attention(
-            q, k_cache, v_cache, meta.decode_page_table, meta.decode_seq_lens, sm_scale
-        )
+        return _decode(kernels, q, k_cache, v_cache, meta, sm_scale)
     n = meta.num_extend_tokens
     out = torch.empty_like(q)
     out[:n] = _extend(kernels, q[:n], k_cache, v_cache, meta, sm_scale)
-    out[n:] = kernels.decode_attention(
-        q[n:], k_cache, v_cache, meta.decode_page_table, meta.decode_seq_lens, sm_scale
-    )
+    out[n:] = _decode(kernels, q[n:], k_cache, v_cache, meta, sm_scale)
     return out
+
+
+def _decode(
+    kernels: KernelBackend,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    sm_scale: float,
+) -> torch.Tensor:
+    plan = {} if meta.plan is None else {"plan": meta.plan.decode}
+    return kernels.decode_attention(
+        q, k_cache, v_cache, meta.decode_page_table, meta.decode_seq_lens, sm_scale, **plan
+    )
 
 
 def _extend(
@@ -77,6 +88,7 @@ def _extend(
         meta.extend_prefix_lens,
         sm_scale,
         max_extend_len=meta.extend_max_new_tokens,
+        **({} if meta.plan is None else {"plan": meta.plan.extend}),
     )
 
 

@@ -1,6 +1,9 @@
 """The kernels of a decoder layer, matmuls included, picked once at start-up.
 
-``--attention-backend torch`` runs the plain-torch references of ``engine.kernels.reference``
+``--attention-backend cpu`` runs ``engine.kernels.cpu``: paged attention that reads only the
+pages each request owns, planned once per step (``plan_attention``), torch's fused RMSNorm in
+float32, and ``F.linear`` (oneDNN: AVX-512 / AVX512-BF16 / AMX where the CPU has them).
+``torch`` runs the plain-torch references of ``engine.kernels.reference``
 (the CPU path, and the oracle) and ``F.linear``; ``triton`` runs our Triton kernels: RMSNorm
 with the residual add fused in, SiLU-and-mul, rotary embedding fused into the KV store, paged
 extend / decode attention, and the small-batch matmuls by our GEMV where it measured faster than
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton")  # the names make_kernel_backend takes
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # the names make_kernel_backend takes
 
 # (x [N, H], weight [H], eps, residual [N, H] | None) -> (normalized, x + residual | None)
 RMSNormFn = Callable[
@@ -30,6 +33,8 @@ SiluAndMulFn = Callable[[torch.Tensor], torch.Tensor]
 RotaryStoreKVFn = Callable[..., torch.Tensor]
 ExtendAttentionFn = Callable[..., torch.Tensor]
 DecodeAttentionFn = Callable[..., torch.Tensor]
+# (AttentionMetadata, page_size) -> a plan the attention functions take as ``plan=``
+PlanAttentionFn = Callable[..., object]
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,31 @@ class KernelBackend:
     rotary_store_kv: RotaryStoreKVFn
     extend_attention: ExtendAttentionFn
     decode_attention: DecodeAttentionFn
+    # the once-per-step part of attention (the runner stores it in AttentionMetadata.plan)
+    plan_attention: PlanAttentionFn | None = None
 
 
 def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
-    """``torch``: the references; ``triton``: our kernels; ``auto``: Triton on CUDA, torch
-    elsewhere."""
+    """``torch``: the references; ``cpu``: the CPU kernels; ``triton``: our kernels; ``auto``:
+    Triton on CUDA, the CPU kernels elsewhere."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "triton" if device.type == "cuda" else "cpu"
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"--attention-backend cpu runs on the CPU, not on {device}")
+        from engine.kernels import cpu
+        from engine.kernels.reference import rotary_store_kv_ref
+
+        return KernelBackend(
+            "cpu",
+            torch.nn.functional.linear,
+            cpu.rms_norm_cpu,
+            cpu.silu_and_mul_cpu,
+            rotary_store_kv_ref,
+            cpu.extend_attention_cpu,
+            cpu.decode_attention_cpu,
+            cpu.plan_attention,
+        )
     if name == "torch":
         from engine.kernels import reference as ref
 

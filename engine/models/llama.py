@@ -14,23 +14,35 @@ from torch import nn
 
 from engine.layers.attention import ForwardContext, PagedAttention
 from engine.layers.backend import KernelBackend
-from engine.layers.linear import Linear, MergedLinear
+from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
+from engine.parallel.group import SINGLE_RANK, ModelSplit, TensorParallel
+from engine.parallel.layers import (
+    RowRange,
+    lm_head,
+    logit_gather,
+    merged_column_linear,
+    row_linear,
+    vocab_embedding,
+)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    """Under tensor parallelism each rank holds ``split``'s query and KV heads (q/k/v fused,
+    column-parallel) and its columns of ``o_proj`` (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TensorParallel, split: ModelSplit) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
-        q_size = cfg.num_heads * cfg.head_dim
-        kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, (q_size, kv_size, kv_size), bias=cfg.qkv_bias)
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.attn = PagedAttention(layer_id, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.num_heads = split.num_heads
+        self.num_kv_heads = split.num_kv_heads
+        self.head_dim = d = cfg.head_dim
+        q = RowRange(cfg.num_heads * d, split.tp_rank * split.num_heads * d, split.num_heads * d)
+        kv = RowRange(cfg.num_kv_heads * d, split.kv_head_start * d, split.num_kv_heads * d)
+        self.qkv_proj = merged_column_linear(tp, cfg.hidden_size, (q, kv, kv), bias=cfg.qkv_bias)
+        self.o_proj = row_linear(tp, cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
+        self.attn = PagedAttention(layer_id, split.num_heads, split.num_kv_heads, d)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext
@@ -40,21 +52,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, split: ModelSplit) -> None:
         super().__init__()
-        inter = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, (inter, inter), bias=False)
-        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
+        size = split.intermediate_size
+        inter = RowRange(cfg.intermediate_size, split.tp_rank * size, size)
+        self.gate_up_proj = merged_column_linear(tp, cfg.hidden_size, (inter, inter), bias=False)
+        self.down_proj = row_linear(tp, cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, kernels: KernelBackend) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x, kernels)), kernels)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TensorParallel, split: ModelSplit) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_id)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, layer_id, tp, split)
+        self.mlp = LlamaMLP(cfg, tp, split)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -76,13 +89,16 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Parameter names are the Hugging Face ones without the ``model.`` prefix, except the
-    fused ``qkv_proj`` and ``gate_up_proj`` (see ``engine.weights``)."""
+    fused ``qkv_proj`` and ``gate_up_proj`` (see ``engine.weights``). ``tp``: this rank's
+    share of the model under tensor parallelism (``engine.parallel``)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE_RANK) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        split = tp.split(cfg)
+        vocab = (cfg.vocab_size, cfg.hidden_size, split.vocab_start, split.vocab_shard)
+        self.embed_tokens = vocab_embedding(tp, *vocab)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, tp, split) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
@@ -90,7 +106,8 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = lm_head(tp, *vocab)
+        self.gather_logits = logit_gather(tp, cfg.vocab_size)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -107,8 +124,9 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor, kernels: KernelBackend) -> torch.Tensor:
-        """Float32 logits [N, vocab] of the rows that sample."""
-        return kernels.linear(hidden, self.lm_head_weight).float()
+        """Float32 logits [N, vocab] of the rows that sample (the same on every rank)."""
+        logits = kernels.linear(hidden, self.lm_head_weight).float()
+        return logits if self.gather_logits is None else self.gather_logits(logits)
 
     def matmul_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of every matmul of a forward and its logits, the lm_head included."""

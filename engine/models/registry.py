@@ -11,6 +11,7 @@ from torch import nn
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.parallel.group import SINGLE_RANK, TensorParallel
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -27,13 +28,16 @@ def model_class(architecture: str) -> type[nn.Module]:
         raise ValueError(f"architecture {architecture!r} is not supported (supported: {supported})") from None
 
 
-def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE_RANK
+) -> nn.Module:
     """The model with *uninitialized* parameters on ``device`` in ``dtype``: it is built on the
     meta device and materialized without any CPU-side init, so the weight loader (or the dummy
-    initializer) must fill every parameter. Buffers (the rotary table) are filled here."""
+    initializer) must fill every parameter. Buffers (the rotary table) are filled here. ``tp``:
+    this rank's share only (``engine.parallel``)."""
     cls = model_class(cfg.architecture)
     with torch.device("meta"), default_dtype(dtype):
-        model = cls(cfg)
+        model = cls(cfg, tp)
     model = model.to_empty(device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from protocol.config import EMBEDDED
 from protocol.security import ClusterKeys, generate
 from tests import REPO_ROOT
 from tests.ports import free_tcp_port
@@ -46,10 +47,11 @@ def key_flags(mode: str, flags: tuple[str, ...] = ()) -> list[str]:
 
 @dataclass
 class Server:
-    addr: str
+    addr: str  # the front end's ZMQ client address, or a standalone instance's input
     proc: subprocess.Popen
     log_path: str
     child_pids: dict[str, int] = field(default_factory=dict)
+    http_url: str | None = None  # the OpenAI-compatible API (front-end modes)
 
     def client(self, timeout: float = 120.0) -> Client:
         return Client(self.addr, timeout=timeout)
@@ -57,6 +59,37 @@ class Server:
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+
+THREAD_ENVS = ("PDSERVE_TORCH_THREADS", "PDSERVE_CPU_OMP_THREADS")
+TEST_MODEL = EMBEDDED.name  # the suite's model unless a test names one; launch's default is SmolLM2
+
+
+def launch_flags(
+    mode: str, flags: tuple[str, ...], model: str | None = TEST_MODEL
+) -> tuple[list[str], str, str | None]:
+    """launch.py's arguments for ``mode`` (free ports unless ``flags`` give ``--port`` /
+    ``--zmq-port``; ``model`` unless they name one; None: launch's default), and the ZMQ address
+    and HTTP URL they give."""
+    argv = ["--mode", mode, *flags, *key_flags(mode, flags)]
+    if model is not None and "--model-path" not in flags:
+        argv += ["--model-path", model]
+    host = _flag_value(flags, "--host") or "127.0.0.1"
+    port = _flag_value(flags, "--port")
+    if port is None:
+        port = str(free_tcp_port())
+        argv += ["--port", port]
+    if mode in ("prefill", "decode"):
+        return argv, f"tcp://{host}:{port}", None
+    zmq_port = _flag_value(flags, "--zmq-port")
+    if zmq_port is None:
+        zmq_port = str(free_tcp_port())
+        argv += ["--zmq-port", zmq_port]
+    return argv, f"tcp://{host}:{zmq_port}", f"http://{host}:{port}"
+
+
+def _flag_value(flags: tuple[str, ...], flag: str) -> str | None:
+    return flags[flags.index(flag) + 1] if flag in flags else None
 
 
 def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float, lines: list[str]) -> str:
@@ -96,19 +129,27 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_server(*flags: str, mode: str = "unified") -> Iterator[Server]:
-    """A deployment started by launch.py; on exit it is stopped with SIGTERM and every process
-    it started must be gone."""
-    port = free_tcp_port()
+def running_server(
+    *flags: str,
+    mode: str = "unified",
+    model: str | None = TEST_MODEL,
+    prefix: tuple[str, ...] = (),
+    one_thread: bool = True,
+) -> Iterator[Server]:
+    """A deployment started by launch.py (``prefix`` goes before the command, e.g. ``ip netns
+    exec NS``; ``one_thread``: one torch thread per worker, else the workers' own default); on
+    exit it is stopped with SIGTERM and every process it started must be gone."""
+    argv, addr, http_url = launch_flags(mode, flags, model)
     fd, log_path = tempfile.mkstemp(prefix="pdserve-e2e-", suffix=".log")
-    env = dict(os.environ, PDSERVE_TORCH_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "launch.py", "--mode", mode, "--port", str(port), *flags, *key_flags(mode, flags)]
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENVS}
+    env.update(PYTHONUNBUFFERED="1", **({"PDSERVE_TORCH_THREADS": "1"} if one_thread else {}))
+    cmd = [*prefix, sys.executable, "launch.py", *argv]
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=fd, text=True, start_new_session=True
     )
     os.close(fd)
     lines: list[str] = []
-    server = Server(f"tcp://127.0.0.1:{port}", proc, log_path)
+    server = Server(addr, proc, log_path, http_url=http_url)
     try:
         server.child_pids = _parse_pids(_wait_for_line(proc, "pdserve: started", 60, lines))
         _wait_for_line(proc, "pdserve ready", READY_TIMEOUT_S, lines)

@@ -27,6 +27,7 @@ from typing import TypeVar
 import pytest
 import zmq
 
+from kvtransfer.nixl_agent import nixl_available
 from protocol import transport
 from protocol.config import EMBEDDED
 from protocol.faults import FAULTS_ENV, Faults
@@ -43,13 +44,12 @@ from tests.e2e.server import (
     REPO_ROOT,
     Server,
     e2e_keys,
-    key_flags,
+    launch_flags,
     pid_alive,
     running_server,
     wait_no_leak,
 )
 from tests.oracles import greedy_reference
-from tests.ports import free_tcp_port
 from tokenizer_proc.client import Client, ServerError
 
 T = TypeVar("T")
@@ -116,9 +116,23 @@ def check_greedy(server: Server) -> None:
 # ------------------------------------------------------------------------------------ pd mode
 
 
-@pytest.fixture(scope="module")
-def pd_1p1d() -> Iterator[Server]:
-    with running_server(*FLAGS, "--num-prefill", "1", "--num-decode", "1", mode="pd") as s:
+# The 1P1D equality, abort and kill tests run over every KV transfer backend that works on CPU.
+NEEDS_NIXL = pytest.mark.skipif(
+    not nixl_available(), reason="the nixl backend needs the nixl-cu12 package: pip install 'pdserve[nixl]'"
+)
+CPU_BACKENDS = ["zmq", pytest.param("nixl", marks=NEEDS_NIXL)]
+# A known nixl defect (open in the scale-out issue): after a decode instance's kill -9, the prefill
+# instance that was writing to it stalls for ~2 s (its scheduler then misses heartbeats and drops
+# the live decode peer too, so a few new requests fail); kill -9 of either side is covered by
+# tests/unit/kvtransfer/test_nixl_backend.py meanwhile.
+KILL_BACKENDS = ["zmq", pytest.param("nixl", marks=pytest.mark.skip(
+    reason="known defect: a dead nixl peer stalls the prefill instance ~2 s (see the comment above)"))]
+
+
+@pytest.fixture(scope="module", params=CPU_BACKENDS)
+def pd_1p1d(request: pytest.FixtureRequest) -> Iterator[Server]:
+    backend = ("--transfer-backend", request.param)
+    with running_server(*FLAGS, *backend, "--num-prefill", "1", "--num-decode", "1", mode="pd") as s:
         yield s
 
 
@@ -183,11 +197,16 @@ def test_abort_at_every_stage(pd_1p1d, stage):
 
 
 @contextlib.contextmanager
-def standalone(num_prefill: int, num_decode: int) -> Iterator[tuple[list[Server], list[Server], Server]]:
-    """Separate ``--mode prefill`` / ``--mode decode`` instances and a ``--mode frontend``."""
+def standalone(
+    num_prefill: int, num_decode: int, backend: str = "zmq"
+) -> Iterator[tuple[list[Server], list[Server], Server]]:
+    """Separate ``--mode prefill`` / ``--mode decode`` instances (over the KV transfer
+    ``backend``) and a ``--mode frontend``. An instance that dies stays dead (``--max-restarts
+    0``): these tests are about its survivors (tests/e2e/test_restart.py: restarts)."""
     with contextlib.ExitStack() as stack:
-        prefills = [stack.enter_context(running_server(*FLAGS, mode="prefill")) for _ in range(num_prefill)]
-        decodes = [stack.enter_context(running_server(*FLAGS, mode="decode")) for _ in range(num_decode)]
+        flags = (*FLAGS, "--transfer-backend", backend, "--max-restarts", "0")
+        prefills = [stack.enter_context(running_server(*flags, mode="prefill")) for _ in range(num_prefill)]
+        decodes = [stack.enter_context(running_server(*flags, mode="decode")) for _ in range(num_decode)]
         frontend = stack.enter_context(
             running_server(
                 *FLAGS,
@@ -261,9 +280,10 @@ def kill_during_transfer(c: Client, victim: Server, role: str, rng: random.Rando
     assert outcomes(c, fresh) == ["length"] * 6
 
 
-def test_kill_of_a_decode_then_of_a_prefill_instance_during_transfers():
+@pytest.mark.parametrize("backend", KILL_BACKENDS)
+def test_kill_of_a_decode_then_of_a_prefill_instance_during_transfers(backend):
     rng = random.Random(3)
-    with standalone(2, 2) as (prefills, decodes, frontend), frontend.client() as c:
+    with standalone(2, 2, backend) as (prefills, decodes, frontend), frontend.client() as c:
         kill_during_transfer(c, decodes[0], "decode", rng)
         kill_during_transfer(c, prefills[0], "prefill", rng)
 
@@ -352,10 +372,12 @@ def next_of(
 @contextlib.contextmanager
 def launched(*argv: str) -> Iterator[str]:
     """launch.py without waiting for readiness (a front end whose pairs are refused never is)."""
-    port = free_tcp_port()
+    mode = argv[argv.index("--mode") + 1]
+    flags = argv[: argv.index("--mode")] + argv[argv.index("--mode") + 2 :]
+    launch_argv, client_addr, _ = launch_flags(mode, flags)
     fd, log_path = tempfile.mkstemp(prefix="pdserve-e2e-", suffix=".log")
     proc = subprocess.Popen(
-        [sys.executable, "launch.py", "--port", str(port), *argv, *key_flags("frontend", argv)],
+        [sys.executable, "launch.py", *launch_argv],
         cwd=REPO_ROOT,
         stdout=fd,
         stderr=fd,
@@ -363,7 +385,7 @@ def launched(*argv: str) -> Iterator[str]:
     )
     os.close(fd)
     try:
-        yield f"tcp://127.0.0.1:{port}"
+        yield client_addr
         assert proc.poll() is None, "the front end died"
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""launch.py --http-port: the OpenAI-compatible HTTP API in front of a whole deployment (unified
+"""launch.py's OpenAI-compatible HTTP API (on --port) in front of a whole deployment (unified
 and pd), greedy output equal to the ZMQ client's, the API key enforced, every process stopped."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import urllib.request
 import pytest
 
 from tests.e2e.server import running_server, wait_no_leak
-from tests.ports import free_tcp_port
 
 PROMPT = "The capital of France is"
 
@@ -29,10 +28,9 @@ def post(url: str, body: dict, key: str | None = None) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("mode", ["unified", "pd"])
 def test_http_api_serves_what_the_zmq_client_gets(mode: str) -> None:
-    http_port = free_tcp_port(count=1)
-    flags = ["--http-port", str(http_port), "--api-key", "sesame", "--heartbeat-interval", "0.2"]
+    flags = ["--api-key", "sesame", "--heartbeat-interval", "0.2"]
     with running_server(*flags, mode=mode) as server, server.client() as client:
-        url = f"http://127.0.0.1:{http_port}/v1/completions"
+        url = f"{server.http_url}/v1/completions"
         body = {"model": "pdserve-embedded-llama", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
         status, refused = post(url, body)
         assert status == 401 and refused["error"]["message"], refused

@@ -85,3 +85,64 @@ def test_the_data_plane_heals_after_a_worker_stopped_past_the_heartbeat_timeout(
     assert took < HEARTBEAT_TIMEOUT_S + HEAL_MARGIN_S, f"the link healed only {took:.1f} s after SIGCONT"
     assert generate(pd, i + 2) == expected[i + 2]  # and stays up
     assert "stopped answering" in pd.log()  # the link was in fact lost
+
+
+def scheduler_pid(server: Server, role: str) -> int:
+    (pid,) = [p for n, p in server.child_pids.items() if n.startswith(role) and n.endswith("-scheduler")]
+    return pid
+
+
+def decode_peer_states(server: Server) -> list[str]:
+    """The decode instance's view of its prefill peer, as the client ``status`` reports it."""
+    with server.client(timeout=20.0) as c:
+        (decode,) = [inst for inst in c.status(timeout=5)["instances"] if inst["role"] == "decode"]
+    return list(decode["peers"].values())
+
+
+def test_status_shows_a_lost_peer_until_it_is_registered_again(pd, expected):
+    """The prefill scheduler stopped past the heartbeat timeout: the decode instance's status
+    lists its peer as lost (registering again: ``connecting``), then ``registered`` once it runs."""
+    assert decode_peer_states(pd) == ["registered"]
+    pid = scheduler_pid(pd, "prefill")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10 * HEARTBEAT_TIMEOUT_S
+        while (states := decode_peer_states(pd)) == ["registered"]:
+            assert time.monotonic() < deadline, "the silent peer still shows as registered"
+            time.sleep(0.1)
+        assert states in (["lost"], ["connecting"]), states
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while decode_peer_states(pd) != ["registered"]:
+        assert time.monotonic() < deadline, "the peer was not registered again"
+        time.sleep(0.1)
+    first_success_after(pd, time.monotonic(), 7, expected[7])
+
+
+def link_states(server: Server, role: str) -> list[str]:
+    """The data-plane link states of the ``role`` instance's worker, as ``status`` reports them."""
+    with server.client(timeout=20.0) as c:
+        (inst,) = [inst for inst in c.status(timeout=5)["instances"] if inst["role"] == role]
+    return list(inst["links"].values())
+
+
+def test_status_shows_a_lost_data_plane_link_until_it_heals(pd, expected):
+    """The prefill worker stopped past the heartbeat timeout: the decode worker's link to it shows
+    as lost (or registering again) in ``status``, then ``registered`` on both sides once it runs."""
+    assert link_states(pd, "decode") == link_states(pd, "prefill") == ["registered"]
+    pid = worker_pid(pd, "prefill")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10 * HEARTBEAT_TIMEOUT_S
+        while (states := link_states(pd, "decode")) == ["registered"]:
+            assert time.monotonic() < deadline, "the silent link still shows as registered"
+            time.sleep(0.1)
+        assert states in (["lost"], ["re_registering"], ["connecting"]), states
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while not link_states(pd, "decode") == link_states(pd, "prefill") == ["registered"]:
+        assert time.monotonic() < deadline, "the link was not registered again"
+        time.sleep(0.1)
+    first_success_after(pd, time.monotonic(), 6, expected[6])

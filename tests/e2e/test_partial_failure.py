@@ -1,13 +1,15 @@
 """Partial failure end to end (launch.py, real processes): a hung worker (``--watchdog-timeout``),
-a forward-pass exception, drain on SIGTERM (``--drain-timeout``), and ``status.ready`` with a
-dead instance beside live ones. Faults come from ``PDSERVE_FAULTS`` (protocol/faults.py). Every
-deployment must leave no process and no ipc directory behind.
+a forward-pass exception (each fails its requests, then the launcher restarts the instance,
+without the injected fault, and it serves again), drain on SIGTERM (``--drain-timeout``), and
+``status.ready`` with a dead instance beside live ones. Faults come from ``PDSERVE_FAULTS``
+(protocol/faults.py). Every deployment must leave no process and no ipc directory behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -60,8 +62,8 @@ def test_a_hung_worker_fails_its_requests_and_its_instance_exits(monkeypatch, ip
                  "the stalled instance reports not ready")
         for rid in rids:
             assert "watchdog" in fail_with(client, rid, "internal").message
-        assert server.proc.wait(30) != 0
-        assert not pid_alive(server.child_pids["unified0-worker"])
+        wait_for(lambda: not pid_alive(server.child_pids["unified0-worker"]), 30, "the hung worker ended")
+        serves_again(server, client)
 
 
 def test_a_forward_error_fails_every_request_in_flight_at_once(monkeypatch, ipc_parent):
@@ -72,8 +74,20 @@ def test_a_forward_error_fails_every_request_in_flight_at_once(monkeypatch, ipc_
         for rid in rids:
             assert "forward_error_at_step" in fail_with(client, rid, "internal").message
         assert time.monotonic() - start < 10
-        assert server.proc.wait(30) != 0
         wait_for(lambda: not pid_alive(server.child_pids["unified0-worker"]), 10, "the worker ended")
+        serves_again(server, client)
+
+
+def serves_again(server: Server, client: Client) -> None:
+    """The launcher restarted the failed instance (the fault applies to its first incarnation
+    only): it is ready again and serves, and the launcher kept running."""
+    wait_for(lambda: "instance unified0 restarted" in server.log(), 60, "the launcher restarts it")
+    wait_for(lambda: re.search(r"instance unified0 \(\S+\) restarted: the requests", server.log()), 120,
+             "the front end takes the new incarnation")
+    wait_for(lambda: client.status(timeout=5)["ready"], 120, "the restarted instance is ready")
+    out = client.generate(PROMPT, max_new_tokens=8, ignore_eos=True)
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 8
+    assert server.proc.poll() is None
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(monkeypatch, ipc_parent):
@@ -129,11 +143,12 @@ def alive_by_name(client: Client) -> dict[str, bool]:
 
 
 def test_status_ready_while_a_usable_pair_is_left(ipc_parent):
-    """Standalone instances over tcp (``--mode pd`` stops everything when one child dies)."""
+    """Standalone instances over tcp whose launchers do not restart them (``--max-restarts 0``)."""
     flags = (*FLAGS, "--insecure", "--heartbeat-timeout", "2")
     with contextlib.ExitStack() as stack:
         prefill = stack.enter_context(running_server(*flags, mode="prefill"))
-        decodes = [stack.enter_context(running_server(*flags, mode="decode")) for _ in range(2)]
+        decodes = [stack.enter_context(running_server(*flags, "--max-restarts", "0", mode="decode"))
+                   for _ in range(2)]
         links = ("--prefill", prefill.addr, "--decode", *[d.addr for d in decodes])
         frontend = stack.enter_context(running_server(*flags, *links, mode="frontend"))
         client = stack.enter_context(frontend.client(timeout=30))

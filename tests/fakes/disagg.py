@@ -18,7 +18,8 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from protocol.dataplane import KVLayout
+from prefill_worker.worker import token_logprob
+from protocol.dataplane import KVLayout, TokenLogprob
 from protocol.messages import (
     AbortRequest,
     BatchOutput,
@@ -83,7 +84,7 @@ class FakeLink:
         src: list[int],
         dst: list[int],
         first_token: int | None,
-        first_logprob: float | None = None,
+        first_logprob: TokenLogprob | None = None,
     ) -> None:
         entry = self.rooms.get(room)
         if entry is None or entry.prefill is None:
@@ -135,7 +136,7 @@ class FakeLink:
         ok: bool,
         first_token: int | None = None,
         error: str = "",
-        first_logprob: float | None = None,
+        first_logprob: TokenLogprob | None = None,
     ) -> None:
         """Both sides hear the end; the decode side also gets the first token and its logprob,
         as the real decode worker reports them."""
@@ -174,14 +175,15 @@ class FakePrefillWorker(FakeWorker):
         for room in batch.abort_rooms:
             self.link.abort(room, "prefill side: aborted")
         result = super().step(batch)
-        logprobs = result.logprobs or [None] * len(result.slots)
-        sampled = {
-            slot: (tok, lp) for slot, tok, lp in zip(result.slots, result.token_ids, logprobs, strict=True)
-        }
+        rows = {slot: row for row, slot in enumerate(result.slots)}
         for send in batch.transfers:
             if send.first:
                 self.link.open(self, send.room)
-            token, logprob = sampled[send.slot] if send.last else (None, None)
+            if send.last:
+                row = rows[send.slot]
+                token, logprob = result.token_ids[row], token_logprob(result, row)
+            else:
+                token, logprob = None, None
             self.link.send(send.room, send.src_pages, send.dst_pages, token, logprob)
         return result
 
@@ -250,7 +252,7 @@ class FrontendLog:
             return
         assert isinstance(msg, BatchOutput), f"{inst.core.name} sent {msg.TYPE} to the front end"
         assert isinstance(inst.core.role, DecodeRole), "outputs come from decode instances only"
-        for out in msg.outputs:
+        for out in msg.rows():
             assert out.rid not in self.finish, f"rid={out.rid}: output after its final one"
             self.tokens[out.rid].extend(out.token_ids)
             self.logprobs[out.rid].extend(out.logprobs or [])

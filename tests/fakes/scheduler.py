@@ -161,7 +161,7 @@ class Collected:
                 continue
             assert isinstance(msg, BatchOutput), msg
             self.batches.append(msg)
-            for out in msg.outputs:
+            for out in msg.rows():
                 assert out.rid not in self.finish, f"rid={out.rid}: output after its final one"
                 self.tokens[out.rid].extend(out.token_ids)
                 self.logprobs[out.rid].extend(out.logprobs or [])

@@ -48,6 +48,8 @@ def running_api(frontend_addr: str, *flags: str) -> Iterator[ApiProcess]:
     fd, log_path = tempfile.mkstemp(prefix="pdserve-api-", suffix=".log")
     cmd = [sys.executable, "-m", "api_server", "--frontend-addr", frontend_addr, "--port", str(port),
            "--log-level", "warning", *flags]
+    if "--model-path" not in flags:
+        cmd += ["--model-path", MODEL]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=fd, stderr=fd, start_new_session=True)
     os.close(fd)
     api = ApiProcess(f"http://127.0.0.1:{port}", proc, log_path)

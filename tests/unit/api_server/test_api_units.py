@@ -12,7 +12,7 @@ from api_server.config import ApiServerConfig, parse_args
 from api_server.generation import Output
 from api_server.responses import usage
 from api_server.templates import ChatFormat, gguf_chat_metadata, load_chat_format
-from protocol.config import EMBEDDED
+from protocol.config import DEFAULT_MODEL_PATH, EMBEDDED
 from tokenizer_proc.chat_template import ChatTemplate, ChatTemplateError
 
 TEMPLATE = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
@@ -40,13 +40,13 @@ def test_bos_is_stripped_only_when_the_tokenizer_adds_it(tmp_path):
 
 
 def test_template_sources(tmp_path):
-    assert load_chat_format(None, None) is None  # the embedded model has none
+    assert load_chat_format(EMBEDDED.name, None) is None  # the embedded model has none
     override = tmp_path / "mine.jinja"
     override.write_text("{% for m in messages %}{{ m['content'] }}!{% endfor %}")
-    assert load_chat_format(None, str(override)).prompt(MESSAGES) == "hi!"
+    assert load_chat_format(EMBEDDED.name, str(override)).prompt(MESSAGES) == "hi!"
     assert load_chat_format(str(model_dir(tmp_path, True)), str(override)).prompt(MESSAGES) == "hi!"
     with pytest.raises(ChatTemplateError, match="role"):
-        load_chat_format(None, str(override)).prompt([{"role": "robot", "content": "x"}])
+        load_chat_format(EMBEDDED.name, str(override)).prompt([{"role": "robot", "content": "x"}])
 
 
 def test_gguf_metadata(tmp_path):
@@ -78,7 +78,7 @@ def test_usage_counts_each_prompt_once():
 
 
 def test_config_names_and_flags():
-    assert ApiServerConfig().model_name == EMBEDDED.name
+    assert ApiServerConfig().model_name == DEFAULT_MODEL_PATH  # launch.py's default model
     assert ApiServerConfig(model_path="/models/Llama-3.2-1B/").model_name == "Llama-3.2-1B"
     config = ApiServerConfig(model_path="/models/m.gguf", served_model_name="mine")
     assert config.model_name == "mine" and config.accepted_model_names == {"mine", "/models/m.gguf"}

@@ -16,7 +16,6 @@ from bench.serving_backends import Endpoint, OpenAIBackend
 from bench.serving_workload import BenchRequest, Workload, workload_at
 from protocol.config import EMBEDDED
 from tests.e2e.server import Server, running_server, wait_no_leak
-from tests.ports import free_tcp_port
 
 NUM_PROMPTS = 6
 WORKLOAD = ["--num-prompts", str(NUM_PROMPTS), "--input-len", "4", "12", "--output-len", "3", "8",
@@ -25,9 +24,8 @@ WORKLOAD = ["--num-prompts", str(NUM_PROMPTS), "--input-len", "4", "12", "--outp
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[tuple[Server, str]]:
-    http_port = free_tcp_port(count=1)
-    with running_server("--http-port", str(http_port)) as server:
-        yield server, f"http://127.0.0.1:{http_port}/v1"
+    with running_server() as server:
+        yield server, f"{server.http_url}/v1"
 
 
 def _run(tmp_path: Path, *flags: str) -> dict:

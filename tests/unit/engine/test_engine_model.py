@@ -115,7 +115,7 @@ def test_a_step_past_the_appended_pages_is_refused(embedded_worker: Worker) -> N
 
 def test_kernel_backend_choice() -> None:
     cpu = torch.device("cpu")
-    assert make_kernel_backend("auto", cpu).name == "torch"
+    assert make_kernel_backend("auto", cpu).name == "cpu"  # the CPU kernels (engine.kernels.cpu) off CUDA
     kernels = make_kernel_backend("torch", cpu)
     assert kernels.rotary_store_kv is reference.rotary_store_kv_ref
     assert kernels.rms_norm is reference.rms_norm_ref

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.kv_pool import CPU_POOL_BUDGET_BYTES, PoolSizing, kv_bytes_per_token
+from engine import cpu_env
+from engine.kv_pool import PoolSizing, kv_bytes_per_token
 from engine.models.config import ModelConfig
 from engine.weights import (
     hf_weight_shapes,
@@ -202,7 +203,8 @@ def test_dtype_auto() -> None:
     assert resolve_dtype("float16", cfg, torch.device("cpu")) == torch.float16
 
 
-def test_pool_sizing() -> None:
+def test_pool_sizing(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_env, "available_memory_bytes", lambda: 1 << 30)
     per_token = kv_bytes_per_token(num_layers=4, num_kv_heads=2, head_dim=32, dtype=torch.float32)
     assert per_token == 2 * 4 * 2 * 32 * 4
     explicit = PoolSizing(
@@ -212,7 +214,8 @@ def test_pool_sizing() -> None:
     budget = PoolSizing(
         16, per_token, max_total_tokens=None, mem_fraction_static=0.5, max_useful_tokens=10**9
     )
-    assert budget.num_pages(torch.device("cpu")) == int(CPU_POOL_BUDGET_BYTES * 0.5) // per_token // 16 + 1
+    expected_bytes = int((1 << 30) * 0.5 * cpu_env.CPU_MEMORY_SHARE)
+    assert budget.num_pages(torch.device("cpu")) == expected_bytes // per_token // 16 + 1
     capped = PoolSizing(16, per_token, max_total_tokens=None, mem_fraction_static=0.5, max_useful_tokens=640)
     assert capped.num_pages(torch.device("cpu")) == 640 // 16 + 1
 

@@ -6,13 +6,18 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from kvtransfer import KVLayout, KVReceiver, KVSender, RoomResult, TransferConfig, TransferState, make_backend
+from kvtransfer.nixl_agent import nixl_available
 
 NUM_LAYERS, NUM_PAGES, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM = 2, 16, 4, 2, 8
 FAST = TransferConfig.uniform(5.0, heartbeat_interval=0.05, heartbeat_timeout=1.0)
-CPU_BACKENDS = ("zmq", "fake")
+NEEDS_NIXL = pytest.mark.skipif(
+    not nixl_available(), reason="the nixl backend needs the nixl-cu12 package: pip install 'pdserve[nixl]'"
+)
+CPU_BACKENDS = ("zmq", "fake", pytest.param("nixl", marks=NEEDS_NIXL))
 Pool = tuple[list[torch.Tensor], list[torch.Tensor]]  # per-layer k caches, v caches
 
 
@@ -39,7 +44,7 @@ def pool(seed: int | None = None, head_dim: int = HEAD_DIM) -> Pool:
 
 
 def address(backend: str) -> str:
-    return "tcp://127.0.0.1:*" if backend == "zmq" else f"fake://prefill-{uuid.uuid4().hex[:8]}"
+    return f"fake://prefill-{uuid.uuid4().hex[:8]}" if backend == "fake" else "tcp://127.0.0.1:*"
 
 
 def pages_equal(src: Pool, src_pages: list[int], dst: Pool, dst_pages: list[int]) -> bool:
@@ -84,3 +89,25 @@ def connect(backend: str, config: TransferConfig = FAST) -> Pair:
     assert isinstance(sender, KVSender) and isinstance(receiver, KVReceiver)
     peer = receiver.register(sender.address, timeout=5.0)
     return Pair(backend, sender, receiver, peer, src, dst)
+
+
+def prefill_child(backend: str) -> str:
+    """A prefill side in a process of its own (``python -c``, the address as its argument): one
+    room of two sends, then it prints the room's final state."""
+    return f"""
+import sys
+import torch
+torch.set_num_threads(1)
+from kvtransfer import make_backend
+from tests.unit.kvtransfer.kv_helpers import FAST, layout, pool
+sender = make_backend({backend!r}, "prefill", layout({backend!r}), *pool(seed=0), address=sys.argv[1],
+                      config=FAST)
+sender.add_room(5)
+sender.send(5, [1, 2, 3], [10, 11, 12])
+sender.send(5, [4, 5], [13, 14], first_token=77)
+results = []
+while not results:
+    results = sender.poll(timeout=30)
+print(results[0].state.name, flush=True)
+sender.close()
+"""

@@ -9,6 +9,7 @@ import torch
 
 from bench import kvtransfer as bench
 from kvtransfer import page_bytes
+from kvtransfer.nixl_agent import nixl_available
 
 
 def test_tiny_benchmark_moves_and_verifies_the_request(tmp_path: Path) -> None:
@@ -19,5 +20,10 @@ def test_tiny_benchmark_moves_and_verifies_the_request(tmp_path: Path) -> None:
     (row,) = [r for r in report["rows"] if r["backend"] == "zmq"]
     assert row["verified"] and row["reps"] == 1 and row["gbps"] > 0
     assert report["request_bytes"] == bench.TINY.pages * page_bytes(bench.TINY.layout("zmq"))
+    nixl_rows = [r for r in report["rows"] if r["backend"] == "nixl"]
+    if nixl_available():
+        assert [(r["verified"], r["gbps"] > 0) for r in nixl_rows] == [(True, True)]
+    else:
+        assert nixl_rows == [] and "nixl: the nixl-cu12 package is not installed" in report["skipped"]
     if not torch.cuda.is_available():
-        assert report["skipped"] == ["cuda_ipc: no CUDA device"]
+        assert "cuda_ipc: no CUDA device" in report["skipped"]

@@ -1,4 +1,5 @@
-"""The KVSender / KVReceiver contract, run against every backend that works on CPU (zmq, fake)."""
+"""The KVSender / KVReceiver contract, run against every backend that works on CPU (zmq, fake, and
+nixl when its package is installed)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from kvtransfer import DuplicateRoom, RegistrationRefused, TransferConfig, TransferState, make_backend
 from tests.unit.kvtransfer.kv_helpers import (
+    CPU_BACKENDS,
     FAST,
     HEAD_DIM,
     Pair,
@@ -96,7 +98,7 @@ def test_abort_of_an_unknown_room_is_ignored(pair: Pair) -> None:
     assert pair.sender.poll(timeout=0.1) == [] and pair.receiver.poll(timeout=0.1) == []
 
 
-@pytest.mark.parametrize("backend", ["zmq", "fake"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_each_non_final_state_times_out(backend: str) -> None:
     p = connect(backend, TransferConfig.uniform(0.3, heartbeat_interval=0.05, heartbeat_timeout=5.0))
     try:
@@ -150,7 +152,7 @@ def test_a_last_chunk_that_leaves_pages_unwritten_fails(pair: Pair) -> None:
     assert failed.state == TransferState.FAILED and "unwritten" in (failed.error or "")
 
 
-@pytest.mark.parametrize("backend", ["zmq", "fake"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_registration_refuses_a_mismatching_layout_naming_the_field(backend: str) -> None:
     sender = make_backend(backend, "prefill", layout(backend), *pool(0), address=address(backend))
     wide = layout(backend, head_dim=2 * HEAD_DIM)

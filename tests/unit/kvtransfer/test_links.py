@@ -11,7 +11,7 @@ import zmq
 from kvtransfer import KVReceiver, KVSender, TransferConfig, TransferState, make_backend
 from kvtransfer.links import IllegalLinkMove, Link, LinkState, LinkTable
 from protocol.codec import decode, encode
-from protocol.dataplane import KVRegister, KVRegistered, KVRoom, KVRoomOk
+from protocol.dataplane import KVRegister, KVRegistered, KVRoom, KVRoomOk, TokenLogprob
 from tests.unit.kvtransfer.kv_helpers import (
     Pair,
     connect,
@@ -97,9 +97,10 @@ def test_first_token_and_logprob_travel_together(pair: Pair) -> None:
     pair.receiver.expect(4, pair.peer, [1, 2])
     pair.sender.add_room(4)
     pair.sender.send(4, [3], [1])
-    pair.sender.send(4, [5], [2], first_token=17, first_logprob=-0.25)
+    pair.sender.send(4, [5], [2], first_token=17, first_logprob=TokenLogprob(-0.25, [17, 3], [-0.25, -2.0]))
     (done,) = wait_results(pair.receiver)
-    assert (done.ok, done.first_token, done.first_logprob) == (True, 17, -0.25)
+    assert (done.ok, done.first_token) == (True, 17)
+    assert done.first_logprob == TokenLogprob(-0.25, [17, 3], [-0.25, -2.0])
 
 
 class RawDecode:

@@ -28,6 +28,7 @@ from protocol.dataplane import (
     KVRegistered,
     KVRoom,
     KVUnregistered,
+    TokenLogprob,
 )
 from tests import REPO_ROOT
 from tests.unit.kvtransfer.kv_helpers import (
@@ -36,6 +37,7 @@ from tests.unit.kvtransfer.kv_helpers import (
     layout,
     pages_equal,
     pool,
+    prefill_child,
     wait_results,
     wait_state,
 )
@@ -43,22 +45,7 @@ from tests.unit.kvtransfer.kv_helpers import (
 M = TypeVar("M", bound=Message)
 QUIET_PEER = TransferConfig.uniform(5.0, heartbeat_interval=0.05, heartbeat_timeout=30.0)
 
-PREFILL_CHILD = """
-import sys
-import torch
-torch.set_num_threads(1)
-from kvtransfer import make_backend
-from tests.unit.kvtransfer.kv_helpers import FAST, layout, pool
-sender = make_backend("zmq", "prefill", layout("zmq"), *pool(seed=0), address=sys.argv[1], config=FAST)
-sender.add_room(5)
-sender.send(5, [1, 2, 3], [10, 11, 12])
-sender.send(5, [4, 5], [13, 14], first_token=77)
-results = []
-while not results:
-    results = sender.poll(timeout=30)
-print(results[0].state.name, flush=True)
-sender.close()
-"""
+PREFILL_CHILD = prefill_child("zmq")
 
 
 def test_pages_move_between_two_processes(tmp_path: Path) -> None:
@@ -172,9 +159,9 @@ def test_late_and_stray_chunks_are_ignored(raw: RawPrefill) -> None:
         src = PagedCaches(*pool(seed=3))
         payload = gather_pages_ref(src, [4]).numpy().tobytes()
         raw.send(KVChunk(99, [2], last=True, first_token=1), payload)  # unknown room
-        raw.send(KVChunk(1, [2], last=True, first_token=8, first_logprob=-0.5), payload)
+        raw.send(KVChunk(1, [2], last=True, first_token=8, first_logprob=TokenLogprob(-0.5)), payload)
         (done,) = wait_results(receiver)
-        assert done.ok and done.first_token == 8 and done.first_logprob == -0.5
+        assert done.ok and done.first_token == 8 and done.first_logprob == TokenLogprob(-0.5)
         other = gather_pages_ref(PagedCaches(*pool(seed=4)), [4]).numpy().tobytes()
         raw.send(KVChunk(1, [2], last=True, first_token=9), other)  # late: room is done
         raw.send(KVAbort(1, "late abort"))

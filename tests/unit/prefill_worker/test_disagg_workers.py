@@ -16,6 +16,7 @@ from kvtransfer import TransferConfig, layout_from_caches, make_backend
 from prefill_worker.worker import PrefillWorker
 from protocol import transport
 from protocol.config import EMBEDDED
+from protocol.dataplane import TokenLogprob
 from protocol.messages import (
     ExtendReq,
     KVExpect,
@@ -148,6 +149,7 @@ def test_the_first_token_and_its_logprob_reach_the_decode_scheduler_together(wor
     done = next_message(results)
     assert isinstance(done, TransferResult) and done.ok
     assert prefilled.logprobs is not None
-    assert (done.first_token, done.first_logprob) == (prefilled.token_ids[0], prefilled.logprobs[0])
+    assert done.first_token == prefilled.token_ids[0]
+    assert done.first_logprob == TokenLogprob(prefilled.logprobs[0])
     assert [r.ok for r in pw.sender.poll(1.0)] == [True]
     pw.step(StepBatch(step_id=61, released=[0]))

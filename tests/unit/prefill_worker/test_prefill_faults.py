@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prefill_worker.faults import DelayedSender, with_faults
+from protocol.dataplane import TokenLogprob
 from protocol.faults import Faults
 from tests.unit.kvtransfer.kv_helpers import connect, pages_equal, wait_results
 
@@ -26,11 +27,12 @@ def test_delayed_sends_leave_late_in_order_and_carry_the_logprob() -> None:
         p.receiver.expect(1, p.peer, [4, 5])
         delayed.add_room(1)
         start = time.monotonic()
-        assert delayed.send(1, [1], [4]) and delayed.send(1, [2], [5], first_token=9, first_logprob=-1.5)
+        assert delayed.send(1, [1], [4])
+        assert delayed.send(1, [2], [5], first_token=9, first_logprob=TokenLogprob(-1.5))
         assert p.receiver.poll(0.1) == []
         (done,) = wait_results(p.receiver)
         assert time.monotonic() - start >= 0.3
-        assert (done.ok, done.first_token, done.first_logprob) == (True, 9, -1.5)
+        assert (done.ok, done.first_token, done.first_logprob) == (True, 9, TokenLogprob(-1.5))
         assert pages_equal(p.src, [1, 2], p.dst, [4, 5])
         assert wait_results(delayed)[0].ok  # results come through the wrapper
     finally:

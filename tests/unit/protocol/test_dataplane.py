@@ -22,6 +22,7 @@ from protocol.dataplane import (
     KVRoomOk,
     KVRoomRefused,
     KVUnregistered,
+    TokenLogprob,
 )
 
 LAYOUT = KVLayout("tiny", 2, 4, 2, 8, "float32", "zmq")
@@ -31,7 +32,7 @@ FRAMES = [
     KVRoom(7, [1, 2]),
     KVRoomOk(7),
     KVRoomRefused(7, "already announced"),
-    KVChunk(7, [2], last=True, first_token=5, first_logprob=-0.125),
+    KVChunk(7, [2], last=True, first_token=5, first_logprob=TokenLogprob(-0.125, [5, 9], [-0.125, -3.5])),
     KVAck(7),
     KVAbort(7, "client left"),
     KVAbortAck(7),

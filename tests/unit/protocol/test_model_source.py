@@ -11,7 +11,6 @@ from protocol.model_source import ModelFormat, ModelSource, PackagedModel, resol
 
 def test_embedded_by_default_and_by_its_name() -> None:
     embedded = ModelSource(ModelFormat.EMBEDDED, None, EMBEDDED.name)
-    assert resolve_model(None) == embedded
     assert resolve_model(EMBEDDED.name) == embedded
 
 

@@ -19,7 +19,7 @@ from tests.fakes.scheduler import (
 def final_output(core, rid):
     (msg,) = core.take_outbox()
     assert isinstance(msg, BatchOutput)
-    (out,) = msg.outputs
+    (out,) = msg.rows()
     assert out.rid == rid and out.finished and out.token_ids == []
     return out
 

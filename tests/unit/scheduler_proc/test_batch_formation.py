@@ -92,7 +92,7 @@ def test_prefill_is_mixed_with_running_decodes():
     core.on_request(make_request("b", prompt(7, base=4), max_new=6, stop=False))
     mixed = step_once(core, worker)
     assert len(mixed.extends) == 1 and mixed.decode_slots == [0] and mixed.decode_positions == [5]
-    assert len(core.take_outbox()[-1].outputs) == 2  # one token each for a (decode) and b (prefill)
+    assert len(core.take_outbox()[-1].rows()) == 2  # one token each for a (decode) and b (prefill)
 
 
 def test_finished_request_slot_is_refilled_in_the_same_step():

@@ -86,9 +86,9 @@ def test_a_silent_front_end_is_detached_and_its_requests_aborted(ctx, addrs, sta
         # A front end that comes back is attached again and served.
         front.attach()
         front.send(make_request("again", [1, 2, 3], max_new=2, stop=False))
-        out = front.recv(BatchOutput).outputs[0]
+        out = front.recv(BatchOutput).rows()[0]
         while not out.finished:
-            out = front.recv(BatchOutput).outputs[0]
+            out = front.recv(BatchOutput).rows()[0]
         assert out.rid == "again" and out.finish_reason == "length"
         front.send(Shutdown())
         scheduler.join()
@@ -108,7 +108,7 @@ def test_a_front_end_that_keeps_beating_keeps_its_requests(ctx, addrs, start_wor
             front.send(make_request("long", [1, 2, 3], max_new=60, stop=False))  # 1.2 s
             tokens: list[int] = []
             while True:
-                out = front.recv(BatchOutput).outputs[0]
+                out = front.recv(BatchOutput).rows()[0]
                 tokens += out.token_ids
                 if out.finished:
                     break
@@ -132,7 +132,7 @@ def test_only_the_requests_of_the_silent_front_end_are_aborted(ctx, addrs, start
             finish: dict[str, str] = {}
             tokens = {"aa-1": 0, "bb-1": 0}
             while len(finish) < 2:  # every reply goes to every attached front end
-                for out in alive.recv(BatchOutput).outputs:
+                for out in alive.recv(BatchOutput).rows():
                     tokens[out.rid] += len(out.token_ids)
                     if out.finished:
                         finish[out.rid] = out.finish_reason

@@ -64,7 +64,9 @@ def test_logprobs_and_first_output_fields():
     collected = drive(core, worker, overlap=True)
     assert collected.logprobs["a"] == [-t / 10.0 for t in collected.tokens["a"]]
     assert collected.logprobs["b"] == []
-    outputs = [o for batch in collected.batches for o in batch.outputs if o.rid == "a"]
+    outputs = [o for batch in collected.batches for o in batch.rows() if o.rid == "a"]
     assert outputs[0].queue_ms is not None and outputs[0].queue_ms >= 0
     assert all(o.queue_ms is None for o in outputs[1:])
-    assert all(o.prompt_tokens == 3 for o in outputs)
+    # the first and the last output carry the counts; the ones between travel as columns
+    assert outputs[0].prompt_tokens == 3 and outputs[-1].prompt_tokens == 3 and outputs[-1].finished
+    assert all(len(b.rids) == len(b.token_ids) for b in collected.batches)

@@ -47,7 +47,7 @@ def test_serves_requests_status_and_heartbeats_then_shuts_down(ctx, addrs, start
         finished = set()
         batches = [m for m in front.received if isinstance(m, BatchOutput)]  # before the failure
         while len(finished) < len(requests):
-            for out in (batches.pop(0) if batches else front.recv(BatchOutput)).outputs:
+            for out in (batches.pop(0) if batches else front.recv(BatchOutput)).rows():
                 tokens[out.rid] += out.token_ids
                 if out.finished:
                     finished.add(out.rid)
@@ -80,7 +80,7 @@ def test_replies_go_to_every_attached_front_end(ctx, addrs, start_worker):
         second.attach()
         second.send(make_request("r", [1, 2, 3], max_new=1, stop=False))
         for front in (first, second):
-            assert front.recv(BatchOutput).outputs[0].rid == "r"
+            assert front.recv(BatchOutput).rows()[0].rid == "r"
         first.send(StatusQuery(qid=1))
         for front in (first, second):
             assert front.recv(StatusReport).qid == 1
@@ -118,7 +118,7 @@ def test_a_message_that_makes_a_handler_raise_is_answered_and_serving_goes_on(ct
         front.send(req)
         tokens = []
         while len(tokens) < 3:
-            tokens += front.recv(BatchOutput).outputs[0].token_ids
+            tokens += front.recv(BatchOutput).rows()[0].token_ids
         assert tokens == reference_generate(req.input_ids, req.sampling)
         assert [m.rid for m in front.received if isinstance(m, RequestFailed)] == ["bad1", "bad2", "bad3"]
         front.send(Shutdown())

@@ -1,0 +1,160 @@
+"""The fake processes of ``bench/overhead.py``: a GPU worker that sleeps a fixed time per step, and
+an instance that streams tokens to a front end as fast as it takes them.
+
+``python -m bench.overhead_fakes worker --config '<JSON>'`` serves a real scheduler: it reports
+ready, then answers each ``StepBatch`` after sleeping ``step_ms`` (the GPU's step), and records
+how long it waited for each step; at ``Shutdown`` it writes that record (JSON) to ``report``.
+
+``python -m bench.overhead_fakes producer --config '<JSON>'`` stands in for a unified instance
+behind a real front end: it attaches, sends heartbeats, takes requests, and once ``clients``
+requests are live sends one ``BatchOutput`` per step with a token for every live request,
+``tokens`` steps in all (the last one finishes them).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import zmq
+
+from protocol import transport
+from protocol.config import EMBEDDED
+from protocol.messages import (
+    AttachFrontend,
+    BatchOutput,
+    FinishReason,
+    Heartbeat,
+    ModelInfo,
+    Role,
+    Shutdown,
+    StepBatch,
+    StepResult,
+    TokenizedRequest,
+    WorkerReady,
+)
+
+TOKEN = 97  # "a" in the embedded byte-level tokenizer
+
+
+def embedded_model(context_len: int = 8192) -> ModelInfo:
+    return ModelInfo(
+        EMBEDDED.name, "LlamaForCausalLM", EMBEDDED.vocab_size, context_len, EMBEDDED.num_layers,
+        EMBEDDED.num_kv_heads, EMBEDDED.head_dim, "float32", [EMBEDDED.eos_token_id],
+    )
+
+
+# ------------------------------------------------------------------------------------ worker
+
+
+@dataclass
+class WorkerSpec:
+    step_addr: str
+    result_addr: str
+    report: str  # where the step record goes (JSON)
+    step_ms: float
+    num_pages: int
+    page_size: int
+    max_slots: int
+
+
+@dataclass
+class StepRecord:
+    """Per step: its decode rows, and how long the "GPU" waited for it (s) since the last one ended."""
+
+    rows: list[int] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    busy: list[float] = field(default_factory=list)
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    ctx = zmq.Context()
+    steps = transport.bind(ctx, zmq.PULL, spec.step_addr)
+    results = transport.connect(ctx, zmq.PUSH, spec.result_addr)
+    record = StepRecord()
+    try:
+        transport.send(results, WorkerReady(embedded_model(), spec.num_pages, spec.page_size,
+                                            spec.max_slots, 8192, "fake"))
+        idle_since: float | None = None
+        while True:
+            msg = transport.recv(steps)
+            arrived = time.perf_counter()
+            if isinstance(msg, Shutdown):
+                break
+            assert isinstance(msg, StepBatch), msg.TYPE
+            rows = [e.slot for e in msg.extends if e.sample] + list(msg.decode_slots)
+            time.sleep(spec.step_ms / 1e3)  # the GPU's step
+            # the step's output leaves only once the step is done, as from a GPU
+            if idle_since is not None:
+                record.waits.append(arrived - idle_since)
+                record.rows.append(len(msg.decode_slots))
+                record.busy.append(time.perf_counter() - arrived)
+            transport.send(results, StepResult(msg.step_id, rows, [TOKEN] * len(rows), None))
+            # the next step may already be queued (overlap): then the GPU did not wait for it
+            idle_since = time.perf_counter()
+    finally:
+        with open(spec.report, "w") as f:
+            json.dump(asdict(record), f)
+        steps.close(linger=0)
+        results.close(linger=1000)
+        ctx.term()
+
+
+# ------------------------------------------------------------------------------------ producer
+
+
+@dataclass
+class ProducerSpec:
+    input_addr: str
+    clients: int  # requests to wait for before streaming
+    tokens: int  # steps streamed; the last finishes every request
+
+
+def run_producer(spec: ProducerSpec) -> None:
+    ctx = zmq.Context()
+    pull = transport.bind(ctx, zmq.PULL, spec.input_addr)
+    push: zmq.Socket | None = None
+    live: list[str] = []
+    try:
+        while push is None or len(live) < spec.clients:
+            for msg in transport.recv_all(pull) if pull.poll(100) else []:
+                if isinstance(msg, AttachFrontend) and push is None:
+                    push = transport.connect(ctx, zmq.PUSH, msg.output_addr)
+                    transport.send(push, _heartbeat(spec.input_addr))
+                elif isinstance(msg, TokenizedRequest):
+                    live.append(msg.rid)
+                elif isinstance(msg, Shutdown):
+                    return
+            if push is not None:
+                transport.send(push, _heartbeat(spec.input_addr))
+        for i in range(spec.tokens):
+            last = i == spec.tokens - 1
+            transport.send(push, BatchOutput.of_tokens(
+                live, [TOKEN] * len(live), finished=FinishReason.LENGTH if last else None))
+        while not pull.poll(60_000) or not any(isinstance(m, Shutdown) for m in transport.recv_all(pull)):
+            transport.send(push, _heartbeat(spec.input_addr))
+    finally:
+        pull.close(linger=0)
+        if push is not None:
+            push.close(linger=1000)
+        ctx.term()
+
+
+def _heartbeat(addr: str) -> Heartbeat:
+    return Heartbeat(name="producer", role=Role.UNIFIED, ready=True, input_addr=addr, model=embedded_model())
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3 or argv[0] not in ("worker", "producer") or argv[1] != "--config":
+        raise SystemExit("usage: python -m bench.overhead_fakes worker|producer --config '<JSON>'")
+    obj = json.loads(argv[2])
+    if argv[0] == "worker":
+        run_worker(WorkerSpec(**obj))
+    else:
+        run_producer(ProducerSpec(**obj))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,125 @@
+"""The process settings of a worker that computes on the CPU, applied once at start-up.
+
+- **Threads.** torch's intra-op pool spins between ops; with as many threads as cores, a busy
+  machine (or the instance's own scheduler and front end) preempts one of them and every op
+  waits for it: measured 10–50× slower steps. ``--cpu-omp-threads N`` (or the environment's
+  ``PDSERVE_CPU_OMP_THREADS``, or the older ``PDSERVE_TORCH_THREADS``) sets the count; by
+  default ``physical cores − the cores left to the other processes``, at least 1, where the
+  other processes get one core below 8 cores and two from 8 (``default_threads``).
+- **The allocator.** A step allocates and frees the same large activations layer after layer;
+  glibc hands blocks above its mmap threshold back to the kernel at once, and every new one is
+  paid again in page faults (on this VM a 14 MB gather took 10× longer than the copy itself).
+  ``tune_malloc`` raises the mmap threshold to its maximum and keeps freed memory in the heap.
+- **The KV pool.** ``cpu_pool_budget_bytes``: ``--mem-fraction-static`` of the memory the
+  kernel reports available (``MemAvailable``), times ``CPU_MEMORY_SHARE``: host memory is
+  shared with the OS and every other process, unlike a GPU's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("pdserve.worker")
+
+THREADS_ENV = "PDSERVE_CPU_OMP_THREADS"
+LEGACY_THREADS_ENV = "PDSERVE_TORCH_THREADS"  # what tests and older scripts set
+CPU_MEMORY_SHARE = 0.25  # of MemAvailable × mem_fraction_static: the default CPU pool budget
+FALLBACK_AVAILABLE_BYTES = 4 << 30  # where /proc/meminfo cannot be read
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+_TRIM_THRESHOLD = 1 << 30
+
+
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on."""
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: set[int]) -> int:
+    """Distinct (package, core) pairs among ``cpus`` (hyperthreads counted once); ``len(cpus)``
+    where the topology cannot be read."""
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = topo.joinpath("physical_package_id").read_text()
+            cores.add((package, topo.joinpath("core_id").read_text()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
+def default_threads(cores: int) -> int:
+    """Threads for the worker: the physical cores minus those left to the scheduler, the front
+    end and the rest of the machine (1 below 8 cores, 2 from 8), at least 1."""
+    reserved = 1 if cores < 8 else 2
+    return max(1, cores - reserved)
+
+
+def choose_threads(flag: int | None, environ: dict[str, str] | os._Environ = os.environ) -> tuple[int, str]:
+    """(threads, where the number came from): the flag, then the environment, then the default."""
+    if flag is not None:
+        return flag, "--cpu-omp-threads"
+    for name in (THREADS_ENV, LEGACY_THREADS_ENV):
+        value = environ.get(name)
+        if value:
+            threads = int(value)
+            if threads < 1:
+                raise ValueError(f"{name}={value}: must be ≥ 1")
+            return threads, name
+    return default_threads(physical_cores(usable_cpus())), "default"
+
+
+def apply_threads(flag: int | None) -> int:
+    """Set torch's intra-op threads (and one inter-op thread); returns the count."""
+    import torch
+
+    threads, source = choose_threads(flag)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set, or the pool already started
+        torch.set_num_interop_threads(1)
+    logger.info("CPU: %d torch threads (%s)", threads, source)
+    return threads
+
+
+def tune_malloc() -> bool:
+    """Keep freed activations in the heap (glibc only; elsewhere a no-op): True if applied."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    applied = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and applied
+    return applied
+
+
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """``MemAvailable`` (bytes): what can be allocated without swapping."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return FALLBACK_AVAILABLE_BYTES
+
+
+def cpu_pool_budget_bytes(mem_fraction_static: float, available: int | None = None) -> int:
+    """The KV pool budget of a CPU worker (see the module docstring)."""
+    if available is None:
+        available = available_memory_bytes()
+    return int(available * mem_fraction_static * CPU_MEMORY_SHARE)

@@ -1,0 +1,232 @@
+"""The NIXL side of the ``nixl`` backend: one NIXL agent per KV sender or receiver, the KV pool
+registered with it, page descriptors built by array math, one-sided WRITEs, and the progress
+that UCX needs on *both* sides of a write.
+
+NIXL's own progress thread is off (``enable_prog_thread=False``: it spins, about 0.4 of a core
+while idle). Progress is driven instead by the side that waits: the writer polls its transfer
+to completion (``write``), and the target's ``Pump`` polls the agent only while the receiver
+may be written to, sleeping ``PUMP_INTERVAL_S`` between polls and blocking on a condition when
+idle (no CPU). Without target-side progress a WRITE over UCX's tcp transport never completes.
+
+On CPU pools the backend restricts UCX to ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` (same-host
+deployments) unless the user set them; set them for a CPU deployment across hosts. Device pools
+(``VRAM``) leave UCX free to pick NVLink / RDMA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtransfer.base import TransferError
+
+log = logging.getLogger("kvtransfer.nixl")
+
+NIXL_MODULES = ("nixl_cu12", "nixl_cu13", "nixl")  # the wheels' import names, most common first
+CPU_UCX_ENV = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+QUIET_ENV = {"NIXL_LOG_LEVEL": "WARN"}  # its INFO lines go to stdout, which children may use
+PUMP_INTERVAL_S = 0.0002
+WAIT_SPIN_POLLS = 200  # polls before a waiting writer starts to sleep between polls
+WAIT_SLEEP_S = 0.0001
+
+
+class NixlUnavailable(TransferError, ImportError):
+    pass
+
+
+def import_nixl() -> ModuleType:
+    """The installed NIXL Python package; raises NixlUnavailable saying how to install it."""
+    for name in NIXL_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise NixlUnavailable(
+        "the nixl KV transfer backend needs NIXL: pip install 'pdserve[nixl]' (the nixl-cu12 wheel; "
+        "install torch first so that no CUDA torch is pulled)"
+    )
+
+
+def nixl_available() -> bool:
+    """Whether a NIXL package is installed (found, not loaded)."""
+    return any(importlib.util.find_spec(name) is not None for name in NIXL_MODULES)
+
+
+def set_ucx_env(on_device: bool) -> None:
+    """UCX reads its environment once, when the first agent of the process starts."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if not on_device:
+        for key, value in CPU_UCX_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+def page_rows(addresses: Sequence[int], num_pages: int, page_bytes: int, device_id: int) -> np.ndarray:
+    """NIXL descriptors ``(address, bytes, device)`` of every page of every array, array-major:
+    page ``p`` of array ``a`` is row ``a * num_pages + p``."""
+    starts = np.asarray(addresses, dtype=np.uint64)[:, None]
+    offsets = np.arange(num_pages, dtype=np.uint64)[None, :] * np.uint64(page_bytes)
+    addrs = (starts + offsets).reshape(-1)
+    rows = np.empty((addrs.size, 3), dtype=np.uint64)
+    rows[:, 0], rows[:, 1], rows[:, 2] = addrs, page_bytes, device_id
+    return rows
+
+
+def page_indices(pages: Sequence[int], num_arrays: int, num_pages: int) -> np.ndarray:
+    """Rows of ``page_rows`` holding ``pages`` in every array (array-major, pages in order)."""
+    arrays = np.arange(num_arrays, dtype=np.int64)[:, None] * num_pages
+    return (arrays + np.asarray(pages, dtype=np.int64)[None, :]).reshape(-1).astype(np.int32)
+
+
+class Agent:
+    """A NIXL agent over one KV pool (its ``2 * L`` contiguous page arrays), registered at start.
+    Not thread-safe: the sender uses it from its I/O thread only; the receiver under ``lock``."""
+
+    def __init__(self, name: str, arrays: Sequence[torch.Tensor]) -> None:
+        first = arrays[0]
+        on_device = first.device.type == "cuda"
+        set_ucx_env(on_device)
+        nixl = import_nixl()
+        self.name = name
+        self.lock = threading.Lock()
+        self.memory = "VRAM" if on_device else "DRAM"
+        self.device_id = (first.device.index or 0) if on_device else 0
+        self.num_arrays, self.num_pages = len(arrays), first.shape[0]
+        self.page_bytes = first[0].numel() * first.element_size()
+        self.addresses = [t.data_ptr() for t in arrays]
+        config = nixl.nixl_agent_config(
+            enable_prog_thread=False, enable_listen_thread=False, backends=["UCX"]
+        )
+        self._agent: Any = nixl.nixl_agent(name, config)
+        if "UCX" not in self._agent.backends:
+            raise TransferError("NIXL has no UCX backend plugin here; the nixl backend needs it")
+        self._registered = self._agent.register_memory(list(arrays))
+        rows = page_rows(self.addresses, self.num_pages, self.page_bytes, self.device_id)
+        self._local = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows, self.memory)
+        self._closed = False
+
+    def metadata(self) -> bytes:
+        return bytes(self._agent.get_agent_metadata())
+
+    def add_peer(self, metadata: bytes, rows: np.ndarray, memory: str) -> tuple[str, Any]:
+        """Load a remote agent and prepare its page descriptors; returns (its name, the list)."""
+        name = self._agent.add_remote_agent(metadata)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        try:
+            return name, self._agent.prep_xfer_dlist(name, rows, memory)
+        except Exception:
+            self._agent.remove_remote_agent(name)
+            raise
+
+    def remove_peer(self, name: str, descs: Any) -> None:
+        descs.release()
+        self._agent.remove_remote_agent(name)
+
+    def write(self, peer: str, descs: Any, local: np.ndarray, remote: np.ndarray, timeout: float) -> None:
+        """WRITE local descriptor rows ``local`` into the peer's rows ``remote`` and wait until it
+        completes (UCX flushes: the data is in the peer's memory). Raises on error or timeout."""
+        try:
+            handle = self._agent.make_prepped_xfer("WRITE", self._local, local, descs, remote)
+        except Exception as e:  # NIXL's errors derive from Exception only
+            raise TransferError(f"NIXL could not prepare a WRITE to {peer}: {e}") from None
+        try:
+            state = self._wait(handle, timeout)
+        except Exception as e:  # e.g. NIXL_ERR_REMOTE_DISCONNECT: the peer process is gone
+            state = str(e) or type(e).__name__
+        finally:
+            _release(handle)
+        if state == "PROC":
+            raise TransferError(f"NIXL WRITE to {peer} did not complete within {timeout:.1f}s")
+        if state != "DONE":
+            raise TransferError(f"NIXL WRITE to {peer} failed ({state}): the peer died or dropped us")
+
+    def _wait(self, handle: Any, timeout: float) -> str:
+        """Post the transfer and poll it (driving UCX) until it is no longer in progress or
+        ``timeout`` passes: spinning at first, then sleeping briefly between polls."""
+        state = self._agent.transfer(handle)
+        deadline, polls = time.monotonic() + timeout, 0
+        while state == "PROC":
+            polls += 1
+            if polls > WAIT_SPIN_POLLS:
+                if time.monotonic() > deadline:
+                    return state
+                time.sleep(WAIT_SLEEP_S)
+            state = self._agent.check_xfer_state(handle)
+        return state
+
+    def progress(self) -> None:
+        """Let UCX move the data that peers write here (polling notifications drives it)."""
+        for peer, notes in self._agent.get_new_notifs().items():
+            log.debug("ignoring %d NIXL notifications from %s", len(notes), peer)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _release(self._local)
+        try:
+            self._agent.deregister_memory(self._registered)
+        except Exception as e:  # closing must not raise; the process may be going away
+            log.warning("NIXL agent %s: deregistering the KV pool failed: %s", self.name, e)
+
+
+def _release(handle: Any) -> None:
+    try:
+        handle.release()
+    except Exception as e:  # a transfer NIXL cannot cancel: the agent's teardown frees it
+        log.warning("NIXL could not release %r: %s", handle, e)
+
+
+class Pump:
+    """Drives a receiver's agent progress while ``busy`` > 0 (rooms that may be written to)."""
+
+    def __init__(self, agent: Agent, name: str) -> None:
+        self._agent = agent
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def hold(self) -> None:
+        with self._cond:
+            self._busy += 1
+            self._cond.notify()
+
+    def drop(self, count: int = 1) -> None:
+        with self._cond:
+            self._busy = max(0, self._busy - count)
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._busy and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                with self._agent.lock:
+                    self._agent.progress()
+            except Exception:  # keep pumping: one failed poll must not stop every transfer
+                log.exception("NIXL progress failed")
+            time.sleep(PUMP_INTERVAL_S)

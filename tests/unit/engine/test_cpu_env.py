@@ -1,0 +1,62 @@
+"""A CPU worker's process settings (engine.cpu_env): thread count, allocator, KV pool budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import cpu_env
+from engine.kv_pool import PoolSizing
+
+
+def test_default_threads_leave_cores_to_the_other_processes() -> None:
+    assert cpu_env.default_threads(1) == 1
+    assert cpu_env.default_threads(2) == 1
+    assert cpu_env.default_threads(4) == 3
+    assert cpu_env.default_threads(16) == 14
+
+
+def test_thread_count_comes_from_the_flag_then_the_environment_then_the_default() -> None:
+    env = {cpu_env.THREADS_ENV: "3", cpu_env.LEGACY_THREADS_ENV: "5"}
+    assert cpu_env.choose_threads(2, env) == (2, "--cpu-omp-threads")
+    assert cpu_env.choose_threads(None, env) == (3, cpu_env.THREADS_ENV)
+    assert cpu_env.choose_threads(None, {cpu_env.LEGACY_THREADS_ENV: "5"}) == (5, cpu_env.LEGACY_THREADS_ENV)
+    threads, source = cpu_env.choose_threads(None, {})
+    cores = cpu_env.physical_cores(cpu_env.usable_cpus())
+    assert source == "default" and threads == cpu_env.default_threads(cores)
+    with pytest.raises(ValueError, match="must be ≥ 1"):
+        cpu_env.choose_threads(None, {cpu_env.THREADS_ENV: "0"})
+
+
+def test_physical_cores_are_within_the_usable_cpus() -> None:
+    cpus = cpu_env.usable_cpus()
+    assert 1 <= cpu_env.physical_cores(cpus) <= len(cpus)
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   2000000 kB\n")
+    assert cpu_env.available_memory_bytes(meminfo) == 2000000 * 1024
+    assert cpu_env.available_memory_bytes(tmp_path / "missing") == cpu_env.FALLBACK_AVAILABLE_BYTES
+    budget = cpu_env.cpu_pool_budget_bytes(0.5, available=8 << 30)
+    assert budget == int((8 << 30) * 0.5 * cpu_env.CPU_MEMORY_SHARE)
+
+
+def test_cpu_pool_follows_available_memory_and_the_fraction(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_env, "available_memory_bytes", lambda: 16 << 30)
+    sizing = PoolSizing(page_size=16, bytes_per_token=46080, max_total_tokens=None, mem_fraction_static=0.85,
+                        max_useful_tokens=10**9)
+    pages = sizing.num_pages(torch.device("cpu"))
+    assert pages - 1 == int((16 << 30) * 0.85 * cpu_env.CPU_MEMORY_SHARE) // 46080 // 16
+    half = PoolSizing(16, 46080, None, 0.425, 10**9).num_pages(torch.device("cpu"))
+    assert abs((half - 1) * 2 - (pages - 1)) <= 1
+    capped = PoolSizing(16, 46080, None, 0.85, max_useful_tokens=1600).num_pages(torch.device("cpu"))
+    assert capped == 101
+
+
+def test_tune_malloc_applies_on_glibc() -> None:
+    import platform
+
+    applied = cpu_env.tune_malloc()
+    if platform.libc_ver()[0] == "glibc":
+        assert applied

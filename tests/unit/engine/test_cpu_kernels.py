@@ -1,0 +1,159 @@
+"""The CPU kernels (engine.kernels.cpu) against the torch references on fresh random inputs:
+ragged lengths, page sizes 1 and >1, GQA ratios 1, 3 and 4, float32 and bfloat16; and the
+per-step plans they share across layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import cpu
+from engine.kernels.reference import (
+    decode_attention_ref,
+    extend_attention_ref,
+    rms_norm_ref,
+    silu_and_mul_ref,
+)
+from engine.layers.backend import make_kernel_backend
+
+HEAD_DIM = 64
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _pool(gen: torch.Generator, pages: int, page_size: int, kv_heads: int, dtype: torch.dtype):
+    shape = (pages, page_size, kv_heads, HEAD_DIM)
+    k = torch.randn(shape, generator=gen).to(dtype)
+    v = torch.randn(shape, generator=gen).to(dtype)
+    return k, v
+
+
+def _page_table(gen: torch.Generator, lengths: list[int], page_size: int) -> tuple[torch.Tensor, int]:
+    """(rows of scattered distinct pages, never page 0, wide enough for the longest row, with
+    garbage but valid page ids past each row's own pages; the pool's page count)."""
+    width = max(1, max(-(-n // page_size) for n in lengths)) + 2
+    num_pages = len(lengths) * width + 1
+    perm = (torch.randperm(num_pages - 1, generator=gen) + 1).int()
+    return perm.view(len(lengths), width).clone(), num_pages
+
+
+def _check(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    torch.testing.assert_close(ours.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (9, 3), (8, 2)])
+def test_decode_attention_matches_reference(dtype, page_size, num_heads, num_kv_heads) -> None:
+    gen = torch.Generator().manual_seed(page_size * 100 + num_heads)
+    lengths = torch.randint(1, 300, (23,), generator=gen).tolist()
+    lengths[3] = 1
+    lengths[5] = page_size * 7  # exactly full pages
+    table, num_pages = _page_table(gen, lengths, page_size)
+    k_cache, v_cache = _pool(gen, num_pages, page_size, num_kv_heads, dtype)
+    q = torch.randn(len(lengths), num_heads, HEAD_DIM, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    ref = decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.125)
+    ours = cpu.decode_attention_cpu(q, k_cache, v_cache, table, seq_lens, 0.125)
+    _check(ours, ref, dtype)
+    plan = cpu.plan_decode(table, seq_lens, page_size)
+    assert len(plan.buckets) > 1  # ragged lengths: more than one bucket, outputs put back in order
+    planned = cpu.decode_attention_cpu(q, k_cache, v_cache, table, seq_lens, 0.125, plan=plan)
+    assert torch.equal(planned, ours)
+
+
+def test_decode_attention_row_of_length_zero_gives_zeros() -> None:
+    gen = torch.Generator().manual_seed(1)
+    lengths = [0, 9, 17]
+    table, num_pages = _page_table(gen, lengths, 4)
+    k_cache, v_cache = _pool(gen, num_pages, 4, 3, torch.float32)
+    q = torch.randn(3, 9, HEAD_DIM, generator=gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    ours = cpu.decode_attention_cpu(q, k_cache, v_cache, table, seq_lens, 0.125)
+    assert torch.equal(ours[0], torch.zeros_like(ours[0]))
+    _check(ours, decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.125), torch.float32)
+
+
+def test_decode_attention_of_an_empty_batch() -> None:
+    k_cache, v_cache = _pool(torch.Generator().manual_seed(0), 4, 4, 3, torch.float32)
+    q = torch.empty(0, 9, HEAD_DIM)
+    out = cpu.decode_attention_cpu(q, k_cache, v_cache, torch.zeros(0, 2, dtype=torch.int32),
+                                   torch.zeros(0, dtype=torch.int32), 0.125)
+    assert out.shape == (0, 9, HEAD_DIM)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (9, 3), (8, 2)])
+def test_extend_attention_matches_reference(dtype, page_size, num_heads, num_kv_heads) -> None:
+    gen = torch.Generator().manual_seed(page_size * 10 + num_heads)
+    new = [37, 1, 0, 64, 5]  # ragged, one request with nothing new this step
+    prefixes = [0, 20, 3, 33, 0]
+    lengths = [p + n for p, n in zip(prefixes, new, strict=True)]
+    table, num_pages = _page_table(gen, lengths, page_size)
+    k_cache, v_cache = _pool(gen, num_pages, page_size, num_kv_heads, dtype)
+    indptr = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(new), num_heads, HEAD_DIM, generator=gen).to(dtype)
+    args = (q, k_cache, v_cache, table, indptr, torch.tensor(prefixes, dtype=torch.int32), 0.125)
+    ref = extend_attention_ref(*args)
+    ours = cpu.extend_attention_cpu(*args, max_extend_len=max(new))
+    _check(ours, ref, dtype)
+    plan = cpu.plan_extend(table, indptr, torch.tensor(prefixes, dtype=torch.int32), page_size)
+    assert [s.seq_len for s in plan] == [p + n for p, n in zip(prefixes, new, strict=True) if n]
+    assert torch.equal(cpu.extend_attention_cpu(*args, plan=plan), ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_equals_reference_bit_for_bit(dtype, with_residual) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 576, generator=gen) * 3).to(dtype)
+    weight = torch.randn(576, generator=gen).to(dtype)
+    residual = torch.randn(37, 576, generator=gen).to(dtype) if with_residual else None
+    kept = None if residual is None else residual.clone()
+    ref, ref_res = rms_norm_ref(x, weight, 1e-5, residual)
+    ours, our_res = cpu.rms_norm_cpu(x, weight, 1e-5, residual)
+    assert torch.equal(ours, ref)
+    assert (our_res is None) == (ref_res is None)
+    if ref_res is not None:
+        assert torch.equal(our_res, ref_res)
+        assert torch.equal(residual, kept)  # the input is not modified
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_equals_reference(dtype) -> None:
+    gate_up = torch.randn(13, 2 * 96, generator=torch.Generator().manual_seed(4)).to(dtype)
+    assert torch.equal(cpu.silu_and_mul_cpu(gate_up), silu_and_mul_ref(gate_up))
+
+
+def test_bucket_bounds_split_only_where_padding_costs_more_than_a_bucket() -> None:
+    assert cpu.bucket_bounds([], 16) == []
+    assert cpu.bucket_bounds([5, 9, 16], 16) == [3]  # all within one page: one bucket
+    assert cpu.bucket_bounds([16] * 40 + [512], 16, bucket_cost=256) == [40, 41]
+    lengths = sorted(torch.randint(1, 512, (64,), generator=torch.Generator().manual_seed(5)).tolist())
+    ends = cpu.bucket_bounds(lengths, 16)
+    assert ends[-1] == 64 and ends == sorted(set(ends))
+    assert 1 < len(ends) < 64
+
+
+def test_auto_backend_on_cpu_is_the_cpu_kernels_and_plans_once_per_step() -> None:
+    backend = make_kernel_backend("auto", torch.device("cpu"))
+    assert backend.name == "cpu" and backend.plan_attention is cpu.plan_attention
+    assert make_kernel_backend("torch", torch.device("cpu")).plan_attention is None
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        make_kernel_backend("cpu", torch.device("meta"))
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_worker_on_cpu_kernels_generates_what_transformers_does(tiny_llama_dir, page_size) -> None:
+    """The whole step on the CPU backend: chunked prefill (7-token chunks over cached prefixes),
+    mixed extend + decode steps, batched decodes of ragged lengths, the overlap schedule."""
+    from engine.worker import Worker
+    from tests.unit.engine.engine_driver import driver_for, greedy, small_args
+    from tests.unit.engine.test_engine_generation import PROMPTS, hf_generate
+
+    args = small_args(model_path=tiny_llama_dir, attention_backend="cpu", page_size=page_size)
+    worker = Worker.create(args)
+    assert worker.runner.kernels.name == "cpu"
+    reqs = driver_for(worker, chunk_size=7).generate(PROMPTS, [greedy(8)] * len(PROMPTS))
+    assert [r.outputs for r in reqs] == hf_generate(tiny_llama_dir, PROMPTS, 8)

@@ -1,0 +1,325 @@
+"""Tensor parallelism (engine.parallel): the split arithmetic, and two real gloo ranks (two
+processes) whose parallel layers and whole workers are compared with the unsharded ones.
+
+The multi-rank part runs this file as a script in one child process per rank (``python -m
+tests.unit.engine.test_tensor_parallel RANK WORLD STORE OUT CASES_JSON``): each joins the
+group, runs the layer checks (two ranks) and the cases through ``Worker.step`` (the
+``StepDriver``), and writes what it saw as JSON; rank 0 also runs each case on an unsharded
+worker. The packaged default model (SmolLM2-135M, GGUF) runs over three ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.models.config import ModelConfig
+from engine.parallel.group import ModelSplit, check_splittable
+from protocol.config import DEFAULT_MODEL_PATH, EMBEDDED, InstanceAddrs, ServerArgs, WorkerConfig
+from protocol.messages import Role
+from tests import REPO_ROOT
+from tests.oracles import TINY_SHAPE, write_tiny_hf_model
+
+CHILD_TIMEOUT_S = 600
+PROMPTS = [[5, 77, 200], [300, 1, 2, 9, 41, 250, 3, 17, 88, 13, 9, 41, 250, 3, 17, 88, 1], [64] * 40]
+MAX_NEW = 8
+# 8-token pages and a 2048-token pool: each rank's per-layer caches are small heap blocks that
+# reuse the memory of the weights it just dropped (a pool read before it was written showed it)
+POOL = {"page_size": 8, "max_total_tokens": 2048}
+
+# SmolLM2-135M (launch's default model): 9 query heads over 3 KV heads
+SMOLLM2 = dict(
+    TINY_SHAPE, vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+)
+
+
+def test_split_shards_kv_heads_when_there_are_enough() -> None:
+    cfg = ModelConfig.embedded()  # 8 query heads, 2 KV heads
+    splits = [ModelSplit.of(cfg, 2, rank) for rank in range(2)]
+    assert [(s.num_heads, s.num_kv_heads, s.kv_head_start) for s in splits] == [(4, 1, 0), (4, 1, 1)]
+    assert [s.intermediate_size for s in splits] == [cfg.intermediate_size // 2] * 2
+    assert [(s.vocab_start, s.vocab_shard) for s in splits] == [(0, 160), (160, 160)]
+
+
+def test_split_replicates_kv_heads_beyond_their_number() -> None:
+    cfg = ModelConfig.embedded()  # 2 KV heads over 4 ranks: each held by two ranks
+    splits = [ModelSplit.of(cfg, 4, rank) for rank in range(4)]
+    assert [(s.num_heads, s.num_kv_heads, s.kv_head_start) for s in splits] == [
+        (2, 1, 0), (2, 1, 0), (2, 1, 1), (2, 1, 1),
+    ]
+    # rank r's query heads 2r, 2r + 1 read KV head (2r) // 4 in the unsharded model: the same
+    assert [2 * r // (cfg.num_heads // cfg.num_kv_heads) for r in range(4)] == [0, 0, 1, 1]
+
+
+def test_split_pads_the_last_vocabulary_shard() -> None:
+    cfg = ModelConfig.from_hf(dict(SMOLLM2, vocab_size=49153, num_attention_heads=3, num_key_value_heads=3))
+    splits = [ModelSplit.of(cfg, 3, rank) for rank in range(3)]
+    assert [(s.vocab_start, s.vocab_shard) for s in splits] == [(0, 16385), (16385, 16385), (32770, 16385)]
+    assert splits[-1].vocab_start + splits[-1].vocab_shard > cfg.vocab_size
+
+
+def test_the_default_model_cannot_split_over_two_ranks() -> None:
+    cfg = ModelConfig.from_hf(SMOLLM2)
+    with pytest.raises(ValueError, match="--tp-size 2 does not divide the model's 9 attention heads"):
+        check_splittable(cfg, 2)
+    check_splittable(cfg, 3)  # 3 query heads and one KV head per rank
+    assert ModelSplit.of(cfg, 3, 2).num_heads == 3
+
+
+@pytest.mark.parametrize(
+    "tp_size,overrides,message",
+    [
+        (4, dict(num_attention_heads=8, num_key_value_heads=6), "6 KV heads: the KV heads must"),
+        (2, dict(num_attention_heads=8, num_key_value_heads=3), "3 KV heads: the KV heads must"),
+        (2, dict(intermediate_size=131), "does not divide the model's intermediate size 131"),
+        (0, {}, "--tp-size must be a positive integer"),
+    ],
+)
+def test_a_model_that_cannot_split_is_refused_naming_why(tp_size: int, overrides: dict, message: str) -> None:
+    cfg = ModelConfig.from_hf(dict(TINY_SHAPE, **overrides))
+    with pytest.raises(ValueError, match=message):
+        check_splittable(cfg, tp_size)
+
+
+def test_each_rank_gets_a_config_and_every_start_a_new_rendezvous(tmp_path: Path) -> None:
+    addrs = InstanceAddrs("ipc://in", "ipc://step", "ipc://result")
+    worker = WorkerConfig(ServerArgs(tp_size=3), "unified0", Role.UNIFIED, addrs)
+    ranks = worker.tensor_parallel_ranks(str(tmp_path))
+    assert [r.tp_rank for r in ranks] == [0, 1, 2]
+    names = ["unified0-worker", "unified0-worker-tp1", "unified0-worker-tp2"]
+    assert [r.process_name for r in ranks] == names
+    assert len({r.dist_init_method for r in ranks}) == 1
+    assert ranks[0].dist_init_method.startswith(f"file://{tmp_path}/")
+    again = worker.tensor_parallel_ranks(str(tmp_path))
+    assert again[0].dist_init_method != ranks[0].dist_init_method  # a restart meets no stale file
+    single = WorkerConfig(ServerArgs(), "unified0", Role.UNIFIED, addrs)
+    assert single.tensor_parallel_ranks(str(tmp_path)) == [single]
+
+
+@pytest.mark.parametrize("role", [Role.PREFILL, Role.DECODE])
+def test_disaggregated_workers_refuse_more_than_one_rank(role: Role) -> None:
+    from engine.parallel.ranks import refuse_tensor_parallel
+
+    addrs = InstanceAddrs("ipc://in", "ipc://step", "ipc://result")
+    with pytest.raises(ValueError, match=f"--tp-size 2: a {role} worker runs one rank only"):
+        refuse_tensor_parallel(WorkerConfig(ServerArgs(tp_size=2), "x", role, addrs))
+    refuse_tensor_parallel(WorkerConfig(ServerArgs(), "x", role, addrs))
+
+
+def test_a_new_kv_pool_holds_no_stale_memory() -> None:
+    """A rank frees the checkpoint tensors it kept a part of, then allocates its (small) pool
+    from the same heap: the torch and CPU attention read whole pages, unwritten slots included,
+    so a stale NaN there would poison every output (0 × NaN)."""
+    from engine.kv_pool import KVPool
+
+    shape = (64, 8, 1, 16)
+    for _ in range(4):
+        stale = torch.full(shape, float("nan"))
+        del stale
+        pool = KVPool.allocate(2, shape[0], shape[1], shape[2], shape[3], torch.float32, torch.device("cpu"))
+        assert all(bool(torch.isfinite(c).all()) for c in pool.k + pool.v)
+
+
+# ------------------------------------------------------------------------------ two real ranks
+
+
+def write_dummy_config(path: Path) -> None:
+    """A config.json only (served with --load-format dummy): one KV head over two ranks (each
+    rank holds a replica) and an odd vocabulary (the last shard padded)."""
+    cfg = dict(TINY_SHAPE, vocab_size=321, num_key_value_heads=1, architectures=["LlamaForCausalLM"])
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def run_ranks(root: Path, world: int, cases: dict[str, dict]) -> dict[int, dict]:
+    """Start ``world`` rank processes on ``cases``; what each wrote."""
+    store = f"file://{root}/store"
+    env = dict(os.environ, PDSERVE_TORCH_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    argv = [sys.executable, "-m", "tests.unit.engine.test_tensor_parallel", str(world), store, str(root)]
+    procs = [
+        subprocess.Popen([*argv, str(rank), json.dumps(cases)], cwd=REPO_ROOT, env=env)
+        for rank in range(world)
+    ]
+    try:
+        codes = [p.wait(CHILD_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0] * world, f"rank processes exited with {codes}"
+    return {rank: json.loads((root / f"rank{rank}.json").read_text()) for rank in range(world)}
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    root = tmp_path_factory.mktemp("tp")
+    write_tiny_hf_model(str(root / "llama"), "llama", seed=4)
+    write_tiny_hf_model(str(root / "qwen2"), "qwen2", seed=5)
+    write_dummy_config(root / "dummy")
+    cases = {
+        "embedded": {"model_path": EMBEDDED.name, **POOL},
+        "llama": {"model_path": str(root / "llama"), "attention_backend": "cpu", **POOL},
+        "qwen2": {"model_path": str(root / "qwen2"), **POOL},
+        "dummy-replicated-kv": {"model_path": str(root / "dummy"), "load_format": "dummy", **POOL},
+    }
+    return run_ranks(root, 2, cases)
+
+
+def test_parallel_layers_equal_the_unsharded_layers(two_rank_results: dict[int, dict]) -> None:
+    for rank, results in two_rank_results.items():
+        for name, error in results["layers"].items():
+            assert error < 1e-5, f"rank {rank}: {name} differs from the unsharded layer by {error}"
+
+
+@pytest.mark.parametrize("case", ["embedded", "llama", "qwen2", "dummy-replicated-kv"])
+def test_two_ranks_generate_what_one_rank_does(two_rank_results: dict[int, dict], case: str) -> None:
+    rank0, rank1 = two_rank_results[0]["cases"][case], two_rank_results[1]["cases"][case]
+    # every rank samples the same tokens, greedy or seeded (the same logits everywhere)
+    assert rank0["greedy"] == rank1["greedy"]
+    assert rank0["sampled"] == rank1["sampled"]
+    assert rank0["logprobs"] == rank1["logprobs"]
+    # and the greedy tokens are the unsharded worker's, token for token
+    assert rank0["greedy"] == rank0["unsharded_greedy"]
+    assert all(len(out) == MAX_NEW for out in rank0["greedy"])
+    assert rank0["pages"] == rank0["unsharded_pages"]
+    for got, want in zip(rank0["logprobs"], rank0["unsharded_logprobs"], strict=True):
+        assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_the_default_model_over_three_ranks_generates_what_one_rank_does(tmp_path: Path) -> None:
+    """SmolLM2-135M from its GGUF file (9 query heads, 3 KV heads: one per rank)."""
+    pytest.importorskip("gguf", reason="the packaged model is a GGUF file")
+    from protocol.model_source import PACKAGED_MODELS
+
+    try:
+        PACKAGED_MODELS[DEFAULT_MODEL_PATH].locate()
+    except FileNotFoundError as e:
+        pytest.skip(f"the packaged GGUF model is not installed: {e}")
+    case = {"model_path": DEFAULT_MODEL_PATH, "num_prompts": 2, "sampled": False, **POOL}
+    results = run_ranks(tmp_path, 3, {"default": case})
+    ranks = [results[rank]["cases"]["default"] for rank in range(3)]
+    assert ranks[0]["greedy"] == ranks[1]["greedy"] == ranks[2]["greedy"]
+    assert ranks[0]["greedy"] == ranks[0]["unsharded_greedy"]
+    assert len(ranks[0]["greedy"]) == 2 and all(len(out) == MAX_NEW for out in ranks[0]["greedy"])
+
+
+# ------------------------------------------------------------------------------ the rank processes
+
+
+def _layer_errors(tp: object) -> dict[str, float]:
+    """Each parallel layer against its unsharded original, on inputs the same on every rank."""
+    from engine.layers.backend import make_kernel_backend
+    from engine.layers.linear import Linear, MergedLinear
+    from engine.parallel.layers import (
+        ColumnParallelLinear,
+        LogitGather,
+        ParallelLMHead,
+        RowParallelLinear,
+        RowRange,
+        VocabParallelEmbedding,
+    )
+
+    kernels = make_kernel_backend("torch", torch.device("cpu"))
+    gen = torch.Generator().manual_seed(11)
+    rank = tp.rank  # type: ignore[attr-defined]
+    errors = {}
+    with torch.no_grad():
+        # column-parallel q/k/v (KV replicated: one head over two ranks) then row-parallel o_proj
+        hidden, d = 24, 4
+        full_sizes = (4 * d, 1 * d, 1 * d)
+        parts = (RowRange(4 * d, rank * 2 * d, 2 * d), RowRange(d, 0, d), RowRange(d, 0, d))
+        dense = MergedLinear(hidden, full_sizes, bias=True)
+        column = ColumnParallelLinear(hidden, parts, bias=True)
+        for p in dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        for name in ("weight", "bias"):
+            getattr(column, name).copy_(column.rank_part(name, getattr(dense, name), None))
+        x = torch.randn(5, hidden, generator=gen)
+        mine = column(x, kernels)
+        want = dense(x, kernels).split(full_sizes, dim=-1)
+        got_q, got_k, got_v = mine.split(column.output_sizes, dim=-1)
+        errors["column q"] = float((got_q - want[0][:, rank * 2 * d : (rank + 1) * 2 * d]).abs().max())
+        errors["column kv"] = float(max((got_k - want[1]).abs().max(), (got_v - want[2]).abs().max()))
+        o_dense = Linear(4 * d, hidden, bias=True)
+        o_row = RowParallelLinear(4 * d, hidden, True, tp)  # type: ignore[arg-type]
+        for p in o_dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        o_row.weight.copy_(o_row.rank_part("weight", o_dense.weight, None))
+        o_row.bias.copy_(o_dense.bias)
+        errors["row"] = float((o_row(got_q, kernels) - o_dense(want[0], kernels)).abs().max())
+        # vocabulary-parallel embedding and LM head, an odd vocabulary (the last shard padded)
+        vocab, shard = 11, 6
+        table = torch.randn(vocab, hidden, generator=gen)
+        embed = VocabParallelEmbedding(vocab, hidden, tp, rank * shard, shard)  # type: ignore[arg-type]
+        embed.weight.copy_(embed.rank_part("weight", table, None))
+        ids = torch.randint(0, vocab, (9,), generator=gen)
+        errors["embedding"] = float((embed(ids) - table[ids]).abs().max())
+        head = ParallelLMHead(vocab, hidden, tp, rank * shard, shard)  # type: ignore[arg-type]
+        head.weight.copy_(head.rank_part("weight", table, None))
+        logits = LogitGather(tp, vocab)(head(x, kernels))  # type: ignore[arg-type]
+        errors["lm head"] = float((logits - x @ table.T).abs().max())
+    return errors
+
+
+def _run_case(args: ServerArgs, tp: object, prompts: list[list[int]], sampled: bool) -> dict:
+    """Greedy (with logprobs) and, if ``sampled``, seeded sampling of ``prompts``."""
+    from engine.worker import Worker
+    from protocol.messages import SamplingParams
+    from tests.unit.engine.engine_driver import driver_for, greedy
+
+    worker = Worker.create(args, tp=tp)  # type: ignore[arg-type]
+    plain = [greedy(MAX_NEW, return_logprob=True) for _ in prompts]
+    greedy_reqs = driver_for(worker).generate(prompts, plain)
+    seeded = [SamplingParams(max_new_tokens=MAX_NEW, temperature=0.9, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    sampled_reqs = driver_for(worker).generate(prompts, seeded) if sampled else []
+    return {
+        "greedy": [r.outputs for r in greedy_reqs],
+        "logprobs": [r.logprobs for r in greedy_reqs],
+        "sampled": [r.outputs for r in sampled_reqs],
+        "pages": worker.num_pages,
+    }
+
+
+def _rank_main(world: int, store: str, out_dir: str, rank: int, cases: dict[str, dict]) -> None:
+    from engine.parallel.group import close_tensor_parallel, init_tensor_parallel
+    from engine.weights import model_config
+    from protocol.model_source import resolve_model
+    from tests.unit.engine.engine_driver import small_args
+
+    torch.set_num_threads(1)
+    first = next(iter(cases.values()))["model_path"]
+    cfg = model_config(resolve_model(first))
+    tp = init_tensor_parallel(cfg, world, rank, store, torch.device("cpu"), timeout_s=CHILD_TIMEOUT_S)
+    results: dict = {"layers": _layer_errors(tp) if world == 2 else {}, "cases": {}}
+    for name, case in cases.items():
+        overrides = dict(case)
+        prompts = PROMPTS[: overrides.pop("num_prompts", len(PROMPTS))]
+        sampled = overrides.pop("sampled", True)
+        args = small_args(tp_size=world, **overrides)
+        check_splittable(model_config(resolve_model(args.model_path)), world)
+        result = _run_case(args, tp, prompts, sampled)
+        if rank == 0:
+            unsharded = _run_case(small_args(**overrides), _single_rank(), prompts, sampled=False)
+            result |= {f"unsharded_{k}": v for k, v in unsharded.items()}
+        results["cases"][name] = result
+    close_tensor_parallel(tp)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _single_rank() -> object:
+    from engine.parallel.group import SINGLE_RANK
+
+    return SINGLE_RANK
+
+
+if __name__ == "__main__":
+    _rank_main(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5]))

@@ -1,0 +1,239 @@
+"""nixl backend specifics: page descriptors, one-sided writes between two processes (the decode
+side's pump drives UCX progress), a decode process killed mid-room, a failing WRITE that drops
+and heals the link, malformed registrations, idle CPU, and the error without the package. The
+KVSender / KVReceiver contract itself runs over nixl in ``test_contract.py``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvtransfer import TransferConfig, TransferState, make_backend
+from kvtransfer import nixl_agent as nixl_agent_module
+from kvtransfer.nixl_agent import NixlUnavailable, page_indices, page_rows
+from tests import REPO_ROOT
+from tests.unit.kvtransfer.kv_helpers import (
+    FAST,
+    NEEDS_NIXL,
+    NUM_PAGES,
+    connect,
+    layout,
+    pages_equal,
+    pool,
+    prefill_child,
+    wait_results,
+    wait_state,
+)
+
+SLOW_START = TransferConfig.uniform(30.0, heartbeat_interval=0.05, heartbeat_timeout=2.0)
+IDLE = TransferConfig.uniform(5.0, heartbeat_interval=0.5, heartbeat_timeout=5.0)
+
+PREFILL_CHILD = prefill_child("nixl")
+
+STALLING_PREFILL_CHILD = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from kvtransfer import make_backend
+from tests.unit.kvtransfer.kv_helpers import FAST, layout, pool
+sender = make_backend("nixl", "prefill", layout("nixl"), *pool(seed=0), address=sys.argv[1], config=FAST)
+sender.add_room(6)
+sender.send(6, [1], [10])
+print("sent", flush=True)
+time.sleep(600)
+"""
+
+DECODE_CHILD = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from kvtransfer import make_backend
+from tests.unit.kvtransfer.kv_helpers import FAST, layout, pool
+receiver = make_backend("nixl", "decode", layout("nixl"), *pool(), config=FAST)
+receiver.expect(9, receiver.register(sys.argv[1], timeout=60), [2, 3])
+print("expecting", flush=True)
+time.sleep(600)
+"""
+
+
+def test_page_descriptors_are_every_page_of_every_array_array_major() -> None:
+    addresses, num_pages, page_bytes = [1 << 20, 5 << 20, 9 << 20], 6, 256
+    rows = page_rows(addresses, num_pages, page_bytes, device_id=3)
+    expected = [(a + p * page_bytes, page_bytes, 3) for a in addresses for p in range(num_pages)]
+    assert rows.dtype == np.uint64 and [tuple(map(int, r)) for r in rows] == expected
+    pages = [4, 0, 5]
+    idx = page_indices(pages, len(addresses), num_pages)
+    assert idx.dtype == np.int32
+    assert [expected[i][0] for i in idx] == [a + p * page_bytes for a in addresses for p in pages]
+
+
+def test_without_the_package_choosing_nixl_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nixl_agent_module, "NIXL_MODULES", ("pdserve_no_such_nixl",))
+    assert not nixl_agent_module.nixl_available()
+    with pytest.raises(NixlUnavailable, match=r"pip install 'pdserve\[nixl\]'"):
+        make_backend("nixl", "decode", layout("nixl"), *pool(), config=FAST)
+
+
+@NEEDS_NIXL
+def test_pages_move_between_two_processes(tmp_path: Path) -> None:
+    addr = f"ipc://{tmp_path}/kv.sock"
+    child = subprocess.Popen(
+        [sys.executable, "-c", PREFILL_CHILD, addr], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    dst = pool()
+    receiver = make_backend("nixl", "decode", layout("nixl"), *dst, config=FAST)
+    try:
+        peer = receiver.register(addr, timeout=60.0)
+        receiver.expect(5, peer, [10, 11, 12, 13, 14])
+        (done,) = wait_results(receiver, timeout=60.0)
+        assert done.ok and done.first_token == 77
+        assert pages_equal(pool(seed=0), [1, 2, 3, 4, 5], dst, [10, 11, 12, 13, 14])
+        out, _ = child.communicate(timeout=60)
+        assert child.returncode == 0 and out.strip().splitlines()[-1] == "DONE"  # the ack came back
+        assert receiver._pump.busy == 0  # type: ignore[attr-defined]  # polled: no more progress
+    finally:
+        receiver.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@NEEDS_NIXL
+def test_a_prefill_process_killed_mid_room_fails_the_room_on_the_decode_side(tmp_path: Path) -> None:
+    addr = f"ipc://{tmp_path}/kv.sock"
+    child = subprocess.Popen(
+        [sys.executable, "-c", STALLING_PREFILL_CHILD, addr], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    dst = pool()
+    receiver = make_backend("nixl", "decode", layout("nixl"), *dst, config=SLOW_START)
+    try:
+        receiver.expect(6, receiver.register(addr, timeout=60.0), [10, 11])
+        wait_state(receiver, 6, TransferState.TRANSFERRING, timeout=30.0)  # the first page landed
+        assert pages_equal(pool(seed=0), [1], dst, [10])
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        (failed,) = wait_results(receiver, timeout=15.0)
+        assert failed.state is TransferState.FAILED and "stopped answering" in (failed.error or ""), failed
+        assert receiver._pump.busy == 0  # type: ignore[attr-defined]
+    finally:
+        receiver.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@NEEDS_NIXL
+def test_a_decode_process_killed_mid_room_fails_the_room_on_the_prefill_side() -> None:
+    sender = make_backend("nixl", "prefill", layout("nixl"), *pool(seed=0), address="tcp://127.0.0.1:*",
+                          config=SLOW_START)
+    child = subprocess.Popen(
+        [sys.executable, "-c", DECODE_CHILD, sender.address], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "expecting"
+        sender.add_room(9)
+        wait_state(sender, 9, TransferState.WAITING_FOR_INPUT, timeout=30.0)
+        sender.send(9, [1], [2])
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        sender.send(9, [4], [3], first_token=1)
+        (failed,) = wait_results(sender, timeout=15.0)
+        assert failed.state is TransferState.FAILED
+        assert "NIXL WRITE" in (failed.error or "") or "stopped answering" in (failed.error or ""), failed
+    finally:
+        sender.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@NEEDS_NIXL
+def test_a_failing_write_fails_its_room_drops_the_link_and_the_link_heals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = connect("nixl")
+    agent = p.sender._nixl._agent  # type: ignore[attr-defined]
+    real_write = agent.write
+
+    def broken_once(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(agent, "write", real_write)
+        raise RuntimeError("injected UCX endpoint error")
+
+    monkeypatch.setattr(agent, "write", broken_once)
+    try:
+        p.receiver.expect(1, p.peer, [1, 2])
+        p.sender.add_room(1)
+        p.sender.send(1, [3, 4], [1, 2], first_token=5)
+        (failed,) = wait_results(p.sender)
+        assert failed.state is TransferState.FAILED and "injected UCX endpoint error" in (failed.error or "")
+        (failed,) = wait_results(p.receiver)
+        assert failed.state is TransferState.FAILED
+        # The decode side was told (UNREGISTERED), registers again, and the next room moves.
+        deadline, room = time.monotonic() + 10.0, 2
+        while True:
+            p.receiver.expect(room, p.peer, [6])
+            p.sender.add_room(room)
+            p.sender.send(room, [7], [6], first_token=8)
+            (result,) = wait_results(p.receiver)
+            wait_results(p.sender)
+            if result.ok or time.monotonic() > deadline:
+                break
+            room += 1  # the room raced the re-registration: a new one, shortly
+            time.sleep(0.05)
+        assert result.ok and result.first_token == 8
+        assert pages_equal(p.src, [7], p.dst, [6])
+    finally:
+        p.receiver.close()
+        p.sender.close()
+
+
+@NEEDS_NIXL
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({}, "shared no NIXL pool"),
+        ({"nixl": {"agent_metadata": "not bytes"}}, "malformed NIXL pool"),
+        ({"nixl": {"agent_metadata": b"x", "memory": "DRAM", "device_id": 0, "num_pages": 4,
+                   "page_bytes": 1, "addresses": [1]}}, "KV arrays"),
+        ({"nixl": {"agent_metadata": b"x", "memory": "DISK", "device_id": 0, "num_pages": 4,
+                   "page_bytes": 1, "addresses": [1]}}, "memory 'DISK'"),
+    ],
+)
+def test_a_malformed_nixl_registration_is_refused(extra: dict, problem: str) -> None:
+    sender = make_backend("nixl", "prefill", layout("nixl"), *pool(0), address="tcp://127.0.0.1:*",
+                          config=FAST)
+    try:
+        mover = sender._nixl  # type: ignore[attr-defined]
+        with pytest.raises(ValueError, match=problem):
+            mover.open_peer("decode-x", extra)
+        good = dict(agent_metadata=b"garbage", memory="DRAM", device_id=0, num_pages=NUM_PAGES,
+                    page_bytes=mover._agent.page_bytes, addresses=[4096] * mover._agent.num_arrays)
+        with pytest.raises(ValueError, match="could not load the decode side's agent"):
+            mover.open_peer("decode-x", {"nixl": good})
+    finally:
+        sender.close()
+
+
+@NEEDS_NIXL
+def test_idle_sides_burn_no_cpu() -> None:
+    """NIXL's own progress thread (which spins) is off; the pump sleeps while no room is live."""
+    p = connect("nixl", IDLE)
+    try:
+        p.receiver.expect(1, p.peer, [1])
+        p.sender.add_room(1)
+        p.sender.send(1, [2], [1], first_token=3)
+        assert wait_results(p.receiver)[0].ok and wait_results(p.sender)[0].ok
+        start = time.process_time()
+        time.sleep(1.0)
+        idle = time.process_time() - start
+        assert idle < 0.1, f"both sides together used {idle:.3f} s of CPU in 1 s of idling"
+    finally:
+        p.receiver.close()
+        p.sender.close()
