@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from kvtransfer import KVLayout, TransferConfig, TransferState, make_backend, page_bytes
+from kvtransfer import KVLayout, TransferConfig, TransferState, make_backend
 from kvtransfer.nixl_agent import CPU_UCX_ENV, nixl_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens:
         shape = replace(shape, tokens=args.tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    request_bytes = page_bytes(shape.layout("zmq")) * shape.pages
+    request_bytes = shape.layout("zmq").page_bytes * shape.pages
     report = Report(device, asdict(shape), request_bytes, d2d_copy_gbps(request_bytes, device))
     with tempfile.TemporaryDirectory(prefix="pdserve-kvbench-") as workdir:
         for backend in args.backends.split(","):

@@ -24,7 +24,7 @@ from kvtransfer.base import (
     TransferError,
     TransferState,
 )
-from kvtransfer.layout import check_caches, check_peer_layout, layout_from_caches, page_bytes, torch_dtype
+from kvtransfer.layout import check_caches, check_peer_layout, layout_from_caches, torch_dtype
 from protocol.dataplane import KVLayout
 
 BACKENDS = ("zmq", "cuda_ipc", "nixl", "fake")
@@ -46,7 +46,6 @@ __all__ = [
     "check_peer_layout",
     "layout_from_caches",
     "make_backend",
-    "page_bytes",
     "torch_dtype",
 ]
 

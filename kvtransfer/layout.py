@@ -1,5 +1,5 @@
 """The torch side of ``protocol.dataplane.KVLayout``: a worker's layout from its own KV pool,
-the pool checked against a layout, and the byte sizes a layout implies."""
+the pool checked against a layout (its byte sizes: ``KVLayout.page_bytes``)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,6 @@ def layout_from_caches(
 
 def torch_dtype(layout: KVLayout) -> torch.dtype:
     return getattr(torch, layout.dtype)
-
-
-def page_bytes(layout: KVLayout) -> int:
-    """Bytes of one page across all layers, K and V."""
-    elem = torch.empty((), dtype=torch_dtype(layout)).element_size()
-    return 2 * layout.num_layers * layout.page_size * layout.num_kv_heads * layout.head_dim * elem
 
 
 def check_peer_layout(ours: KVLayout, theirs: KVLayout) -> None:

@@ -10,6 +10,7 @@ data plane); ``kvtransfer/link.py`` is the one place that puts them on a socket.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -47,6 +48,21 @@ class KVLayout:
         if name is None:
             return None
         return describe_mismatch(name, getattr(self, name), getattr(theirs, name), ours_label, theirs_label)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page across all layers, K and V."""
+        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes(self.dtype)
+        return per_token * self.page_size
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a torch dtype name (``bfloat16`` → 2, ``float8_e4m3fn`` → 1), read
+    from its bit width: the schedulers, which use it too, never import torch."""
+    bits = re.search(r"\d+", dtype)
+    if bits is None:
+        raise ValueError(f"dtype {dtype!r} names no bit width")
+    return max(int(bits.group()) // 8, 1)
 
 
 def describe_mismatch(field_name: str, ours: Any, theirs: Any, ours_label: str, theirs_label: str) -> str:

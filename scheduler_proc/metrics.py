@@ -10,11 +10,9 @@ carries, and the front end renders it with the instance's name as a label.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from protocol.dataplane import KVLayout
 from protocol.messages import BucketHistogram, InstanceMetrics, WorkerReady
 from scheduler_proc.request import Request
 
@@ -29,22 +27,6 @@ QUEUE_TIME_BUCKETS = (
 KV_TRANSFER_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
-
-
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a torch dtype name (``bfloat16`` → 2, ``float8_e4m3fn`` → 1), read
-    from its bit width: the scheduler never imports torch."""
-    bits = re.search(r"\d+", dtype)
-    if bits is None:
-        raise ValueError(f"dtype {dtype!r} names no bit width")
-    return max(int(bits.group()) // 8, 1)
-
-
-def kv_page_bytes(layout: KVLayout) -> int:
-    """Bytes of one KV page across all layers, K and V (``kvtransfer.layout.page_bytes``, without
-    torch)."""
-    per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * dtype_bytes(layout.dtype)
-    return per_token * layout.page_size
 
 
 @dataclass
@@ -66,7 +48,7 @@ class SchedulerMetrics:
         """A disaggregated worker reports its KV layout, from which a page's bytes follow."""
         if worker.transfer is None:
             return cls()
-        return cls(transfers=True, page_bytes=kv_page_bytes(worker.transfer.layout))
+        return cls(transfers=True, page_bytes=worker.transfer.layout.page_bytes)
 
     def request_ended(self, req: Request) -> None:
         """``req`` ended: its queue time and prefix-cache hit, if it was ever admitted (a request

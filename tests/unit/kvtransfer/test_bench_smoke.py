@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from bench import kvtransfer as bench
-from kvtransfer import page_bytes
 from kvtransfer.nixl_agent import nixl_available
 
 
@@ -19,7 +18,7 @@ def test_tiny_benchmark_moves_and_verifies_the_request(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     (row,) = [r for r in report["rows"] if r["backend"] == "zmq"]
     assert row["verified"] and row["reps"] == 1 and row["gbps"] > 0
-    assert report["request_bytes"] == bench.TINY.pages * page_bytes(bench.TINY.layout("zmq"))
+    assert report["request_bytes"] == bench.TINY.pages * bench.TINY.layout("zmq").page_bytes
     nixl_rows = [r for r in report["rows"] if r["backend"] == "nixl"]
     if nixl_available():
         assert [(r["verified"], r["gbps"] > 0) for r in nixl_rows] == [(True, True)]

@@ -18,7 +18,6 @@ from kvtransfer import (
     check_peer_layout,
     layout_from_caches,
     make_backend,
-    page_bytes,
 )
 from kvtransfer.rooms import RoomTable
 from protocol.codec import decode, encode
@@ -173,7 +172,7 @@ def test_layout_checks_the_local_pool() -> None:
 
 def test_page_bytes_counts_every_layer_k_and_v() -> None:
     llama8b = KVLayout("llama", 32, 16, 8, 128, "bfloat16", "zmq")
-    assert page_bytes(llama8b) * 256 == 512 << 20  # 4096 tokens = 512 MiB
+    assert llama8b.page_bytes * 256 == 512 << 20  # 4096 tokens = 512 MiB
 
 
 def test_make_backend_rejects_bad_arguments() -> None:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtransfer.layout import page_bytes
-from protocol.dataplane import KVLayout
+from protocol.dataplane import KVLayout, dtype_bytes
 from protocol.messages import (
     AbortRequest,
     InstanceMetrics,
@@ -18,7 +17,7 @@ from protocol.messages import (
     decode,
     encode,
 )
-from scheduler_proc.metrics import QUEUE_TIME_BUCKETS, SchedulerMetrics, dtype_bytes, kv_page_bytes
+from scheduler_proc.metrics import QUEUE_TIME_BUCKETS, SchedulerMetrics
 from scheduler_proc.request import ReqState
 from tests.fakes.disagg import Cluster, fake_layout
 from tests.fakes.scheduler import (
@@ -44,7 +43,8 @@ def metrics_of(core) -> InstanceMetrics:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_page_bytes_without_torch_match_the_data_plane(dtype):
     layout = KVLayout("m", num_layers=3, page_size=16, num_kv_heads=2, head_dim=8, dtype=dtype, backend="x")
-    assert kv_page_bytes(layout) == page_bytes(layout)
+    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    assert layout.page_bytes == 2 * 3 * 16 * 2 * 8 * elem  # what the data plane's torch tensors hold
     assert dtype_bytes(dtype) == torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
@@ -121,7 +121,7 @@ def cluster(**kw) -> Cluster:
 def test_a_transfer_counts_its_bytes_and_time_on_both_sides():
     c = cluster()
     p, d = c.prefills[0].core, c.decodes[0].core
-    per_page = kv_page_bytes(fake_layout(c.prefills[0].worker.ready()))
+    per_page = fake_layout(c.prefills[0].worker.ready()).page_bytes
     assert per_page == 2 * 1 * 4 * 1 * 4 * 4  # K and V, 1 layer, page of 4, 1 head of 4, float32
     c.submit("a", PROMPT, max_new=4)
     c.run()
