@@ -6,8 +6,8 @@ pages), abort rooms, and seed the future-token map of each slot that joins with 
 the prefill side sampled (``NewReq.next_token``), so its first decode step reads it like any
 token this worker sampled itself. Registration with a prefill worker's KV sender
 (``RegisterKVPeer``) runs on a thread of its own, since it waits for the peer's answer; its
-outcome and the room results (with the first token and its logprob) reach the scheduler
-through a forwarder with its own socket. A data-plane link lost later registers again by
+outcome, the room results (with the first token and its logprob) and the link states reach the
+scheduler through ``kvtransfer.notifier.Notifier``. A data-plane link lost later registers again by
 itself (``kvtransfer.links``); the scheduler need not ask again.
 """
 
@@ -17,17 +17,13 @@ import logging
 import threading
 from typing import cast
 
-import zmq
-
 from engine.parallel.ranks import refuse_tensor_parallel
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import KVReceiver, TransferConfig, TransferError, layout_from_caches, make_backend
-from protocol import transport
+from kvtransfer.notifier import Notifier
 from protocol.config import WorkerConfig
 from protocol.messages import (
-    KVLinkStates,
     KVPeerRegistered,
-    Message,
     RegisterKVPeer,
     StepBatch,
     StepResult,
@@ -37,39 +33,6 @@ from protocol.messages import (
 
 logger = logging.getLogger("pdserve.decode_worker")
 
-RESULT_POLL_S = 0.1  # the forwarder's wait per poll (bounds how long stopping it takes)
-
-
-class Notifier:
-    """Messages to the scheduler from threads other than the step loop: room results (polled
-    from the receiver here) and registration outcomes (``notify``), on one locked socket."""
-
-    def __init__(self, ctx: zmq.Context, result_addr: str, receiver: KVReceiver) -> None:
-        self._sock = transport.connect(ctx, zmq.PUSH, result_addr)
-        self._lock = threading.Lock()
-        self._receiver = receiver
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kv-results", daemon=True)
-        self._thread.start()
-
-    def notify(self, msg: Message) -> None:
-        with self._lock:
-            transport.send(self._sock, msg)
-
-    def _run(self) -> None:
-        links: dict[str, str] = {}
-        while not self._stop.is_set():
-            for r in self._receiver.poll(RESULT_POLL_S):
-                self.notify(TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob))
-            if (now := self._receiver.link_states()) != links:
-                links = now
-                self.notify(KVLinkStates(links))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-        with self._lock:
-            self._sock.close(linger=RESULT_LINGER_MS)
 
 
 class DecodeWorker:
@@ -135,7 +98,7 @@ def run_decode_worker(cfg: WorkerConfig) -> None:
     with worker_process(cfg) as proc:
         worker, receiver = proc.start(lambda: start_decode(cfg))
         receiver = proc.closing(receiver)
-        notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, receiver))
+        notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, receiver, RESULT_LINGER_MS))
         proc.announce_ready(worker.ready_message(TransferEndpoint(receiver.layout)))
         dw = DecodeWorker(worker, receiver, notifier, cfg.args.transfer_timeout)
         proc.serve(StepHooks(dw.step, after_step=dw.take_refused, handlers={RegisterKVPeer: dw.register}))

@@ -6,30 +6,25 @@ forward that wrote them, on its own stream) while this thread runs the next step
 chunk's transfer overlaps the next chunk's compute. The last send of a room carries the token
 this step sampled for it, with its logprob whenever the step computed logprobs (a row asked
 for them). Room results (the decode side acknowledged every page, or the room
-failed) reach the scheduler as ``TransferResult`` from a forwarder thread with its own socket.
+failed) and link states reach the scheduler from ``kvtransfer.notifier.Notifier``'s thread.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import cast
-
-import zmq
 
 from engine.parallel.ranks import refuse_tensor_parallel
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, layout_from_caches, make_backend
+from kvtransfer.notifier import Notifier
 from prefill_worker.faults import with_faults
-from protocol import transport
 from protocol.config import WorkerConfig
 from protocol.dataplane import TokenLogprob
 from protocol.faults import Faults
-from protocol.messages import KVLinkStates, StepBatch, StepResult, TransferEndpoint, TransferResult
+from protocol.messages import StepBatch, StepResult, TransferEndpoint, TransferResult
 
 logger = logging.getLogger("pdserve.prefill_worker")
-
-RESULT_POLL_S = 0.1  # the forwarder's wait per poll (bounds how long stopping it takes)
 
 
 def transfer_address(cfg: WorkerConfig) -> str:
@@ -46,32 +41,6 @@ def transfer_address(cfg: WorkerConfig) -> str:
 
 def kv_layout(worker: Worker, backend: str) -> KVLayout:
     return layout_from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)
-
-
-class ResultForwarder:
-    """Forwards the data plane's room results to the scheduler from a thread of its own."""
-
-    def __init__(self, ctx: zmq.Context, result_addr: str, side: KVSender) -> None:
-        self._sock = transport.connect(ctx, zmq.PUSH, result_addr)
-        self._side = side
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kv-results", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        links: dict[str, str] = {}
-        while not self._stop.is_set():
-            for r in self._side.poll(RESULT_POLL_S):
-                result = TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob)
-                transport.send(self._sock, result)
-            if (now := self._side.link_states()) != links:
-                links = now
-                transport.send(self._sock, KVLinkStates(links))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-        self._sock.close(linger=RESULT_LINGER_MS)
 
 
 def token_logprob(result: StepResult, row: int) -> TokenLogprob | None:
@@ -144,7 +113,7 @@ def run_prefill_worker(cfg: WorkerConfig) -> None:
         sender = proc.closing(sender)
         if (faulty := with_faults(sender, faults, cfg.name)) is not sender:
             sender = proc.closing(faulty)  # closed first: its queued sends still leave
-        proc.closing(ResultForwarder(proc.ctx, cfg.addrs.result_addr, sender))
+        proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, sender, RESULT_LINGER_MS))
         proc.announce_ready(worker.ready_message(TransferEndpoint(sender.layout, sender.address)))
         pw = PrefillWorker(worker, sender)
         proc.serve(StepHooks(pw.step, after_step=pw.take_refused))

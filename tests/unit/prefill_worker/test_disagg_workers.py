@@ -10,9 +10,10 @@ import pytest
 import torch
 import zmq
 
-from decode_worker.worker import DecodeWorker, Notifier
+from decode_worker.worker import DecodeWorker
 from engine.worker import Worker
 from kvtransfer import TransferConfig, layout_from_caches, make_backend
+from kvtransfer.notifier import Notifier
 from prefill_worker.worker import PrefillWorker
 from protocol import transport
 from protocol.config import EMBEDDED
@@ -54,7 +55,7 @@ def workers():
             config = TransferConfig.from_args(args)
             sides.append(make_backend("fake", role, layout, pool.k, pool.v, config=config, **kw))
         sender, receiver = sides
-        notifier = Notifier(ctx, results_addr, receiver)
+        notifier = Notifier(ctx, results_addr, receiver, linger_ms=0)
         yield (
             PrefillWorker(prefill, sender),
             DecodeWorker(decode, receiver, notifier, register_timeout=args.transfer_timeout),
