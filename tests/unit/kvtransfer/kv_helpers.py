@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ import torch
 
 from kvtransfer import KVLayout, KVReceiver, KVSender, RoomResult, TransferConfig, TransferState, make_backend
 from kvtransfer.nixl_agent import nixl_available
+from tests import REPO_ROOT
 
 NUM_LAYERS, NUM_PAGES, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM = 2, 16, 4, 2, 8
 FAST = TransferConfig.uniform(5.0, heartbeat_interval=0.05, heartbeat_timeout=1.0)
@@ -111,3 +114,17 @@ while not results:
 print(results[0].state.name, flush=True)
 sender.close()
 """
+
+
+def spawn_child(script: str, arg: str) -> subprocess.Popen:
+    """``script`` (one of the ``*_CHILD`` programs) in a process of its own, ``arg`` its argument,
+    its stdout readable as text."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, arg], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+
+
+def stop_child(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import pytest
 from kvtransfer import TransferConfig, TransferState, make_backend
 from kvtransfer import nixl_agent as nixl_agent_module
 from kvtransfer.nixl_agent import NixlUnavailable, page_indices, page_rows
-from tests import REPO_ROOT
 from tests.unit.kvtransfer.kv_helpers import (
     FAST,
     NEEDS_NIXL,
@@ -28,6 +25,8 @@ from tests.unit.kvtransfer.kv_helpers import (
     pages_equal,
     pool,
     prefill_child,
+    spawn_child,
+    stop_child,
     wait_results,
     wait_state,
 )
@@ -84,9 +83,7 @@ def test_without_the_package_choosing_nixl_says_how_to_install_it(monkeypatch: p
 @NEEDS_NIXL
 def test_pages_move_between_two_processes(tmp_path: Path) -> None:
     addr = f"ipc://{tmp_path}/kv.sock"
-    child = subprocess.Popen(
-        [sys.executable, "-c", PREFILL_CHILD, addr], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
-    )
+    child = spawn_child(PREFILL_CHILD, addr)
     dst = pool()
     receiver = make_backend("nixl", "decode", layout("nixl"), *dst, config=FAST)
     try:
@@ -100,17 +97,13 @@ def test_pages_move_between_two_processes(tmp_path: Path) -> None:
         assert receiver._pump.busy == 0  # type: ignore[attr-defined]  # polled: no more progress
     finally:
         receiver.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        stop_child(child)
 
 
 @NEEDS_NIXL
 def test_a_prefill_process_killed_mid_room_fails_the_room_on_the_decode_side(tmp_path: Path) -> None:
     addr = f"ipc://{tmp_path}/kv.sock"
-    child = subprocess.Popen(
-        [sys.executable, "-c", STALLING_PREFILL_CHILD, addr], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
-    )
+    child = spawn_child(STALLING_PREFILL_CHILD, addr)
     dst = pool()
     receiver = make_backend("nixl", "decode", layout("nixl"), *dst, config=SLOW_START)
     try:
@@ -124,18 +117,14 @@ def test_a_prefill_process_killed_mid_room_fails_the_room_on_the_decode_side(tmp
         assert receiver._pump.busy == 0  # type: ignore[attr-defined]
     finally:
         receiver.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        stop_child(child)
 
 
 @NEEDS_NIXL
 def test_a_decode_process_killed_mid_room_fails_the_room_on_the_prefill_side() -> None:
     sender = make_backend("nixl", "prefill", layout("nixl"), *pool(seed=0), address="tcp://127.0.0.1:*",
                           config=SLOW_START)
-    child = subprocess.Popen(
-        [sys.executable, "-c", DECODE_CHILD, sender.address], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
-    )
+    child = spawn_child(DECODE_CHILD, sender.address)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "expecting"
         sender.add_room(9)
@@ -149,9 +138,7 @@ def test_a_decode_process_killed_mid_room_fails_the_room_on_the_prefill_side() -
         assert "NIXL WRITE" in (failed.error or "") or "stopped answering" in (failed.error or ""), failed
     finally:
         sender.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        stop_child(child)
 
 
 @NEEDS_NIXL

@@ -3,8 +3,6 @@ pages a remote writer may still touch are reported only after it acknowledges (o
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +28,6 @@ from protocol.dataplane import (
     KVUnregistered,
     TokenLogprob,
 )
-from tests import REPO_ROOT
 from tests.unit.kvtransfer.kv_helpers import (
     FAST,
     connect,
@@ -38,6 +35,8 @@ from tests.unit.kvtransfer.kv_helpers import (
     pages_equal,
     pool,
     prefill_child,
+    spawn_child,
+    stop_child,
     wait_results,
     wait_state,
 )
@@ -50,9 +49,7 @@ PREFILL_CHILD = prefill_child("zmq")
 
 def test_pages_move_between_two_processes(tmp_path: Path) -> None:
     addr = f"ipc://{tmp_path}/kv.sock"
-    child = subprocess.Popen(
-        [sys.executable, "-c", PREFILL_CHILD, addr], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
-    )
+    child = spawn_child(PREFILL_CHILD, addr)
     dst = pool()
     receiver = make_backend("zmq", "decode", layout("zmq"), *dst, config=FAST)
     try:
@@ -65,9 +62,7 @@ def test_pages_move_between_two_processes(tmp_path: Path) -> None:
         assert child.returncode == 0 and out.strip() == "DONE"  # the ack reached the sender
     finally:
         receiver.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        stop_child(child)
 
 
 def test_registration_with_a_bad_address_fails_at_once() -> None:
