@@ -29,6 +29,7 @@ logger = logging.getLogger("pdserve.worker")
 
 MIN_GROUP_TIMEOUT_S = 600.0  # longest a collective may wait (start-up: the ranks load the model at once)
 LOOPBACK_INTERFACE = "lo"
+CLOSE_BARRIER_S = 10.0  # how long a closing rank waits for the others to close too
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,6 @@ class TensorParallel:
 
 SINGLE_RANK = TensorParallel()
 
-
 def init_tensor_parallel(
     cfg: ModelConfig, tp_size: int, tp_rank: int, init_method: str, device: torch.device, timeout_s: float
 ) -> TensorParallel:
@@ -168,7 +168,14 @@ def split_cpu_threads(tp: TensorParallel, threads_chosen_by_default: bool) -> No
 
 
 def close_tensor_parallel(tp: TensorParallel) -> None:
+    """Leave the group together: every rank meets the others before tearing its connections
+    down (a gloo rank that destroyed its group while a peer still used theirs aborted at exit).
+    A rank that is gone already is not waited for long."""
     if tp.size > 1 and dist.is_initialized():
+        try:
+            dist.monitored_barrier(tp.control, timeout=datetime.timedelta(seconds=CLOSE_BARRIER_S))
+        except RuntimeError as e:
+            logger.warning("tensor parallel: rank %d leaves without the others: %s", tp.rank, e)
         dist.destroy_process_group()
 
 

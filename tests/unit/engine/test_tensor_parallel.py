@@ -306,11 +306,12 @@ def _rank_main(world: int, store: str, out_dir: str, rank: int, cases: dict[str,
         sampled = overrides.pop("sampled", True)
         args = small_args(tp_size=world, **overrides)
         check_splittable(model_config(resolve_model(args.model_path)), world)
-        result = _run_case(args, tp, prompts, sampled)
+        # rank 0's unsharded run first: the ranks then finish (and close the group) together
+        unsharded = {}
         if rank == 0:
             unsharded = _run_case(small_args(**overrides), _single_rank(), prompts, sampled=False)
-            result |= {f"unsharded_{k}": v for k, v in unsharded.items()}
-        results["cases"][name] = result
+        result = _run_case(args, tp, prompts, sampled)
+        results["cases"][name] = result | {f"unsharded_{k}": v for k, v in unsharded.items()}
     close_tensor_parallel(tp)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
