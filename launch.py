@@ -95,7 +95,8 @@ WORKER_PACKAGES = {Role.UNIFIED: "engine", Role.PREFILL: "prefill_worker", Role.
 def start_instance(
     args: ServerArgs, name: str, role: Role, input_addr: str, directory: str, restart: bool = False
 ) -> list[Child]:
-    """One instance: its worker (a process per tensor-parallel rank) and its scheduler. A
+    """One instance: its worker (a process per tensor-parallel rank) and its scheduler; on a
+    node other than 0 of a multi-node instance (``--node-rank`` > 0), that node's ranks only. A
     restarted instance runs without the injected faults of ``PDSERVE_FAULTS`` (they apply to
     the first incarnation only)."""
     addrs = InstanceAddrs(
@@ -106,11 +107,11 @@ def start_instance(
     worker = WorkerConfig(args=args, name=name, role=role, addrs=addrs)
     scheduler = SchedulerConfig(args=args, name=name, role=role, addrs=addrs)
     env = {FAULTS_ENV: ""} if restart else None
-    ranks = worker.tensor_parallel_ranks(directory)  # one worker process per --tp-size rank
-    return [
-        *(spawn(rank.process_name, WORKER_PACKAGES[role], rank, env) for rank in ranks),
-        spawn(f"{name}-scheduler", "scheduler_proc", scheduler, env),
-    ]
+    ranks = worker.tensor_parallel_ranks(directory)  # one worker process per --tp-size rank of this node
+    workers = [spawn(rank.process_name, WORKER_PACKAGES[role], rank, env) for rank in ranks]
+    if args.node_rank > 0:
+        return workers
+    return [*workers, spawn(f"{name}-scheduler", "scheduler_proc", scheduler, env)]
 
 
 def supervised_instance(
@@ -155,6 +156,8 @@ def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
         instance = supervised_instance(args, name, Role(mode), addr, directory, policy)
         probe = instance_probe(addr, directory, ClusterKeys.from_dir(args.cluster_key_dir))
         return Deployment(mode, addr, [], probe, directory, instances=[instance])
+    if mode == Mode.UNIFIED and args.node_rank > 0:
+        return start_follower_node(args, directory, policy)
     unified: list[str] = []
     prefill: list[str] = list(ns.prefill)
     decode: list[str] = list(ns.decode)
@@ -183,6 +186,18 @@ def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
     probe = both(frontend_probe(client_addr), http_probe(http_url))
     address = f"{http_url} (ZMQ clients: {client_addr})"
     return Deployment(mode, address, children, probe, directory, frontend, args.drain_timeout, instances)
+
+
+def start_follower_node(args: ServerArgs, directory: str, policy: RestartPolicy) -> Deployment:
+    """Node R > 0 of a multi-node instance (``--nnodes``): its tensor-parallel ranks only (node 0
+    runs the front end, the scheduler and rank 0). They join rank 0 at ``--dist-init-addr``,
+    waiting for it as long as it is away; when rank 0 is gone they exit and are started again
+    (``--max-restarts`` bounds quick failures in a row), so the node stays up until SIGTERM."""
+    instance = supervised_instance(args, "unified0", Role.UNIFIED, "", directory, policy)
+    ranks = args.node_tp_ranks()
+    address = (f"node {args.node_rank} of {args.nnodes}: tensor-parallel ranks {ranks.start}.."
+               f"{ranks.stop - 1} of unified0, rank 0 at {args.dist_init_addr}")
+    return Deployment(Mode.UNIFIED, address, [], lambda: True, directory, instances=[instance])
 
 
 def start_http(args: ServerArgs, ns: argparse.Namespace, frontend_addr: str) -> tuple[str, Child]:

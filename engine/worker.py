@@ -245,7 +245,7 @@ def _allocate_pool(
     host's memory, each takes its share of the budget."""
     cfg = loaded.config
     kv_heads = tp.split(cfg).num_kv_heads if tp.size > 1 else cfg.num_kv_heads
-    share = tp.size if loaded.device.type == "cpu" else 1
+    share = tp.local_size if loaded.device.type == "cpu" else 1
     sizing = PoolSizing(
         page_size=args.page_size,
         bytes_per_token=kv_bytes_per_token(cfg.num_layers, kv_heads, cfg.head_dim, loaded.dtype),
@@ -319,7 +319,14 @@ class WorkerProcess:
 
         Waits in bounded polls, not one blocking receive: the kernel may deliver SIGTERM to any
         thread (zmq's I/O threads, torch's pool), and Python runs the handler only when the main
-        thread comes back to the interpreter, which a receive blocked in libzmq never does."""
+        thread comes back to the interpreter, which a receive blocked in libzmq never does.
+        However it ends, the other ranks are told (``Relay.finish``)."""
+        try:
+            self._serve(hooks, relay)
+        finally:
+            relay.finish()
+
+    def _serve(self, hooks: StepHooks, relay: Relay) -> None:
         while True:
             if not self.step_sock.poll(SIGNAL_CHECK_MS):
                 relay.idle()
@@ -329,6 +336,7 @@ class WorkerProcess:
             msg = decode(frame)
             if isinstance(msg, Shutdown):
                 logger.info("shutdown: %s", msg.reason or "requested")
+                relay.finish(shutdown_relayed=True)
                 return
             if (handle := hooks.handlers.get(type(msg))) is not None:
                 handle(msg)

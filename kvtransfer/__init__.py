@@ -24,8 +24,9 @@ from kvtransfer.base import (
     TransferError,
     TransferState,
 )
+from kvtransfer.kernels import Lander
 from kvtransfer.layout import check_caches, check_peer_layout, layout_from_caches, torch_dtype
-from protocol.dataplane import KVLayout
+from protocol.dataplane import TP_MAPPING_BACKENDS, KVLayout
 
 BACKENDS = ("zmq", "cuda_ipc", "nixl", "fake")
 ROLES = ("prefill", "decode")
@@ -59,9 +60,14 @@ def make_backend(
     *,
     address: str | None = None,
     config: TransferConfig | None = None,
+    pool_layout: KVLayout | None = None,
+    lander: Lander | None = None,
 ) -> KVSender | KVReceiver:
     """The ``role`` side ("prefill" → KVSender bound at ``address``; "decode" → KVReceiver)
-    of backend ``name`` over this worker's KV pool (per-layer ``k_caches`` / ``v_caches``)."""
+    of backend ``name`` over this worker's KV pool (per-layer ``k_caches`` / ``v_caches``).
+    A tensor-parallel instance's rank 0 advertises the instance's ``layout`` over its own pool
+    (``pool_layout``), and its decode side lands pages through ``lander``
+    (``kvtransfer.tp_hub``): only the backends of ``TP_MAPPING_BACKENDS`` can."""
     if name not in BACKENDS:
         raise ValueError(f"unknown KV transfer backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if role not in ROLES:
@@ -70,10 +76,19 @@ def make_backend(
         raise LayoutMismatch("backend", name, layout.backend, "layout")
     if role == "prefill" and not address:
         raise ValueError("the prefill side needs an explicit address to bind (tcp://host:port or ipc://path)")
+    if (pool_layout is not None or lander is not None) and name not in TP_MAPPING_BACKENDS:
+        raise ValueError(
+            f"the {name} KV transfer backend moves one rank's pool only (--tp-size 1); "
+            f"a tensor-parallel instance needs one of {', '.join(TP_MAPPING_BACKENDS)}"
+        )
     sender_cls, receiver_cls = _classes(name)
     if role == "prefill":
-        return sender_cls(layout, k_caches, v_caches, address, config)
-    return receiver_cls(layout, k_caches, v_caches, config)
+        if pool_layout is None:
+            return sender_cls(layout, k_caches, v_caches, address, config)
+        return sender_cls(layout, k_caches, v_caches, address, config, pool_layout=pool_layout)
+    if pool_layout is None and lander is None:
+        return receiver_cls(layout, k_caches, v_caches, config)
+    return receiver_cls(layout, k_caches, v_caches, config, pool_layout=pool_layout, lander=lander)
 
 
 def _classes(name: str) -> tuple[type, type]:

@@ -26,6 +26,8 @@ from protocol.dataplane import KVLayout, TokenLogprob, describe_mismatch
 from protocol.security import ClusterKeys
 
 if TYPE_CHECKING:
+    import torch
+
     from kvtransfer.rooms import RoomTable
 
 log = logging.getLogger("kvtransfer")
@@ -181,9 +183,13 @@ class KVSender(_Side):
         dst_pages: Sequence[int],
         first_token: int | None = None,
         first_logprob: TokenLogprob | None = None,
+        staged: torch.Tensor | None = None,
     ) -> bool:
         """Queue the newly completed pages of ``room`` (``first_token`` marks the last send, and
-        travels with its ``first_logprob`` when the prefill side has it).
+        travels with its ``first_logprob`` when the prefill side has it). ``staged``: the
+        pages already gathered, a host staging buffer of every head the layout advertises (a
+        tensor-parallel instance's ranks gather them together: ``kvtransfer.tp_hub``); only the
+        backends of ``TP_MAPPING_BACKENDS`` take it.
         Returns immediately; on CUDA the pages are read after the work already queued on the
         current stream (the forward that wrote them). Returns False, doing nothing, when the
         room is unknown or final (e.g. it failed a moment ago: its result is in ``poll()``)."""

@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from kvtransfer.base import LayoutMismatch, RegistrationRefused, RoomResult, TransferError, TransferState
-from kvtransfer.kernels import copy_pages_ref
+from kvtransfer.kernels import gather_pages_ref
 from kvtransfer.layout import check_peer_layout
 from kvtransfer.rooms import Room, RoomTable
 from kvtransfer.sides import PoolReceiver, PoolSender
@@ -55,6 +57,7 @@ class _Delivery:
     dst_pages: list[int]
     first_token: int | None
     first_logprob: TokenLogprob | None
+    staged: torch.Tensor | None = None
 
 
 class FakeSender(PoolSender):
@@ -74,6 +77,7 @@ class FakeSender(PoolSender):
         dst_pages: Sequence[int],
         first_token: int | None = None,
         first_logprob: TokenLogprob | None = None,
+        staged: torch.Tensor | None = None,
     ) -> bool:
         with _LOCK:
             entry = self.rooms.live(room)
@@ -83,7 +87,8 @@ class FakeSender(PoolSender):
                 self._fail_both(room, f"injected failure: {self.faults.failures.pop(room)}")
                 return True
             due = time.monotonic() + self.faults.delays.get(room, 0.0)
-            entry.pending.append(_Delivery(due, list(src_pages), list(dst_pages), first_token, first_logprob))
+            delivery = _Delivery(due, list(src_pages), list(dst_pages), first_token, first_logprob, staged)
+            entry.pending.append(delivery)
             if entry.dst_pages is not None:  # announced: the chunk is on its way
                 self.rooms.advance(room, TransferState.TRANSFERRING)
             self._pump()
@@ -150,7 +155,8 @@ class FakeSender(PoolSender):
         problem = _prefixed("prefill side", entry.check_send(d.src_pages, d.dst_pages))
         problem = problem or _prefixed("decode side", target.check_landing(d.dst_pages))
         if problem is None:
-            copy_pages_ref(self.pool, d.src_pages, receiver.pool, d.dst_pages)
+            staging = d.staged if d.staged is not None else gather_pages_ref(self.pool, d.src_pages)
+            receiver.lander.land(d.dst_pages, staging)
             landed = receiver.rooms.land(target, d.dst_pages, d.first_token, d.first_logprob)
             problem = _prefixed("decode side", landed)
         if problem is not None:

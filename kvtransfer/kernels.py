@@ -18,6 +18,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import triton
@@ -290,3 +291,32 @@ class DeviceLane:
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host byte buffer; pinned (from torch's caching host allocator) next to a GPU."""
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
+
+
+class Lander(Protocol):
+    """Where a decode side puts the pages it received: a staging buffer of ``staging_shape``
+    (every layer's K and V of the pages, the heads the layout advertises) into ``dst_pages``."""
+
+    dtype: torch.dtype
+
+    def staging_shape(self, num_pages: int) -> tuple[int, ...]: ...
+
+    def land(self, dst_pages: list[int], staging: torch.Tensor) -> None:
+        """Write ``staging`` (on the host or the pool's device); when it returns, the pages are written."""
+
+
+class PoolLander:
+    """The plain lander: every head of a page goes into this worker's own pool."""
+
+    def __init__(self, pool: PagedCaches) -> None:
+        self.pool = pool
+        self.dtype = pool.dtype
+        self._lane = DeviceLane(pool)
+
+    def staging_shape(self, num_pages: int) -> tuple[int, ...]:
+        return self.pool.staging_shape(num_pages)
+
+    def land(self, dst_pages: list[int], staging: torch.Tensor) -> None:
+        lane = self._lane
+        with lane.running():
+            lane.ops.scatter(lane.pool, dst_pages, staging.to(lane.pool.device, non_blocking=True))

@@ -74,8 +74,10 @@ class IoLoop:
 
     API calls from the worker thread never touch a socket: they queue a command (a callable)
     and wake the thread through an inproc pipe. The thread sleeps in ``zmq.Poller.poll`` until a
-    frame, a command, the next heartbeat or the next deadline of a room in ``rooms``; a room
-    that overstays its state is handed to ``on_expired``.
+    frame, a command, the next heartbeat, the next deadline of a room in ``rooms`` or the time
+    ``on_turn`` last asked for; a room that overstays its state is handed to ``on_expired``.
+    ``on_turn(now)`` runs at the end of every turn (a backend polling transfers it posted) and
+    returns when it next needs a turn, or None.
     """
 
     def __init__(
@@ -85,10 +87,12 @@ class IoLoop:
         on_frames: Callable[[zmq.Socket, list[zmq.Frame]], None],
         on_expired: Callable[[Room], None],
         on_heartbeat: Callable[[float], None],
+        on_turn: Callable[[float], float | None] | None = None,
     ) -> None:
         self.ctx = zmq.Context()
         self._rooms = rooms
         self._on_frames, self._on_expired, self._on_heartbeat = on_frames, on_expired, on_heartbeat
+        self._on_turn = on_turn
         self._interval = rooms.config.heartbeat_interval
         wake_addr = f"inproc://kvtransfer-wake-{next(_instances)}"
         self._wake_rx = socket(self.ctx, zmq.PULL)
@@ -136,7 +140,7 @@ class IoLoop:
         self.ctx.term()
 
     def _run(self) -> None:
-        next_tick = 0.0
+        next_tick, wanted = 0.0, None
         while not self._stopping:
             now = time.monotonic()
             if now >= next_tick:
@@ -144,7 +148,7 @@ class IoLoop:
                 self._guard(self._on_heartbeat, now)
                 next_tick = now + self._interval
             deadline = self._rooms.next_deadline()
-            wake_at = next_tick if deadline is None else min(next_tick, deadline)
+            wake_at = min(t for t in (next_tick, deadline, wanted) if t is not None)
             ready = dict(self._poller.poll(max(0, int((wake_at - now) * 1000)) + 1))
             if self._wake_rx in ready:
                 self._drain_wakeups()
@@ -156,6 +160,17 @@ class IoLoop:
                     self._guard(self._read, sock)
             if deadline is not None and time.monotonic() >= deadline:
                 self._expire(time.monotonic())
+            wanted = self._turn()
+
+    def _turn(self) -> float | None:
+        """``on_turn``'s next wanted turn; a failing ``on_turn`` is logged and asks for none."""
+        if self._on_turn is None:
+            return None
+        try:
+            return self._on_turn(time.monotonic())
+        except Exception:
+            log.exception("kvtransfer I/O thread: on_turn failed")
+            return None
 
     def _expire(self, now: float) -> None:
         for entry in self._rooms.expired(now):

@@ -44,6 +44,7 @@ class Chunk:
     first_token: int | None
     first_logprob: TokenLogprob | None
     ready: torch.cuda.Event | None
+    staged: torch.Tensor | None = None  # the pages already gathered (a tensor-parallel instance's)
 
     @property
     def last(self) -> bool:
@@ -73,7 +74,8 @@ class LinkSender(PoolSender):
         self._handlers = {KVRoom: self._on_room, KVAck: self._on_ack, KVAbort: self._on_abort,
                           KVHeartbeat: lambda link, msg: None}
         self._io = link.IoLoop(
-            f"kv-sender-{address}", self.rooms, self._on_frames, self._on_expired, self._on_heartbeat
+            f"kv-sender-{address}", self.rooms, self._on_frames, self._on_expired, self._on_heartbeat,
+            self._on_turn,
         )
         self._router = link.socket(self._io.ctx, zmq.ROUTER, keys=self.rooms.config.keys, serve=True)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted decode worker keeps its name
@@ -91,15 +93,16 @@ class LinkSender(PoolSender):
         dst_pages: Sequence[int],
         first_token: int | None = None,
         first_logprob: TokenLogprob | None = None,
+        staged: torch.Tensor | None = None,
     ) -> bool:
         if self.rooms.live(room) is None:
             return False
         ready = None
-        if self._cuda:
+        if self._cuda and staged is None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.pool.device))
         src, dst = [int(p) for p in src_pages], [int(p) for p in dst_pages]
-        self._io.submit(self._send_chunk, Chunk(room, src, dst, first_token, first_logprob, ready))
+        self._io.submit(self._send_chunk, Chunk(room, src, dst, first_token, first_logprob, ready, staged))
         return True
 
     def abort(self, room: int, reason: str = "aborted") -> None:
@@ -134,20 +137,39 @@ class LinkSender(PoolSender):
             log.exception("room %d: transfer failed", entry.room)
             self._fail(entry.room, f"prefill side: transfer failed: {e}")
             return
+        self._send_header(entry, chunk, payload)
+
+    def _send_header(self, entry: Room, chunk: Chunk, payload: list[Any]) -> None:
+        """The chunk's pages are moved (or travel as ``payload``): tell the decode side."""
+        assert entry.peer is not None
         header = link.header(
             KVChunk(entry.room, chunk.dst_pages, chunk.last, chunk.first_token, chunk.first_logprob)
         )
         self._router.send_multipart([entry.peer.encode("latin-1"), header, *payload], copy=False)
         self.rooms.advance(entry.room, TransferState.TRANSFERRING)
 
+    # ---- extension points of backends whose transfers outlive ``transmit`` (nixl) ------
+
+    def _on_turn(self, now: float) -> float | None:
+        """Run by the I/O loop at the end of every turn; returns when it next needs a turn
+        (None: none before the next frame, command, heartbeat or room deadline)."""
+        return None
+
+    def _still_reading(self, room: int) -> bool:
+        """Whether a transfer of ``room`` may still read its source pages (and write the
+        peer's). A room failing meanwhile is held: its result, and the ABORT or ABORT_ACK the
+        peer is due, wait until the backend has stopped the transfer (it then reports the
+        room with ``rooms.release`` and tells the peer)."""
+        return False
+
     def _fail(self, room: int, error: str) -> None:
         entry = self.rooms.live(room)
         if entry is None:
             return
-        peer = entry.peer
-        self.rooms.fail(room, error)
+        peer, held = entry.peer, self._still_reading(room)
+        self.rooms.fail(room, error, hold=held)
         peer_link = self._links.get(peer or "")
-        if peer_link is not None and peer_link.registered:
+        if peer_link is not None and peer_link.registered and not held:
             self._reply(peer_link.peer, KVAbort(room, error))
 
     def _on_room(self, peer_link: Link, msg: KVRoom) -> None:
@@ -169,11 +191,13 @@ class LinkSender(PoolSender):
             self.rooms.advance(msg.room, TransferState.DONE)
 
     def _on_abort(self, peer_link: Link, msg: KVAbort) -> None:
-        # Every page copy of this room already ran to completion on this thread, so the decode
-        # side may reuse its pages as soon as it reads the ABORT_ACK.
+        # Every page copy of this room already ran to completion on this thread (or, for a
+        # transfer still reading, the backend acks once it stopped), so the decode side may
+        # reuse its pages as soon as it reads the ABORT_ACK.
         if self._owns(peer_link.peer, msg.room):
-            self.rooms.fail(msg.room, f"decode side: {msg.reason}")
-        self._reply(peer_link.peer, KVAbortAck(msg.room))
+            self.rooms.fail(msg.room, f"decode side: {msg.reason}", hold=self._still_reading(msg.room))
+        if not self._still_reading(msg.room):
+            self._reply(peer_link.peer, KVAbortAck(msg.room))
 
     def _owns(self, peer: str, room: int) -> bool:
         entry = self.rooms.get(room)
@@ -256,7 +280,7 @@ class LinkSender(PoolSender):
         if tell:
             self._refuse_unregistered(peer_link.peer)
         for entry in self.rooms.rooms_of(peer_link.peer):
-            self.rooms.fail(entry.room, error)
+            self.rooms.fail(entry.room, error, hold=self._still_reading(entry.room))
         self._mover.close_peer(peer_link.peer)
 
     def _reply(self, peer: str, msg: Message) -> None:

@@ -3,10 +3,11 @@ registered with it, page descriptors built by array math, one-sided WRITEs, and 
 that UCX needs on *both* sides of a write.
 
 NIXL's own progress thread is off (``enable_prog_thread=False``: it spins, about 0.4 of a core
-while idle). Progress is driven instead by the side that waits: the writer polls its transfer
-to completion (``write``), and the target's ``Pump`` polls the agent only while the receiver
-may be written to, sleeping ``PUMP_INTERVAL_S`` between polls and blocking on a condition when
-idle (no CPU). Without target-side progress a WRITE over UCX's tcp transport never completes.
+while idle). Progress is driven instead by the two sides: the writer posts a WRITE without
+waiting (``post_write``) and polls it (``write_state``, never blocking) from its I/O loop, and
+the target's ``Pump`` polls the agent only while the receiver may be written to, sleeping
+``PUMP_INTERVAL_S`` between polls and blocking on a condition when idle (no CPU). Without
+target-side progress a WRITE over UCX's tcp transport never completes.
 
 On CPU pools the backend restricts UCX to ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` (same-host
 deployments) unless the user set them; set them for a CPU deployment across hosts. Device pools
@@ -36,8 +37,7 @@ NIXL_MODULES = ("nixl_cu12", "nixl_cu13", "nixl")  # the wheels' import names, m
 CPU_UCX_ENV = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
 QUIET_ENV = {"NIXL_LOG_LEVEL": "WARN"}  # its INFO lines go to stdout, which children may use
 PUMP_INTERVAL_S = 0.0002
-WAIT_SPIN_POLLS = 200  # polls before a waiting writer starts to sleep between polls
-WAIT_SLEEP_S = 0.0001
+IN_PROGRESS, DONE = "PROC", "DONE"  # NIXL's transfer states; anything else is an error
 
 
 class NixlUnavailable(TransferError, ImportError):
@@ -132,37 +132,30 @@ class Agent:
         descs.release()
         self._agent.remove_remote_agent(name)
 
-    def write(self, peer: str, descs: Any, local: np.ndarray, remote: np.ndarray, timeout: float) -> None:
-        """WRITE local descriptor rows ``local`` into the peer's rows ``remote`` and wait until it
-        completes (UCX flushes: the data is in the peer's memory). Raises on error or timeout."""
+    def post_write(self, peer: str, descs: Any, local: np.ndarray, remote: np.ndarray) -> Any:
+        """Post a WRITE of local descriptor rows ``local`` into the peer's rows ``remote`` and
+        return at once: its handle, to poll with ``write_state`` and give back with ``release``.
+        Raises TransferError (the handle released) if NIXL cannot prepare or post it."""
         try:
             handle = self._agent.make_prepped_xfer("WRITE", self._local, local, descs, remote)
         except Exception as e:  # NIXL's errors derive from Exception only
             raise TransferError(f"NIXL could not prepare a WRITE to {peer}: {e}") from None
         try:
-            state = self._wait(handle, timeout)
+            state = self._agent.transfer(handle)
         except Exception as e:  # e.g. NIXL_ERR_REMOTE_DISCONNECT: the peer process is gone
             state = str(e) or type(e).__name__
-        finally:
-            _release(handle)
-        if state == "PROC":
-            raise TransferError(f"NIXL WRITE to {peer} did not complete within {timeout:.1f}s")
-        if state != "DONE":
-            raise TransferError(f"NIXL WRITE to {peer} failed ({state}): the peer died or dropped us")
+        if state not in (IN_PROGRESS, DONE):
+            release(handle)
+            raise TransferError(write_failure(peer, state))
+        return handle
 
-    def _wait(self, handle: Any, timeout: float) -> str:
-        """Post the transfer and poll it (driving UCX) until it is no longer in progress or
-        ``timeout`` passes: spinning at first, then sleeping briefly between polls."""
-        state = self._agent.transfer(handle)
-        deadline, polls = time.monotonic() + timeout, 0
-        while state == "PROC":
-            polls += 1
-            if polls > WAIT_SPIN_POLLS:
-                if time.monotonic() > deadline:
-                    return state
-                time.sleep(WAIT_SLEEP_S)
-            state = self._agent.check_xfer_state(handle)
-        return state
+    def write_state(self, handle: Any) -> str:
+        """``DONE`` (UCX flushed: the data is in the peer's memory), ``PROC`` (in progress), or
+        what went wrong. Never blocks; each call also drives UCX's progress on this side."""
+        try:
+            return str(self._agent.check_xfer_state(handle))
+        except Exception as e:  # e.g. NIXL_ERR_REMOTE_DISCONNECT
+            return str(e) or type(e).__name__
 
     def progress(self) -> None:
         """Let UCX move the data that peers write here (polling notifications drives it)."""
@@ -173,18 +166,26 @@ class Agent:
         if self._closed:
             return
         self._closed = True
-        _release(self._local)
+        release(self._local)
         try:
             self._agent.deregister_memory(self._registered)
         except Exception as e:  # closing must not raise; the process may be going away
             log.warning("NIXL agent %s: deregistering the KV pool failed: %s", self.name, e)
 
 
-def _release(handle: Any) -> None:
+def release(handle: Any) -> bool:
+    """Give a NIXL handle back; a transfer still in progress is cancelled. False when NIXL
+    refuses (a transfer it cannot cancel: it must be polled until it stops, then released)."""
     try:
         handle.release()
-    except Exception as e:  # a transfer NIXL cannot cancel: the agent's teardown frees it
+    except Exception as e:
         log.warning("NIXL could not release %r: %s", handle, e)
+        return False
+    return True
+
+
+def write_failure(peer: str, state: str) -> str:
+    return f"NIXL WRITE to {peer} failed ({state}): the peer died or dropped us"
 
 
 class Pump:

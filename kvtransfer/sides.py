@@ -1,6 +1,10 @@
 """What every backend's sender and receiver set up the same way: the worker's own KV pool,
 checked against the layout, and the room table. Each backend adds only its transport, started
-by the ``_bind`` / ``_start`` hook at the end of construction."""
+by the ``_bind`` / ``_start`` hook at the end of construction.
+
+A side of a tensor-parallel instance advertises the instance's ``layout`` (every rank's KV heads)
+while its own pool holds rank 0's (``pool_layout``); a decode side's ``lander`` puts each landed
+page's heads where they belong (``kvtransfer.tp_hub``)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from kvtransfer.base import KVReceiver, KVSender, TransferConfig, TransferState
-from kvtransfer.kernels import PagedCaches
+from kvtransfer.kernels import Lander, PagedCaches, PoolLander
 from kvtransfer.layout import check_caches
 from kvtransfer.rooms import RoomTable
 from protocol.dataplane import KVLayout
@@ -28,9 +32,11 @@ class _PoolSide:
         k_caches: Sequence[torch.Tensor],
         v_caches: Sequence[torch.Tensor],
         config: TransferConfig | None,
+        pool_layout: KVLayout | None = None,
     ) -> None:
-        """Check the pool (per-layer ``k_caches`` / ``v_caches``) against ``layout``; keep it."""
-        check_caches(layout, k_caches, v_caches)
+        """Check the pool (per-layer ``k_caches`` / ``v_caches``) against ``pool_layout`` (by
+        default ``layout``, the one advertised); keep it."""
+        check_caches(pool_layout or layout, k_caches, v_caches)
         self.layout = layout
         self.pool = PagedCaches(k_caches, v_caches)
         self.rooms = RoomTable(config or TransferConfig())
@@ -46,8 +52,9 @@ class PoolSender(_PoolSide, KVSender):
         v_caches: Sequence[torch.Tensor],
         address: str,
         config: TransferConfig | None = None,
+        pool_layout: KVLayout | None = None,
     ) -> None:
-        self._own_pool(layout, k_caches, v_caches, config)
+        self._own_pool(layout, k_caches, v_caches, config, pool_layout)
         self.address = self._bind(address)
 
     @abstractmethod
@@ -68,8 +75,11 @@ class PoolReceiver(_PoolSide, KVReceiver):
         v_caches: Sequence[torch.Tensor],
         config: TransferConfig | None = None,
         name: str | None = None,
+        pool_layout: KVLayout | None = None,
+        lander: Lander | None = None,
     ) -> None:
-        self._own_pool(layout, k_caches, v_caches, config)
+        self._own_pool(layout, k_caches, v_caches, config, pool_layout)
+        self.lander = lander or PoolLander(self.pool)
         self.name = name or f"decode-{uuid.uuid4().hex[:12]}"
         self._start()
 

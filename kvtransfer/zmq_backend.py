@@ -6,17 +6,21 @@ frame without copying it (``copy=False``). Decode: the frame is copied once into
 buffer, moved to the device and scattered into the destination pages by one kernel. On CPU
 pools the staging buffer itself is the payload. Device work runs on the I/O thread's own CUDA
 stream, ordered after the forward that wrote the pages by an event recorded at ``send``.
+
+A tensor-parallel instance's rank 0 sends the staging buffer its ranks gathered (``Chunk.staged``,
+on the host) as it is, and lands what it receives through its ``Lander`` (``kvtransfer.tp_hub``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 import zmq
 
-from kvtransfer.kernels import DeviceLane, PagedCaches
+from kvtransfer.kernels import DeviceLane, Lander, PagedCaches
 from kvtransfer.link_receiver import LinkReceiver
 from kvtransfer.link_sender import Chunk, LinkSender
 
@@ -34,6 +38,8 @@ class ZmqSenderMover:
     def transmit(self, peer: str, chunk: Chunk) -> list[Any]:
         if not chunk.src_pages:
             return []
+        if chunk.staged is not None:  # already gathered (every rank's heads), on the host
+            return [chunk.staged.reshape(-1).view(torch.uint8).numpy()]
         lane = self._lane
         with lane.running(after=chunk.ready):
             staging = lane.ops.gather(lane.pool, chunk.src_pages)
@@ -49,8 +55,9 @@ class ZmqSenderMover:
 class ZmqReceiverMover:
     remote_writes = False
 
-    def __init__(self, pool: PagedCaches) -> None:
+    def __init__(self, pool: PagedCaches, lander: Lander) -> None:
         self._lane = DeviceLane(pool)
+        self._lander = lander
 
     def registration(self) -> dict[str, Any]:
         return {}
@@ -60,16 +67,15 @@ class ZmqReceiverMover:
             if payload:
                 raise ValueError("a chunk without pages carries a payload")
             return
-        lane, pool = self._lane, self._lane.pool
-        nbytes = pool.staging_bytes(len(dst_pages))
+        lander = self._lander
+        shape = lander.staging_shape(len(dst_pages))
+        nbytes = math.prod(shape) * lander.dtype.itemsize
         if len(payload) != 1 or len(payload[0].buffer) != nbytes:
             got = sum(len(f.buffer) for f in payload)
             raise ValueError(f"payload of {got} bytes in {len(payload)} frames; expected {nbytes} in 1")
-        host = lane.host_buffer(nbytes)
+        host = self._lane.host_buffer(nbytes)
         host.numpy()[:] = np.frombuffer(payload[0].buffer, dtype=np.uint8)
-        staging = host.view(pool.dtype).view(pool.staging_shape(len(dst_pages)))
-        with lane.running():
-            lane.ops.scatter(pool, dst_pages, staging.to(pool.device, non_blocking=True))
+        lander.land(dst_pages, host.view(lander.dtype).view(shape))
 
 
 class ZmqSender(LinkSender):
@@ -82,4 +88,5 @@ class ZmqSender(LinkSender):
 class ZmqReceiver(LinkReceiver):
     """Decode side of the zmq backend."""
 
-    mover_class = ZmqReceiverMover
+    def mover_class(self, pool: PagedCaches) -> ZmqReceiverMover:  # type: ignore[override]
+        return ZmqReceiverMover(pool, self.lander)

@@ -10,6 +10,7 @@ import os
 
 from launcher.supervisor import RestartPolicy
 from protocol.config import DEFAULT_MODEL_PATH, FlagChoices, Mode, ServerArgs, flag_name
+from protocol.dataplane import TP_MAPPING_BACKENDS
 from protocol.security import KEYGEN_HINT, ClusterKeys
 
 FLAG_HELP = {
@@ -32,7 +33,16 @@ FLAG_HELP = {
     "cpu_omp_threads": "torch threads of a CPU worker (default: physical cores minus 1, or minus 2 from "
     "8 cores, at least 1; env PDSERVE_CPU_OMP_THREADS)",
     "tp_size": "tensor-parallel ranks of an instance, one worker process each (NCCL on CUDA, gloo on "
-    "the CPU); the model's attention heads must divide by it (unified mode only for now)",
+    "the CPU); the model's attention heads must divide by it; a prefill and a decode instance may "
+    "differ in it (--transfer-backend zmq: the KV moves through each instance's rank 0)",
+    "nnodes": "hosts the --tp-size ranks span (unified mode): start launch.py on each with the same "
+    "--tp-size, --nnodes and --dist-init-addr and its own --node-rank; node R runs ranks "
+    "[R*tp/nnodes, (R+1)*tp/nnodes); the nodes must share a trusted network (the group is "
+    "unauthenticated)",
+    "node_rank": "this host's index among --nnodes: node 0 runs the whole instance (front end, scheduler, "
+    "HTTP, rank 0), the others only their ranks",
+    "dist_init_addr": "HOST:PORT where rank 0 (node 0) listens for the other ranks, the same on every node; "
+    "needed with --nnodes > 1; HOST must be an address of node 0 (it binds there only)",
     "chunked_prefill_size": "longest prefill chunk per step, in tokens",
     "max_prefill_tokens": "prefill tokens per step, all requests together",
     "max_running_requests": "requests decoding at once",
@@ -148,11 +158,15 @@ def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:
         raise ValueError(f"--port {args.port} is also a ZMQ port of the front end: choose another --zmq-port")
     if ns.max_restarts < 0:
         raise ValueError(f"--max-restarts must be ≥ 0, got {ns.max_restarts}")
-    if args.tp_size > 1 and ns.mode in (Mode.PREFILL, Mode.DECODE, Mode.PD):
+    disaggregated = ns.mode in (Mode.PREFILL, Mode.DECODE, Mode.PD)
+    if args.tp_size > 1 and disaggregated and args.transfer_backend not in TP_MAPPING_BACKENDS:
         raise ValueError(
-            f"--tp-size {args.tp_size} is supported in --mode unified only for now: a disaggregated "
-            "instance's KV transfer moves one rank's pool"
+            f"--tp-size {args.tp_size} with --transfer-backend {args.transfer_backend}: a disaggregated "
+            f"instance of several ranks needs --transfer-backend {' or '.join(TP_MAPPING_BACKENDS)} "
+            "for now (its KV moves through rank 0)"
         )
+    if args.nnodes > 1 and ns.mode != Mode.UNIFIED:
+        raise ValueError(f"--nnodes {args.nnodes} is supported in --mode unified only for now")
     if ns.mode == Mode.PD and (ns.num_prefill < 1 or ns.num_decode < 1):
         raise ValueError("--num-prefill and --num-decode must be at least 1")
     if ns.mode in ADVERTISED_MODES and args.host in WILDCARD_HOSTS:

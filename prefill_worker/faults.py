@@ -8,13 +8,15 @@ import threading
 import time
 from collections.abc import Sequence
 
+import torch
+
 from kvtransfer import KVSender, RoomResult, TransferState
 from protocol.dataplane import TokenLogprob
 from protocol.faults import FAULTS_ENV, Faults
 
 logger = logging.getLogger("pdserve.prefill_worker")
 
-_Send = tuple[int, list[int], list[int], int | None, float | None]
+_Send = tuple[int, list[int], list[int], int | None, TokenLogprob | None, torch.Tensor | None]
 
 
 class DelayedSender(KVSender):
@@ -41,8 +43,9 @@ class DelayedSender(KVSender):
         dst_pages: Sequence[int],
         first_token: int | None = None,
         first_logprob: TokenLogprob | None = None,
+        staged: torch.Tensor | None = None,
     ) -> bool:
-        item = (room, list(src_pages), list(dst_pages), first_token, first_logprob)
+        item = (room, list(src_pages), list(dst_pages), first_token, first_logprob, staged)
         self._queue.put((time.monotonic() + self._delay, item))
         return True
 
@@ -59,7 +62,11 @@ class DelayedSender(KVSender):
         while (item := self._queue.get()) is not None:
             due, send = item
             time.sleep(max(due - time.monotonic(), 0.0))
-            self._sender.send(*send)
+            *args, staged = send
+            if staged is None:
+                self._sender.send(*args)
+            else:
+                self._sender.send(*args, staged=staged)
 
     def close(self) -> None:
         self._queue.put(None)

@@ -7,17 +7,29 @@ chunk's transfer overlaps the next chunk's compute. The last send of a room carr
 this step sampled for it, with its logprob whenever the step computed logprobs (a row asked
 for them). Room results (the decode side acknowledged every page, or the room
 failed) and link states reach the scheduler from ``kvtransfer.notifier.Notifier``'s thread.
+
+With ``--tp-size`` > 1 every rank runs each step, then the ranks gather the pages it sends into
+rank 0's host staging buffers of every KV head (``StagedSends``), which rank 0's sender sends
+as they are (``kvtransfer.tp_hub``); the other ranks are ``run_follower``'s, with that gather
+after each step.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import cast
 
-from engine.parallel.ranks import refuse_tensor_parallel
+import torch
+
+from engine.parallel.group import SINGLE_RANK, ModelSplit, TensorParallel, close_tensor_parallel
+from engine.parallel.ranks import Handlers, join_tensor_parallel, refuse_tensor_parallel, run_follower
+from engine.parallel.steps import gather_to_driver, make_relay
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, layout_from_caches, make_backend
+from kvtransfer.kernels import PagedCaches, page_ops_for
 from kvtransfer.notifier import Notifier
+from kvtransfer.tp_hub import InstanceHeads, instance_layout
 from prefill_worker.faults import with_faults
 from protocol.config import WorkerConfig
 from protocol.dataplane import TokenLogprob
@@ -43,6 +55,41 @@ def kv_layout(worker: Worker, backend: str) -> KVLayout:
     return layout_from_caches(worker.runner.kv_pool.k, model=worker.loaded.name, backend=backend)
 
 
+def instance_heads(worker: Worker, tp: TensorParallel) -> InstanceHeads:
+    """Which KV heads each rank of this worker's instance holds."""
+    cfg = worker.config
+    return InstanceHeads.of_splits(cfg.num_kv_heads, [ModelSplit.of(cfg, tp.size, r) for r in range(tp.size)])
+
+
+class StagedSends:
+    """The pages a step of a tensor-parallel instance sends, gathered from every rank right after
+    the step (one collective per step that sends pages): on rank 0, one host staging buffer of
+    every KV head per send; nothing on the other ranks."""
+
+    def __init__(self, worker: Worker, tp: TensorParallel) -> None:
+        pool = worker.runner.kv_pool
+        self._pool = PagedCaches(pool.k, pool.v)
+        self._ops = page_ops_for(self._pool.device)
+        self._tp = tp
+        self._heads = instance_heads(worker, tp)
+
+    def gather(self, batch: StepBatch) -> list[torch.Tensor] | None:
+        """Per send of ``batch`` (in order) its staging buffer, on rank 0; None elsewhere, or
+        when no send carries pages. Every rank calls it after every step."""
+        pages = [p for send in batch.transfers for p in send.src_pages]
+        if not pages:
+            return None
+        local = self._ops.gather(self._pool, pages).cpu()
+        parts = gather_to_driver(self._tp, local)
+        if parts is None:
+            return None
+        whole, out, start = self._heads.assemble(parts), [], 0
+        for send in batch.transfers:
+            out.append(whole.narrow(1, start, len(send.src_pages)).contiguous())
+            start += len(send.src_pages)
+        return out
+
+
 def token_logprob(result: StepResult, row: int) -> TokenLogprob | None:
     """What ``result`` says of the logprobs of its ``row``'s token, if the request asked."""
     if not result.logprobs:
@@ -54,9 +101,10 @@ def token_logprob(result: StepResult, row: int) -> TokenLogprob | None:
 
 
 class PrefillWorker:
-    def __init__(self, worker: Worker, sender: KVSender) -> None:
+    def __init__(self, worker: Worker, sender: KVSender, staged: StagedSends | None = None) -> None:
         self.worker = worker
         self.sender = sender
+        self.staged = staged  # a tensor-parallel instance's: the ranks gather the sent pages
         self.refused: list[TransferResult] = []  # rooms the sender would not open (duplicates)
 
     def step(self, batch: StepBatch) -> StepResult:
@@ -64,13 +112,18 @@ class PrefillWorker:
             self.sender.abort(room, "aborted by the prefill scheduler")
         result = self.worker.step(batch)
         if batch.transfers:
+            staged = self.staged.gather(batch) if self.staged is not None else None
             sampled = dict(zip(result.slots, result.token_ids, strict=True))
-            for send in batch.transfers:
+            for i, send in enumerate(batch.transfers):
                 if send.first and not self._open(send.room):
                     continue
                 first_token = sampled[send.slot] if send.last else None
                 first_logprob = token_logprob(result, result.slots.index(send.slot)) if send.last else None
-                self.sender.send(send.room, send.src_pages, send.dst_pages, first_token, first_logprob)
+                args = (send.room, send.src_pages, send.dst_pages, first_token, first_logprob)
+                if staged is None:
+                    self.sender.send(*args)
+                else:
+                    self.sender.send(*args, staged=staged[i])
         return result
 
     def _open(self, room: int) -> bool:
@@ -86,34 +139,56 @@ class PrefillWorker:
         return out
 
 
-def start_prefill(cfg: WorkerConfig) -> tuple[Worker, KVSender]:
-    """The engine's worker and the KV sender over its pool."""
-    refuse_tensor_parallel(cfg)
-    worker = Worker.create(cfg.args, decodes=False)  # a prefill instance samples first tokens only
+def start_prefill(cfg: WorkerConfig, tp: TensorParallel = SINGLE_RANK) -> tuple[Worker, KVSender]:
+    """The engine's worker (this rank's part, with ``tp``) and the KV sender over its pool,
+    advertising every rank's KV heads."""
+    worker = Worker.create(cfg.args, decodes=False, tp=tp)  # a prefill instance samples first tokens only
     backend = cfg.args.transfer_backend
+    pool_layout = kv_layout(worker, backend)
+    layout = instance_layout(pool_layout, instance_heads(worker, tp)) if tp.size > 1 else pool_layout
     sender = make_backend(
         backend,
         "prefill",
-        kv_layout(worker, backend),
+        layout,
         worker.runner.kv_pool.k,
         worker.runner.kv_pool.v,
         address=transfer_address(cfg),
         config=TransferConfig.from_args(cfg.args),
+        pool_layout=pool_layout if tp.size > 1 else None,
     )
     return worker, cast(KVSender, sender)
+
+
+def follower_hooks(worker: Worker, tp: TensorParallel) -> tuple[Callable[[StepBatch], None], Handlers]:
+    """A rank other than 0 of a prefill instance: each step, then its part of the pages sent."""
+    staged = StagedSends(worker, tp)
+
+    def step(batch: StepBatch) -> None:
+        worker.step(batch)
+        if batch.transfers:
+            staged.gather(batch)
+
+    return step, {}
 
 
 def run_prefill_worker(cfg: WorkerConfig) -> None:
     """The worker process of a prefill instance: start up (or report ``WorkerFailed``), report
     ready with the KV sender's address, serve until shutdown. The faults of ``PDSERVE_FAULTS``
     (``protocol.faults``) are read once, before anything starts."""
+    if cfg.tp_rank > 0:
+        refuse_tensor_parallel(cfg)
+        run_follower(cfg, decodes=False, hooks=follower_hooks)
+        return
     with worker_process(cfg) as proc:
         faults = proc.start(Faults.from_env)
-        worker, sender = proc.start(lambda: start_prefill(cfg))
+        proc.start(lambda: refuse_tensor_parallel(cfg))
+        tp = proc.start(lambda: join_tensor_parallel(cfg))
+        proc.exit_stack.callback(close_tensor_parallel, tp)
+        worker, sender = proc.start(lambda: start_prefill(cfg, tp))
         sender = proc.closing(sender)
         if (faulty := with_faults(sender, faults, cfg.name)) is not sender:
             sender = proc.closing(faulty)  # closed first: its queued sends still leave
         proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, sender, RESULT_LINGER_MS))
         proc.announce_ready(worker.ready_message(TransferEndpoint(sender.layout, sender.address)))
-        pw = PrefillWorker(worker, sender)
-        proc.serve(StepHooks(pw.step, after_step=pw.take_refused))
+        pw = PrefillWorker(worker, sender, StagedSends(worker, tp) if tp.size > 1 else None)
+        proc.serve(StepHooks(pw.step, after_step=pw.take_refused), make_relay(tp))

@@ -127,6 +127,9 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     cpu_omp_threads: int | None = None  # torch threads of a CPU worker; None: engine.cpu_env's default
     tp_size: int = 1  # tensor-parallel ranks of an instance: one worker process each (engine.parallel)
+    nnodes: int = 1  # hosts an instance's tensor-parallel ranks span (SGLang's multi-node flags)
+    node_rank: int = 0  # this host's index among them: it runs ranks [node_rank, node_rank + 1) × tp/nnodes
+    dist_init_addr: str | None = None  # HOST:PORT of rank 0's rendezvous store (on node 0), --nnodes > 1
     # Liveness
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
@@ -162,10 +165,40 @@ class ServerArgs:
         if self.cpu_omp_threads is not None:
             _positive("--cpu-omp-threads", self.cpu_omp_threads)
         _positive("--tp-size", self.tp_size)
+        self._check_nodes()
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1]")
         if self.load_format == "dummy" and self.model_path in (EMBEDDED.name, DEFAULT_MODEL_PATH):
             raise ValueError("--load-format dummy needs --model-path (a directory with config.json)")
+
+    def _check_nodes(self) -> None:
+        """``--nnodes`` / ``--node-rank`` / ``--dist-init-addr`` (SGLang's meaning)."""
+        _positive("--nnodes", self.nnodes)
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, --nnodes {self.nnodes}); got {self.node_rank}")
+        if self.tp_size % self.nnodes:
+            raise ValueError(
+                f"--tp-size {self.tp_size} must be a multiple of --nnodes {self.nnodes}: every node runs "
+                "the same number of ranks"
+            )
+        if self.nnodes == 1:
+            if self.dist_init_addr is not None:
+                raise ValueError("--dist-init-addr is a multi-node instance's rendezvous: give --nnodes > 1")
+            return
+        if self.dist_init_addr is None:
+            raise ValueError(
+                f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT: an address of node 0, where "
+                "rank 0 listens for the other ranks (the same on every node)"
+            )
+        split_host_port(self.dist_init_addr)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    def node_tp_ranks(self) -> range:
+        """The tensor-parallel ranks this node runs: node R runs ``[R·N/K, (R+1)·N/K)``."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
 
     @property
     def client_port(self) -> int:
@@ -198,21 +231,26 @@ class WorkerConfig:
     role: Role
     addrs: InstanceAddrs
     tp_rank: int = 0  # rank 0 talks to the scheduler; the others follow it (--tp-size > 1)
-    dist_init_method: str = ""  # the ranks' torch.distributed rendezvous (file:// in the ipc directory)
+    dist_init_method: str = ""  # the ranks' rendezvous: file:// in the ipc directory, tcp:// across nodes
 
     @property
     def process_name(self) -> str:
         return f"{self.name}-worker" if self.tp_rank == 0 else f"{self.name}-worker-tp{self.tp_rank}"
 
     def tensor_parallel_ranks(self, directory: str) -> list[WorkerConfig]:
-        """One config per rank of ``--tp-size``, sharing a rendezvous file new to this start (a
-        restarted instance must not meet its previous incarnation's file) in ``directory``."""
+        """One config per rank of ``--tp-size`` that this node runs. On one node they share a
+        rendezvous file new to this start (a restarted instance must not meet its previous
+        incarnation's file) in ``directory``; across nodes, rank 0's store at ``--dist-init-addr``
+        (``tcp://``: rank 0 serves it, in its own process, so a restarted rank 0 serves a new one)."""
         if self.args.tp_size == 1:
             return [self]
-        store = os.path.join(directory, f"{self.name}-tp-{secrets.token_hex(8)}")
+        if self.args.nnodes > 1:
+            init = f"tcp://{self.args.dist_init_addr}"
+        else:
+            init = "file://" + os.path.join(directory, f"{self.name}-tp-{secrets.token_hex(8)}")
         return [
-            dataclasses.replace(self, tp_rank=rank, dist_init_method=f"file://{store}")
-            for rank in range(self.args.tp_size)
+            dataclasses.replace(self, tp_rank=rank, dist_init_method=init)
+            for rank in self.args.node_tp_ranks()
         ]
 
 
@@ -224,6 +262,24 @@ class FrontendConfig:
     unified: list[str] = field(default_factory=list)  # instance input addresses
     prefill: list[str] = field(default_factory=list)
     decode: list[str] = field(default_factory=list)
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPv6]:PORT``) of ``--dist-init-addr``; ValueError saying what is wrong.
+    A wildcard host is refused: the store binds exactly where the flag says, and the other
+    nodes connect there."""
+    host, sep, port = addr.rpartition(":")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"--dist-init-addr {addr}: an IPv6 address goes in brackets, [ADDRESS]:PORT")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--dist-init-addr must be HOST:PORT (an address of node 0, a port); got {addr!r}")
+    if host in ("0.0.0.0", "::", "*"):
+        raise ValueError(
+            f"--dist-init-addr {addr}: give the address of node 0 the other nodes reach, not a wildcard "
+            "(rank 0's store listens there only)"
+        )
+    return host, int(port)
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -16,10 +16,17 @@ from typing import Any, ClassVar
 
 from protocol.codec import PROTOCOL_VERSION, Message
 
+# Backends whose instances map any two ``--tp-size``s onto each other (through rank 0: see
+# ``kvtransfer.tp_hub``); the others move one pool to one pool and need equal sizes.
+TP_MAPPING_BACKENDS = ("zmq", "fake")
+
 
 @dataclass(frozen=True)
 class KVLayout:
-    """What a prefill and a decode worker must agree on, checked once per registration."""
+    """What a prefill and a decode worker must agree on, checked once per registration. It is
+    the instance's: ``num_kv_heads`` counts the KV heads of all its tensor-parallel ranks
+    together (the model's), ``tp_size`` how many ranks hold them, ``tp_rank`` the rank whose
+    data-plane end this is (0: rank 0 moves the whole instance's KV)."""
 
     model: str
     num_layers: int
@@ -34,9 +41,12 @@ class KVLayout:
 
     def mismatched_field(self, theirs: KVLayout) -> str | None:
         """The first field on which ``theirs`` differs from this layout (the protocol version
-        first: with another version the other fields may mean something else), or None."""
+        first: with another version the other fields may mean something else), or None. Over a
+        backend of ``TP_MAPPING_BACKENDS`` the two ``tp_size``s may differ: those map."""
         others = (f.name for f in dataclasses.fields(self) if f.name != "protocol_version")
         names = ["protocol_version", *others]
+        if self.backend in TP_MAPPING_BACKENDS and self.backend == theirs.backend:
+            names.remove("tp_size")
         return next((n for n in names if getattr(self, n) != getattr(theirs, n)), None)
 
     def mismatch(
@@ -199,3 +209,25 @@ class KVAbort(Message):
 @dataclass
 class KVHeartbeat(Message):
     TYPE: ClassVar[str] = "kv_heartbeat"
+
+
+# ---- within a tensor-parallel decode instance (rank 0 → the other ranks, over the step relay) --
+
+
+@dataclass
+class ShardLanding:
+    """One landed chunk: its destination ``pages`` and, by rank, the bytes of that rank's KV
+    heads of them (a staging buffer of the rank's pool; empty for rank 0, which landed its own)."""
+
+    pages: list[int]
+    shards: list[bytes]
+
+
+@dataclass
+class KVShardPages(Message):
+    """Rank 0 of a tensor-parallel decode instance received these chunks: the other ranks land
+    their heads of them before the next step (``kvtransfer.tp_hub``)."""
+
+    TYPE: ClassVar[str] = "kv_shard_pages"
+    landings: list[ShardLanding]
+

@@ -14,6 +14,10 @@ import zmq
 from protocol.messages import Message, decode, encode
 from protocol.security import ClusterKeys, make_client, make_server
 
+# Frames queued from an instance towards a front end, and in the front end's receive queue,
+# before the instance holds back its next step (scheduler_proc/frontends.py: back-pressure).
+OUTPUT_QUEUE_FRAMES = 1024
+
 
 def bind(
     ctx: zmq.Context,
@@ -21,9 +25,11 @@ def bind(
     addr: str,
     max_message_bytes: int | None = None,
     keys: ClusterKeys | None = None,
+    hwm: int = 0,
 ) -> zmq.Socket:
-    """Bind a socket of ``kind`` to an explicit address (never all interfaces by default)."""
-    sock = _socket(ctx, kind, max_message_bytes)
+    """Bind a socket of ``kind`` to an explicit address (never all interfaces by default).
+    ``hwm``: how many messages it queues each way before sends block (0: no limit)."""
+    sock = _socket(ctx, kind, max_message_bytes, hwm)
     if keys is not None:
         make_server(sock, keys)
     sock.bind(addr)
@@ -36,21 +42,22 @@ def connect(
     addr: str,
     max_message_bytes: int | None = None,
     keys: ClusterKeys | None = None,
+    hwm: int = 0,
 ) -> zmq.Socket:
-    sock = _socket(ctx, kind, max_message_bytes)
+    sock = _socket(ctx, kind, max_message_bytes, hwm)
     if keys is not None:
         make_client(sock, keys)
     sock.connect(addr)
     return sock
 
 
-def _socket(ctx: zmq.Context, kind: int, max_message_bytes: int | None) -> zmq.Socket:
+def _socket(ctx: zmq.Context, kind: int, max_message_bytes: int | None, hwm: int = 0) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     if kind in (zmq.PUSH, zmq.DEALER, zmq.ROUTER):
-        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
     if kind in (zmq.PULL, zmq.DEALER, zmq.ROUTER):
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, hwm)
     if max_message_bytes is not None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     return sock

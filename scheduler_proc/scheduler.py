@@ -141,6 +141,17 @@ def _wait_for_worker(results: zmq.Socket, timeout: float) -> WorkerReady:
     return msg
 
 
+def _poll(poller: zmq.Poller, timeout_s: float, writable: list[zmq.Socket]) -> list[tuple[zmq.Socket, int]]:
+    """Wait for input, or also for room in the ``writable`` sockets' queues."""
+    for sock in writable:
+        poller.register(sock, zmq.POLLOUT)
+    try:
+        return poller.poll(timeout_s * 1000)
+    finally:
+        for sock in writable:
+            poller.unregister(sock)
+
+
 def _recv_valid(sock: zmq.Socket, name: str, refuse: Callable[[RequestFailed], None]) -> list[Message]:
     """Every message queued on ``sock``; frames that are not messages of our protocol are logged
     and dropped, since the input socket faces other processes, possibly of another version."""
@@ -195,10 +206,12 @@ class _Loop:
         poller.register(self.results, zmq.POLLIN)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         while self.running:
-            self._send_steps()
+            backlogged = self.frontends.send_backlogs()
+            if not backlogged:  # back-pressure: no new step while a front end lags behind
+                self._send_steps()
             self._check_watchdog(time.monotonic())
             timeout = max(next_heartbeat - time.monotonic(), 0.0)
-            events = dict(poller.poll(timeout * 1000))
+            events = dict(_poll(poller, timeout, writable=backlogged))
             if self.results in events:
                 for msg in transport.recv_all(self.results):
                     self._on_worker_message(msg)

@@ -118,7 +118,9 @@ class Frontend:
         self._clients = bind_client_socket(self._ctx, cfg.client_addr, client_guard)
         self._connections = ClientConnections(self._clients)
         keys = ClusterKeys.from_dir(args.cluster_key_dir)  # instances: CURVE (docs/design.md, "Security")
-        self._outputs = transport.bind(self._ctx, zmq.PULL, cfg.output_addr, instance_guard, keys)
+        self._outputs = transport.bind(
+            self._ctx, zmq.PULL, cfg.output_addr, instance_guard, keys, hwm=transport.OUTPUT_QUEUE_FRAMES
+        )
         roles = {Role.UNIFIED: cfg.unified, Role.PREFILL: cfg.prefill, Role.DECODE: cfg.decode}
         self._pool = InstancePool.connect(self._ctx, roles, instance_guard, keys)
         self._topology = topology(self._pool, args.routing_policy)

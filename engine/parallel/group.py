@@ -2,7 +2,10 @@
 
 One worker process per rank; rank 0 talks to the scheduler. The ranks form one
 ``torch.distributed`` group: NCCL on CUDA, gloo on the CPU (plus a gloo group on CUDA for the
-step frames, which are host bytes). ``TensorParallel`` is that group as the model sees it: a
+step frames, which are host bytes). On one host they meet at a ``file://`` rendezvous and gloo
+uses loopback; across ``--nnodes`` hosts at rank 0's TCP store (``serve_store``, bound exactly
+to ``--dist-init-addr``; unauthenticated: the nodes must share a trusted network) and gloo
+uses the interface that reaches node 0. ``TensorParallel`` is that group as the model sees it: a
 single rank (``SINGLE_RANK``) needs no process group and its layers are the plain ones.
 
 ``ModelSplit`` is the arithmetic of the split, as SGLang does it: query heads and the MLP's
@@ -14,9 +17,13 @@ sharded when there are at least as many as ranks, else each is replicated on
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
 import os
 import socket
+import struct
+import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +37,10 @@ logger = logging.getLogger("pdserve.worker")
 MIN_GROUP_TIMEOUT_S = 600.0  # longest a collective may wait (start-up: the ranks load the model at once)
 LOOPBACK_INTERFACE = "lo"
 CLOSE_BARRIER_S = 10.0  # how long a closing rank waits for the others to close too
+STORE_RETRY_S = 1.0  # a rank of another node: between attempts to reach rank 0's store
+STORE_CONNECT_S = 5.0  # one attempt's connection to a store that accepted a probe
+FORMED_KEY = "pdserve/formed"  # set in rank 0's store once its group is complete
+SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,13 @@ class TensorParallel:
     rank: int = 0
     group: Any = None  # the tensors' process group (NCCL on CUDA, gloo on the CPU)
     control: Any = None  # gloo: the step frames rank 0 relays
+    local_size: int = 1  # the ranks on this host (--tp-size / --nnodes)
+    node_group: Any = None  # gloo, this host's ranks: those that close together (None: ``control``)
+
+    @property
+    def local_rank(self) -> int:
+        """This rank's index among its host's (node R runs ranks R·local_size onwards)."""
+        return self.rank % self.local_size
 
     def split(self, cfg: ModelConfig) -> ModelSplit:
         return ModelSplit.of(cfg, self.size, self.rank)
@@ -125,55 +143,137 @@ class TensorParallel:
 SINGLE_RANK = TensorParallel()
 
 def init_tensor_parallel(
-    cfg: ModelConfig, tp_size: int, tp_rank: int, init_method: str, device: torch.device, timeout_s: float
+    cfg: ModelConfig,
+    tp_size: int,
+    tp_rank: int,
+    init_method: str,
+    device: torch.device,
+    timeout_s: float,
+    nnodes: int = 1,
 ) -> TensorParallel:
     """Join the instance's process group (after checking the model splits, so that a model that
     cannot is refused on every rank at once, before any rank waits for another). On CUDA each
-    rank takes the device of its rank."""
+    rank takes the device of its index on its host. ``init_method``: ``file://`` (one host,
+    gloo on loopback) or ``tcp://HOST:PORT`` (several: rank 0 serves the store there, gloo
+    binds the interface that reaches HOST)."""
     check_splittable(cfg, tp_size)
     if tp_size == 1:
         return SINGLE_RANK
     if not init_method:
         raise ValueError(f"--tp-size {tp_size} needs the ranks' rendezvous (WorkerConfig.dist_init_method)")
+    local_size = tp_size // nnodes
     if device.type == "cuda":
-        if (gpus := torch.cuda.device_count()) < tp_size:
-            raise ValueError(f"--tp-size {tp_size} needs {tp_size} GPUs; this host has {gpus}")
-        torch.cuda.set_device(tp_rank)
-    _prefer_loopback_for_gloo()
+        if (gpus := torch.cuda.device_count()) < local_size:
+            raise ValueError(f"--tp-size {tp_size} needs {local_size} GPUs per node; this host has {gpus}")
+        torch.cuda.set_device(tp_rank % local_size)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=max(timeout_s, MIN_GROUP_TIMEOUT_S))
-    dist.init_process_group(
-        backend, init_method=init_method, rank=tp_rank, world_size=tp_size, timeout=timeout
-    )
+    rendezvous = urllib.parse.urlsplit(init_method)
+    if rendezvous.scheme == "file":
+        _prefer_loopback_for_gloo()
+        dist.init_process_group(
+            backend, init_method=init_method, rank=tp_rank, world_size=tp_size, timeout=timeout
+        )
+    elif rendezvous.scheme == "tcp" and rendezvous.hostname and rendezvous.port:
+        host, port = rendezvous.hostname, rendezvous.port
+        _prefer_interface_towards(host, port)
+        store = serve_store(host, port, tp_size, timeout) if tp_rank == 0 else join_store(host, port, timeout)
+        dist.init_process_group(backend, store=store, rank=tp_rank, world_size=tp_size, timeout=timeout)
+        if tp_rank == 0:
+            store.set(FORMED_KEY, "1")
+    else:
+        raise ValueError(f"unknown tensor-parallel rendezvous {init_method!r}: file://PATH or tcp://HOST:PORT")
     world = dist.group.WORLD
     control = world if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    node_group = _node_group(tp_size, local_size, timeout) if nnodes > 1 else None
     logger.info("tensor parallel: rank %d of %d (%s)", tp_rank, tp_size, backend)
-    return TensorParallel(tp_size, tp_rank, world, control)
+    return TensorParallel(tp_size, tp_rank, world, control, local_size, node_group)
+
+
+def _node_group(tp_size: int, local_size: int, timeout: datetime.timedelta) -> Any:
+    """A gloo group of this host's ranks (every rank creates every node's, in order)."""
+    nodes = [list(range(start, start + local_size)) for start in range(0, tp_size, local_size)]
+    mine, _ = dist.new_subgroups_by_enumeration(nodes, timeout=timeout, backend="gloo")
+    return mine
+
+
+def serve_store(host: str, port: int, world_size: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on ``host:port`` only (torch's own would listen on
+    every interface), new to this process: a restarted rank 0 never meets its predecessor's."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as e:
+        sock.close()
+        raise ValueError(
+            f"--dist-init-addr {host}:{port}: rank 0 cannot listen there ({e.strerror}); it must be an "
+            "address of node 0 and a free port"
+        ) from None
+    return dist.TCPStore(
+        host, port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=sock.detach()
+    )
+
+
+def join_store(host: str, port: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """A client of rank 0's store, once one that is forming a group answers: rank 0 may not be
+    up yet (its node starts, or restarts its instance), or may still be the previous
+    incarnation, whose group is complete (``FORMED_KEY``) and about to end; both are waited for,
+    up to ``timeout``, coming back to the interpreter between attempts (signals are handled)."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    waiting_said = False
+    while True:
+        if (store := _connect_store(host, port)) is not None:
+            if not store.check([FORMED_KEY]):
+                store.set_timeout(timeout)
+                return store
+            del store
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0's rendezvous at {host}:{port} took no new ranks within {timeout}")
+        if not waiting_said:
+            logger.info("tensor parallel: waiting for rank 0's rendezvous at %s:%d", host, port)
+            waiting_said = True
+        time.sleep(STORE_RETRY_S)
+
+
+def _connect_store(host: str, port: int) -> dist.TCPStore | None:
+    """A client of the store at ``host:port``, or None while nothing listens there (probed with
+    a plain connection first: torch's client logs every failed attempt at length)."""
+    try:
+        with socket.create_connection((host, port), timeout=STORE_RETRY_S):
+            pass
+        return dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=STORE_CONNECT_S))
+    except (OSError, RuntimeError):  # RuntimeError: torch's DistNetworkError (rank 0 went away)
+        return None
 
 
 def rank_device(device: torch.device, tp: TensorParallel) -> torch.device:
-    """The device of this rank: ``cuda:<rank>`` for tensor parallelism on CUDA."""
+    """The device of this rank: ``cuda:<its index on this host>`` for tensor parallelism on CUDA."""
     if device.type == "cuda" and tp.size > 1:
-        return torch.device("cuda", tp.rank)
+        return torch.device("cuda", tp.local_rank)
     return device
 
 
 def split_cpu_threads(tp: TensorParallel, threads_chosen_by_default: bool) -> None:
     """Ranks on one host share its cores: a default thread count is divided among them (an
     explicit ``--cpu-omp-threads`` is per rank and kept)."""
-    if tp.size > 1 and threads_chosen_by_default:
-        threads = max(1, torch.get_num_threads() // tp.size)
+    if tp.local_size > 1 and threads_chosen_by_default:
+        threads = max(1, torch.get_num_threads() // tp.local_size)
         torch.set_num_threads(threads)
-        logger.info("CPU: %d torch threads per rank (%d ranks)", threads, tp.size)
+        logger.info("CPU: %d torch threads per rank (%d ranks on this host)", threads, tp.local_size)
 
 
 def close_tensor_parallel(tp: TensorParallel) -> None:
     """Leave the group together: every rank meets the others before tearing its connections
     down (a gloo rank that destroyed its group while a peer still used theirs aborted at exit).
-    A rank that is gone already is not waited for long."""
+    A rank that is gone already is not waited for long. Across nodes only this host's ranks
+    are met: a signal stops one host's, and the others learn it from their broken connections."""
     if tp.size > 1 and dist.is_initialized():
+        closing_together = tp.control if tp.node_group is None else tp.node_group
         try:
-            dist.monitored_barrier(tp.control, timeout=datetime.timedelta(seconds=CLOSE_BARRIER_S))
+            dist.monitored_barrier(closing_together, timeout=datetime.timedelta(seconds=CLOSE_BARRIER_S))
         except RuntimeError as e:
             logger.warning("tensor parallel: rank %d leaves without the others: %s", tp.rank, e)
         dist.destroy_process_group()
@@ -185,3 +285,53 @@ def _prefer_loopback_for_gloo() -> None:
     names = {name for _, name in socket.if_nameindex()}
     if LOOPBACK_INTERFACE in names:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)
+
+
+def _prefer_interface_towards(host: str, port: int) -> None:
+    """Ranks on several hosts: gloo's pairs bind the interface this host reaches ``host`` (rank
+    0's node) through, unless ``GLOO_SOCKET_IFNAME`` says otherwise."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    try:
+        name = interface_towards(host, port)
+    except OSError as e:  # the name does not resolve, or no route: the store's connect says so
+        logger.warning("tensor parallel: no route to %s (%s)", host, e)
+        return
+    if name is None:
+        logger.warning("tensor parallel: no interface found towards %s; gloo picks one by host name", host)
+        return
+    logger.info("tensor parallel: gloo on %s (towards %s)", name, host)
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
+def interface_towards(host: str, port: int) -> str | None:
+    """The interface owning the local address of the route to ``host``: that of a UDP socket
+    "connected" to it (connect only picks the route; nothing is sent)."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(addr)
+        local = probe.getsockname()[0]
+    return interface_of_address(local)
+
+
+def interface_of_address(address: str) -> str | None:
+    """The name of the interface holding ``address`` (IPv4: each interface's address by ioctl;
+    IPv6: /proc/net/if_inet6), None if none does."""
+    if ":" in address:
+        wanted = socket.inet_pton(socket.AF_INET6, address.split("%")[0]).hex()
+        try:
+            with open("/proc/net/if_inet6") as f:
+                rows = [line.split() for line in f]
+        except OSError:
+            return None
+        return next((row[5] for row in rows if len(row) == 6 and row[0] == wanted), None)
+    return next((name for _, name in socket.if_nameindex() if _ipv4_of(name) == address), None)
+
+
+def _ipv4_of(interface: str) -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", interface.encode()[:15]))
+        except OSError:  # no IPv4 address
+            return None
+    return socket.inet_ntoa(packed[20:24])

@@ -11,7 +11,9 @@ the same tokens and keeps the same future-token map; only rank 0's result is sen
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from engine.parallel.group import (
     SINGLE_RANK,
@@ -20,11 +22,15 @@ from engine.parallel.group import (
     init_tensor_parallel,
     split_cpu_threads,
 )
-from engine.parallel.steps import RankLost, receive_frame
+from engine.parallel.steps import RankLost, RelayEnded, receive_frame
 from protocol.config import WorkerConfig
 from protocol.messages import Shutdown, StepBatch, decode
 
+if TYPE_CHECKING:
+    from engine.worker import Worker
+
 logger = logging.getLogger("pdserve.worker")
+Handlers = Mapping[type, Callable[[Any], None]]  # relayed message type → what a follower does with it
 
 
 def join_tensor_parallel(cfg: WorkerConfig) -> TensorParallel:
@@ -40,7 +46,8 @@ def join_tensor_parallel(cfg: WorkerConfig) -> TensorParallel:
     model = model_config(resolve_model(args.model_path))
     device = resolve_device(args.device)
     tp = init_tensor_parallel(
-        model, args.tp_size, cfg.tp_rank, cfg.dist_init_method, device, timeout_s=2 * args.watchdog_timeout
+        model, args.tp_size, cfg.tp_rank, cfg.dist_init_method, device, timeout_s=2 * args.watchdog_timeout,
+        nnodes=args.nnodes,
     )
     if device.type == "cpu":
         _, source = cpu_env.choose_threads(args.cpu_omp_threads)
@@ -49,24 +56,40 @@ def join_tensor_parallel(cfg: WorkerConfig) -> TensorParallel:
 
 
 def refuse_tensor_parallel(cfg: WorkerConfig) -> None:
-    """A disaggregated worker runs one rank for now (its KV transfer moves one pool): refuse
-    ``--tp-size`` > 1 there, on every rank, rather than start ranks that would not cooperate."""
-    if cfg.args.tp_size > 1:
-        raise ValueError(f"--tp-size {cfg.args.tp_size}: a {cfg.role} worker runs one rank only for now")
+    """A disaggregated worker of several ranks moves its KV through rank 0, which only the
+    backends of ``TP_MAPPING_BACKENDS`` can (``kvtransfer.tp_hub``): refuse ``--tp-size`` > 1
+    over the others, on every rank, rather than start ranks that would not cooperate."""
+    from protocol.dataplane import TP_MAPPING_BACKENDS
+
+    backend = cfg.args.transfer_backend
+    if cfg.args.tp_size > 1 and backend not in TP_MAPPING_BACKENDS:
+        raise ValueError(
+            f"--tp-size {cfg.args.tp_size}: a {cfg.role} worker over --transfer-backend {backend} runs "
+            f"one rank only for now (use {' or '.join(TP_MAPPING_BACKENDS)})"
+        )
 
 
-def run_follower(cfg: WorkerConfig) -> None:
+FollowerHooks = Callable[["Worker", TensorParallel], tuple[Callable[[StepBatch], object], "Handlers"]]
+
+
+def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks | None = None) -> None:
     """A rank other than 0: load its part, warm up with the others, then run every relayed
     step until rank 0 relays ``Shutdown``. Exits non-zero when rank 0 is gone (its collectives
-    fail), which the launcher sees as the instance's death."""
+    fail): on node 0 the launcher sees the instance's death; on another node (``--nnodes``) its
+    launcher starts the rank again, which waits for rank 0's next store (``join_store``). A
+    role's ``hooks`` give the step to run and handlers of the other relayed messages
+    (``decodes`` as rank 0 creates its worker)."""
     from engine.worker import Worker, apply_process_settings
 
     apply_process_settings(cfg.args)
     tp = join_tensor_parallel(cfg)
+    if tp.local_size == tp.size:
+        _follow_rank_0_to_the_end()
     try:
-        worker = Worker.create(cfg.args, tp=tp)
+        worker = Worker.create(cfg.args, decodes=decodes, tp=tp)
+        step, handlers = (worker.step, {}) if hooks is None else hooks(worker, tp)
         logger.info("%s rank %d of %d ready", cfg.name, tp.rank, tp.size)
-        follow_steps(worker.step, tp)
+        follow_steps(step, tp, handlers)
     except RankLost as e:
         logger.error("%s", e)
         raise SystemExit(1) from None
@@ -74,17 +97,37 @@ def run_follower(cfg: WorkerConfig) -> None:
         close_tensor_parallel(tp)
 
 
-def follow_steps(step: Callable[[StepBatch], object], tp: TensorParallel) -> None:
-    """Run each relayed ``StepBatch`` (its result is rank 0's to send) until ``Shutdown``."""
+def follow_steps(
+    step: Callable[[StepBatch], object], tp: TensorParallel, handlers: Handlers | None = None
+) -> None:
+    """Run each relayed ``StepBatch`` (its result is rank 0's to send) until ``Shutdown``;
+    ``handlers`` take the other relayed messages they name."""
     while True:
-        frame = receive_frame(tp)
+        try:
+            frame = receive_frame(tp)
+        except RelayEnded:
+            logger.info("rank %d: rank 0 stopped serving", tp.rank)
+            return
         if frame is None:
             continue
         msg = decode(frame)
         if isinstance(msg, Shutdown):
             logger.info("rank %d: shutdown: %s", tp.rank, msg.reason or "requested")
             return
-        if isinstance(msg, StepBatch):
+        if (handle := (handlers or {}).get(type(msg))) is not None:
+            handle(msg)
+        elif isinstance(msg, StepBatch):
             step(msg)
         else:
             logger.warning("rank %d: ignoring relayed %s", tp.rank, msg.TYPE)
+
+
+def _follow_rank_0_to_the_end() -> None:
+    """A rank on rank 0's host ignores SIGTERM and SIGINT: whatever stops the instance stops
+    rank 0 too (the launcher signals every process; Ctrl-C the process group), which then tells
+    this rank to end, and they close the group together. Left to the signal, this rank would
+    leave its collective while rank 0 still relays, and both would wait out the close barrier.
+    Rank 0's death ends this rank anyway (``RankLost``); a rank on another node keeps its
+    signals (its launcher may stop it alone)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

@@ -3,15 +3,26 @@ scheduler's step socket and, before acting on a frame, broadcasts its msgpack by
 tensor over the gloo group: bytes, never pickle) to the other ranks, which decode it with the
 same codec. The scheduler sends one copy, whatever the number of ranks.
 
+When rank 0 stops serving (the scheduler's ``Shutdown``, which it relays as any frame, or a
+signal or an error) the other ranks are told (an end mark, ``finish``) before rank 0 closes the
+group, so that all of them close it together and at once.
+
 While no frame comes, rank 0 broadcasts an empty one each poll interval: the other ranks come
 back to the interpreter (so their signal handlers run) and no collective outwaits its timeout
 on an idle instance. A single rank relays nothing (``NO_RELAY``), chosen once at start-up.
 A rank that died makes the others' next broadcast fail: ``RankLost``, and the process ends (the
 launcher restarts the whole instance).
+
+A disaggregated instance moves its KV through rank 0 (``kvtransfer.tp_hub``): a prefill
+instance's ranks ``gather_to_driver`` the pages each step sends, right after the step; a decode
+instance's rank 0 relays the other ranks' heads of the pages it received before each frame and
+on idle beats (``FlushingRelay``), so they land before any later step reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,15 +32,21 @@ import torch.distributed as dist
 from engine.parallel.group import TensorParallel
 
 DRIVER_RANK = 0
+END_MARK = -1  # a frame length that means "rank 0 has stopped serving"
 
 
 class RankLost(RuntimeError):
     """Another rank of this instance is gone (its connection closed, or the group timed out)."""
 
 
+class RelayEnded(Exception):
+    """Rank 0 has stopped serving (``END_MARK``): the other ranks stop too."""
+
+
 class Relay(Protocol):
     def forward(self, frame: bytes) -> None: ...
     def idle(self) -> None: ...
+    def finish(self, shutdown_relayed: bool = False) -> None: ...
 
 
 class NoRelay:
@@ -41,6 +58,9 @@ class NoRelay:
     def idle(self) -> None:
         pass
 
+    def finish(self, shutdown_relayed: bool = False) -> None:
+        pass
+
 
 NO_RELAY = NoRelay()
 
@@ -50,6 +70,7 @@ class StepRelay:
     """Rank 0's side: every frame from the scheduler goes to the other ranks first."""
 
     tp: TensorParallel
+    finished: bool = False
 
     def forward(self, frame: bytes) -> None:
         if not frame:
@@ -61,14 +82,63 @@ class StepRelay:
     def idle(self) -> None:
         _broadcast_length(self.tp, 0)
 
+    def finish(self, shutdown_relayed: bool = False) -> None:
+        """Rank 0 stops serving: the other ranks stop following (unless the ``Shutdown`` it
+        relayed told them already). A rank already gone is not waited for."""
+        if self.finished:
+            return
+        self.finished = True
+        if not shutdown_relayed:
+            with contextlib.suppress(RankLost):
+                _broadcast_length(self.tp, END_MARK)
+
 
 def make_relay(tp: TensorParallel) -> Relay:
     return NO_RELAY if tp.size == 1 else StepRelay(tp)
 
 
+Flush = Callable[[Callable[[bytes], None]], bool]
+
+
+@dataclass
+class FlushingRelay:
+    """Rank 0 of a tensor-parallel decode instance: ``flush(send)`` sends what waits for the other
+    ranks (the heads of landed pages, one frame) through ``send`` and says whether it did; it runs
+    before every frame, and an idle beat that flushed needs no empty frame."""
+
+    relay: StepRelay
+    flush: Flush
+
+    def forward(self, frame: bytes) -> None:
+        self.flush(self.relay.forward)
+        self.relay.forward(frame)
+
+    def idle(self) -> None:
+        if not self.flush(self.relay.forward):
+            self.relay.idle()
+
+    def finish(self, shutdown_relayed: bool = False) -> None:
+        self.relay.finish(shutdown_relayed)
+
+
+def gather_to_driver(tp: TensorParallel, tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (a host tensor of the same shape and dtype on every rank), by
+    rank, on rank 0; None on the others. Every rank calls it at the same point of its loop."""
+    host = tensor.contiguous()
+    parts = [torch.empty_like(host) for _ in range(tp.size)] if tp.rank == DRIVER_RANK else None
+    try:
+        dist.gather(host, parts, dst=DRIVER_RANK, group=tp.control)
+    except RuntimeError as e:
+        raise RankLost(f"rank {tp.rank}: another rank of this instance is gone ({e})") from None
+    return parts
+
+
 def receive_frame(tp: TensorParallel) -> bytes | None:
-    """The other ranks' side: the next frame rank 0 relayed, or None for an idle beat."""
+    """The other ranks' side: the next frame rank 0 relayed, or None for an idle beat; raises
+    ``RelayEnded`` once rank 0 has stopped serving."""
     length = _broadcast_length(tp, 0)
+    if length == END_MARK:
+        raise RelayEnded
     if length == 0:
         return None
     payload = torch.empty(length, dtype=torch.uint8)

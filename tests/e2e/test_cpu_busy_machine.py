@@ -22,9 +22,9 @@ from protocol.model_source import PACKAGED_MODELS
 from tests.e2e.server import Server, running_server
 
 MODEL = "smollm2-135m-instruct"
-NUM_REQUESTS = 12
+NUM_REQUESTS = 8
 PROMPT_LEN = 96
-OUTPUT_LEN = 40
+OUTPUT_LEN = 32
 MAX_SLOWDOWN = 2.0
 
 pytest.importorskip("gguf", reason="the packaged GGUF model needs the gguf package")

@@ -121,12 +121,7 @@ NEEDS_NIXL = pytest.mark.skipif(
     not nixl_available(), reason="the nixl backend needs the nixl-cu12 package: pip install 'pdserve[nixl]'"
 )
 CPU_BACKENDS = ["zmq", pytest.param("nixl", marks=NEEDS_NIXL)]
-# A known nixl defect (open in the scale-out issue): after a decode instance's kill -9, the prefill
-# instance that was writing to it stalls for ~2 s (its scheduler then misses heartbeats and drops
-# the live decode peer too, so a few new requests fail); kill -9 of either side is covered by
-# tests/unit/kvtransfer/test_nixl_backend.py meanwhile.
-KILL_BACKENDS = ["zmq", pytest.param("nixl", marks=pytest.mark.skip(
-    reason="known defect: a dead nixl peer stalls the prefill instance ~2 s (see the comment above)"))]
+KILL_BACKENDS = CPU_BACKENDS
 
 
 @pytest.fixture(scope="module", params=CPU_BACKENDS)
@@ -253,7 +248,7 @@ def outcomes(c: Client, rids: list[str]) -> list[str]:
     return out
 
 
-def kill_during_transfer(c: Client, victim: Server, role: str, rng: random.Random) -> None:
+def kill_during_transfer(c: Client, victim: Server, role: str, rng: random.Random, frontend: Server) -> None:
     """Start requests on every pair, kill ``victim`` while its transfers are under way: its
     requests fail with a clear error within the heartbeat window, the rest finish, the live
     instances get every page back, and new requests are served by the live instances."""
@@ -273,6 +268,7 @@ def kill_during_transfer(c: Client, victim: Server, role: str, rng: random.Rando
     assert {"peer_unavailable", "transfer_failed"} & set(got), got
     status = live_instances_clean(c)
     assert sum(not i["alive"] for i in status["instances"]) >= 1
+    wait_marked_dead(frontend, victim)
     fresh = [
         c.submit(input_ids=byte_prompt(rng, 30), temperature=0, max_new_tokens=5, ignore_eos=True)
         for _ in range(6)
@@ -284,8 +280,19 @@ def kill_during_transfer(c: Client, victim: Server, role: str, rng: random.Rando
 def test_kill_of_a_decode_then_of_a_prefill_instance_during_transfers(backend):
     rng = random.Random(3)
     with standalone(2, 2, backend) as (prefills, decodes, frontend), frontend.client() as c:
-        kill_during_transfer(c, decodes[0], "decode", rng)
-        kill_during_transfer(c, prefills[0], "prefill", rng)
+        kill_during_transfer(c, decodes[0], "decode", rng, frontend)
+        kill_during_transfer(c, prefills[0], "prefill", rng, frontend)
+
+
+def wait_marked_dead(frontend: Server, victim: Server, timeout: float = 30.0) -> None:
+    """Until the front end has marked ``victim`` dead, so that it routes nothing there any more.
+    A status reply cannot tell (an instance that did not answer it in time is reported not
+    alive too), and the victim's requests may all have failed before the heartbeat timeout ran
+    out: nixl's sender learns of a dead peer at once (UCX reports its disconnect)."""
+    deadline, needle = time.monotonic() + timeout, f"({victim.addr}): no heartbeat"
+    while needle not in frontend.log():
+        assert time.monotonic() < deadline, f"the front end never marked {victim.addr} dead"
+        time.sleep(0.05)
 
 
 def test_requests_of_a_killed_front_end_are_aborted_by_the_instances():

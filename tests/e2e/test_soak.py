@@ -1,10 +1,10 @@
 """A short soak: a unified deployment (and a ``--mode pd`` 1P1D one, shorter) served mixed traffic
-from several client threads for about a minute: streaming and not, varied lengths, greedy
+from several client threads for half a minute: streaming and not, varied lengths, greedy
 (checked against the plain-torch reference) and sampled, 10% aborted mid-way, 5% invalid, many
 sharing prefixes. At the end nothing leaked (``wait_no_leak``), and each pdserve process holds as
 many file descriptors as after the first third (the warm-up) and at most 15% more memory.
 
-``PDSERVE_SOAK_S`` scales the traffic's duration (seconds for the unified deployment; default 60).
+``PDSERVE_SOAK_S`` scales the traffic's duration (seconds for the unified deployment; default 30).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.e2e.server import ProcUsage, Server, proc_usage, running_server, wait
 from tests.oracles import greedy_reference
 from tokenizer_proc.client import Client, ServerError
 
-SOAK_S = float(os.environ.get("PDSERVE_SOAK_S", "60"))
+SOAK_S = float(os.environ.get("PDSERVE_SOAK_S", "30"))
 THREADS = 5
 MAX_REQUESTS_PER_THREAD = 5000  # a bound besides the time
 GREEDY_NEW = 8

@@ -25,10 +25,10 @@ def config(addrs: InstanceAddrs, **overrides: object) -> SchedulerConfig:
 class FakeWorkerThread:
     """Binds the step socket, reports ready (or failed), serves steps until Shutdown or stop()."""
 
-    def __init__(self, ctx, addrs, fail_at_start=False, fail_at_step=None, step_delay_s=0.0):
+    def __init__(self, ctx, addrs, fail_at_start=False, fail_at_step=None, step_delay_s=0.0, **worker_kw):
         self.steps = transport.bind(ctx, zmq.PULL, addrs.step_addr)
         self.results = transport.connect(ctx, zmq.PUSH, addrs.result_addr)
-        self.worker = FakeWorker(page_size=4)
+        self.worker = FakeWorker(**{"page_size": 4, **worker_kw})
         self.seen: list[Message] = []
         self.fail_at_start, self.fail_at_step = fail_at_start, fail_at_step
         self.step_delay_s = step_delay_s  # a worker slow enough that requests stay live a while
@@ -85,9 +85,9 @@ class Scheduler:
 
 
 class FrontEnd:
-    def __init__(self, ctx, addrs: InstanceAddrs, name: str = "frontend"):
+    def __init__(self, ctx, addrs: InstanceAddrs, name: str = "frontend", hwm: int = 0):
         self.output_addr = f"{addrs.input_addr}-{name}"
-        self.inbox = transport.bind(ctx, zmq.PULL, self.output_addr)
+        self.inbox = transport.bind(ctx, zmq.PULL, self.output_addr, hwm=hwm)
         self.to_instance = transport.connect(ctx, zmq.PUSH, addrs.input_addr)
         self.heartbeats: list[Heartbeat] = []
         self.received: list[Message] = []

@@ -104,13 +104,18 @@ def test_each_rank_gets_a_config_and_every_start_a_new_rendezvous(tmp_path: Path
 
 
 @pytest.mark.parametrize("role", [Role.PREFILL, Role.DECODE])
-def test_disaggregated_workers_refuse_more_than_one_rank(role: Role) -> None:
+def test_disaggregated_workers_refuse_more_than_one_rank_over_pool_to_pool_backends(role: Role) -> None:
+    """nixl and cuda_ipc write one pool into one pool; zmq (and fake) map any two sizes."""
     from engine.parallel.ranks import refuse_tensor_parallel
 
     addrs = InstanceAddrs("ipc://in", "ipc://step", "ipc://result")
-    with pytest.raises(ValueError, match=f"--tp-size 2: a {role} worker runs one rank only"):
-        refuse_tensor_parallel(WorkerConfig(ServerArgs(tp_size=2), "x", role, addrs))
-    refuse_tensor_parallel(WorkerConfig(ServerArgs(), "x", role, addrs))
+    for backend in ("nixl", "cuda_ipc"):
+        args = ServerArgs(tp_size=2, transfer_backend=backend)
+        refusal = f"--tp-size 2: a {role} worker over --transfer-backend {backend}"
+        with pytest.raises(ValueError, match=refusal):
+            refuse_tensor_parallel(WorkerConfig(args, "x", role, addrs))
+        refuse_tensor_parallel(WorkerConfig(ServerArgs(transfer_backend=backend), "x", role, addrs))
+    refuse_tensor_parallel(WorkerConfig(ServerArgs(tp_size=2, transfer_backend="zmq"), "x", role, addrs))
 
 
 def test_a_new_kv_pool_holds_no_stale_memory() -> None:

@@ -1,19 +1,22 @@
 """nixl backend specifics: page descriptors, one-sided writes between two processes (the decode
 side's pump drives UCX progress), a decode process killed mid-room, a failing WRITE that drops
-and heals the link, malformed registrations, idle CPU, and the error without the package. The
-KVSender / KVReceiver contract itself runs over nixl in ``test_contract.py``."""
+and heals the link, WRITEs in flight (they block neither the link nor other rooms, keep their
+room's chunk order, hold an abort's results until they stop, are cancelled with a lost link,
+and every handle is released), malformed registrations, idle CPU, and the error without the
+package. The KVSender / KVReceiver contract itself runs over nixl in ``test_contract.py``."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvtransfer import TransferConfig, TransferState, make_backend
+from kvtransfer import KVSender, TransferConfig, TransferState, make_backend, nixl_backend
 from kvtransfer import nixl_agent as nixl_agent_module
 from kvtransfer.nixl_agent import NixlUnavailable, page_indices, page_rows
 from tests.unit.kvtransfer.kv_helpers import (
@@ -147,13 +150,13 @@ def test_a_failing_write_fails_its_room_drops_the_link_and_the_link_heals(
 ) -> None:
     p = connect("nixl")
     agent = p.sender._nixl._agent  # type: ignore[attr-defined]
-    real_write = agent.write
+    real_state = agent.write_state
 
-    def broken_once(*args: object, **kwargs: object) -> None:
-        monkeypatch.setattr(agent, "write", real_write)
-        raise RuntimeError("injected UCX endpoint error")
+    def broken_once(handle: object) -> str:  # the posted WRITE errs, as when its peer dies
+        monkeypatch.setattr(agent, "write_state", real_state)
+        return "injected UCX endpoint error"
 
-    monkeypatch.setattr(agent, "write", broken_once)
+    monkeypatch.setattr(agent, "write_state", broken_once)
     try:
         p.receiver.expect(1, p.peer, [1, 2])
         p.sender.add_room(1)
@@ -169,6 +172,8 @@ def test_a_failing_write_fails_its_room_drops_the_link_and_the_link_heals(
             p.sender.add_room(room)
             p.sender.send(room, [7], [6], first_token=8)
             (result,) = wait_results(p.receiver)
+            if not result.ok:  # never announced here: it would wait out its bootstrap timeout
+                p.sender.abort(room)
             wait_results(p.sender)
             if result.ok or time.monotonic() > deadline:
                 break
@@ -178,6 +183,139 @@ def test_a_failing_write_fails_its_room_drops_the_link_and_the_link_heals(
         assert pages_equal(p.src, [7], p.dst, [6])
     finally:
         p.receiver.close()
+        p.sender.close()
+
+
+class HeldWrites:
+    """The sender's next ``hold`` WRITEs look in progress (whatever NIXL says) until ``let_go``;
+    counts the WRITEs posted and the handles released."""
+
+    def __init__(self, sender: KVSender, monkeypatch: pytest.MonkeyPatch, hold: int) -> None:
+        agent = sender._nixl._agent  # type: ignore[attr-defined]
+        self.posted: list[object] = []
+        self.released: list[object] = []
+        self._held: list[object] = []
+        self._hold = hold
+        self._gate = threading.Event()
+        real_post, real_state, real_release = agent.post_write, agent.write_state, nixl_backend.release
+
+        def post(*args: object) -> object:
+            handle = real_post(*args)
+            self.posted.append(handle)
+            if len(self._held) < self._hold:
+                self._held.append(handle)
+            return handle
+
+        def state(handle: object) -> str:
+            if not self._gate.is_set() and any(h is handle for h in self._held):
+                return "PROC"
+            return real_state(handle)
+
+        def release(handle: object) -> bool:
+            ok = real_release(handle)
+            if ok:
+                self.released.append(handle)
+            return ok
+
+        monkeypatch.setattr(agent, "post_write", post)
+        monkeypatch.setattr(agent, "write_state", state)
+        monkeypatch.setattr(nixl_backend, "release", release)
+
+    def wait_posted(self, count: int, timeout: float = 5.0) -> None:
+        end = time.monotonic() + timeout
+        while len(self.posted) < count:
+            assert time.monotonic() < end, f"{len(self.posted)} WRITEs posted, not {count}"
+            time.sleep(0.005)
+
+    def let_go(self) -> None:
+        self._gate.set()
+
+    def all_released(self) -> bool:
+        return len(self.released) == len(self.posted) and all(
+            any(r is h for r in self.released) for h in self.posted
+        )
+
+
+@NEEDS_NIXL
+def test_a_write_in_flight_blocks_neither_the_link_nor_other_rooms_and_chunks_keep_their_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = connect("nixl")
+    held = HeldWrites(p.sender, monkeypatch, hold=1)
+    try:
+        p.receiver.expect(1, p.peer, [1, 2])
+        p.receiver.expect(2, p.peer, [3])
+        p.sender.add_room(1)
+        p.sender.add_room(2)
+        wait_state(p.sender, 1, TransferState.WAITING_FOR_INPUT)
+        p.sender.send(1, [4], [1])  # held in flight
+        held.wait_posted(1)
+        p.sender.send(1, [5], [2], first_token=7)  # done at once, but goes after the held chunk
+        p.sender.send(2, [6], [3], first_token=8)
+        (done,) = wait_results(p.receiver)
+        assert done.room == 2 and done.ok and done.first_token == 8
+        # Longer than the heartbeat timeout: the I/O loop kept answering heartbeats meanwhile.
+        time.sleep(FAST.heartbeat_timeout * 1.3)
+        assert p.receiver.state(1) is TransferState.WAITING_FOR_INPUT, "the last chunk overtook the first"
+        assert list(p.sender.link_states().values()) == ["registered"]
+        assert list(p.receiver.link_states().values()) == ["registered"]
+        held.let_go()
+        (done,) = wait_results(p.receiver)
+        assert done.room == 1 and done.ok and done.first_token == 7
+        assert pages_equal(p.src, [4, 5, 6], p.dst, [1, 2, 3])
+        assert sorted(r.room for r in wait_results(p.sender, count=2) if r.ok) == [1, 2]
+        assert held.all_released() and len(held.posted) == 3
+    finally:
+        p.receiver.close()
+        p.sender.close()
+
+
+@NEEDS_NIXL
+@pytest.mark.parametrize("aborting_side", ["prefill", "decode"])
+def test_an_abort_during_a_write_is_reported_on_both_sides_only_once_the_write_stopped(
+    monkeypatch: pytest.MonkeyPatch, aborting_side: str
+) -> None:
+    p = connect("nixl")
+    held = HeldWrites(p.sender, monkeypatch, hold=1)
+    try:
+        p.receiver.expect(1, p.peer, [1, 2])
+        p.sender.add_room(1)
+        wait_state(p.sender, 1, TransferState.WAITING_FOR_INPUT)
+        p.sender.send(1, [4], [1])
+        held.wait_posted(1)
+        (p.sender if aborting_side == "prefill" else p.receiver).abort(1, "test abort")
+        # Neither side may reuse the pages while the WRITE may still read and write them.
+        assert p.sender.poll(timeout=0.3) == [] and p.receiver.poll(timeout=0.1) == []
+        held.let_go()
+        (on_prefill,) = wait_results(p.sender)
+        (on_decode,) = wait_results(p.receiver)
+        assert on_prefill.state is on_decode.state is TransferState.FAILED
+        assert "test abort" in (on_prefill.error or "") and "test abort" in (on_decode.error or "")
+        assert held.all_released()
+        assert list(p.sender.link_states().values()) == ["registered"]  # an abort keeps the link
+    finally:
+        p.receiver.close()
+        p.sender.close()
+
+
+@NEEDS_NIXL
+def test_writes_in_flight_to_a_lost_peer_are_cancelled_and_their_rooms_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = connect("nixl")
+    held = HeldWrites(p.sender, monkeypatch, hold=2)
+    try:
+        p.receiver.expect(1, p.peer, [1, 2])
+        p.sender.add_room(1)
+        wait_state(p.sender, 1, TransferState.WAITING_FOR_INPUT)
+        p.sender.send(1, [4], [1])
+        p.sender.send(1, [5], [2], first_token=3)
+        held.wait_posted(2)
+        p.receiver.close()  # silent from now on: the heartbeat drops the link
+        (failed,) = wait_results(p.sender, timeout=FAST.heartbeat_timeout * 4)
+        assert failed.state is TransferState.FAILED and "stopped answering" in (failed.error or "")
+        assert held.all_released()  # cancelled while NIXL still said in progress
+    finally:
         p.sender.close()
 
 

@@ -258,7 +258,7 @@ def test_a_decode_refusal_ends_the_request_on_the_prefill_side_whatever_the_orde
         ("num_kv_heads", 8),
         ("backend", "zmq"),
         ("protocol_version", 0),
-        ("tp_size", 2),
+        ("tp_rank", 1),
     ],
 )
 def test_registration_check_names_the_mismatching_field(field, value):
@@ -268,3 +268,10 @@ def test_registration_check_names_the_mismatching_field(field, value):
     error = check_peer(ours, theirs)
     assert error is not None and error.startswith(f"{field} mismatch") and repr(value) in error
     assert check_peer(ours, c.decodes[0].core.role.pairing.info) is None
+
+
+def test_registration_pairs_instances_of_different_tp_sizes_over_a_mapping_backend():
+    """The fake (and zmq) backend moves each instance's KV through its rank 0: sizes may differ."""
+    c = Cluster()
+    ours = c.prefills[0].core.role.pairing.info
+    assert check_peer(ours, with_layout(c.decodes[0].core.role.pairing.info, tp_size=2)) is None
