@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import cast
 
-from engine.parallel.group import SINGLE_RANK, ModelSplit, TensorParallel, close_tensor_parallel
-from engine.parallel.ranks import Handlers, join_tensor_parallel, refuse_tensor_parallel, run_follower
+from engine.parallel.group import SINGLE_RANK, TensorParallel
+from engine.parallel.ranks import Handlers, refuse_tensor_parallel, run_follower
 from engine.parallel.steps import FlushingRelay, Relay, StepRelay, make_relay
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import KVReceiver, TransferConfig, TransferError, layout_from_caches, make_backend
@@ -100,9 +100,7 @@ def start_decode(
     pool_layout = layout_from_caches(pool.k, model=worker.loaded.name, backend=backend)
     layout, lander = pool_layout, None
     if tp.size > 1:
-        model = worker.config
-        splits = [ModelSplit.of(model, tp.size, r) for r in range(tp.size)]
-        heads = InstanceHeads.of_splits(model.num_kv_heads, splits)
+        heads = InstanceHeads.of_splits(worker.config.num_kv_heads, tp.splits(worker.config))
         layout, lander = instance_layout(pool_layout, heads), HubLander(PagedCaches(pool.k, pool.v), heads)
     receiver = make_backend(
         backend,
@@ -145,8 +143,7 @@ def run_decode_worker(cfg: WorkerConfig) -> None:
         return
     with worker_process(cfg) as proc:
         proc.start(lambda: refuse_tensor_parallel(cfg))
-        tp = proc.start(lambda: join_tensor_parallel(cfg))
-        proc.exit_stack.callback(close_tensor_parallel, tp)
+        tp = proc.join_tensor_parallel(cfg)
         worker, receiver, lander = proc.start(lambda: start_decode(cfg, tp))
         receiver = proc.closing(receiver)
         results = receiver if lander is None else HeldResults(receiver, lander)

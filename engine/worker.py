@@ -302,6 +302,15 @@ class WorkerProcess:
             self._report_failure(f"{self.name}: start-up failed: {type(e).__name__}: {e}")
             raise
 
+    def join_tensor_parallel(self, cfg: WorkerConfig) -> TensorParallel:
+        """Rank 0's place in its instance's group (``SINGLE_RANK`` for one rank), left with the
+        others when the process ends."""
+        from engine.parallel.ranks import join_tensor_parallel
+
+        tp = self.start(lambda: join_tensor_parallel(cfg))
+        self.exit_stack.callback(close_tensor_parallel, tp)
+        return tp
+
     def closing(self, resource: C) -> C:
         """Close ``resource`` when the process ends: the last one registered first, all before the sockets."""
         return self.exit_stack.enter_context(contextlib.closing(resource))
@@ -394,15 +403,14 @@ def run_worker(cfg: WorkerConfig) -> None:
     """The worker process of a unified instance: start up (or report ``WorkerFailed`` and
     raise), report ready, serve until shutdown. A failing step ends the process (non-zero),
     which frees its memory; its scheduler fails the requests in flight."""
-    from engine.parallel.ranks import join_tensor_parallel, run_follower
+    from engine.parallel.ranks import run_follower
 
     if cfg.tp_rank > 0:
         run_follower(cfg)
         return
     faults = Faults.from_env()
     with worker_process(cfg) as proc:
-        tp = proc.start(lambda: join_tensor_parallel(cfg))
-        proc.exit_stack.callback(close_tensor_parallel, tp)
+        tp = proc.join_tensor_parallel(cfg)
         worker = proc.start(lambda: Worker.create(cfg.args, tp=tp))
         proc.announce_ready(worker.ready_message())
         proc.serve(StepHooks(with_step_faults(worker.step, faults)), make_relay(tp))

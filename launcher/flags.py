@@ -9,7 +9,7 @@ import dataclasses
 import os
 
 from launcher.supervisor import RestartPolicy
-from protocol.config import DEFAULT_MODEL_PATH, FlagChoices, Mode, ServerArgs, flag_name
+from protocol.config import DEFAULT_MODEL_PATH, WILDCARD_HOSTS, FlagChoices, Mode, ServerArgs, flag_name
 from protocol.dataplane import TP_MAPPING_BACKENDS
 from protocol.security import KEYGEN_HINT, ClusterKeys
 
@@ -138,7 +138,6 @@ LAUNCH_ONLY = (
 # Modes whose --host is handed to other processes to connect to (the front end's output address,
 # an instance's input and KV-transfer addresses), so it must name a reachable interface.
 ADVERTISED_MODES = (Mode.PREFILL, Mode.DECODE, Mode.FRONTEND)
-WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "*")
 
 
 def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:

@@ -63,10 +63,7 @@ class DelayedSender(KVSender):
             due, send = item
             time.sleep(max(due - time.monotonic(), 0.0))
             *args, staged = send
-            if staged is None:
-                self._sender.send(*args)
-            else:
-                self._sender.send(*args, staged=staged)
+            self._sender.send(*args, staged=staged)
 
     def close(self) -> None:
         self._queue.put(None)

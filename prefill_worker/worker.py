@@ -22,8 +22,8 @@ from typing import cast
 
 import torch
 
-from engine.parallel.group import SINGLE_RANK, ModelSplit, TensorParallel, close_tensor_parallel
-from engine.parallel.ranks import Handlers, join_tensor_parallel, refuse_tensor_parallel, run_follower
+from engine.parallel.group import SINGLE_RANK, TensorParallel
+from engine.parallel.ranks import Handlers, refuse_tensor_parallel, run_follower
 from engine.parallel.steps import gather_to_driver, make_relay
 from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
 from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, layout_from_caches, make_backend
@@ -57,8 +57,7 @@ def kv_layout(worker: Worker, backend: str) -> KVLayout:
 
 def instance_heads(worker: Worker, tp: TensorParallel) -> InstanceHeads:
     """Which KV heads each rank of this worker's instance holds."""
-    cfg = worker.config
-    return InstanceHeads.of_splits(cfg.num_kv_heads, [ModelSplit.of(cfg, tp.size, r) for r in range(tp.size)])
+    return InstanceHeads.of_splits(worker.config.num_kv_heads, tp.splits(worker.config))
 
 
 class StagedSends:
@@ -119,11 +118,10 @@ class PrefillWorker:
                     continue
                 first_token = sampled[send.slot] if send.last else None
                 first_logprob = token_logprob(result, result.slots.index(send.slot)) if send.last else None
-                args = (send.room, send.src_pages, send.dst_pages, first_token, first_logprob)
-                if staged is None:
-                    self.sender.send(*args)
-                else:
-                    self.sender.send(*args, staged=staged[i])
+                pages = None if staged is None else staged[i]
+                self.sender.send(
+                    send.room, send.src_pages, send.dst_pages, first_token, first_logprob, staged=pages
+                )
         return result
 
     def _open(self, room: int) -> bool:
@@ -182,8 +180,7 @@ def run_prefill_worker(cfg: WorkerConfig) -> None:
     with worker_process(cfg) as proc:
         faults = proc.start(Faults.from_env)
         proc.start(lambda: refuse_tensor_parallel(cfg))
-        tp = proc.start(lambda: join_tensor_parallel(cfg))
-        proc.exit_stack.callback(close_tensor_parallel, tp)
+        tp = proc.join_tensor_parallel(cfg)
         worker, sender = proc.start(lambda: start_prefill(cfg, tp))
         sender = proc.closing(sender)
         if (faulty := with_faults(sender, faults, cfg.name)) is not sender:

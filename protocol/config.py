@@ -32,6 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # (protocol.model_source.PACKAGED_MODELS). The tiny random model is `pdserve-embedded-llama`.
 DEFAULT_MODEL_PATH = "smollm2-135m-instruct"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # any socket that faces a client or a peer
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "*")  # "every interface": never an address to hand out
 
 
 class Mode(StrEnum):
@@ -274,7 +275,7 @@ def split_host_port(addr: str) -> tuple[str, int]:
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--dist-init-addr must be HOST:PORT (an address of node 0, a port); got {addr!r}")
-    if host in ("0.0.0.0", "::", "*"):
+    if host in WILDCARD_HOSTS:
         raise ValueError(
             f"--dist-init-addr {addr}: give the address of node 0 the other nodes reach, not a wildcard "
             "(rank 0's store listens there only)"

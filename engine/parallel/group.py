@@ -120,6 +120,10 @@ class TensorParallel:
     def split(self, cfg: ModelConfig) -> ModelSplit:
         return ModelSplit.of(cfg, self.size, self.rank)
 
+    def splits(self, cfg: ModelConfig) -> list[ModelSplit]:
+        """Every rank's split, by rank."""
+        return [ModelSplit.of(cfg, self.size, rank) for rank in range(self.size)]
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place (every rank gets the same bits)."""
         dist.all_reduce(x, group=self.group)
