@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine import cpu_env
 from launcher.children import (  # noqa: F401 (Child: part of launch's API)
     REPO_ROOT,
     Child,
@@ -106,9 +107,10 @@ def start_instance(
     )
     worker = WorkerConfig(args=args, name=name, role=role, addrs=addrs)
     scheduler = SchedulerConfig(args=args, name=name, role=role, addrs=addrs)
-    env = {FAULTS_ENV: ""} if restart else None
+    env = {FAULTS_ENV: ""} if restart else {}
     ranks = worker.tensor_parallel_ranks(directory)  # one worker process per --tp-size rank of this node
-    workers = [spawn(rank.process_name, WORKER_PACKAGES[role], rank, env) for rank in ranks]
+    worker_env = {**cpu_env.worker_environment(), **env}
+    workers = [spawn(rank.process_name, WORKER_PACKAGES[role], rank, worker_env) for rank in ranks]
     if args.node_rank > 0:
         return workers
     return [*workers, spawn(f"{name}-scheduler", "scheduler_proc", scheduler, env)]

@@ -1,8 +1,9 @@
 """Paged decode attention on the CPU, the candidates side by side on one layer's worth of work:
-the padded reference (``decode_attention_ref``), the bucketed CPU kernel
-(``engine.kernels.cpu``, what serves), and torch's fused CPU SDPA over each request's gathered
-pages (per request, and per padded bucket with a mask). CPU time per layer (process time, one
-thread unless ``--threads``), and each one's largest difference from the reference.
+the padded reference (``decode_attention_ref``), the Numba kernel that serves
+(``engine.kernels.cpu_decode``), the bucketed gather-and-bmm kernel it replaced, and torch's fused
+CPU SDPA over each request's gathered pages (per request, and per padded bucket with a mask).
+CPU time per layer (process time, one thread unless ``--threads``), and each one's largest
+difference from the reference.
 
     python -m bench.cpu_attention                       # SmolLM2's shape: 9 / 3 heads, 64 requests
     python -m bench.cpu_attention --tiny                # a smoke run; its numbers mean nothing
@@ -14,13 +15,15 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from engine.cpu_env import tune_malloc
-from engine.kernels import cpu
+from engine.kernels.cpu_decode import decode_attention_cpu, warm_up
 from engine.kernels.reference import decode_attention_ref
 
 
@@ -53,30 +56,91 @@ def sdpa_per_request(q, k_cache, v_cache, page_table, seq_lens, sm_scale):
     return out
 
 
-def sdpa_per_bucket(q, k_cache, v_cache, page_table, seq_lens, sm_scale):
-    """The CPU kernel's buckets, each through fused SDPA with a padding mask."""
+BUCKET_COST_TOKENS = 256  # one more bucket's fixed cost, in padded tokens (measured)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Rows of the batch attended together, padded to the bucket's longest row."""
+
+    rows: torch.Tensor  # [n] int64
+    pages: torch.Tensor  # [n * num_pages] int64, each row's first num_pages pages (0 where unused)
+    beyond: torch.Tensor | None  # [n, 1, num_pages * page_size] bool: past the row's length
+
+
+def buckets(
+    page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+) -> tuple[list[Bucket], torch.Tensor]:
+    """The batch sorted by length and cut greedily where padding a row to the bucket's longest
+    costs more than a new bucket: (buckets, the permutation that restores batch order)."""
+    lengths = seq_lens.tolist()
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    cuts, start, top = [], 0, 0
+    for i, row in enumerate(order):
+        padded = -(-lengths[row] // page_size) * page_size
+        if i > start and (i - start) * (padded - top) > BUCKET_COST_TOKENS:
+            cuts.append((start, i))
+            start = i
+        top = padded
+    cuts.append((start, len(order)))
+    out = []
+    for lo, hi in cuts:
+        rows = torch.tensor(order[lo:hi])
+        lens = seq_lens[rows].long()
+        num_pages = max(1, -(-int(lens.max()) // page_size))
+        used = torch.arange(num_pages)[None, :] * page_size < lens[:, None]
+        pages = torch.where(used, page_table[rows, :num_pages].long(), 0).reshape(-1)
+        beyond = (torch.arange(num_pages * page_size)[None, :] >= lens[:, None]).unsqueeze(1)
+        out.append(Bucket(rows, pages, beyond))
+    return out, torch.tensor(order).argsort()
+
+
+def buckets_bmm(q, k_cache, v_cache, page_table, seq_lens, sm_scale):
+    """The CPU kernel before Numba: per bucket one gather of its pages, upcast to float32, and
+    per KV head two batched matmuls over strided views with a masked softmax between them."""
     page_size, kv_heads, head_dim = k_cache.shape[1:]
-    plan = cpu.plan_decode(page_table, seq_lens, page_size)
+    group = q.shape[1] // kv_heads
     outs = []
-    for b in plan.buckets:
+    parts, unsort = buckets(page_table, seq_lens, page_size)
+    for b in parts:
+        n = b.rows.numel()
+        k = k_cache.index_select(0, b.pages).view(n, -1, kv_heads * head_dim).float()
+        v = v_cache.index_select(0, b.pages).view(n, -1, kv_heads * head_dim).float()
+        qb = q.index_select(0, b.rows).view(n, kv_heads, group, head_dim).float()
+        out = torch.empty(n, kv_heads, group, head_dim, dtype=q.dtype)
+        for h in range(kv_heads):
+            cols = slice(h * head_dim, (h + 1) * head_dim)
+            scores = torch.bmm(qb[:, h], k[:, :, cols].transpose(1, 2)).mul_(sm_scale)
+            probs = torch.softmax(scores.masked_fill_(b.beyond, float("-inf")), dim=-1)
+            out[:, h] = torch.bmm(probs, v[:, :, cols])
+        outs.append(out.view(n, -1, head_dim))
+    return torch.cat(outs)[unsort]
+
+
+def sdpa_per_bucket(q, k_cache, v_cache, page_table, seq_lens, sm_scale):
+    """The same buckets, each through fused SDPA with a padding mask."""
+    page_size, kv_heads, head_dim = k_cache.shape[1:]
+    outs = []
+    parts, unsort = buckets(page_table, seq_lens, page_size)
+    for b in parts:
         n = b.rows.numel()
         k = k_cache.index_select(0, b.pages).view(n, -1, kv_heads, head_dim).transpose(1, 2)
         v = v_cache.index_select(0, b.pages).view(n, -1, kv_heads, head_dim).transpose(1, 2)
-        mask = None if b.beyond is None else ~b.beyond[:, :, None, :]
         attended = F.scaled_dot_product_attention(
-            q[b.rows][:, :, None], k, v, attn_mask=mask, scale=sm_scale, enable_gqa=True
+            q[b.rows][:, :, None], k, v, attn_mask=~b.beyond[:, :, None, :], scale=sm_scale, enable_gqa=True
         )
         outs.append(attended[:, :, 0])
-    out = torch.cat(outs)
-    return out if plan.unsort is None else out[plan.unsort]
+    return torch.cat(outs)[unsort]
 
 
-CANDIDATES: dict[str, Callable[..., torch.Tensor]] = {
-    "reference (padded batch)": decode_attention_ref,
-    "cpu kernel (buckets, bmm)": cpu.decode_attention_cpu,
-    "fused SDPA per request": sdpa_per_request,
-    "fused SDPA per bucket (masked)": sdpa_per_bucket,
-}
+def candidates(threads: int) -> dict[str, Callable[..., torch.Tensor]]:
+    return {
+        "reference (padded batch)": decode_attention_ref,
+        "cpu kernel (Numba, in place)": partial(decode_attention_cpu, threads=threads),
+        "buckets, gather + bmm (before)": buckets_bmm,
+        "fused SDPA per request": sdpa_per_request,
+        "fused SDPA per bucket (masked)": sdpa_per_bucket,
+    }
 
 
 def cpu_ms(fn: Callable[[], torch.Tensor], reps: int) -> float:
@@ -100,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     batch, lengths, reps = (4, (3, 40), 1) if args.tiny else (64, (64, 512), args.reps)
     rows = []
     for dtype in args.dtype:
+        warm_up(getattr(torch, dtype), threads=args.threads)
         inputs = make_inputs(batch, lengths, (9, 3), 64, 16, getattr(torch, dtype))
         ref = decode_attention_ref(**inputs).float()
-        for name, fn in CANDIDATES.items():
+        for name, fn in candidates(args.threads).items():
             ms = cpu_ms(lambda fn=fn, inputs=inputs: fn(**inputs), reps)
             err = (fn(**inputs).float() - ref).abs().max().item()
             rows.append({"dtype": dtype, "candidate": name, "cpu_ms_per_layer": ms, "max_abs_diff": err})

@@ -1,11 +1,14 @@
 """The process settings of a worker that computes on the CPU, applied once at start-up.
 
-- **Threads.** torch's intra-op pool spins between ops; with as many threads as cores, a busy
-  machine (or the instance's own scheduler and front end) preempts one of them and every op
-  waits for it: measured 10–50× slower steps. ``--cpu-omp-threads N`` (or the environment's
-  ``PDSERVE_CPU_OMP_THREADS``, or the older ``PDSERVE_TORCH_THREADS``) sets the count; by
-  default ``physical cores − the cores left to the other processes``, at least 1, where the
-  other processes get one core below 8 cores and two from 8 (``default_threads``).
+- **Threads.** By default a thread per physical core, two cores left to the scheduler and front
+  end from 8 cores (``default_threads``); ``--cpu-omp-threads N`` (or the environment's
+  ``PDSERVE_CPU_OMP_THREADS``, or the older ``PDSERVE_TORCH_THREADS``) sets the count. OpenMP
+  threads that wait at the end of an op **sleep** (``OMP_WAIT_POLICY=PASSIVE``, put in every
+  worker's environment by the launcher: ``worker_environment``) instead of spinning: with the
+  default spin, a thread per core beside one busy process cost 10× the CPU per token (318
+  against 30 CPU-ms, tests/e2e/test_cpu_busy_machine.py), with sleeping threads 0.9× (24 against
+  26); on a quiet 2-core machine two sleeping threads gave 1.45× the tokens/s of one thread and
+  4% less than two spinning ones (bench/results/).
 - **The allocator.** A step allocates and frees the same large activations layer after layer;
   glibc hands blocks above its mmap threshold back to the kernel at once, and every new one is
   paid again in page faults (on this VM a 14 MB gather took 10× longer than the copy itself).
@@ -27,6 +30,7 @@ from pathlib import Path
 logger = logging.getLogger("pdserve.worker")
 
 THREADS_ENV = "PDSERVE_CPU_OMP_THREADS"
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"  # read by libgomp as torch loads it: set before the process starts
 LEGACY_THREADS_ENV = "PDSERVE_TORCH_THREADS"  # what tests and older scripts set
 CPU_MEMORY_SHARE = 0.25  # of MemAvailable × mem_fraction_static: the default CPU pool budget
 FALLBACK_AVAILABLE_BYTES = 4 << 30  # where /proc/meminfo cannot be read
@@ -60,10 +64,16 @@ def physical_cores(cpus: set[int]) -> int:
 
 
 def default_threads(cores: int) -> int:
-    """Threads for the worker: the physical cores minus those left to the scheduler, the front
-    end and the rest of the machine (1 below 8 cores, 2 from 8), at least 1."""
-    reserved = 1 if cores < 8 else 2
+    """Threads for the worker: every physical core below 8 (the scheduler and front end wake
+    rarely, and the worker's threads sleep while they do), two cores left to them from 8."""
+    reserved = 0 if cores < 8 else 2
     return max(1, cores - reserved)
+
+
+def worker_environment(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    """What the launcher adds to a worker process's environment: sleeping OpenMP waits, unless
+    the user chose a policy."""
+    return {} if environ.get(WAIT_POLICY_ENV) else {WAIT_POLICY_ENV: "PASSIVE"}
 
 
 def choose_threads(flag: int | None, environ: dict[str, str] | os._Environ = os.environ) -> tuple[int, str]:
@@ -88,7 +98,8 @@ def apply_threads(flag: int | None) -> int:
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # already set, or the pool already started
         torch.set_num_interop_threads(1)
-    logger.info("CPU: %d torch threads (%s)", threads, source)
+    logger.info("CPU: %d torch threads (%s), OpenMP wait policy %s", threads, source,
+                os.environ.get(WAIT_POLICY_ENV, "libgomp's default (spin)"))
     return threads
 
 

@@ -1,8 +1,9 @@
 """The kernels of a decoder layer, matmuls included, picked once at start-up.
 
 ``--attention-backend cpu`` runs ``engine.kernels.cpu``: paged attention that reads only the
-pages each request owns, planned once per step (``plan_attention``), torch's fused RMSNorm in
-float32, and ``F.linear`` (oneDNN: AVX-512 / AVX512-BF16 / AMX where the CPU has them).
+pages each request owns (decode compiled by Numba: ``engine.kernels.cpu_decode``), planned once
+per step (``plan_attention``), torch's fused RMSNorm in float32, and ``F.linear`` (oneDNN:
+AVX-512 / AVX512-BF16 / AMX where the CPU has them).
 ``torch`` runs the plain-torch references of ``engine.kernels.reference``
 (the CPU path, and the oracle) and ``F.linear``; ``triton`` runs our Triton kernels: RMSNorm
 with the residual add fused in, SiLU-and-mul, rotary embedding fused into the KV store, paged
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -48,6 +50,8 @@ class KernelBackend:
     decode_attention: DecodeAttentionFn
     # the once-per-step part of attention (the runner stores it in AttentionMetadata.plan)
     plan_attention: PlanAttentionFn | None = None
+    # (KV pool dtype) -> None: compiles what decode attention needs, at start-up
+    warm_up_decode: Callable[[torch.dtype], None] | None = None
 
 
 def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
@@ -58,8 +62,10 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"--attention-backend cpu runs on the CPU, not on {device}")
-        from engine.kernels import cpu
+        from engine.kernels import cpu, cpu_decode
         from engine.kernels.reference import rotary_store_kv_ref
+
+        threads = torch.get_num_threads()  # the worker set it at start-up (engine.cpu_env)
 
         return KernelBackend(
             "cpu",
@@ -68,8 +74,9 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
             cpu.silu_and_mul_cpu,
             rotary_store_kv_ref,
             cpu.extend_attention_cpu,
-            cpu.decode_attention_cpu,
+            partial(cpu_decode.decode_attention_cpu, threads=threads),
             cpu.plan_attention,
+            partial(cpu_decode.warm_up, threads=threads),
         )
     if name == "torch":
         from engine.kernels import reference as ref

@@ -9,11 +9,17 @@ from engine import cpu_env
 from engine.kv_pool import PoolSizing
 
 
-def test_default_threads_leave_cores_to_the_other_processes() -> None:
+def test_default_threads_take_every_core_below_8_and_leave_two_from_8() -> None:
     assert cpu_env.default_threads(1) == 1
-    assert cpu_env.default_threads(2) == 1
-    assert cpu_env.default_threads(4) == 3
+    assert cpu_env.default_threads(2) == 2
+    assert cpu_env.default_threads(4) == 4
+    assert cpu_env.default_threads(8) == 6
     assert cpu_env.default_threads(16) == 14
+
+
+def test_workers_wait_asleep_unless_the_user_chose_a_policy() -> None:
+    assert cpu_env.worker_environment({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert cpu_env.worker_environment({"OMP_WAIT_POLICY": "ACTIVE"}) == {}
 
 
 def test_thread_count_comes_from_the_flag_then_the_environment_then_the_default() -> None:
