@@ -2,6 +2,10 @@
 support, the weights through the ``gguf`` library, dequantized to float32 and renamed to the
 Hugging Face names that ``weights.load_hf_weights`` maps onto our parameters.
 
+Reading the file's metadata is most of a start-up (the tokenizer's fields): the config and the
+layout of the tensors (type, array dtype and shape, file offset) are derived once per version of
+the file and kept (``protocol.derived_cache``); the tensors are then mapped from the file.
+
 llama.cpp's converter permutes the rows of the Q and K projections of ``llama`` models (its
 rotary embedding pairs neighbouring dimensions, Hugging Face's pairs the two halves of a head);
 ``unpermute_rotary_rows`` undoes it exactly as transformers does
@@ -10,6 +14,7 @@ rotary embedding pairs neighbouring dimensions, Hugging Face's pairs the two hal
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.models.config import ModelConfig
+from protocol.derived_cache import derived_json
 
 # transformers' model_type of a GGUF llama file → our architecture name (transformers calls a
 # llama file whose general.name mentions mistral "mistral")
@@ -28,11 +34,7 @@ INSTALL_HINT = "loading a GGUF file needs the gguf and transformers packages (pi
 
 def gguf_model_config(path: str) -> ModelConfig:
     """The model's config from the file's metadata, parsed by transformers' GGUF support."""
-    try:
-        from transformers import AutoConfig
-    except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
-    hf = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path)).to_dict()
+    hf = derived_json(path, "gguf-config", lambda: _read_config(path))
     model_type = hf.get("model_type")
     if model_type not in GGUF_ARCHITECTURES:
         supported = ", ".join(GGUF_ARCHITECTURES)
@@ -46,19 +48,45 @@ def iter_gguf_weights(
     """Every tensor of the file, dequantized to float32, under its Hugging Face name (one of
     ``hf_names``, the checkpoint names of ``cfg``)."""
     try:
-        from gguf import GGUFReader, dequantize
+        from gguf import GGMLQuantizationType, dequantize
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    layout = derived_json(path, "gguf-tensors", lambda: _read_tensor_layout(path))
+    names = gguf_to_hf_names(layout["architecture"], cfg.num_layers, hf_names)
+    for tensor in layout["tensors"]:
+        hf_name = names.get(tensor["name"])
+        if hf_name is None:  # e.g. Llama 3.1's rope_freqs: refused rather than served wrong
+            raise ValueError(f"GGUF file has a tensor this engine does not load: {tensor['name']!r}")
+        data = np.memmap(path, np.dtype(tensor["dtype"]), "r", tensor["offset"], tuple(tensor["shape"]))
+        quant = GGMLQuantizationType(tensor["type"])
+        # F32 tensors come back as read-only views of the mapped file: copy those
+        weight = torch.from_numpy(np.require(dequantize(data, quant), np.float32, "W"))
+        yield hf_name, _unpermuted(hf_name, weight, cfg)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        from transformers import AutoConfig
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    config = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    return json.loads(config.to_json_string(use_diff=False))
+
+
+def _read_tensor_layout(path: str) -> dict[str, Any]:
+    """The file's architecture, and per tensor its name, type, array dtype and shape (as
+    ``gguf`` maps it) and offset in the file."""
+    try:
+        from gguf import GGUFReader
     except ImportError as e:
         raise ImportError(INSTALL_HINT) from e
     reader = GGUFReader(path)
-    architecture = _file_architecture(reader)
-    names = gguf_to_hf_names(architecture, cfg.num_layers, hf_names)
-    for tensor in reader.tensors:
-        hf_name = names.get(tensor.name)
-        if hf_name is None:  # e.g. Llama 3.1's rope_freqs: refused rather than served wrong
-            raise ValueError(f"GGUF file has a tensor this engine does not load: {tensor.name!r}")
-        # F32 tensors come back as read-only views of the mapped file: copy those
-        weight = torch.from_numpy(np.require(dequantize(tensor.data, tensor.tensor_type), np.float32, "W"))
-        yield hf_name, _unpermuted(hf_name, weight, cfg)
+    tensors = [
+        {"name": t.name, "type": int(t.tensor_type), "dtype": t.data.dtype.str, "shape": list(t.data.shape),
+         "offset": int(t.data_offset)}
+        for t in reader.tensors
+    ]
+    return {"architecture": _file_architecture(reader), "tensors": tensors}
 
 
 def gguf_to_hf_names(architecture: str, num_layers: int, hf_names: Iterable[str]) -> dict[str, str]:

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from protocol.config import EMBEDDED, EmbeddedModel
+from protocol.derived_cache import derived_json
 from protocol.model_source import ModelFormat, resolve_model
 from tokenizer_proc.chat_template import TOKEN_KEYS
 
@@ -124,19 +125,18 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_gguf(cls, path: str) -> HFTokenizer:
         """The tokenizer transformers builds from a GGUF file's metadata (its fast tokenizer's
-        ``tokenizers.Tokenizer``), with the file's BOS/EOS ids and chat template."""
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as e:
-            raise ImportError("a GGUF model's tokenizer needs transformers and gguf (pdserve[gguf])") from e
-        hf = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        ``tokenizers.Tokenizer``), with the file's BOS/EOS ids and chat template; built once
+        per version of the file and kept (``protocol.derived_cache``: the build takes seconds)."""
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        kept = derived_json(path, "gguf-tokenizer", lambda: _gguf_tokenizer_parts(path))
         return cls(
-            hf.backend_tokenizer,
-            bos_token_id=hf.bos_token_id,
-            add_bos=bool(getattr(hf, "add_bos_token", False)),
-            eos_token_ids=_as_ids(hf.eos_token_id),
-            chat_template=hf.chat_template if isinstance(hf.chat_template, str) else None,
-            special_tokens={k: v for k in TOKEN_KEYS if isinstance(v := getattr(hf, k, None), str)},
+            BackendTokenizer.from_str(kept["tokenizer"]),
+            bos_token_id=kept["bos_token_id"],
+            add_bos=kept["add_bos"],
+            eos_token_ids=kept["eos_token_ids"],
+            chat_template=kept["chat_template"],
+            special_tokens=kept["special_tokens"],
         )
 
     def encode(self, text: str) -> list[int]:
@@ -167,6 +167,22 @@ def load_tokenizer(model_path: str) -> Tokenizer:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _gguf_tokenizer_parts(path: str) -> dict[str, Any]:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError("a GGUF model's tokenizer needs transformers and gguf (pdserve[gguf])") from e
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    return {
+        "tokenizer": hf.backend_tokenizer.to_str(),
+        "bos_token_id": hf.bos_token_id,
+        "add_bos": bool(getattr(hf, "add_bos_token", False)),
+        "eos_token_ids": _as_ids(hf.eos_token_id),
+        "chat_template": hf.chat_template if isinstance(hf.chat_template, str) else None,
+        "special_tokens": {k: v for k in TOKEN_KEYS if isinstance(v := getattr(hf, k, None), str)},
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:

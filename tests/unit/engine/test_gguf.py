@@ -18,6 +18,7 @@ from engine.gguf import gguf_model_config, gguf_to_hf_names, iter_gguf_weights, 
 from engine.models.config import ModelConfig
 from engine.weights import hf_weight_shapes, random_hf_state_dict
 from engine.worker import Worker
+from protocol import derived_cache
 from protocol.model_source import PACKAGED_MODELS, ModelFormat, resolve_model
 from tests.unit.engine.engine_driver import driver_for, greedy, small_args
 from tokenizer_proc.chat_template import ChatTemplate, load_chat_template
@@ -70,9 +71,11 @@ def write_gguf(path: Path, tensors: dict[str, torch.Tensor], arch: str = "llama"
     writer.close()
 
 
-def test_small_file_round_trips_to_hugging_face_names_and_layout(tmp_path: Path) -> None:
+def test_small_file_round_trips_to_hugging_face_names_and_layout(tmp_path: Path, monkeypatch) -> None:
     """Hugging Face weights written as llama.cpp writes them (GGUF names, Q/K rows permuted)
-    load back as they were; 8 query heads over 2 KV heads."""
+    load back as they were; 8 query heads over 2 KV heads. Twice: read from the file's
+    metadata, then through the kept layout (protocol.derived_cache)."""
+    monkeypatch.setenv(derived_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
     cfg = dataclasses.replace(ModelConfig.embedded(), num_layers=2)
     hf = random_hf_state_dict(cfg, seed=3)
     names = {h: g for g, h in gguf_to_hf_names("llama", cfg.num_layers, hf).items()}
@@ -85,10 +88,12 @@ def test_small_file_round_trips_to_hugging_face_names_and_layout(tmp_path: Path)
         on_disk[names[name]] = tensor
     assert names["model.layers.1.self_attn.k_proj.weight"] == "blk.1.attn_k.weight"
     write_gguf(tmp_path / "tiny.gguf", on_disk)
-    loaded = dict(iter_gguf_weights(str(tmp_path / "tiny.gguf"), cfg, hf_weight_shapes(cfg)))
-    assert sorted(loaded) == sorted(hf)
-    for name, tensor in hf.items():
-        assert torch.equal(loaded[name], tensor), name
+    for _ in range(2):
+        loaded = dict(iter_gguf_weights(str(tmp_path / "tiny.gguf"), cfg, hf_weight_shapes(cfg)))
+        assert sorted(loaded) == sorted(hf)
+        for name, tensor in hf.items():
+            assert torch.equal(loaded[name], tensor), name
+    assert len(list((tmp_path / "cache").glob("gguf-tensors-*.json"))) == 1
 
 
 def test_unknown_tensors_and_architectures_are_refused(tmp_path: Path) -> None:
