@@ -9,7 +9,7 @@ into a [B, Hq, max_len] float32 buffer, -inf past each row's length), torch's so
 its query group). Pages are walked a page at a time, so no division per position.
 
 bf16 pools are passed as their uint16 bit patterns (numpy has no bfloat16) and widened to
-float32 in registers by ``_bf16_to_f32`` (a shift: bf16 is the top half of a float32), which
+float32 in registers by ``_widen`` (a shift: bf16 is the top half of a float32), which
 LLVM vectorizes with the dot products. Measured on the 2-core EPYC, one thread, SmolLM2's
 9 / 3 heads, 64 requests of 64–512 tokens (``python -m bench.cpu_attention``,
 bench/results/cpu_attention-2026-12-05.json): 3.7 CPU-ms per layer in bf16 and 4.7 in float32,
@@ -155,8 +155,9 @@ def decode_attention_cpu(
 
 def warm_up(dtype: torch.dtype, *, threads: int = 1) -> None:
     """Compile (or load from the cache) the kernels for a pool of ``dtype``: at start-up, not in
-    the first decode step."""
-    q = torch.zeros(1, 1, 8, dtype=dtype)
+    the first decode step. Numba compiles per array layout: q as a contiguous tensor and as the
+    strided view of the fused QKV projection that the model passes."""
     pool = torch.zeros(2, 1, 1, 8, dtype=dtype)
-    one = torch.ones(1, dtype=torch.int32)
-    decode_attention_cpu(q, pool, pool, torch.ones(1, 1, dtype=torch.int32), one, 1.0, threads=threads)
+    table, lens = torch.ones(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    for q in (torch.zeros(2, 1, 8, dtype=dtype), torch.zeros(2, 3, 8, dtype=dtype)[:, :1]):
+        decode_attention_cpu(q, pool, pool, table, lens, 1.0, threads=threads)
