@@ -13,5 +13,4 @@ from tests.unit.kvtransfer.kv_helpers import CPU_BACKENDS, Pair, connect
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     p = connect(request.param)
     yield p
-    p.receiver.close()
-    p.sender.close()
+    p.close()

@@ -84,6 +84,10 @@ class Pair:
     src: Pool
     dst: Pool
 
+    def close(self) -> None:
+        self.receiver.close()
+        self.sender.close()
+
 
 def connect(backend: str, config: TransferConfig = FAST) -> Pair:
     src, dst = pool(seed=0), pool()

@@ -113,8 +113,7 @@ def test_each_non_final_state_times_out(backend: str) -> None:
         assert "timed out in TRANSFERRING" in decode[3] + prefill[3]
         assert set(prefill) == {2, 3}  # room 1 was never added on the prefill side: not reported
     finally:
-        p.receiver.close()
-        p.sender.close()
+        p.close()
 
 
 def test_duplicate_rooms_are_refused(pair: Pair) -> None:

@@ -16,8 +16,7 @@ from tests.unit.kvtransfer.kv_helpers import FAST, Pair, connect, layout, pages_
 def fake() -> Iterator[Pair]:
     p = connect("fake")
     yield p
-    p.receiver.close()
-    p.sender.close()
+    p.close()
 
 
 def faults(p: Pair):

@@ -89,8 +89,7 @@ def test_a_link_lost_on_both_sides_heals_by_itself(stalled: str) -> None:
             assert failed.room == 1 and failed.state == TransferState.FAILED
         assert transfer_succeeds(p, 2, deadline_s=5.0) < 5.0  # no register() call needed
     finally:
-        p.receiver.close()
-        p.sender.close()
+        p.close()
 
 
 def test_first_token_and_logprob_travel_together(pair: Pair) -> None:

@@ -182,8 +182,7 @@ def test_a_failing_write_fails_its_room_drops_the_link_and_the_link_heals(
         assert result.ok and result.first_token == 8
         assert pages_equal(p.src, [7], p.dst, [6])
     finally:
-        p.receiver.close()
-        p.sender.close()
+        p.close()
 
 
 class HeldWrites:
@@ -266,8 +265,7 @@ def test_a_write_in_flight_blocks_neither_the_link_nor_other_rooms_and_chunks_ke
         assert sorted(r.room for r in wait_results(p.sender, count=2) if r.ok) == [1, 2]
         assert held.all_released() and len(held.posted) == 3
     finally:
-        p.receiver.close()
-        p.sender.close()
+        p.close()
 
 
 @NEEDS_NIXL
@@ -294,8 +292,7 @@ def test_an_abort_during_a_write_is_reported_on_both_sides_only_once_the_write_s
         assert held.all_released()
         assert list(p.sender.link_states().values()) == ["registered"]  # an abort keeps the link
     finally:
-        p.receiver.close()
-        p.sender.close()
+        p.close()
 
 
 @NEEDS_NIXL
@@ -360,5 +357,4 @@ def test_idle_sides_burn_no_cpu() -> None:
         idle = time.process_time() - start
         assert idle < 0.1, f"both sides together used {idle:.3f} s of CPU in 1 s of idling"
     finally:
-        p.receiver.close()
-        p.sender.close()
+        p.close()

@@ -251,8 +251,7 @@ def test_sender_ignores_frames_for_unknown_rooms() -> None:
         assert wait_results(p.receiver)[0].first_token == 4
         assert torch.equal(p.dst[0][0][1], p.src[0][0][2])
     finally:
-        p.receiver.close()
-        p.sender.close()
+        p.close()
 
 
 def test_a_decode_peer_dropped_as_dead_learns_it_and_registers_again() -> None:
