@@ -163,6 +163,10 @@ class Agent:
             log.debug("ignoring %d NIXL notifications from %s", len(notes), peer)
 
     def close(self) -> None:
+        """Deregister the pool and destroy the NIXL agent now. Left to the garbage collector, the
+        agent (in a reference cycle of its owners) was destroyed at a random later moment, and
+        UCX's worker teardown then completed WRITEs still queued to a dead peer against memory
+        registrations already gone: a segmentation fault in whichever thread collected it."""
         if self._closed:
             return
         self._closed = True
@@ -171,6 +175,7 @@ class Agent:
             self._agent.deregister_memory(self._registered)
         except Exception as e:  # closing must not raise; the process may be going away
             log.warning("NIXL agent %s: deregistering the KV pool failed: %s", self.name, e)
+        self._agent = self._local = self._registered = None  # NIXL's handles keep its agent alive
 
 
 def release(handle: Any) -> bool:

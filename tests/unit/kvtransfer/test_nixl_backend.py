@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +359,19 @@ def test_idle_sides_burn_no_cpu() -> None:
         assert idle < 0.1, f"both sides together used {idle:.3f} s of CPU in 1 s of idling"
     finally:
         p.close()
+
+
+@NEEDS_NIXL
+def test_closing_both_sides_destroys_their_agents_at_once() -> None:
+    """Left to the garbage collector, an agent that had WRITEs queued to a dead peer crashed the
+    process at a random later moment (UCX completing them against deregistered memory)."""
+    p = connect("nixl")
+    # the C++ agents: every handle NIXL gives out holds one, not only the Python nixl_agent
+    agents = [weakref.ref(p.sender._nixl._agent._agent.agent),  # type: ignore[attr-defined]
+              weakref.ref(p.receiver._nixl.agent._agent.agent)]  # type: ignore[attr-defined]
+    p.receiver.expect(1, p.peer, [1])
+    p.sender.add_room(1)
+    p.sender.send(1, [2], [1], first_token=3)
+    assert wait_results(p.receiver)[0].ok and wait_results(p.sender)[0].ok
+    p.close()
+    assert [a() for a in agents] == [None, None]
