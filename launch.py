@@ -34,17 +34,13 @@ from engine import cpu_env
 from launcher.children import (  # noqa: F401 (Child: part of launch's API)
     REPO_ROOT,
     Child,
-    both,
-    frontend_probe,
-    http_probe,
     instance_probe,
     spawn,
-    spawn_module,
 )
 from launcher.flags import flag_choices, parse_args  # noqa: F401 (flag_choices: part of launch's API)
+from launcher.frontends import bind_http, start_frontends
 from launcher.supervisor import InstanceSupervisor, RestartPolicy
 from protocol.config import (
-    FrontendConfig,
     InstanceAddrs,
     Mode,
     SchedulerConfig,
@@ -80,7 +76,7 @@ class Deployment:
     children: list[Child]  # those not part of an instance
     probe: Callable[[], bool]  # one readiness check; True once ready
     directory: str | None = None  # the private ipc directory, removed on exit
-    frontend: Child | None = None  # drained before the rest stop
+    frontends: list[Child] = field(default_factory=list)  # drained before the rest stop
     drain_timeout: float = 0.0
     instances: list[InstanceSupervisor] = field(default_factory=list)
 
@@ -133,22 +129,10 @@ def announce_restart(instance: InstanceSupervisor) -> None:
     print(f"pdserve: restarted {instance.name}: {pids}", flush=True)
 
 
-def start_frontend(
-    args: ServerArgs, output_addr: str, unified: list[str], prefill: list[str], decode: list[str]
-) -> tuple[str, Child]:
-    client_addr = f"tcp://{args.host}:{args.client_port}"
-    cfg = FrontendConfig(
-        args=args,
-        client_addr=client_addr,
-        output_addr=output_addr,
-        unified=unified,
-        prefill=prefill,
-        decode=decode,
-    )
-    return client_addr, spawn("frontend", "tokenizer_proc", cfg)
-
-
 def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
+    """Start the mode's processes; ValueError (nothing started) when the HTTP port is taken."""
+    fronted = mode in (Mode.UNIFIED, Mode.PD, Mode.FRONTEND) and args.node_rank == 0
+    listeners = bind_http(args) if fronted else []  # first: a port in use stops everything here
     directory = ipc_dir()
     policy = RestartPolicy(max_restarts=ns.max_restarts)
     if mode in (Mode.PREFILL, Mode.DECODE):
@@ -174,20 +158,10 @@ def start(mode: Mode, args: ServerArgs, ns: argparse.Namespace) -> Deployment:
             instances.append(supervised_instance(args, f"prefill{i}", Role.PREFILL, addr, directory, policy))
         for i, addr in enumerate(decode):
             instances.append(supervised_instance(args, f"decode{i}", Role.DECODE, addr, directory, policy))
-    children: list[Child] = []
-    # Instances on other hosts send their outputs back over TCP, beside the client port;
-    # a deployment that launch starts whole stays on this host and uses ipc.
-    if mode == Mode.FRONTEND:
-        output_addr = f"tcp://{args.host}:{args.client_port + 1}"
-    else:
-        output_addr = ipc_addr(directory, "frontend-output")
-    client_addr, frontend = start_frontend(args, output_addr, unified, prefill, decode)
-    children.append(frontend)
-    http_url, http_server = start_http(args, ns, client_addr)
-    children.append(http_server)
-    probe = both(frontend_probe(client_addr), http_probe(http_url))
-    address = f"{http_url} (ZMQ clients: {client_addr})"
-    return Deployment(mode, address, children, probe, directory, frontend, args.drain_timeout, instances)
+    addrs = {"unified": unified, "prefill": prefill, "decode": decode}
+    front = start_frontends(mode, args, ns, directory, listeners, addrs)
+    return Deployment(mode, front.address, front.children, front.probe(), directory, front.frontends,
+                      args.drain_timeout, instances)
 
 
 def start_follower_node(args: ServerArgs, directory: str, policy: RestartPolicy) -> Deployment:
@@ -200,21 +174,6 @@ def start_follower_node(args: ServerArgs, directory: str, policy: RestartPolicy)
     address = (f"node {args.node_rank} of {args.nnodes}: tensor-parallel ranks {ranks.start}.."
                f"{ranks.stop - 1} of unified0, rank 0 at {args.dist_init_addr}")
     return Deployment(Mode.UNIFIED, address, [], lambda: True, directory, instances=[instance])
-
-
-def start_http(args: ServerArgs, ns: argparse.Namespace, frontend_addr: str) -> tuple[str, Child]:
-    """The OpenAI-compatible HTTP server (api_server), a client of the front end. The API key
-    travels in its environment, not on a command line that every user can read."""
-    argv = ["--frontend-addr", frontend_addr, "--host", args.host, "--port", str(args.port)]
-    for flag, value in (
-        ("--model-path", args.model_path),
-        ("--chat-template", ns.chat_template),
-        ("--served-model-name", args.served_model_name),
-    ):
-        if value is not None:
-            argv += [flag, value]
-    env = {"PDSERVE_API_KEY": ns.api_key} if ns.api_key else {}
-    return f"http://{args.host}:{args.port}", spawn_module("http", "api_server", argv, env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,18 +240,20 @@ class Supervisor:
         return min(SIGNAL_CHECK_S, max(0.0, soonest))
 
     def drain(self) -> Child | None:
-        """Tell the front end to drain (SIGUSR2) and wait until it exits, a second stop signal
+        """Tell the front ends to drain (SIGUSR2) and wait until they exit, a second stop signal
         or another child's death (returned); a deployment without a front end has nothing to drain."""
-        frontend = self.deployment.frontend
-        if frontend is None or frontend.proc.poll() is not None:
+        frontends = [c for c in self.deployment.frontends if c.proc.poll() is None]
+        if not frontends:
             return None
         first_signal, self.stop_signal = self.stop_signal, None
         logger.info("draining: in-flight requests get %g s", self.deployment.drain_timeout)
-        frontend.proc.send_signal(signal.SIGUSR2)
+        for frontend in frontends:
+            frontend.proc.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + self.deployment.drain_timeout + DRAIN_MARGIN_S
-        others = [c for c in self.deployment.all_children() if c is not frontend]
+        others = [c for c in self.deployment.all_children() if c not in self.deployment.frontends]
         dead = None
-        while time.monotonic() < deadline and self.stop_signal is None and frontend.proc.poll() is None:
+        while (time.monotonic() < deadline and self.stop_signal is None
+               and any(c.proc.poll() is None for c in frontends)):
             dead = next((c for c in others if c.proc.poll() is not None), None)
             if dead is not None:
                 break
@@ -304,10 +265,9 @@ class Supervisor:
 
     def stop_all(self, failure_grace_s: float = 0.0) -> None:
         """Stop every child: the instances (given ``failure_grace_s`` to exit by themselves),
-        then the front end and the HTTP server, so that the front end reads what they reported."""
-        children = self.deployment.all_children()
-        last = [c for c in children if c is self.deployment.frontend or c.name == "http"]
-        first = [c for c in children if c not in last]
+        then the front ends and the HTTP servers, so that the front ends read what they reported."""
+        last = self.deployment.children
+        first = [c for c in self.deployment.all_children() if c not in last]
         deadline = time.monotonic() + failure_grace_s
         while time.monotonic() < deadline and any(c.proc.poll() is None for c in first):
             self.wakeup.wait(0.05)
@@ -348,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
     try:
         mode, args, ns = parse_args(argv)
-    except ValueError as e:
+        deployment = start(mode, args, ns)
+    except ValueError as e:  # a flag, or a port taken: nothing was started
         print(f"launch: {e}", file=sys.stderr)
         return 2
-    deployment = start(mode, args, ns)
     try:
         return supervise(deployment, mode, ns)
     finally:

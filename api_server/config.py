@@ -17,6 +17,7 @@ class ApiServerConfig:
     frontend_addr: str = DEFAULT_ADDR
     host: str = "127.0.0.1"
     port: int = 30000
+    fd: int | None = None  # a listening socket inherited from launch.py: served instead of host:port
     model_path: str = DEFAULT_MODEL_PATH
     chat_template: str | None = None  # a Jinja file that overrides the model's template
     api_key: str | None = None  # when set, /v1/* and /generate need "Authorization: Bearer KEY"
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> ApiServerConfig:
     p.add_argument("--frontend-addr", default=defaults.frontend_addr, help="the pdserve front end's address")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--fd", type=int, default=None,
+                   help="serve on this inherited listening socket instead of binding --host:--port "
+                   "(launch.py binds the port once for all its HTTP servers)")
     p.add_argument("--model-path", default=defaults.model_path,
                    help="the served model's directory, GGUF file or packaged name (default %(default)s)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file (overrides the model's)")
@@ -62,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> ApiServerConfig:
         frontend_addr=a.frontend_addr,
         host=a.host,
         port=a.port,
+        fd=a.fd,
         model_path=a.model_path,
         chat_template=a.chat_template,
         api_key=a.api_key,

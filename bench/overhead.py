@@ -8,7 +8,9 @@
   content as plain msgpack lists;
 - ``frontend``: the real front end's CPU per streamed token, a fake instance streaming to 256
   clients, each on its own connection, and again over 4 connections asking for
-  ``batch_outputs`` (as API servers connect: one frame per connection and step) —
+  ``batch_outputs`` (as API servers connect: one frame per connection and step), and that
+  again over 2 front-end processes (``--tokenizer-worker-num 2``: each gets every row and keeps
+  its own; per core of theirs, so the deployment's rate is that times the cores they get) —
   bench/overhead_procs.py;
 - ``deployment``: real front end + scheduler + a fake GPU worker sleeping a fixed step time:
   the GPU's idle % with the batch full (512 running at 10 ms, 256 at 5 ms).
@@ -66,12 +68,13 @@ class Config:
     fe_clients: int
     fe_tokens: int
     fe_batched_connections: int  # connections of the batched front-end row
+    fe_processes: int  # front-end processes of the last front-end row
     deployments: tuple[tuple[int, float, int], ...]  # (running, step ms, tokens per request)
 
 
-FULL = Config((1, 64, 256, 512), (0, 1024, 4096), 200, 1000, 256, 200, 4,
+FULL = Config((1, 64, 256, 512), (0, 1024, 4096), 200, 1000, 256, 200, 4, 2,
               ((512, 10.0, 150), (256, 5.0, 150)))
-TINY = Config((1, 16), (0, 32), 20, 64, 8, 10, 2, ((16, 5.0, 8),))
+TINY = Config((1, 16), (0, 32), 20, 64, 8, 10, 2, 2, ((16, 5.0, 8),))
 
 SCHED_TARGET_MS = {256: 0.5, 512: 1.0}  # per step; other batch sizes are reported without a target
 WORST_STEP_TARGET_MS = 2.0
@@ -111,6 +114,11 @@ def run_once(cfg: Config, sections: set[str]) -> tuple[list[Row], dict]:
         fe = measure_frontend(cfg.fe_clients, cfg.fe_tokens, cfg.fe_batched_connections, batch_outputs=True)
         raw["frontend_batched"] = asdict(fe)
         rows.append(Row(f"  same over {fe.connections} connections, batch_outputs", fe.tokens_per_s_per_core,
+                        "tokens/s", FRONTEND_TARGET_TOKENS_S, higher_is_better=True))
+        fe = measure_frontend(cfg.fe_clients, cfg.fe_tokens, cfg.fe_batched_connections, batch_outputs=True,
+                              frontends=cfg.fe_processes)
+        raw["frontend_processes"] = asdict(fe)
+        rows.append(Row(f"  same over {fe.frontends} front-end processes, per core", fe.tokens_per_s_per_core,
                         "tokens/s", FRONTEND_TARGET_TOKENS_S, higher_is_better=True))
     if "deployment" in sections:
         for running, step_ms, tokens in cfg.deployments:

@@ -27,6 +27,7 @@ from protocol.messages import (
     BatchOutput,
     FinishReason,
     Heartbeat,
+    Message,
     ModelInfo,
     Role,
     Shutdown,
@@ -34,6 +35,7 @@ from protocol.messages import (
     StepResult,
     TokenizedRequest,
     WorkerReady,
+    encode,
 )
 
 TOKEN = 97  # "a" in the embedded byte-level tokenizer
@@ -110,34 +112,40 @@ class ProducerSpec:
     input_addr: str
     clients: int  # requests to wait for before streaming
     tokens: int  # steps streamed; the last finishes every request
+    frontends: int = 1  # front ends to wait for; each gets every step, as from a real instance
 
 
 def run_producer(spec: ProducerSpec) -> None:
     ctx = zmq.Context()
     pull = transport.bind(ctx, zmq.PULL, spec.input_addr)
-    push: zmq.Socket | None = None
+    pushes: dict[str, zmq.Socket] = {}  # by front-end output address
     live: list[str] = []
+
+    def send_all(msg: Message) -> None:
+        frame = encode(msg)
+        for push in pushes.values():
+            push.send(frame)
+
     try:
-        while push is None or len(live) < spec.clients:
+        while len(pushes) < spec.frontends or len(live) < spec.clients:
             for msg in transport.recv_all(pull) if pull.poll(100) else []:
-                if isinstance(msg, AttachFrontend) and push is None:
-                    push = transport.connect(ctx, zmq.PUSH, msg.output_addr)
-                    transport.send(push, _heartbeat(spec.input_addr))
+                if isinstance(msg, AttachFrontend) and msg.output_addr not in pushes:
+                    pushes[msg.output_addr] = transport.connect(ctx, zmq.PUSH, msg.output_addr)
+                    transport.send(pushes[msg.output_addr], _heartbeat(spec.input_addr))
                 elif isinstance(msg, TokenizedRequest):
                     live.append(msg.rid)
                 elif isinstance(msg, Shutdown):
                     return
-            if push is not None:
-                transport.send(push, _heartbeat(spec.input_addr))
+            send_all(_heartbeat(spec.input_addr))
         for i in range(spec.tokens):
             last = i == spec.tokens - 1
-            transport.send(push, BatchOutput.of_tokens(
-                live, [TOKEN] * len(live), finished=FinishReason.LENGTH if last else None))
+            finished = FinishReason.LENGTH if last else None
+            send_all(BatchOutput.of_tokens(live, [TOKEN] * len(live), finished=finished))
         while not pull.poll(60_000) or not any(isinstance(m, Shutdown) for m in transport.recv_all(pull)):
-            transport.send(push, _heartbeat(spec.input_addr))
+            send_all(_heartbeat(spec.input_addr))
     finally:
         pull.close(linger=0)
-        if push is not None:
+        for push in pushes.values():
             push.close(linger=1000)
         ctx.term()
 

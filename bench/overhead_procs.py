@@ -20,7 +20,14 @@ import msgpack
 import zmq
 
 from bench.overhead_fakes import ProducerSpec, WorkerSpec
-from protocol.config import FrontendConfig, InstanceAddrs, SchedulerConfig, ServerArgs, config_to_json
+from protocol.config import (
+    FrontendConfig,
+    FrontendSiblings,
+    InstanceAddrs,
+    SchedulerConfig,
+    ServerArgs,
+    config_to_json,
+)
 
 START_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 300.0
@@ -66,9 +73,10 @@ class Processes:
 
 @dataclass
 class Clients:
-    """``count`` streaming requests over a few DEALER sockets; collects every reply."""
+    """``count`` streaming requests over a few DEALER sockets, connected in turn to each address
+    of ``addrs`` (one per front end); collects every reply."""
 
-    addr: str
+    addrs: list[str]
     sockets: int
     ctx: zmq.Context = field(default_factory=zmq.Context)
     socks: list[zmq.Socket] = field(default_factory=list)
@@ -77,23 +85,25 @@ class Clients:
     errors: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for _ in range(self.sockets):
+        for i in range(max(self.sockets, len(self.addrs))):
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.addr)
+            sock.connect(self.addrs[i % len(self.addrs)])
             self.socks.append(sock)
 
-    def wait_ready(self) -> dict:
+    def wait_ready(self) -> None:
+        """Until every front end (the first socket to each) says it is ready."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            rid = uuid.uuid4().hex
-            self.socks[0].send(msgpack.packb({"type": "status", "rid": rid}))
-            if self.socks[0].poll(1000):
-                reply = msgpack.unpackb(self.socks[0].recv())
-                if reply.get("ready"):
-                    return reply
-            time.sleep(0.1)
-        raise TimeoutError("the deployment did not become ready")
+        for sock in self.socks[:len(self.addrs)]:
+            while not self._ready(sock):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the deployment did not become ready")
+                time.sleep(0.1)
+
+    @staticmethod
+    def _ready(sock: zmq.Socket) -> bool:
+        sock.send(msgpack.packb({"type": "status", "rid": uuid.uuid4().hex}))
+        return bool(sock.poll(1000)) and bool(msgpack.unpackb(sock.recv()).get("ready"))
 
     def status(self) -> dict:
         self.socks[0].send(msgpack.packb({"type": "status", "rid": "final-status"}))
@@ -148,10 +158,13 @@ class Clients:
         self.ctx.term()
 
 
-def _frontend_config(tmp: str, instance_addr: str) -> FrontendConfig:
+def _frontend_config(tmp: str, instance_addr: str, index: int = 0, count: int = 1) -> FrontendConfig:
+    """Front end ``index`` of ``count`` (they share their metrics, as launch.py's do)."""
     args = ServerArgs(heartbeat_interval=0.2, heartbeat_timeout=30.0)
-    return FrontendConfig(args=args, client_addr=f"ipc://{tmp}/clients", output_addr=f"ipc://{tmp}/outputs",
-                          unified=[instance_addr])
+    siblings = FrontendSiblings(index, count, tmp) if count > 1 else None
+    return FrontendConfig(args=args, client_addr=f"ipc://{tmp}/clients{index}",
+                          output_addr=f"ipc://{tmp}/outputs{index}", unified=[instance_addr],
+                          siblings=siblings)
 
 
 # ------------------------------------------------------------------------------------ front end
@@ -163,27 +176,31 @@ class FrontendResult:
     connections: int
     batch_outputs: bool
     tokens: int  # delivered to clients
-    cpu_s: float  # the front end's CPU time while streaming them
+    cpu_s: float  # the front ends' CPU time while streaming them, all together
     us_per_token: float
     tokens_per_s_per_core: float
+    frontends: int = 1
 
 
 def measure_frontend(clients: int = 256, tokens: int = 200, connections: int | None = None,
-                     batch_outputs: bool = False) -> FrontendResult:
+                     batch_outputs: bool = False, frontends: int = 1) -> FrontendResult:
     """``clients`` streaming requests over ``connections`` client connections (default: one
-    each, up to 256), each asking for ``batch_outputs`` or not; the front end's CPU per token."""
+    each, up to 256) spread over ``frontends`` front-end processes, each asking for
+    ``batch_outputs`` or not; the front ends' CPU per token. The fake instance sends every step
+    to every front end, as an instance does: each keeps its own requests' rows."""
     with tempfile.TemporaryDirectory(prefix="pdserve-overhead-") as tmp, Processes() as procs:
         instance = f"ipc://{tmp}/instance"
-        producer = ProducerSpec(input_addr=instance, clients=clients, tokens=tokens)
+        producer = ProducerSpec(input_addr=instance, clients=clients, tokens=tokens, frontends=frontends)
         procs.start("bench.overhead_fakes", "producer", "--config", json.dumps(asdict(producer)))
-        frontend = procs.start("tokenizer_proc", "--config", config_to_json(_frontend_config(tmp, instance)))
-        conn = Clients(f"ipc://{tmp}/clients", sockets=connections or min(clients, 256))
+        configs = [_frontend_config(tmp, instance, i, frontends) for i in range(frontends)]
+        pids = [procs.start("tokenizer_proc", "--config", config_to_json(cfg)).pid for cfg in configs]
+        conn = Clients([cfg.client_addr for cfg in configs], sockets=connections or min(clients, 256))
         try:
             conn.wait_ready()
-            start = process_cpu_s(frontend.pid)
+            start = sum(map(process_cpu_s, pids))
             conn.submit(clients, [1, 2, 3], tokens, batch_outputs)
             conn.collect()
-            cpu = process_cpu_s(frontend.pid) - start
+            cpu = sum(map(process_cpu_s, pids)) - start
         finally:
             conn.close()
         delivered = sum(conn.tokens.values())
@@ -192,7 +209,8 @@ def measure_frontend(clients: int = 256, tokens: int = 200, connections: int | N
             raise RuntimeError(f"front end bench: {why}")
         per_token = cpu / delivered  # 0: too short a run for /proc's clock ticks (not a result)
         rate = 1 / per_token if per_token else math.nan
-        return FrontendResult(clients, len(conn.socks), batch_outputs, delivered, cpu, per_token * 1e6, rate)
+        return FrontendResult(clients, len(conn.socks), batch_outputs, delivered, cpu, per_token * 1e6, rate,
+                              frontends)
 
 
 # ------------------------------------------------------------------------------------ deployment
@@ -227,7 +245,7 @@ def measure_deployment(running: int = 512, step_ms: float = 10.0, tokens: int = 
         procs.start("bench.overhead_fakes", "worker", "--config", json.dumps(asdict(worker)))
         scheduler = procs.start("scheduler_proc", "--config", config_to_json(sched_cfg))
         procs.start("tokenizer_proc", "--config", config_to_json(_frontend_config(tmp, addrs.input_addr)))
-        conn = Clients(f"ipc://{tmp}/clients", sockets=16)
+        conn = Clients([f"ipc://{tmp}/clients0"], sockets=16)
         try:
             conn.wait_ready()
             start = process_cpu_s(scheduler.pid)

@@ -54,7 +54,10 @@ def spawn(name: str, package: str, config: object, env: dict[str, str] | None = 
     return spawn_module(name, package, ["--config", config_to_json(config)], env)
 
 
-def spawn_module(name: str, package: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+def spawn_module(
+    name: str, package: str, argv: list[str], env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> Child:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
@@ -64,15 +67,12 @@ def spawn_module(name: str, package: str, argv: list[str], env: dict[str, str] |
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        pass_fds=pass_fds,
     )
     child = Child(name, proc)
     child.forwarder = threading.Thread(target=child.forward_stderr, name=f"stderr-{name}", daemon=True)
     child.forwarder.start()
     return child
-
-
-def both(first: Callable[[], bool], second: Callable[[], bool]) -> Callable[[], bool]:
-    return lambda: first() and second()
 
 
 def http_probe(url: str) -> Callable[[], bool]:

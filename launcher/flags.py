@@ -24,8 +24,12 @@ FLAG_HELP = {
     "instance's input",
     "port": "unified, pd and frontend modes: the OpenAI-compatible HTTP API's port; prefill and decode "
     "modes: the instance's input port",
-    "zmq_port": "the front end's ZMQ client port (default: --port + 1); in frontend mode, instances "
-    "send their outputs to the port after it",
+    "zmq_port": "the front end's ZMQ client port (default: --port + 1); with --tokenizer-worker-num N, "
+    "front end i's is --zmq-port + i; in frontend mode, instances send their outputs to the N ports "
+    "after those",
+    "tokenizer_worker_num": "front-end processes (tokenization, detokenization, streaming), each with "
+    "its own HTTP server; all serve --port (the kernel spreads connections over them) and the "
+    "metrics of every scrape cover them all; raise it when one front-end core is saturated",
     "page_size": "tokens per KV-cache page",
     "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",
     "mem_fraction_static": "fraction of free device memory for the KV pool (on CPU: of a quarter of "
@@ -153,6 +157,8 @@ def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:
         raise ValueError("--mode frontend needs --prefill ADDR... and --decode ADDR...")
     if args.zmq_port is not None and ns.mode in (Mode.PREFILL, Mode.DECODE):
         raise ValueError("--zmq-port is the front end's: use it with --mode unified, pd or frontend")
+    if args.tokenizer_worker_num > 1 and ns.mode in (Mode.PREFILL, Mode.DECODE):
+        raise ValueError("--tokenizer-worker-num counts front ends: use it with --mode unified, pd, frontend")
     if ns.mode not in (Mode.PREFILL, Mode.DECODE) and args.port in _front_end_zmq_ports(ns.mode, args):
         raise ValueError(f"--port {args.port} is also a ZMQ port of the front end: choose another --zmq-port")
     if ns.max_restarts < 0:
@@ -181,10 +187,11 @@ def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:
 
 
 def _front_end_zmq_ports(mode: Mode, args: ServerArgs) -> tuple[int, ...]:
-    """The front end's TCP ports beside the HTTP one: clients, and (frontend mode) outputs."""
+    """The front ends' TCP ports beside the HTTP one: clients, and (frontend mode) outputs."""
+    ports = [args.frontend_ports(i) for i in range(args.tokenizer_worker_num)]
     if mode == Mode.FRONTEND:
-        return args.client_port, args.client_port + 1
-    return (args.client_port,)
+        return tuple(p for pair in ports for p in pair)
+    return tuple(client for client, _ in ports)
 
 
 def _check_security(mode: Mode, args: ServerArgs) -> None:

@@ -108,6 +108,7 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000  # front-end modes: the HTTP API; prefill / decode: the instance's input
     zmq_port: int | None = None  # the front end's ZMQ client port; None: port + 1
+    tokenizer_worker_num: int = 1  # front-end processes, each with its HTTP server, sharing --port
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Memory and scheduling
     page_size: int = 16
@@ -166,6 +167,7 @@ class ServerArgs:
         if self.cpu_omp_threads is not None:
             _positive("--cpu-omp-threads", self.cpu_omp_threads)
         _positive("--tp-size", self.tp_size)
+        _positive("--tokenizer-worker-num", self.tokenizer_worker_num)
         self._check_nodes()
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1]")
@@ -203,8 +205,15 @@ class ServerArgs:
 
     @property
     def client_port(self) -> int:
-        """The front end's ZMQ client port (instances on other hosts send outputs to the next)."""
+        """The first front end's ZMQ client port (``frontend_ports``)."""
         return self.zmq_port if self.zmq_port is not None else self.port + 1
+
+    def frontend_ports(self, index: int) -> tuple[int, int]:
+        """Front end ``index``'s ZMQ client port, and the port its instances send outputs to when
+        they run on other hosts: the clients' ports ``client_port`` … ``+ N - 1``, then the
+        outputs' (one front end: ``client_port`` and the port after it)."""
+        n = self.tokenizer_worker_num
+        return self.client_port + index, self.client_port + n + index
 
 
 @dataclass
@@ -263,6 +272,27 @@ class FrontendConfig:
     unified: list[str] = field(default_factory=list)  # instance input addresses
     prefill: list[str] = field(default_factory=list)
     decode: list[str] = field(default_factory=list)
+    siblings: FrontendSiblings | None = None  # with --tokenizer-worker-num > 1
+
+    @property
+    def name(self) -> str:
+        return numbered("frontend", 0 if self.siblings is None else self.siblings.index)
+
+
+def numbered(name: str, index: int) -> str:
+    """The ``index``-th of several front ends or HTTP servers: ``frontend``, ``frontend1``, ...
+    (a deployment of one keeps the plain name)."""
+    return name if index == 0 else f"{name}{index}"
+
+
+@dataclass
+class FrontendSiblings:
+    """This front end's place among the ``count`` front ends of one deployment, and the directory
+    where each publishes its metrics for the others (tokenizer_proc/metrics_share.py)."""
+
+    index: int
+    count: int
+    metrics_dir: str
 
 
 def split_host_port(addr: str) -> tuple[str, int]:

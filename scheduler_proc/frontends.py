@@ -95,16 +95,11 @@ class Frontends:
         queue = transport.OUTPUT_QUEUE_FRAMES
         sock = transport.connect(self._ctx, zmq.PUSH, addr, keys=self._keys, hwm=queue)
         self._attached[addr] = AttachedFrontend(addr, rid_prefix, sock, now)
-        logger.info("%s: front end attached at %s", self._name, addr)
-        if len(self._attached) > 1:
-            logger.error(
-                "%s: another front end attached at %s while %s is attached; an instance is meant "
-                "to serve one front end: every reply now goes to each of them",
-                self._name,
-                addr,
-                ", ".join(a for a in self._attached if a != addr),
-            )
+        logger.info("%s: front end attached at %s (%d attached)", self._name, addr, len(self._attached))
         return sock
+
+    def get(self, addr: str) -> AttachedFrontend | None:
+        return self._attached.get(addr)
 
     def take_departed(self, now: float, timeout: float) -> list[AttachedFrontend]:
         """Detach the front ends not heard from for ``timeout`` seconds; return them and the

@@ -6,11 +6,13 @@ PUSH ``step_addr`` (scheduler → worker), one PUSH per attached front end, per 
 per recent ``StatusQuery.reply_to`` address (at most ``MAX_REPLY_TO_SOCKETS`` of those).
 
 Front ends: messages carry no sender, so an instance cannot tell which front end a request came
-from. Outputs, failures and status reports therefore go to every attached front end: internal
-request ids are unique across front ends (each mints them under its own random prefix) and a
-front end drops outputs and failures of rids it does not know, so each reply reaches the front
-end that owns the request. One front end per instance is the intended deployment; a second one
-is logged as an error (every reply is then sent to each). Front ends repeat ``AttachFrontend``
+from. Outputs and failures therefore go to every attached front end (one frame, encoded once):
+internal request ids are unique across front ends (each mints them under its own random prefix)
+and a front end drops outputs and failures of rids it does not know, so each reply reaches the
+front end that owns the request; a deployment with several front ends (``--tokenizer-worker-num``)
+costs each of them a dictionary miss per other row, and the scheduler nothing more. A status
+report goes to its query's ``reply_to`` (a front end's output address: through that front end's
+queue, in order with its outputs). Front ends repeat ``AttachFrontend``
 every heartbeat interval; one silent for the heartbeat timeout is detached, and the requests of a
 departed (or restarted) front end are aborted (by id prefix; all of them once no front end is
 left), so a dead front end costs neither an unbounded queue nor decode steps for nobody
@@ -291,7 +293,7 @@ class _Loop:
             if msg.metrics:
                 report.metrics = self.core.metrics.snapshot(self.core)
             if msg.reply_to:
-                transport.send(self._reply_to(msg.reply_to), report)
+                self._report_to(msg.reply_to, report)
             else:
                 self._reply(report)
         elif isinstance(msg, AttachFrontend):
@@ -361,6 +363,14 @@ class _Loop:
                 logger.warning("%s: no reply to peer address %s: %s", self.cfg.name, preview(addr), e)
                 return None
         return sock
+
+    def _report_to(self, addr: str, report: StatusReport) -> None:
+        """To an attached front end through its queue, else on a socket of its own (a probe)."""
+        frontend = self.frontends.get(addr)
+        if frontend is not None:
+            frontend.send(encode(report))
+        else:
+            transport.send(self._reply_to(addr), report)
 
     def _reply_to(self, addr: str) -> zmq.Socket:
         """The socket to a status ``reply_to`` address; the least recently used of more than

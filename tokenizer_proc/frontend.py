@@ -67,6 +67,7 @@ from tokenizer_proc.connections import (
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.instances import InstancePool
 from tokenizer_proc.metrics import FrontendMetrics, MetricsExposition
+from tokenizer_proc.metrics_share import MetricsShare
 from tokenizer_proc.request_state import LiveRequest, RequestTable
 from tokenizer_proc.status import PendingStatus, StatusCollector
 from tokenizer_proc.tokenizer import load_tokenizer
@@ -101,9 +102,10 @@ class Frontend:
         self._tokenizer = load_tokenizer(args.model_path)
         self._admission = Admission(self._tokenizer, args.context_length)
         self._requests = RequestTable()
-        self._status = StatusCollector()
+        self._status = StatusCollector(reply_to=cfg.output_addr)
         self._metrics = FrontendMetrics()
-        self._exposition = MetricsExposition(self._metrics)
+        self._exposition = MetricsExposition()
+        self._share = MetricsShare(cfg.siblings, self._metrics) if cfg.siblings is not None else None
         self._rid_prefix = secrets.token_hex(4)
         self._rid_counter = 0
         self._attach = AttachFrontend(output_addr=cfg.output_addr, rid_prefix=self._rid_prefix)
@@ -206,6 +208,8 @@ class Frontend:
         self._topology.tick(now, args.heartbeat_interval)
         for pending in self._status.expired(now):
             self._reply_status(pending)
+        if self._share is not None:
+            self._share.publish_changes()
 
     # ------------------------------------------------------------------------- client side
 
@@ -329,7 +333,8 @@ class Frontend:
 
     def _reply_status(self, pending: PendingStatus) -> None:
         if pending.wants_metrics:
-            text = self._exposition.render(pending.samples())
+            frontend = self._metrics if self._share is None else self._share.deployment_metrics()
+            text = self._exposition.render(frontend, pending.samples())
             self._send(pending.conn, ClientMetrics(rid=pending.rid, text=text))
             return
         ready = self._ready_once and not self.draining and self._topology.can_serve

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,29 @@ class FrontendMetrics:
         reason = req.finish_reason or FinishReason.STOP
         self.finished[reason] = self.finished.get(reason, 0) + 1
 
+    def to_vector(self) -> list[float]:
+        """Every value, flat, in a fixed order (``from_vector`` reads it back): how a front end
+        shows its metrics to the other front ends of its deployment (``metrics_share.py``)."""
+        values: list[float] = []
+        for hist in (self.ttft, self.itl, self.e2e):
+            values += hist.counts
+            values.append(hist.total)
+        values += [self.prompt_tokens, self.generation_tokens]
+        values += [self.finished.get(reason, 0) for reason in FinishReason]
+        return values
+
+    @classmethod
+    def from_vector(cls, values: Sequence[float]) -> FrontendMetrics:
+        m, at = cls(), 0
+        for hist in (m.ttft, m.itl, m.e2e):
+            n = len(hist.counts)
+            hist.counts = [int(c) for c in values[at:at + n]]
+            hist.total = float(values[at + n])
+            at += n + 1
+        m.prompt_tokens, m.generation_tokens = int(values[at]), int(values[at + 1])
+        m.finished = {reason: int(c) for reason, c in zip(FinishReason, values[at + 2:], strict=True)}
+        return m
+
 
 @dataclass
 class InstanceSample:
@@ -96,26 +119,27 @@ class InstanceSample:
 class MetricsExposition:
     """The Prometheus text of the front end's metrics and of the instances' latest answers."""
 
-    def __init__(self, frontend: FrontendMetrics) -> None:
+    def __init__(self) -> None:
+        self._frontend = _FrontendCollector()
         self._instances = _InstanceCollector()
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_FrontendCollector(frontend))
+        self._registry.register(self._frontend)
         self._registry.register(self._instances)
 
-    def render(self, instances: list[InstanceSample]) -> str:
-        self._instances.samples = instances
+    def render(self, frontend: FrontendMetrics, instances: list[InstanceSample]) -> str:
+        self._frontend.metrics, self._instances.samples = frontend, instances
         try:
             return generate_latest(self._registry).decode()
         finally:
-            self._instances.samples = []
+            self._frontend.metrics, self._instances.samples = FrontendMetrics(), []
 
 
 class _FrontendCollector:
-    def __init__(self, metrics: FrontendMetrics) -> None:
-        self.m = metrics
+    def __init__(self) -> None:
+        self.metrics = FrontendMetrics()
 
     def collect(self) -> Iterator[Metric]:
-        m = self.m
+        m = self.metrics
         for name, doc, hist in (
             ("time_to_first_token_seconds", "Time from arrival to the first token.", m.ttft),
             ("inter_token_latency_seconds", "Time between two output tokens of a request.", m.itl),

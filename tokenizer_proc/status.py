@@ -45,7 +45,8 @@ class PendingStatus:
 
 
 class StatusCollector:
-    def __init__(self) -> None:
+    def __init__(self, reply_to: str) -> None:
+        self._reply_to = reply_to  # this front end's output address: the reports come back here only
         self._qids = itertools.count(1)
         self._queries: dict[int, tuple[PendingStatus, int]] = {}  # qid -> (pending, instance index)
         self._pending: list[PendingStatus] = []
@@ -63,7 +64,7 @@ class StatusCollector:
                 continue
             qid = next(self._qids)
             try:
-                inst.send(StatusQuery(qid=qid, metrics=metrics))
+                inst.send(StatusQuery(qid=qid, metrics=metrics, reply_to=self._reply_to))
             except zmq.Again:
                 log.warning("status query to %s not sent (queue full)", inst.name)
                 continue

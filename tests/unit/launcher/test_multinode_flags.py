@@ -10,8 +10,10 @@ import shutil
 import pytest
 
 import launch
+from launcher import frontends
 from protocol.config import InstanceAddrs, Mode, ServerArgs, WorkerConfig, split_host_port
 from protocol.messages import Role
+from tests.ports import free_tcp_port
 
 NODE0 = "10.0.0.1:29500"
 
@@ -116,7 +118,8 @@ def test_a_node_other_than_0_starts_its_ranks_only(monkeypatch) -> None:
         return Started(name)
 
     monkeypatch.setattr(launch, "spawn", record)
-    monkeypatch.setattr(launch, "spawn_module", lambda name, *a, **k: record(name, "", None))
+    monkeypatch.setattr(frontends, "spawn", record)
+    monkeypatch.setattr(frontends, "spawn_module", lambda name, *a, **k: record(name, "", None))
     mode, args, ns = parse("--tp-size", "4", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", NODE0)
     deployment = launch.start(mode, args, ns)
     shutil.rmtree(deployment.directory)  # type: ignore[arg-type]
@@ -124,10 +127,11 @@ def test_a_node_other_than_0_starts_its_ranks_only(monkeypatch) -> None:
         ("unified0-worker-tp2", "engine"), ("unified0-worker-tp3", "engine")
     ]
     assert [cfg.dist_init_method for _, _, cfg in spawned] == [f"tcp://{NODE0}"] * 2  # type: ignore[attr-defined]
-    assert deployment.children == [] and deployment.frontend is None and deployment.probe()
+    assert deployment.children == deployment.frontends == [] and deployment.probe()
     assert "node 1 of 2: tensor-parallel ranks 2..3 of unified0" in deployment.address
     spawned.clear()
-    _, args0, ns0 = parse("--tp-size", "4", "--nnodes", "2", "--dist-init-addr", NODE0)
+    port = str(free_tcp_port(count=1))  # node 0 binds its HTTP port before it starts anything
+    _, args0, ns0 = parse("--tp-size", "4", "--nnodes", "2", "--dist-init-addr", NODE0, "--port", port)
     shutil.rmtree(launch.start(mode, args0, ns0).directory)  # type: ignore[arg-type]
     assert [name for name, _, _ in spawned] == [
         "unified0-worker", "unified0-worker-tp1", "unified0-scheduler", "frontend", "http"

@@ -11,7 +11,15 @@ from collections.abc import Iterator
 import zmq
 
 from protocol import transport
-from protocol.messages import AttachFrontend, BatchOutput, Heartbeat, InstanceStatus, Shutdown, StatusQuery
+from protocol.messages import (
+    AttachFrontend,
+    BatchOutput,
+    Heartbeat,
+    InstanceStatus,
+    Shutdown,
+    StatusQuery,
+    StatusReport,
+)
 from scheduler_proc.frontends import Frontends
 from tests.fakes.scheduler import make_request
 from tests.fakes.scheduler_loop import TIMEOUT_MS, FrontEnd, Scheduler, config
@@ -166,3 +174,30 @@ def test_a_front_end_restarted_at_the_same_address_departs_with_its_old_prefix(c
     assert old.owns("aa-1") and not old.owns("cc-1")
     assert sock is not None and not sock.closed and list(frontends.sockets()) == [sock]
     assert frontends.take_departed(now=1.2, timeout=1.0) == []
+
+
+def test_each_of_several_front_ends_gets_its_own_status_reports_and_every_output(ctx, addrs, start_worker):
+    """Several front ends of one deployment (--tokenizer-worker-num) number their status queries
+    each from 1: a report goes to the front end whose output address the query names, not to all."""
+    start_worker()
+    scheduler = Scheduler(config(addrs))
+    fronts = [FrontEnd(ctx, addrs, "fe0"), FrontEnd(ctx, addrs, "fe1")]
+    try:
+        for i, front in enumerate(fronts):
+            front.attach(rid_prefix=f"fe{i}")
+        for front in fronts:
+            front.send(StatusQuery(qid=1, reply_to=front.output_addr))
+        for front in fronts:
+            assert front.recv(StatusReport).qid == 1
+        fronts[0].send(make_request("fe0-1", [1, 2, 3], max_new=2, stop=False))
+        for front in fronts:  # the owner keeps the rows of its requests, the other drops them
+            assert front.recv(BatchOutput).rows()[0].rid == "fe0-1"
+        fronts[1].send(StatusQuery(qid=2, reply_to=fronts[1].output_addr))
+        assert fronts[1].recv(StatusReport).qid == 2
+        fronts[0].send(Shutdown())
+        scheduler.join()
+        reports = [[m.qid for m in front.received if isinstance(m, StatusReport)] for front in fronts]
+        assert reports == [[1], [1, 2]]
+    finally:
+        for front in fronts:
+            front.close()

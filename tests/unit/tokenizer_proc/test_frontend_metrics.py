@@ -83,7 +83,7 @@ def test_exposition_labels_each_instance_and_parses():
     transfers.kv_transfer_time = BucketHistogram.empty([0.01, 0.1])
     transfers.kv_transfer_time.observe(0.05)
     transfers.kv_transfer_bytes, transfers.kv_transfer_failures = 4096, 2
-    text = MetricsExposition(m).render([
+    text = MetricsExposition().render(m, [
         InstanceSample("unified0", Role.UNIFIED, instance_metrics()),
         InstanceSample("prefill0", Role.PREFILL, transfers),
         InstanceSample("decode0", Role.DECODE, None),  # did not answer
@@ -127,7 +127,7 @@ def test_a_malformed_instance_histogram_is_left_out(hist, problem, caplog):
     assert problem in (histogram_problem(hist) or "")
     bad = instance_metrics()
     bad.queue_time = hist
-    text = MetricsExposition(FrontendMetrics()).render([
+    text = MetricsExposition().render(FrontendMetrics(), [
         InstanceSample("bad", Role.UNIFIED, bad), InstanceSample("good", Role.UNIFIED, instance_metrics()),
     ])
     parsed = samples(text)

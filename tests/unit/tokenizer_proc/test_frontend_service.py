@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from protocol.config import EMBEDDED, config_to_json
-from protocol.messages import TokenizedRequest
+from protocol.messages import StatusQuery, TokenizedRequest
 from tests.fakes.frontend import FakeInstance, frontend_config
 from tokenizer_proc.client import Client, ServerError
 from tokenizer_proc.tokenizer import ByteTokenizer
@@ -110,6 +110,9 @@ def test_status_reports_every_instance(make_deployment):
     for inst in status["instances"]:
         assert inst["alive"] and inst["role"] == "unified"
         assert inst["free_pages"] + inst["cached_pages"] == inst["total_pages"]
+    for fake in dep.fakes:  # answered to this front end only, where it runs beside others
+        queries = [m for m in fake.received if isinstance(m, StatusQuery)]
+        assert queries and {q.reply_to for q in queries} == {dep.cfg.output_addr}
 
 
 def test_requests_are_spread_over_instances(make_deployment):
