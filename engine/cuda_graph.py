@@ -56,7 +56,7 @@ class StepRunner(Protocol):
 def make_step_runner(runner: ModelRunner, args: ServerArgs) -> StepRunner:
     """Graph replay for decode steps on CUDA with the Triton kernels (the torch reference
     attention reads sequence lengths on the host, which a graph cannot); eager otherwise."""
-    max_bs = min(args.cuda_graph_max_bs, runner.max_slots)
+    max_bs = min(args.graph_max_batch, runner.max_slots)
     if runner.device.type != "cuda" or args.disable_cuda_graph or max_bs < 1:
         return EagerStepRunner(runner)
     if runner.kernels.name != "triton":

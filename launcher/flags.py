@@ -64,7 +64,8 @@ FLAG_HELP = {
     "shutting_down) before the rest fail; a second signal stops at once",
     "disable_radix_cache": "do not reuse KV pages of shared prefixes",
     "disable_overlap_schedule": "form each step only after the previous one returned",
-    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph",
+    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (default: --max-running-requests, "
+    "so that no decode step runs eagerly; lower it to save capture time and graph memory)",
     "max_message_bytes": "largest frame accepted from a client or a peer",
     "cluster_key_dir": "this process's CURVE key directory (made by 'launch.py keys'): authenticates and "
     "encrypts every socket between pdserve processes; needed by --mode prefill, decode and frontend",

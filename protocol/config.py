@@ -125,7 +125,7 @@ class ServerArgs:
     min_new_token_ratio: float = 0.1
     # Engine
     attention_backend: str = "auto"
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int | None = None  # None: --max-running-requests (every decode batch replays)
     disable_cuda_graph: bool = False
     cpu_omp_threads: int | None = None  # torch threads of a CPU worker; None: engine.cpu_env's default
     tp_size: int = 1  # tensor-parallel ranks of an instance: one worker process each (engine.parallel)
@@ -168,6 +168,8 @@ class ServerArgs:
             _positive("--cpu-omp-threads", self.cpu_omp_threads)
         _positive("--tp-size", self.tp_size)
         _positive("--tokenizer-worker-num", self.tokenizer_worker_num)
+        if self.cuda_graph_max_bs is not None:
+            _positive("--cuda-graph-max-bs", self.cuda_graph_max_bs)
         self._check_nodes()
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1]")
@@ -202,6 +204,12 @@ class ServerArgs:
     def node_tp_ranks(self) -> range:
         """The tensor-parallel ranks this node runs: node R runs ``[R·N/K, (R+1)·N/K)``."""
         return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+    @property
+    def graph_max_batch(self) -> int:
+        """The largest decode batch captured in a CUDA graph: by default the largest the
+        instance admits, so that no decode step at full load runs eagerly."""
+        return self.max_running_requests if self.cuda_graph_max_bs is None else self.cuda_graph_max_bs
 
     @property
     def client_port(self) -> int:

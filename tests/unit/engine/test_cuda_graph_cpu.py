@@ -21,6 +21,8 @@ from engine.cuda_graph import (
 )
 from engine.runner import ModelRunner
 from engine.worker import Worker
+from launcher.flags import flag_choices
+from protocol.config import ServerArgs
 from protocol.messages import ExtendReq, NewReq, PageAppend, SamplingParams, StepBatch
 from tests.unit.engine.engine_driver import driver_for, greedy, small_args
 
@@ -32,6 +34,15 @@ def test_capture_batch_sizes_follow_the_list_and_end_at_the_maximum():
     sizes = capture_batch_sizes(160)
     assert sizes[:7] == [1, 2, 4, 8, 12, 16, 24] and sizes[-1] == 160
     assert all(b - a == 8 for a, b in zip(sizes[5:], sizes[6:], strict=False))
+
+
+def test_by_default_graphs_reach_the_largest_decode_batch_the_instance_admits():
+    """A decode step at full load (--max-running-requests) must not fall back to eager."""
+    assert ServerArgs().graph_max_batch == ServerArgs().max_running_requests == 256
+    assert ServerArgs(max_running_requests=512).graph_max_batch == 512
+    assert ServerArgs(max_running_requests=512, cuda_graph_max_bs=64).graph_max_batch == 64
+    with pytest.raises(ValueError, match="--cuda-graph-max-bs"):
+        ServerArgs(cuda_graph_max_bs=0).validate(flag_choices())
 
 
 @pytest.mark.parametrize(
