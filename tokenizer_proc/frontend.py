@@ -200,6 +200,7 @@ class Frontend:
         end that falls behind must not take its own backlog for dead instances."""
         args = self.cfg.args
         self._note_departures()
+        self._pool.read_connection_events()
         if outputs_caught_up:
             for inst in self._pool.expire(now, args.heartbeat_timeout):
                 reqs = self._requests.involving(inst)

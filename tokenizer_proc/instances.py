@@ -3,8 +3,12 @@
 An instance is attached by sending it ``AttachFrontend``, repeated every heartbeat interval for
 as long as the front end runs: it is the front end's heartbeat (an instance detaches a silent
 front end and aborts its requests). An instance is alive while its heartbeats keep coming, and
-routable when alive and ready. Silence for ``heartbeat_timeout`` makes it dead; it is attached
-again as soon as it may come back. An instance restarted at the same address (its launcher
+routable when alive, ready and connected. Silence for ``heartbeat_timeout`` makes it dead; it is
+attached again as soon as it may come back. A connection that closes (the process died, or the
+network dropped it: the PUSH socket's monitor says so at once) stops new requests going there
+until zmq connects again, without failing those it holds: a blip heals, a death is told by the
+heartbeats' silence, and meanwhile no request waits in a queue to a dead process.
+An instance restarted at the same address (its launcher
 restarts it, or an operator does) is told apart by the ``incarnation`` of its heartbeats: its
 old requests count as lost like a dead instance's, and its new state is taken as it comes. A
 decode instance's heartbeats also carry the state of its registration with each prefill
@@ -18,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol import transport
 from protocol.messages import AttachFrontend, Heartbeat, InstanceStatus, Message, ModelInfo, Role
@@ -43,6 +48,8 @@ class Instance:
     # decode instances: prefill input address -> "registered" | "connecting" | "refused: <why>"
     peers: dict[str, str] = field(default_factory=dict)
     incarnation: str = ""  # of the process whose heartbeats come now
+    connected: bool = True  # False from a closed connection until zmq has connected again
+    monitor: zmq.Socket | None = None  # ``sock``'s connection events
 
     @property
     def load_tokens(self) -> int:
@@ -50,7 +57,26 @@ class Instance:
 
     @property
     def routable(self) -> bool:
-        return self.alive and self.ready
+        return self.alive and self.ready and self.connected
+
+    def read_connection_events(self) -> None:
+        """Take in what the monitor saw since the last call (never blocks)."""
+        assert self.monitor is not None
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if connected == self.connected:
+                continue
+            self.connected = connected
+            if connected:
+                log.info("instance %s (%s): connected again", self.name, self.addr)
+            else:
+                log.warning("instance %s (%s): connection closed; no request goes there until it "
+                            "connects again (its live ones fail if its heartbeats stop)",
+                            self.name, self.addr)
 
     def send(self, msg: Message) -> None:
         transport.send(self.sock, msg, zmq.NOBLOCK)
@@ -80,6 +106,7 @@ class InstancePool:
             for addr in role_addrs:
                 sock = transport.connect(ctx, zmq.PUSH, addr, max_message_bytes, keys)
                 inst = Instance(index=len(pool.instances), role=role, addr=addr, sock=sock, name=addr)
+                inst.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
                 pool.instances.append(inst)
                 pool._by_addr[addr] = inst
         return pool
@@ -147,6 +174,10 @@ class InstancePool:
             else:
                 log.info("%s with %s: %s", inst.name, self.name_of(addr), state)
 
+    def read_connection_events(self) -> None:
+        for inst in self.instances:
+            inst.read_connection_events()
+
     def expire(self, now: float, timeout: float) -> list[Instance]:
         """Instances whose requests are lost: those whose heartbeats stopped (marked dead), and
         those that restarted since the last call (alive again, in their new incarnation)."""
@@ -173,6 +204,9 @@ class InstancePool:
 
     def close(self, linger_ms: int = 0) -> None:
         for inst in self.instances:
+            if inst.monitor is not None:
+                inst.sock.disable_monitor()
+                inst.monitor.close(linger=0)
             inst.sock.close(linger=linger_ms)
 
 

@@ -300,7 +300,7 @@ def frontend_config(
 ) -> FrontendConfig:
     """Unified instances by default; with ``num_prefill`` and ``num_decode``, only those."""
     server_args = ServerArgs(
-        heartbeat_interval=HEARTBEAT_S, heartbeat_timeout=0.4, max_message_bytes=4096, **args
+        **{"heartbeat_interval": HEARTBEAT_S, "heartbeat_timeout": 0.4, "max_message_bytes": 4096, **args}
     )
     disaggregated = num_prefill or num_decode
     return FrontendConfig(
