@@ -29,6 +29,7 @@ from protocol.messages import (
 from protocol.security import ClusterKeys, generate
 from tests.e2e.server import Server, running_server
 from tests.oracles import greedy_reference
+from tests.ports import free_tcp_port
 
 MAX_NEW = 8
 FLAGS = ("--dtype", "float32", "--page-size", "4", "--heartbeat-interval", "0.2", "--heartbeat-timeout", "2")
@@ -44,7 +45,10 @@ def cluster(tmp_path_factory) -> Iterator[tuple[Server, Server, Server, dict[str
         p = stack.enter_context(running_server(*FLAGS, "--cluster-key-dir", dirs["p0"], mode="prefill"))
         d = stack.enter_context(running_server(*FLAGS, "--cluster-key-dir", dirs["d0"], mode="decode"))
         links = ("--prefill", p.addr, "--decode", d.addr, "--cluster-key-dir", dirs["frontend"])
-        f = stack.enter_context(running_server(*FLAGS, *links, mode="frontend"))
+        # two front ends (sharing the "frontend" keys): ZMQ clients on zmq and zmq + 1, their
+        # instances' outputs on zmq + 2 and zmq + 3, all CURVE
+        fronts = ("--tokenizer-worker-num", "2", "--zmq-port", str(free_tcp_port(count=4)))
+        f = stack.enter_context(running_server(*FLAGS, *links, *fronts, mode="frontend"))
         yield p, d, f, dirs
 
 
@@ -87,6 +91,13 @@ def forge(sock: zmq.Socket, *msgs) -> None:
 def test_serves_the_reference_output(cluster, expected):
     _, _, front, _ = cluster
     assert serve(front) == expected
+
+
+def test_the_second_front_end_serves_over_its_own_ports(cluster, expected):
+    _, _, front, _ = cluster
+    host, port = front.addr.rsplit(":", 1)
+    second = dataclasses.replace(front, addr=f"{host}:{int(port) + 1}")
+    assert serve(second) == expected
 
 
 def test_forged_attach_gets_no_tokens(cluster, expected):
