@@ -8,7 +8,8 @@ What they derive (the config, the table of tensors, the tokenizer) is small, so 
 JSON (never pickle) in ``$PDSERVE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/pdserve``, else
 ``~/.cache/pdserve``), under a key of the file's real path, size and modification time and the
 cache's version. An entry that cannot be read is rebuilt; a directory that cannot be written
-only costs the time (logged once per entry).
+only costs the time (logged once per entry). Writing an entry removes the entries of the same
+file and kind for its earlier versions: one entry per (file path, kind) stays.
 """
 
 from __future__ import annotations
@@ -35,11 +36,20 @@ def cache_dir() -> Path:
     return Path(base) / "pdserve"
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _entry_prefix(source: str, kind: str) -> str:
+    """The start of the names of ``kind``'s entries for the file ``source``, whatever its version."""
+    return f"{kind}-{_digest(os.path.realpath(source))}-"
+
+
 def entry_path(source: str, kind: str) -> Path:
     """Where ``kind`` of the file ``source`` (as it is now) is kept."""
     st = os.stat(source)
-    identity = f"{VERSION}\0{kind}\0{os.path.realpath(source)}\0{st.st_size}\0{st.st_mtime_ns}"
-    return cache_dir() / f"{kind}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}.json"
+    version = f"{VERSION}\0{st.st_size}\0{st.st_mtime_ns}"
+    return cache_dir() / f"{_entry_prefix(source, kind)}{_digest(version)}.json"
 
 
 def derived_json(source: str, kind: str, build: Callable[[], Any]) -> Any:
@@ -58,4 +68,8 @@ def derived_json(source: str, kind: str, build: Callable[[], Any]) -> Any:
         os.replace(partial, path)
     except (OSError, TypeError, ValueError) as e:
         logger.warning("cannot keep %s of %s in %s: %s", kind, source, path.parent, e)
+        return value
+    for earlier in path.parent.glob(f"{_entry_prefix(source, kind)}*.json"):
+        if earlier != path:
+            earlier.unlink(missing_ok=True)
     return value

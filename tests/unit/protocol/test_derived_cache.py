@@ -40,6 +40,9 @@ def test_built_once_per_version_of_the_file(cache, tmp_path) -> None:
     assert derived_cache.derived_json(str(source), "kind", build) == {"a": [1, 2], "b": None}
     assert len(calls) == 2
     assert not list(cache.glob("*.partial"))
+    # the earlier version's entry of "kind" went; "other-kind" of the earlier version stays
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.json")) == ["kind", "other"]
+    assert derived_cache.entry_path(str(source), "kind").exists()
 
 
 def test_an_unreadable_entry_is_rebuilt(cache, tmp_path) -> None:
