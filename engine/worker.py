@@ -14,6 +14,7 @@ instance.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -25,7 +26,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch
 import zmq
 
-from engine.cuda_graph import EagerStepRunner, StepRunner, compile_decode_variants, make_step_runner
+from engine.cuda_graph import (
+    EagerStepRunner,
+    GraphStepRunner,
+    StepRunner,
+    compile_decode_variants,
+    make_step_runner,
+)
 from engine.faults import with_step_faults
 from engine.kv_pool import KVPool, PoolSizing, kv_bytes_per_token
 from engine.layers.backend import make_kernel_backend
@@ -33,6 +40,7 @@ from engine.models.config import ModelConfig
 from engine.parallel.group import SINGLE_RANK, TensorParallel, close_tensor_parallel
 from engine.parallel.steps import NO_RELAY, Relay, make_relay
 from engine.penalties import SlotPenalties
+from engine.pipeline import LaunchedStep, Pipeline
 from engine.runner import ModelRunner
 from engine.sampling import SamplingBatch, sample, top_logprobs
 from engine.weights import LoadedModel, load_model, resolve_device
@@ -168,8 +176,20 @@ class Worker:
             torch.cuda.synchronize()
 
     @torch.inference_mode()
+    @property
+    def pipelined(self) -> bool:
+        """Whether steps are launched ahead of the previous result (engine/pipeline.py): on CUDA
+        with the decode graphs (one rank, our kernels; the eager reference attention reads the
+        lengths on the host, which would wait for the step in flight anyway)."""
+        return self.runner.device.type == "cuda" and isinstance(self.step_runner, GraphStepRunner)
+
     def step(self, batch: StepBatch) -> StepResult:
         """Apply the deltas in protocol order, run the forward, sample."""
+        return self.launch(batch).result()
+
+    def launch(self, batch: StepBatch) -> LaunchedStep:
+        """``step`` up to the sampling, enqueued; the sampled values come to the host behind an
+        event (``LaunchedStep.result`` reads them)."""
         start = time.perf_counter()
         self.runner.release_slots(batch.released)
         for slot in batch.released:
@@ -181,14 +201,14 @@ class Worker:
         self.runner.release_slots([req.slot for req in batch.new_reqs])
         self.runner.append_pages([(a.slot, a.pages) for a in batch.page_appends])
         if not batch.extends and not batch.decode_slots:
-            return StepResult(step_id=batch.step_id, slots=[], token_ids=[])
+            return LaunchedStep.empty(batch.step_id)
 
         logger.debug(
             "step %d: %d extends, %d decodes", batch.step_id, len(batch.extends), len(batch.decode_slots)
         )
         inputs, logits = self.step_runner.run(batch.extends, batch.decode_slots, batch.decode_positions)
         if not inputs.sample_slots:
-            return StepResult(step_id=batch.step_id, slots=[], token_ids=[])
+            return LaunchedStep.empty(batch.step_id)
         params = [self.sampling[slot] for slot in inputs.sample_slots]
         penalty_rows = self.penalties.rows(inputs.sample_slots, params) if self.penalties.active else None
         sampling = SamplingBatch.build(
@@ -198,30 +218,12 @@ class Worker:
         self.runner.set_next_tokens(inputs.sample_slots_device, tokens)
         if penalty_rows is not None:
             self.penalties.record(inputs.sample_slots, tokens)
-        result = StepResult(
-            step_id=batch.step_id,
-            slots=inputs.sample_slots,
-            token_ids=tokens.tolist(),
-            logprobs=None if logprobs is None else logprobs.tolist(),
-            forward_ms=(time.perf_counter() - start) * 1000.0,
-        )
-        if any(p.top_logprobs for p in params):
-            result.top_token_ids, result.top_logprobs = _top_logprobs_rows(logits, params)
-        return result
-
-
-def _top_logprobs_rows(
-    logits: torch.Tensor, params: list[SamplingParams]
-) -> tuple[list[list[int]], list[list[float]]]:
-    """Each row's ``top_logprobs`` most likely (token id, logprob) pairs; [] for rows that did
-    not ask."""
-    k = max(p.top_logprobs for p in params)
-    ids, values = top_logprobs(logits, min(k, logits.shape[1]))
-    ids_rows, value_rows = ids.tolist(), values.tolist()
-    return (
-        [row[: p.top_logprobs] for row, p in zip(ids_rows, params, strict=True)],
-        [row[: p.top_logprobs] for row, p in zip(value_rows, params, strict=True)],
-    )
+        top = None
+        if any(p.top_logprobs for p in params):  # from this step's logits, before the next step's
+            k = max(p.top_logprobs for p in params)
+            ids, values = top_logprobs(logits, min(k, logits.shape[1]))
+            top = (ids, values, [p.top_logprobs for p in params])  # rows that did not ask: []
+        return LaunchedStep.copying(batch.step_id, inputs.sample_slots, tokens, logprobs, top, start)
 
 
 def choose_small_batch_matmuls(linear: SmallBatchLinear, model: torch.nn.Module) -> None:
@@ -284,6 +286,7 @@ class StepHooks:
     step: Callable[[StepBatch], StepResult]
     after_step: Callable[[], Iterable[Message]] = lambda: ()  # e.g. the rooms the KV side refused
     handlers: Mapping[type[Message], Callable[[Any], None]] = field(default_factory=dict)
+    launch: Callable[[StepBatch], LaunchedStep] | None = None  # given: steps are pipelined
 
 
 @dataclass
@@ -333,7 +336,12 @@ class WorkerProcess:
         thread comes back to the interpreter, which a receive blocked in libzmq never does.
         However it ends, the other ranks are told (``Relay.finish``)."""
         try:
-            self._serve(hooks, relay)
+            if hooks.launch is None:
+                self._serve(hooks, relay)
+            else:
+                send = functools.partial(self._send_result, hooks)
+                Pipeline(self.step_sock, hooks.launch, send, self._report_failure, hooks.handlers).serve(
+                    self.ctx, relay)
         finally:
             relay.finish()
 
@@ -362,6 +370,9 @@ class WorkerProcess:
         except Exception as e:
             self._report_failure(f"step {batch.step_id} failed: {type(e).__name__}: {e}")
             raise
+        self._send_result(hooks, result)
+
+    def _send_result(self, hooks: StepHooks, result: StepResult) -> None:
         transport.send(self.result_sock, result)
         for msg in hooks.after_step():
             transport.send(self.result_sock, msg)
@@ -415,4 +426,5 @@ def run_worker(cfg: WorkerConfig) -> None:
         tp = proc.join_tensor_parallel(cfg)
         worker = proc.start(lambda: Worker.create(cfg.args, tp=tp))
         proc.announce_ready(worker.ready_message())
-        proc.serve(StepHooks(with_step_faults(worker.step, faults)), make_relay(tp))
+        launch = with_step_faults(worker.launch, faults) if worker.pipelined else None
+        proc.serve(StepHooks(with_step_faults(worker.step, faults), launch=launch), make_relay(tp))
