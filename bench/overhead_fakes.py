@@ -2,8 +2,9 @@
 an instance that streams tokens to a front end as fast as it takes them.
 
 ``python -m bench.overhead_fakes worker --config '<JSON>'`` serves a real scheduler: it reports
-ready, then answers each ``StepBatch`` after sleeping ``step_ms`` (the GPU's step), and records
-how long it waited for each step; at ``Shutdown`` it writes that record (JSON) to ``report``.
+ready, then runs a CUDA worker's step loop (``engine.pipeline``: the next step launched while
+the GPU runs the last) around a GPU that sleeps ``step_ms`` per step, and records how long the
+GPU waited before each step; at ``Shutdown`` it writes that record (JSON) to ``report``.
 
 ``python -m bench.overhead_fakes producer --config '<JSON>'`` stands in for a unified instance
 behind a real front end: it attaches, sends heartbeats, takes requests, and once ``clients``
@@ -14,12 +15,17 @@ requests are live sends one ``BatchOutput`` per step with a token for every live
 from __future__ import annotations
 
 import json
+import queue
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+import torch
 import zmq
 
+from engine.parallel.steps import NO_RELAY
+from engine.pipeline import LaunchedStep, Pipeline
 from protocol import transport
 from protocol.config import EMBEDDED
 from protocol.messages import (
@@ -32,8 +38,8 @@ from protocol.messages import (
     Role,
     Shutdown,
     StepBatch,
-    StepResult,
     TokenizedRequest,
+    WorkerFailed,
     WorkerReady,
     encode,
 )
@@ -64,41 +70,77 @@ class WorkerSpec:
 
 @dataclass
 class StepRecord:
-    """Per step: its decode rows, and how long the "GPU" waited for it (s) since the last one ended."""
+    """Per step: its decode rows, how long the "GPU" waited for it (s) since the last one ended,
+    and how long it ran."""
 
     rows: list[int] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
     busy: list[float] = field(default_factory=list)
 
 
+class _Event:
+    def __init__(self) -> None:
+        self._done = threading.Event()
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self._done.wait()
+
+    def fire(self) -> None:
+        self._done.set()
+
+
+class FakeGpu:
+    """Runs the launched steps one after the other, ``step_ms`` each (a sleep: no CPU), and
+    records how long it sat idle before each: from the end of the last step to the launch of
+    this one, when that came later."""
+
+    def __init__(self, step_ms: float) -> None:
+        self.step_s = step_ms / 1e3
+        self.record = StepRecord()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._last_end: float | None = None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def launch(self, batch: StepBatch) -> LaunchedStep:
+        rows = [e.slot for e in batch.extends if e.sample] + list(batch.decode_slots)
+        event = _Event()
+        self._queue.put((time.perf_counter(), len(batch.decode_slots), event))
+        tokens = torch.full((len(rows),), TOKEN, dtype=torch.int64)
+        return LaunchedStep(batch.step_id, rows, tokens, ready=event)
+
+    def _run(self) -> None:
+        while True:
+            launched, decode_rows, event = self._queue.get()
+            start = time.perf_counter()
+            time.sleep(self.step_s)
+            end = time.perf_counter()
+            if self._last_end is not None:
+                self.record.waits.append(max(0.0, launched - self._last_end))
+                self.record.rows.append(decode_rows)
+                self.record.busy.append(end - start)
+            self._last_end = end
+            event.fire()
+
+
 def run_worker(spec: WorkerSpec) -> None:
+    """A CUDA worker's step loop (``engine.pipeline``: the next step launched while the GPU runs
+    the last) around a GPU that sleeps ``step_ms`` per step."""
     ctx = zmq.Context()
     steps = transport.bind(ctx, zmq.PULL, spec.step_addr)
     results = transport.connect(ctx, zmq.PUSH, spec.result_addr)
-    record = StepRecord()
+    gpu = FakeGpu(spec.step_ms)
     try:
         transport.send(results, WorkerReady(embedded_model(), spec.num_pages, spec.page_size,
                                             spec.max_slots, 8192, "fake"))
-        idle_since: float | None = None
-        while True:
-            msg = transport.recv(steps)
-            arrived = time.perf_counter()
-            if isinstance(msg, Shutdown):
-                break
-            assert isinstance(msg, StepBatch), msg.TYPE
-            rows = [e.slot for e in msg.extends if e.sample] + list(msg.decode_slots)
-            time.sleep(spec.step_ms / 1e3)  # the GPU's step
-            # the step's output leaves only once the step is done, as from a GPU
-            if idle_since is not None:
-                record.waits.append(arrived - idle_since)
-                record.rows.append(len(msg.decode_slots))
-                record.busy.append(time.perf_counter() - arrived)
-            transport.send(results, StepResult(msg.step_id, rows, [TOKEN] * len(rows), None))
-            # the next step may already be queued (overlap): then the GPU did not wait for it
-            idle_since = time.perf_counter()
+        pipeline = Pipeline(steps, gpu.launch, lambda result: transport.send(results, result),
+                            lambda message: transport.send(results, WorkerFailed(message=message)), {})
+        pipeline.serve(ctx, NO_RELAY)
     finally:
         with open(spec.report, "w") as f:
-            json.dump(asdict(record), f)
+            json.dump(asdict(gpu.record), f)
         steps.close(linger=0)
         results.close(linger=1000)
         ctx.term()
