@@ -60,6 +60,7 @@ class LaunchedStep:
     top: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # top-logprob ids, values, k per row
     started: float = 0.0
     ready: DeviceEvent | None = None
+    device: torch.device | None = None  # the CUDA device of ``ready``: waited on from any thread
 
     @classmethod
     def empty(cls, step_id: int) -> LaunchedStep:
@@ -82,7 +83,7 @@ class LaunchedStep:
         if top is not None:
             top = (_to_host(top[0]), _to_host(top[1]), top[2])
         step = cls(step_id, slots, _to_host(tokens), None if logprobs is None else _to_host(logprobs), top,
-                   started, torch.cuda.Event())
+                   started, torch.cuda.Event(), tokens.device)
         step.ready.record()  # type: ignore[union-attr]
         return step
 
@@ -91,7 +92,9 @@ class LaunchedStep:
         return self.ready is None or self.ready.query()
 
     def wait(self) -> None:
-        if self.ready is not None:
+        if self.ready is None:
+            return
+        with torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext():
             self.ready.synchronize()
 
     def result(self) -> StepResult:
