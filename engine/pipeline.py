@@ -125,14 +125,20 @@ class CompletionWatch:
     """Wakes a loop polling ``sock`` when the device finished a watched step."""
 
     def __init__(self, ctx: zmq.Context) -> None:
+        """Its sockets are closed again if anything (a SIGTERM's ``SystemExit``) interrupts
+        this: one left open would make the process's ``Context.term`` wait forever."""
         addr = f"inproc://pdserve-step-completions-{id(self)}"
-        self.sock = ctx.socket(zmq.PAIR)
-        self.sock.bind(addr)
-        self._signal = ctx.socket(zmq.PAIR)
-        self._signal.connect(addr)
         self._steps: queue.SimpleQueue[LaunchedStep | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="step-completions", daemon=True)
-        self._thread.start()
+        self.sock = ctx.socket(zmq.PAIR)
+        self._signal = ctx.socket(zmq.PAIR)
+        try:
+            self.sock.bind(addr)
+            self._signal.connect(addr)
+            self._thread.start()
+        except BaseException:
+            self._close_sockets()
+            raise
 
     def watch(self, step: LaunchedStep) -> None:
         self._steps.put(step)
@@ -153,6 +159,9 @@ class CompletionWatch:
     def close(self) -> None:
         self._steps.put(None)
         self._thread.join(timeout=5.0)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         self._signal.close(linger=0)
         self.sock.close(linger=0)
 
@@ -171,11 +180,11 @@ class Pipeline:
         """Run steps until ``Shutdown``; every other message is handled in order, after the step
         in flight was reported. A failing launch or result sends ``WorkerFailed`` and re-raises."""
         watch = CompletionWatch(ctx)
-        poller = zmq.Poller()
-        poller.register(self.step_sock, zmq.POLLIN)
-        poller.register(watch.sock, zmq.POLLIN)
-        in_flight: LaunchedStep | None = None
         try:
+            poller = zmq.Poller()
+            poller.register(self.step_sock, zmq.POLLIN)
+            poller.register(watch.sock, zmq.POLLIN)
+            in_flight: LaunchedStep | None = None
             while True:
                 events = dict(poller.poll(WAKE_CHECK_MS))
                 if watch.sock in events:

@@ -175,7 +175,6 @@ class Worker:
                 compile_decode_variants(self.runner)
             torch.cuda.synchronize()
 
-    @torch.inference_mode()
     @property
     def pipelined(self) -> bool:
         """Whether steps are launched ahead of the previous result (engine/pipeline.py): on CUDA
@@ -187,6 +186,7 @@ class Worker:
         """Apply the deltas in protocol order, run the forward, sample."""
         return self.launch(batch).result()
 
+    @torch.inference_mode()
     def launch(self, batch: StepBatch) -> LaunchedStep:
         """``step`` up to the sampling, enqueued; the sampled values come to the host behind an
         event (``LaunchedStep.result`` reads them)."""

@@ -66,6 +66,28 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_eager_path_is_chosen_on_cpu(embedded_worker):
     assert isinstance(embedded_worker.step_runner, EagerStepRunner)
+    assert embedded_worker.pipelined is False  # a CPU step computes inside launch: the plain loop
+
+
+def test_a_step_runs_in_inference_mode(embedded_worker, monkeypatch):
+    """No autograd bookkeeping in the forward and the sampling (``Worker.launch``)."""
+    import engine.worker
+
+    seen = []
+
+    def recording_sample(logits, batch):
+        seen.append((torch.is_inference_mode_enabled(), logits.requires_grad))
+        return real_sample(logits, batch)
+
+    real_sample = engine.worker.sample
+    monkeypatch.setattr(engine.worker, "sample", recording_sample)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    batch = StepBatch(step_id=1, new_reqs=[NewReq(slot=0, sampling=params)],
+                      page_appends=[PageAppend(slot=0, pages=[1])],
+                      extends=[ExtendReq(slot=0, start_pos=0, token_ids=[1, 2, 3])])
+    result = embedded_worker.step(batch)
+    embedded_worker.step(StepBatch(step_id=2, released=[0]))
+    assert seen == [(True, False)] and len(result.token_ids) == 1
 
 
 def test_compile_decode_variants_doubles_the_batch_and_writes_only_the_padding_page(embedded_worker):
