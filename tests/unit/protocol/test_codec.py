@@ -201,3 +201,31 @@ def test_a_type_tag_that_is_not_a_string_is_a_protocol_error(tag) -> None:
     """Found by fuzzing an instance's input: an unhashable tag escaped as TypeError and killed it."""
     with pytest.raises(ProtocolError, match="unknown message type"):
         decode(msgpack.packb({"type": tag, "v": PROTOCOL_VERSION}))
+
+
+def test_encoding_after_a_failed_encode_and_from_several_threads_is_exact() -> None:
+    """``encode`` keeps one msgpack Packer per thread: a pack that failed half-way leaves
+    nothing behind, and threads do not share a buffer."""
+    import threading
+
+    from protocol.messages import Heartbeat, Role, decode, encode
+
+    bad = Heartbeat(name="x", role=Role.UNIFIED, ready=True, input_addr="ipc://x")
+    bad.name = object()  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        encode(bad)
+    good = Heartbeat(name="y", role=Role.DECODE, ready=False, input_addr="ipc://y", running=3)
+    assert decode(encode(good)) == good
+    frames: dict[int, list[bytes]] = {}
+
+    def encode_many(i: int) -> None:
+        msg = Heartbeat(name=f"t{i}", role=Role.UNIFIED, ready=True, input_addr=f"ipc://{i}", running=i)
+        frames[i] = [encode(msg) for _ in range(2000)]
+
+    threads = [threading.Thread(target=encode_many, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, got in frames.items():
+        assert {decode(f).running for f in got} == {i} and len(set(got)) == 1  # type: ignore[attr-defined]
