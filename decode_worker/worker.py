@@ -25,7 +25,8 @@ from typing import cast
 from engine.parallel.group import SINGLE_RANK, TensorParallel
 from engine.parallel.ranks import Handlers, refuse_tensor_parallel, run_follower
 from engine.parallel.steps import FlushingRelay, Relay, StepRelay, make_relay
-from engine.worker import RESULT_LINGER_MS, StepHooks, Worker, worker_process
+from engine.worker import Worker
+from engine.worker_process import RESULT_LINGER_MS, StepHooks, worker_process
 from kvtransfer import KVReceiver, TransferConfig, TransferError, layout_from_caches, make_backend
 from kvtransfer.kernels import PagedCaches, PoolLander
 from kvtransfer.notifier import Notifier

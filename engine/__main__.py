@@ -1,6 +1,6 @@
 """``python -m engine --config '<WorkerConfig JSON>'``: the worker process of an instance."""
 
-from engine.worker import run_worker
+from engine.worker_process import run_worker
 from protocol.config import WorkerConfig
 from protocol.process import start_process
 

@@ -1,5 +1,5 @@
 """The processes of a tensor-parallel instance: each joins the group (``join_tensor_parallel``);
-rank 0 is the instance's ordinary worker process (``engine.worker.run_worker``), the others run
+rank 0 is the instance's ordinary worker process (``engine.worker_process.run_worker``), the others run
 ``run_follower``: the same ``Worker`` on their part of the model, fed by rank 0's relayed frames
 (``engine.parallel.steps``), silent towards the scheduler.
 
@@ -79,7 +79,8 @@ def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks |
     launcher starts the rank again, which waits for rank 0's next store (``join_store``). A
     role's ``hooks`` give the step to run and handlers of the other relayed messages
     (``decodes`` as rank 0 creates its worker)."""
-    from engine.worker import Worker, apply_process_settings
+    from engine.worker import Worker
+    from engine.worker_process import apply_process_settings
 
     apply_process_settings(cfg.args)
     tp = join_tensor_parallel(cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from engine.worker import run_worker
+from engine.worker_process import run_worker
 from protocol import transport
 from protocol.config import InstanceAddrs, ServerArgs, WorkerConfig, config_to_json
 from protocol.messages import (
