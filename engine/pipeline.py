@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -196,9 +196,7 @@ class Pipeline:
                     if not events and in_flight is None:
                         relay.idle()
                     continue
-                frame = self.step_sock.recv()
-                relay.forward(frame)
-                msg = decode(frame)
+                msg = receive(self.step_sock, relay)
                 if isinstance(msg, StepBatch):
                     launched = self._launch(msg)
                     if in_flight is not None:
@@ -209,28 +207,47 @@ class Pipeline:
                 if in_flight is not None:
                     self._report(in_flight)
                     in_flight = None
-                if isinstance(msg, Shutdown):
-                    logger.info("shutdown: %s", msg.reason or "requested")
-                    relay.finish(shutdown_relayed=True)
+                if handle_other(msg, self.handlers, relay):
                     return
-                if (handle := self.handlers.get(type(msg))) is not None:
-                    handle(msg)
-                else:
-                    logger.warning("ignoring unexpected message %s", msg.TYPE)
         finally:
             watch.close()
 
     def _launch(self, batch: StepBatch) -> LaunchedStep:
-        try:
+        with failure_reported(batch.step_id, self.report_failure):
             return self.launch(batch)
-        except Exception as e:
-            self.report_failure(f"step {batch.step_id} failed: {type(e).__name__}: {e}")
-            raise
 
     def _report(self, step: LaunchedStep) -> None:
-        try:
+        with failure_reported(step.step_id, self.report_failure):
             result = step.result()
-        except Exception as e:
-            self.report_failure(f"step {step.step_id} failed: {type(e).__name__}: {e}")
-            raise
         self.send_result(result)
+
+
+def receive(step_sock: zmq.Socket, relay: Relay) -> Message:
+    """The next message, its frame relayed to the other ranks first."""
+    frame = step_sock.recv()
+    relay.forward(frame)
+    return decode(frame)
+
+
+def handle_other(msg: Message, handlers: Mapping[type[Message], Callable[[Any], None]], relay: Relay) -> bool:
+    """A message that is not a step: True for ``Shutdown`` (the loop ends there), else its
+    role's handler runs (or it is ignored, logged)."""
+    if isinstance(msg, Shutdown):
+        logger.info("shutdown: %s", msg.reason or "requested")
+        relay.finish(shutdown_relayed=True)
+        return True
+    if (handle := handlers.get(type(msg))) is not None:
+        handle(msg)
+    else:
+        logger.warning("ignoring unexpected message %s", msg.TYPE)
+    return False
+
+
+@contextlib.contextmanager
+def failure_reported(step_id: int, report_failure: Callable[[str], None]) -> Iterator[None]:
+    """A step that raises is told to the scheduler (``WorkerFailed``) before the error goes on."""
+    try:
+        yield
+    except Exception as e:
+        report_failure(f"step {step_id} failed: {type(e).__name__}: {e}")
+        raise

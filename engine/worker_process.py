@@ -20,7 +20,7 @@ import zmq
 from engine.faults import with_step_faults
 from engine.parallel.group import TensorParallel, close_tensor_parallel
 from engine.parallel.steps import NO_RELAY, Relay, make_relay
-from engine.pipeline import LaunchedStep, Pipeline
+from engine.pipeline import LaunchedStep, Pipeline, failure_reported, handle_other, receive
 from engine.weights import resolve_device
 from engine.worker import Worker
 from protocol import transport
@@ -28,12 +28,10 @@ from protocol.config import ServerArgs, WorkerConfig
 from protocol.faults import Faults
 from protocol.messages import (
     Message,
-    Shutdown,
     StepBatch,
     StepResult,
     WorkerFailed,
     WorkerReady,
-    decode,
 )
 
 logger = logging.getLogger("pdserve.worker")
@@ -123,26 +121,15 @@ class WorkerProcess:
             if not self.step_sock.poll(SIGNAL_CHECK_MS):
                 relay.idle()
                 continue
-            frame = self.step_sock.recv()
-            relay.forward(frame)
-            msg = decode(frame)
-            if isinstance(msg, Shutdown):
-                logger.info("shutdown: %s", msg.reason or "requested")
-                relay.finish(shutdown_relayed=True)
-                return
-            if (handle := hooks.handlers.get(type(msg))) is not None:
-                handle(msg)
-            elif isinstance(msg, StepBatch):
+            msg = receive(self.step_sock, relay)
+            if isinstance(msg, StepBatch):
                 self._run_step(hooks, msg)
-            else:
-                logger.warning("ignoring unexpected message %s", msg.TYPE)
+            elif handle_other(msg, hooks.handlers, relay):
+                return
 
     def _run_step(self, hooks: StepHooks, batch: StepBatch) -> None:
-        try:
+        with failure_reported(batch.step_id, self._report_failure):
             result = hooks.step(batch)
-        except Exception as e:
-            self._report_failure(f"step {batch.step_id} failed: {type(e).__name__}: {e}")
-            raise
         self._send_result(hooks, result)
 
     def _send_result(self, hooks: StepHooks, result: StepResult) -> None:
