@@ -78,15 +78,19 @@ class StepRecord:
     busy: list[float] = field(default_factory=list)
 
 
-class _Event:
-    def __init__(self) -> None:
+class HostEvent:
+    """A ``DeviceEvent`` (engine/pipeline.py) that the host fires: a stand-in device's.
+    ``synchronize`` gives up after ``timeout_s`` (None: never), an AssertionError."""
+
+    def __init__(self, timeout_s: float | None = None) -> None:
         self._done = threading.Event()
+        self._timeout_s = timeout_s
 
     def query(self) -> bool:
         return self._done.is_set()
 
     def synchronize(self) -> None:
-        self._done.wait()
+        assert self._done.wait(self._timeout_s), "the stand-in device never finished the step"
 
     def fire(self) -> None:
         self._done.set()
@@ -106,7 +110,7 @@ class FakeGpu:
 
     def launch(self, batch: StepBatch) -> LaunchedStep:
         rows = [e.slot for e in batch.extends if e.sample] + list(batch.decode_slots)
-        event = _Event()
+        event = HostEvent()
         self._queue.put((time.perf_counter(), len(batch.decode_slots), event))
         tokens = torch.full((len(rows),), TOKEN, dtype=torch.int64)
         return LaunchedStep(batch.step_id, rows, tokens, ready=event)

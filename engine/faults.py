@@ -7,13 +7,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from protocol.faults import FAULTS_ENV, Faults
-from protocol.messages import StepBatch, StepResult
+from protocol.messages import StepBatch
 
 logger = logging.getLogger("pdserve.worker")
 
-StepFn = Callable[[StepBatch], StepResult]
+R = TypeVar("R")  # what the step function returns: a StepResult, or a LaunchedStep
 
 
 class InjectedFault(RuntimeError):
@@ -21,17 +22,17 @@ class InjectedFault(RuntimeError):
 
 
 @dataclass
-class FaultyStep:
+class FaultyStep(Generic[R]):
     """A step function that misbehaves once as ``PDSERVE_FAULTS`` asks: sleeps ``delay_s`` before
     the first step numbered at least ``delay_at`` (a hung worker), raises in the first one
     numbered at least ``error_at`` (a forward-pass exception). None: done, or not asked for."""
 
-    step: StepFn
+    step: Callable[[StepBatch], R]
     delay_s: float
     delay_at: int | None
     error_at: int | None
 
-    def __call__(self, batch: StepBatch) -> StepResult:
+    def __call__(self, batch: StepBatch) -> R:
         if self.delay_at is not None and batch.step_id >= self.delay_at:
             self.delay_at = None
             logger.warning("step %d: sleeping %g s (%s)", batch.step_id, self.delay_s, FAULTS_ENV)
@@ -42,7 +43,7 @@ class FaultyStep:
         return self.step(batch)
 
 
-def with_step_faults(step: StepFn, faults: Faults) -> StepFn:
+def with_step_faults(step: Callable[[StepBatch], R], faults: Faults) -> Callable[[StepBatch], R]:
     """``step``, wrapped for the step faults asked for (itself when none is, so that the step
     loop checks nothing)."""
     delay_at = faults.step_delay_at_step if faults.step_delay_s > 0 else None

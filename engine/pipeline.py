@@ -80,12 +80,12 @@ class LaunchedStep:
         pinned memory enqueued behind the sampling and an event after them."""
         if not tokens.is_cuda:
             return cls(step_id, slots, tokens, logprobs, top, started)
-        if top is not None:
-            top = (_to_host(top[0]), _to_host(top[1]), top[2])
-        step = cls(step_id, slots, _to_host(tokens), None if logprobs is None else _to_host(logprobs), top,
-                   started, torch.cuda.Event(), tokens.device)
-        step.ready.record()  # type: ignore[union-attr]
-        return step
+        host_tokens = _to_host(tokens)
+        host_logprobs = None if logprobs is None else _to_host(logprobs)
+        host_top = None if top is None else (_to_host(top[0]), _to_host(top[1]), top[2])
+        ready = torch.cuda.Event()
+        ready.record()  # after the copies
+        return cls(step_id, slots, host_tokens, host_logprobs, host_top, started, ready, tokens.device)
 
     def done(self) -> bool:
         """Whether ``result`` would return without waiting for the device (never blocks)."""

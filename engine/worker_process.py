@@ -186,5 +186,6 @@ def run_worker(cfg: WorkerConfig) -> None:
         tp = proc.join_tensor_parallel(cfg)
         worker = proc.start(lambda: Worker.create(cfg.args, tp=tp))
         proc.announce_ready(worker.ready_message())
-        launch = with_step_faults(worker.launch, faults) if worker.pipelined else None
-        proc.serve(StepHooks(with_step_faults(worker.step, faults), launch=launch), make_relay(tp))
+        launch = with_step_faults(worker.launch, faults)  # one wrapper, whichever loop runs
+        hooks = StepHooks(lambda batch: launch(batch).result(), launch=launch if worker.pipelined else None)
+        proc.serve(hooks, make_relay(tp))

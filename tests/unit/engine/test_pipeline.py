@@ -16,6 +16,7 @@ import pytest
 import torch
 import zmq
 
+from bench.overhead_fakes import HostEvent
 from engine.parallel.steps import NO_RELAY
 from engine.pipeline import LaunchedStep, Pipeline
 from protocol import transport
@@ -24,20 +25,6 @@ from protocol.messages import Heartbeat, Message, Role, Shutdown, StepBatch, Ste
 DEVICE_S = 0.05  # one step on the fake device
 HOST_S = 0.005  # the host work of launching one (inputs, launches)
 TIMEOUT_MS = 5000
-
-
-class FakeEvent:
-    def __init__(self) -> None:
-        self._done = threading.Event()
-
-    def query(self) -> bool:
-        return self._done.is_set()
-
-    def synchronize(self) -> None:
-        assert self._done.wait(10), "the fake device never finished the step"
-
-    def fire(self) -> None:
-        self._done.set()
 
 
 @dataclass
@@ -60,7 +47,7 @@ class FakeDevice:
         while time.perf_counter() < end:  # the host's part of launching it
             pass
         self.launched[batch.step_id] = time.perf_counter()
-        event = FakeEvent()
+        event = HostEvent(timeout_s=10)
         self._queue.put((batch.step_id, event))
         return LaunchedStep(batch.step_id, [0], torch.tensor([batch.step_id]), ready=event)
 
