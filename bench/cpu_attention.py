@@ -1,11 +1,16 @@
-"""Paged decode attention on the CPU, the candidates side by side on one layer's worth of work:
-the padded reference (``decode_attention_ref``), the Numba kernel that serves
+"""Paged attention on the CPU, the candidates side by side on one layer's worth of work.
+
+Decode: the padded reference (``decode_attention_ref``), the Numba kernel that serves
 (``engine.kernels.cpu_decode``), the bucketed gather-and-bmm kernel it replaced, and torch's fused
 CPU SDPA over each request's gathered pages (per request, and per padded bucket with a mask).
+Extend (``--extend``): prompts of 128, 256 and 512 tokens and a 256-token chunk after a
+256-token prefix, by the blocked kernel that serves (``engine.kernels.cpu.causal_attention``)
+and by torch's fused CPU SDPA (flash; causal, or a mask after a prefix), which served before.
 CPU time per layer (process time, one thread unless ``--threads``), and each one's largest
 difference from the reference.
 
     python -m bench.cpu_attention                       # SmolLM2's shape: 9 / 3 heads, 64 requests
+    python -m bench.cpu_attention --extend              # the extend candidates too
     python -m bench.cpu_attention --tiny                # a smoke run; its numbers mean nothing
 """
 
@@ -23,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.cpu_env import tune_malloc
+from engine.kernels.cpu import causal_attention
 from engine.kernels.cpu_decode import decode_attention_cpu, warm_up
-from engine.kernels.reference import decode_attention_ref
+from engine.kernels.reference import causal_attention_ref, decode_attention_ref
 
 
 def make_inputs(batch: int, lengths: tuple[int, int], heads: tuple[int, int], head_dim: int, page_size: int,
@@ -143,6 +149,39 @@ def candidates(threads: int) -> dict[str, Callable[..., torch.Tensor]]:
     }
 
 
+def sdpa_extend(q, k, v, prefix, sm_scale, out):
+    """What served before the blocked kernel: torch's fused CPU attention of the whole request."""
+    mask = None
+    if prefix:
+        mask = torch.arange(k.shape[0])[None, :] <= torch.arange(prefix, k.shape[0])[:, None]
+    out.copy_(F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=sm_scale, enable_gqa=True,
+    )[0].transpose(0, 1))
+
+
+EXTEND_CANDIDATES = {"blocked (serves)": causal_attention, "fused SDPA per request (before)": sdpa_extend}
+EXTEND_SHAPES = ((128, 0), (256, 0), (512, 0), (256, 256))  # (new rows, cached prefix)
+
+
+def extend_rows(dtype: str, tiny: bool, reps: int) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for new, prefix in ((20, 0), (9, 30)) if tiny else EXTEND_SHAPES:
+        q = torch.randn(new, 9, 64, generator=gen).to(getattr(torch, dtype))
+        k, v = (torch.randn(prefix + new, 3, 64, generator=gen).to(q.dtype) for _ in range(2))
+        ref = causal_attention_ref(q, k, v, 0.125, prefix)
+        for name, fn in EXTEND_CANDIDATES.items():
+            out = torch.empty_like(q)
+            ms = cpu_ms(partial(fn, q, k, v, prefix, 0.125, out), reps)
+            err = (out.float() - ref).abs().max().item()
+            rows.append({"dtype": dtype, "extend": [new, prefix], "candidate": name,
+                         "cpu_ms_per_layer": ms, "max_abs_diff": err})
+            print(f"{dtype:<9} extend {new:>3} after {prefix:>3}  {name:<32} {ms:8.2f} CPU-ms/layer   "
+                  f"max |diff| {err:.1e}")
+    return rows
+
+
 def cpu_ms(fn: Callable[[], torch.Tensor], reps: int) -> float:
     fn()
     start = time.process_time()
@@ -158,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--extend", action="store_true", help="the extend (prefill) candidates too")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tune_malloc()
@@ -172,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             err = (fn(**inputs).float() - ref).abs().max().item()
             rows.append({"dtype": dtype, "candidate": name, "cpu_ms_per_layer": ms, "max_abs_diff": err})
             print(f"{dtype:<9} {name:<32} {ms:8.2f} CPU-ms/layer   max |diff| {err:.1e}")
+        if args.extend:
+            rows += extend_rows(dtype, args.tiny, reps)
     if args.output:
         args.output.write_text(json.dumps({"batch": batch, "lengths": lengths, "threads": args.threads,
                                            "rows": rows}, indent=2) + "\n")

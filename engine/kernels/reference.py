@@ -66,7 +66,9 @@ def gather_kv_ref(
     return cache[pages].flatten(0, 1)[:seq_len]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, q_start: int) -> torch.Tensor:
+def causal_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, q_start: int
+) -> torch.Tensor:
     """q [Tq, Hq, D] at positions q_start.. ; k, v [Tk, Hkv, D]; causal; fp32 math."""
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     group = num_heads // num_kv_heads
@@ -135,7 +137,7 @@ def extend_attention_ref(
         seq_len = prefix + (hi - lo)
         k = gather_kv_ref(k_cache, page_table[i], seq_len)
         v = gather_kv_ref(v_cache, page_table[i], seq_len)
-        out[lo:hi] = _attend(q[lo:hi], k, v, sm_scale, prefix).to(q.dtype)
+        out[lo:hi] = causal_attention_ref(q[lo:hi], k, v, sm_scale, prefix).to(q.dtype)
     return out
 
 

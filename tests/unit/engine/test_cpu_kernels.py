@@ -109,8 +109,10 @@ def test_decode_attention_of_an_empty_batch() -> None:
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (9, 3), (8, 2)])
 def test_extend_attention_matches_reference(dtype, page_size, num_heads, num_kv_heads) -> None:
     gen = torch.Generator().manual_seed(page_size * 10 + num_heads)
-    new = [37, 1, 0, 64, 5]  # ragged, one request with nothing new this step
-    prefixes = [0, 20, 3, 33, 0]
+    # ragged; one request with nothing new this step; blocks of rows: one exactly, several
+    # with a partial last one, after a prefix and without
+    new = [37, 1, 0, cpu.EXTEND_BLOCK, 5, 2 * cpu.EXTEND_BLOCK + 9, cpu.EXTEND_BLOCK + 1]
+    prefixes = [0, 20, 3, 33, 0, 0, 70]
     lengths = [p + n for p, n in zip(prefixes, new, strict=True)]
     table, num_pages = _page_table(gen, lengths, page_size)
     k_cache, v_cache = _pool(gen, num_pages, page_size, num_kv_heads, dtype)
@@ -118,8 +120,10 @@ def test_extend_attention_matches_reference(dtype, page_size, num_heads, num_kv_
     q = torch.randn(sum(new), num_heads, HEAD_DIM, generator=gen).to(dtype)
     args = (q, k_cache, v_cache, table, indptr, torch.tensor(prefixes, dtype=torch.int32), 0.125)
     ref = extend_attention_ref(*args)
+    kept = [t.clone() for t in args[:3]]
     ours = cpu.extend_attention_cpu(*args, max_extend_len=max(new))
     _check(ours, ref, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(args[:3], kept, strict=True))  # inputs untouched
     plan = cpu.plan_extend(table, indptr, torch.tensor(prefixes, dtype=torch.int32), page_size)
     assert [s.seq_len for s in plan] == [p + n for p, n in zip(prefixes, new, strict=True) if n]
     assert torch.equal(cpu.extend_attention_cpu(*args, plan=plan), ours)
