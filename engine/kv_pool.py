@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.cpu_env import advise_small_pages
+
 logger = logging.getLogger("pdserve.worker")
 
 
@@ -58,11 +60,14 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """A zero tensor; on the CPU from ``calloc`` (numpy's zeros, viewed as ``dtype``: the zero
     bit pattern is 0.0 in every float type), whose large blocks the kernel maps as zero pages
     when first touched, so a pool sized from free memory costs memory and start-up time only as
-    it fills (``torch.zeros`` writes every byte: 0.33 s and resident memory per GiB)."""
+    it fills (``torch.zeros`` writes every byte: 0.33 s and resident memory per GiB), in small
+    pages (``engine.cpu_env.advise_small_pages`` says why)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     carrier = _UNSIGNED[torch.empty((), dtype=dtype).element_size()]
-    return torch.from_numpy(np.zeros(shape, dtype=carrier)).view(dtype)
+    array = np.zeros(shape, dtype=carrier)
+    advise_small_pages(array.ctypes.data, array.nbytes)
+    return torch.from_numpy(array).view(dtype)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from engine import cpu_env
-from engine.kv_pool import PoolSizing
+from engine.kv_pool import KVPool, PoolSizing
 
 
 def test_default_threads_take_every_core_below_8_and_leave_two_from_8() -> None:
@@ -66,3 +68,28 @@ def test_tune_malloc_applies_on_glibc() -> None:
     applied = cpu_env.tune_malloc()
     if platform.libc_ver()[0] == "glibc":
         assert applied
+
+
+def _vm_flags(array: torch.Tensor) -> set[str]:
+    """The VmFlags of this process's mappings over ``array`` (/proc/self/smaps)."""
+    start, stop = array.data_ptr(), array.data_ptr() + array.nbytes
+    flags, inside = set(), False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo < stop and start < hi
+        elif inside and head == "VmFlags:":
+            flags.update(line.split()[1:])
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_cpu_kv_pool_memory_is_kept_off_transparent_huge_pages() -> None:
+    """numpy advises huge pages for large arrays ("hg"); the pool asks for small ones ("nh")."""
+    pool = KVPool.allocate(num_layers=1, num_pages=1024, page_size=16, num_kv_heads=2, head_dim=256,
+                           dtype=torch.float32, device=torch.device("cpu"))  # 64 MiB per array
+    for array in pool.k + pool.v:
+        flags = _vm_flags(array)
+        assert "nh" in flags and "hg" not in flags, flags
+        assert not array.any()
