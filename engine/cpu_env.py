@@ -17,9 +17,9 @@
   kernel reports available (``MemAvailable``), times ``CPU_MEMORY_SHARE``: host memory is
   shared with the OS and every other process, unlike a GPU's. Its memory is mapped as the steps
   first write it, in 4 KiB pages (``advise_small_pages``): with the transparent huge pages that
-  numpy asks for, the served SmolLM2 workload of ``bench.vs_vllm`` ran 5–9 % slower on the
-  2-core Firecracker VM of CI (float32 54.7 against 57.5–59.8 tokens/s, bf16 103–109 against
-  113), where every page the guest maps first is paid again in the host.
+  numpy asks for, the served SmolLM2 float32 workload of ``bench.vs_vllm`` ran 6 % slower on the
+  2-core Firecracker VM of CI (55.1 against 58.8 tokens/s, medians of three rounds alternated
+  with vLLM; bf16 unchanged), where every page the guest maps first is paid again in the host.
 """
 
 from __future__ import annotations
