@@ -8,11 +8,11 @@ Decode: ``engine.kernels.cpu_decode``, compiled by Numba, reads each request's p
 
 Extend: per request (a step holds few), one gather of its pages, then ``causal_attention``:
 blocks of ``EXTEND_BLOCK`` query rows, each against only the keys it can see (the cached prefix
-and the rows up to its own), so the masked half of the square is never computed; a prompt of
-one block with nothing cached goes to torch's flash kernel, cheaper per call. torch's flash
-CPU kernel does compute it below 512 keys (its key blocks are 512 wide): 8.3 CPU-ms for a
-512-token bf16 prompt of SmolLM2's 9 / 3 heads against 5.1 here (``python -m
-bench.cpu_attention --extend``). float32 math throughout, the output rounded once: bf16 scores
+and the rows up to its own), so the masked half of the square is never computed. torch's flash
+CPU kernel computes it below 512 keys (its key blocks are 512 wide: ``is_causal`` costs nothing
+less): 8.3 CPU-ms for a 512-token bf16 prompt of SmolLM2's 9 / 3 heads against 5.1 here
+(``python -m bench.cpu_attention --extend``); a prompt of one block with nothing cached still
+goes to it, cheaper per call. float32 math throughout, the output rounded once: bf16 scores
 were 10× less accurate, bf16 probabilities times V 1.6× (for 10 % less time).
 
 Both are checked against ``engine.kernels.reference`` (tests/unit/engine/test_cpu_kernels.py);
@@ -52,7 +52,7 @@ class ExtendSeq:
     @property
     def one_block(self) -> bool:
         """A prompt of one block with nothing cached: torch's flash kernel costs less per call
-        (measured: 0.04 against 0.11 CPU-ms at 8 rows, even at 96)."""
+        (measured: 0.04 against 0.11 CPU-ms at 8 rows; about even at 96)."""
         return self.prefix == 0 and self.hi - self.lo <= EXTEND_BLOCK
 
 
