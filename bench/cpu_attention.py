@@ -162,12 +162,13 @@ def sdpa_extend(q, k, v, prefix, sm_scale, out):
 
 EXTEND_CANDIDATES = {"blocked (serves)": causal_attention, "fused SDPA per request (before)": sdpa_extend}
 EXTEND_SHAPES = ((128, 0), (256, 0), (512, 0), (256, 256))  # (new rows, cached prefix)
+TINY_EXTEND_SHAPES = ((20, 0), (9, 30))
 
 
 def extend_rows(dtype: str, tiny: bool, reps: int) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for new, prefix in ((20, 0), (9, 30)) if tiny else EXTEND_SHAPES:
+    for new, prefix in TINY_EXTEND_SHAPES if tiny else EXTEND_SHAPES:
         q = torch.randn(new, 9, 64, generator=gen).to(getattr(torch, dtype))
         k, v = (torch.randn(prefix + new, 3, 64, generator=gen).to(q.dtype) for _ in range(2))
         ref = causal_attention_ref(q, k, v, 0.125, prefix)
