@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -44,7 +45,6 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 _TRIM_THRESHOLD = 1 << 30
 _MADV_NOHUGEPAGE = 15  # Linux's <sys/mman.h>
-_OS_PAGE = 4096
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -137,7 +137,7 @@ def advise_small_pages(address: int, nbytes: int) -> bool:
     madvise = getattr(_LIBC, "madvise", None)
     if madvise is None:
         return False
-    start = address // _OS_PAGE * _OS_PAGE
+    start = address // mmap.PAGESIZE * mmap.PAGESIZE
     return madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), _MADV_NOHUGEPAGE) == 0
 
 

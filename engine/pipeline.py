@@ -213,11 +213,11 @@ class Pipeline:
             watch.close()
 
     def _launch(self, batch: StepBatch) -> LaunchedStep:
-        with failure_reported(batch.step_id, self.report_failure):
+        with failure_reported(f"step {batch.step_id}", self.report_failure):
             return self.launch(batch)
 
     def _report(self, step: LaunchedStep) -> None:
-        with failure_reported(step.step_id, self.report_failure):
+        with failure_reported(f"step {step.step_id}", self.report_failure):
             result = step.result()
         self.send_result(result)
 
@@ -244,10 +244,11 @@ def handle_other(msg: Message, handlers: Mapping[type[Message], Callable[[Any], 
 
 
 @contextlib.contextmanager
-def failure_reported(step_id: int, report_failure: Callable[[str], None]) -> Iterator[None]:
-    """A step that raises is told to the scheduler (``WorkerFailed``) before the error goes on."""
+def failure_reported(what: str, report_failure: Callable[[str], None]) -> Iterator[None]:
+    """``what`` (a step, the start-up) raising is told to the scheduler (``WorkerFailed``)
+    before the error goes on."""
     try:
         yield
     except Exception as e:
-        report_failure(f"step {step_id} failed: {type(e).__name__}: {e}")
+        report_failure(f"{what} failed: {type(e).__name__}: {e}")
         raise

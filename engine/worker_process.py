@@ -72,11 +72,8 @@ class WorkerProcess:
 
     def start(self, create: Callable[[], T]) -> T:
         """Run the start-up ``create``; if it fails, tell the scheduler (``WorkerFailed``) and re-raise."""
-        try:
+        with failure_reported(f"{self.name}: start-up", self._report_failure):
             return create()
-        except Exception as e:
-            self._report_failure(f"{self.name}: start-up failed: {type(e).__name__}: {e}")
-            raise
 
     def join_tensor_parallel(self, cfg: WorkerConfig) -> TensorParallel:
         """Rank 0's place in its instance's group (``SINGLE_RANK`` for one rank), left with the
@@ -128,7 +125,7 @@ class WorkerProcess:
                 return
 
     def _run_step(self, hooks: StepHooks, batch: StepBatch) -> None:
-        with failure_reported(batch.step_id, self._report_failure):
+        with failure_reported(f"step {batch.step_id}", self._report_failure):
             result = hooks.step(batch)
         self._send_result(hooks, result)
 
