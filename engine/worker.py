@@ -78,6 +78,8 @@ class Worker:
             args, loaded, max_useful_tokens=max_slots * max_pages_per_req * args.page_size, tp=tp
         )
         kernels = make_kernel_backend(args.attention_backend, loaded.device)
+        if kernels.prepare_weights is not None:
+            kernels.prepare_weights(loaded.model)
         if decodes and loaded.device.type == "cuda" and kernels.name == "triton":
             choose_small_batch_matmuls(kernels.linear, loaded.model)
         if decodes and kernels.warm_up_decode is not None:

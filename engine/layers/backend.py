@@ -2,8 +2,9 @@
 
 ``--attention-backend cpu`` runs ``engine.kernels.cpu``: paged attention that reads only the
 pages each request owns (decode compiled by Numba: ``engine.kernels.cpu_decode``), planned once
-per step (``plan_attention``), torch's fused RMSNorm in float32, and ``F.linear`` (oneDNN:
-AVX-512 / AVX512-BF16 / AMX where the CPU has them).
+per step (``plan_attention``), torch's fused RMSNorm in float32, and oneDNN's linear on weights
+packed once at start-up (``engine.kernels.cpu_linear``: AVX-512 / AVX512-BF16 / AMX where the CPU
+has them).
 ``torch`` runs the plain-torch references of ``engine.kernels.reference``
 (the CPU path, and the oracle) and ``F.linear``; ``triton`` runs our Triton kernels: RMSNorm
 with the residual add fused in, SiLU-and-mul, rotary embedding fused into the KV store, paged
@@ -52,6 +53,9 @@ class KernelBackend:
     plan_attention: PlanAttentionFn | None = None
     # (KV pool dtype) -> None: compiles what decode attention needs, at start-up
     warm_up_decode: Callable[[torch.dtype], None] | None = None
+    # (model) -> how many weights it converted: the matmul weights in the layout ``linear`` runs
+    # best, once after loading
+    prepare_weights: Callable[[torch.nn.Module], int] | None = None
 
 
 def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
@@ -62,14 +66,14 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"--attention-backend cpu runs on the CPU, not on {device}")
-        from engine.kernels import cpu, cpu_decode
+        from engine.kernels import cpu, cpu_decode, cpu_linear
         from engine.kernels.reference import rotary_store_kv_ref
 
         threads = torch.get_num_threads()  # the worker set it at start-up (engine.cpu_env)
 
         return KernelBackend(
             "cpu",
-            torch.nn.functional.linear,
+            cpu_linear.linear_cpu,
             cpu.rms_norm_cpu,
             cpu.silu_and_mul_cpu,
             rotary_store_kv_ref,
@@ -77,6 +81,7 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
             partial(cpu_decode.decode_attention_cpu, threads=threads),
             cpu.plan_attention,
             partial(cpu_decode.warm_up, threads=threads),
+            cpu_linear.pack_weights,
         )
     if name == "torch":
         from engine.kernels import reference as ref

@@ -9,6 +9,8 @@ returns hidden states; logits are computed by ``compute_logits`` only for sampli
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -103,6 +105,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
+        # a tied LM head's own copy of the table in a backend's matmul layout (pack_matmul_weights)
+        self.tied_lm_head: torch.Tensor | None = None
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -111,7 +115,9 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        return self.embed_tokens.weight if self.tied_lm_head is None else self.tied_lm_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
@@ -127,6 +133,17 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits [N, vocab] of the rows that sample (the same on every rank)."""
         logits = kernels.linear(hidden, self.lm_head_weight).float()
         return logits if self.gather_logits is None else self.gather_logits(logits)
+
+    def pack_matmul_weights(self, pack: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """Replace every matmul weight by ``pack(weight)`` (a kernel backend's layout, once at
+        start-up); a tied LM head gets a packed copy, the embedding keeps the plain table.
+        Returns how many were packed."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for module in linears:
+            module.weight = nn.Parameter(pack(module.weight), requires_grad=False)
+        if self.lm_head is None:
+            self.tied_lm_head = pack(self.embed_tokens.weight)
+        return len(linears) + (self.lm_head is None)
 
     def matmul_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of every matmul of a forward and its logits, the lm_head included."""

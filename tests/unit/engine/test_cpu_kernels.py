@@ -171,5 +171,6 @@ def test_worker_on_cpu_kernels_generates_what_transformers_does(tiny_llama_dir, 
     args = small_args(model_path=tiny_llama_dir, attention_backend="cpu", page_size=page_size)
     worker = Worker.create(args)
     assert worker.runner.kernels.name == "cpu"
+    assert worker.loaded.model.lm_head_weight.is_mkldnn  # the matmuls on packed weights (cpu_linear)
     reqs = driver_for(worker, chunk_size=7).generate(PROMPTS, [greedy(8)] * len(PROMPTS))
     assert [r.outputs for r in reqs] == hf_generate(tiny_llama_dir, PROMPTS, 8)
