@@ -7,7 +7,8 @@ bounded so that a stop request is seen promptly. Whether each request goes to on
 instance or to a prefill + decode pair is the topology's business (``topology.py``): the rest
 of the front end sees a ``Route`` and treats both alike. (Over 400 lines: one poll loop and the
 handlers of its two sockets, which share its state; the parts with state of their own live in
-``connections.py``, ``request_state.py``, ``status.py``, ``topology.py``.)
+``connections.py``, ``request_state.py``, ``status.py``, ``topology.py``, ``outbox.py``.) The
+client outputs of a turn leave when its instance messages are read (``outbox.py``).
 
 Shutdown: SIGTERM/SIGINT stop at once (live requests fail with ``shutting_down``); SIGUSR2, what
 launch.py sends on its own SIGTERM, drains: new generate requests are refused with
@@ -43,7 +44,6 @@ from protocol.messages import (
     ClientError,
     ClientMetrics,
     ClientOutput,
-    ClientOutputs,
     FinishReason,
     Heartbeat,
     Message,
@@ -69,6 +69,7 @@ from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.instances import InstancePool
 from tokenizer_proc.metrics import FrontendMetrics, MetricsExposition
 from tokenizer_proc.metrics_share import MetricsShare
+from tokenizer_proc.outbox import Outbox
 from tokenizer_proc.request_state import LiveRequest, RequestTable
 from tokenizer_proc.status import PendingStatus, StatusCollector
 from tokenizer_proc.tokenizer import load_tokenizer
@@ -103,6 +104,7 @@ class Frontend:
         self._tokenizer = load_tokenizer(args.model_path)
         self._admission = Admission(self._tokenizer, args.context_length)
         self._requests = RequestTable()
+        self._outbox = Outbox()  # the client outputs of this turn of the loop
         self._status = StatusCollector(reply_to=cfg.output_addr)
         self._metrics = FrontendMetrics()
         self._exposition = MetricsExposition()
@@ -153,6 +155,7 @@ class Frontend:
             caught_up = True
             if self._outputs in events:
                 caught_up = self._drain(self._outputs, self._read_instance_message)
+            self._send_outbox()
             if self._clients in events:
                 self._drain(self._clients, self._read_client_frames)
             self._run_timers(time.monotonic(), caught_up)
@@ -173,6 +176,7 @@ class Frontend:
         """Read what instances already sent, fail the live requests (``shutting_down``), abort
         them at their instances, and close the sockets, giving the last replies a moment to leave."""
         self._drain(self._outputs, self._read_instance_message)
+        self._send_outbox()
         for req in list(self._requests):
             self._requests.remove(req)
             self._abort_everywhere(req, FinishReason.ABORT)
@@ -349,13 +353,21 @@ class Frontend:
         self._send(conn, ClientError(rid=rid, code=code, message=message))
 
     def _send(self, conn: bytes, msg: Message) -> bool:
-        """Send to a client; one that left, or that does not read its replies, has its live
-        requests aborted."""
-        problem = self._deliver(conn, msg)
-        if problem is None:
-            return True
-        self._drop_client(conn, problem)
-        return False
+        """Send to a client, after the outputs queued for it this turn (they came first); one
+        that left, or that does not read its replies, has its live requests aborted."""
+        return self._send_frames(conn, [*self._outbox.take(conn), msg])
+
+    def _send_outbox(self) -> None:
+        for conn in self._outbox.connections():
+            self._send_frames(conn, self._outbox.take(conn))
+
+    def _send_frames(self, conn: bytes, frames: list[Message]) -> bool:
+        for msg in frames:
+            problem = self._deliver(conn, msg)
+            if problem is not None:
+                self._drop_client(conn, problem)
+                return False
+        return True
 
     def _deliver(self, conn: bytes, msg: Message) -> str | None:
         """Queue ``msg`` for ``conn`` without blocking; why it could not be, or None."""
@@ -379,6 +391,7 @@ class Frontend:
 
     def _drop_client(self, conn: bytes, why: str) -> None:
         """Abort the live requests of ``conn``; each gets an error, should it still fit."""
+        self._outbox.take(conn)  # its outputs of this turn go nowhere
         for req in self._requests.of_conn(conn):
             log.info("rid=%s (client rid %s): aborted: %s", req.rid, req.client_rid, why)
             self._requests.remove(req)
@@ -432,17 +445,17 @@ class Frontend:
             log.error("unexpected %s message from an instance", msg.TYPE)
 
     def _on_batch_output(self, batch: BatchOutput) -> None:
-        """Each row to its request's client: the full rows, then the column rows (one more plain
-        token each: ``apply_token``, no ``ReqOutput`` built), in ``rows()`` order."""
+        """Each row to its request's outputs of this turn (``Outbox``): the full rows, then the
+        column rows (one more plain token each: ``apply_token``, no ``ReqOutput`` built), in
+        ``rows()`` order."""
         now = time.perf_counter()
-        grouped: dict[bytes, list[ClientOutput]] = {}  # outputs of requests that asked for batch_outputs
-        requests, metrics = self._requests, self._metrics
+        requests, metrics, outbox = self._requests, self._metrics, self._outbox
         for out in batch.outputs:
             req = requests.get(out.rid)
             if req is None:
                 continue  # finished here already (stop string, departed client): drop
             metrics.on_output(req, len(out.token_ids), now)
-            self._forward(req, req.apply(out, now), out.finished, now, grouped)
+            self._forward(req, req.apply(out, now), out.finished, now)
         lps = batch.logprobs if batch.logprobs is not None else repeat(None, len(batch.rids))
         for rid, token, lp in zip(batch.rids, batch.token_ids, lps, strict=True):
             req = requests.get(rid)
@@ -450,30 +463,23 @@ class Frontend:
                 continue
             metrics.on_output(req, 1, now)
             msg = req.apply_token(token, None if lp is None or lp != lp else lp, now)  # NaN: not asked for
-            if msg is not None and not req.finished and req.batch_outputs:
-                grouped.setdefault(req.conn, []).append(msg)  # the common case, inline
+            if msg is not None and not req.finished:
+                outbox.add(req.conn, req.rid, msg, req.batch_outputs)  # the common case, inline
             else:
-                self._forward(req, msg, False, now, grouped)
-        for conn, msgs in grouped.items():  # one frame per connection and step
-            self._send(conn, msgs[0] if len(msgs) == 1 else ClientOutputs(outputs=msgs))
+                self._forward(req, msg, False, now)
 
     def _forward(
-        self, req: LiveRequest, msg: ClientOutput | None, instance_finished: bool, now: float,
-        grouped: dict[bytes, list[ClientOutput]],
+        self, req: LiveRequest, msg: ClientOutput | None, instance_finished: bool, now: float
     ) -> None:
-        """Retire ``req`` if that output finished it, and send or group ``msg``."""
+        """Retire ``req`` if that output finished it, and queue ``msg`` for this turn's sends."""
         if req.finished:
             self._metrics.on_finished(req, now)
             self._requests.remove(req)
             if not instance_finished:
                 self._abort_everywhere(req, FinishReason.STOP)
             log.debug("rid=%s finished (%s), %d tokens", req.rid, req.finish_reason, req.completion_tokens)
-        if msg is None:
-            return
-        if req.batch_outputs:
-            grouped.setdefault(req.conn, []).append(msg)
-        else:
-            self._send(req.conn, msg)
+        if msg is not None:
+            self._outbox.add(req.conn, req.rid, msg, req.batch_outputs)
 
     def _on_request_failed(self, msg: RequestFailed) -> None:
         req = self._requests.get(msg.rid)
@@ -493,7 +499,7 @@ class Frontend:
             now = time.perf_counter()
             final = req.abort(now)
             self._metrics.on_finished(req, now)
-            self._send(req.conn, final)
+            self._outbox.add(req.conn, req.rid, final, req.batch_outputs)
             return
         log.warning(
             "rid=%s (client rid %s, %s) failed: %s: %s",
