@@ -9,7 +9,7 @@ into a [B, Hq, max_len] float32 buffer, -inf past each row's length), torch's so
 its query group). Pages are walked a page at a time, so no division per position.
 
 bf16 pools are passed as their uint16 bit patterns (numpy has no bfloat16) and widened to
-float32 in registers by ``_widen`` (a shift: bf16 is the top half of a float32), which
+float32 in registers by ``cpu_numba.widen`` (a shift: bf16 is the top half of a float32), which
 LLVM vectorizes with the dot products. Measured on the 2-core EPYC, one thread, SmolLM2's
 9 / 3 heads, 64 requests of 64–512 tokens (``python -m bench.cpu_attention``,
 bench/results/cpu_attention-2026-12-05.json): 3.7 CPU-ms per layer in bf16 and 4.7 in float32,
@@ -21,37 +21,17 @@ runs on Numba's own threads (``prange``), compiled only then.
 
 from __future__ import annotations
 
-from types import FunctionType
-
-import llvmlite.ir as llvm_ir
 import numba
 import numpy as np
 import torch
-from numba import types
-from numba.extending import intrinsic
 
-
-@intrinsic
-def _widen(typingctx, value):
-    """An element of the pool as float32: bf16 bits (uint16) are zero-extended and shifted into
-    the high half of a float32; a float32 is itself."""
-    if value == types.float32:
-        return types.float32(value), lambda context, builder, sig, args: args[0]
-    if value != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        i32 = llvm_ir.IntType(32)
-        high = builder.shl(builder.zext(args[0], i32), llvm_ir.Constant(i32, 16))
-        return builder.bitcast(high, llvm_ir.FloatType())
-
-    return types.float32(value), codegen
+from engine.kernels.cpu_numba import as_numpy, jit, widen
 
 
 @numba.njit(inline="always")
 def _widen_row(row, out):
     for d in range(out.shape[0]):
-        out[d] = _widen(row[d])
+        out[d] = widen(row[d])
 
 
 def _scores(q, k, table, lens, scale, out):  # out [B, Hq, max_len] float32
@@ -66,7 +46,7 @@ def _scores(q, k, table, lens, scale, out):  # out [B, Hq, max_len] float32
         for h in range(num_kv_heads):
             for g in range(group):
                 for d in range(head_dim):
-                    qf[g, d] = _widen(q[b, h * group + g, d]) * scale
+                    qf[g, d] = widen(q[b, h * group + g, d]) * scale
             for start in range(0, length, page_size):
                 page = table[b, start // page_size]
                 for offset in range(min(page_size, length - start)):
@@ -104,22 +84,9 @@ def _weighted_values(probs, v, table, lens, out):  # out [B, Hq, D] float32
                     out[b, h * group + g, d] = acc[g, d]
 
 
-def _jit(fn, parallel: bool):
-    """Compiled on first use and cached on disk. Numba's cache names an entry by the function's
-    qualified name and signature, not by ``parallel``: the parallel build gets its own name."""
-    if parallel:
-        fn = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_parallel")
-        fn.__qualname__ = fn.__name__
-    return numba.njit(fastmath=True, nogil=True, cache=True, parallel=parallel)(fn)
-
-
 # (scores, weighted values), serial and parallel
-_SERIAL = (_jit(_scores, False), _jit(_weighted_values, False))
-_PARALLEL = (_jit(_scores, True), _jit(_weighted_values, True))
-
-
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+_SERIAL = (jit(_scores, False), jit(_weighted_values, False))
+_PARALLEL = (jit(_scores, True), jit(_weighted_values, True))
 
 
 def decode_attention_cpu(
@@ -145,11 +112,11 @@ def decode_attention_cpu(
     scores_fn, values_fn = _PARALLEL if threads > 1 else _SERIAL
     table, lens = page_table.numpy(), seq_lens.numpy()
     scores = torch.empty(batch, q.shape[1], max(max_len, 1), dtype=torch.float32)
-    q_np = _as_numpy(q.to(k_cache.dtype))
-    scores_fn(q_np, _as_numpy(k_cache), table, lens, np.float32(sm_scale), scores.numpy())
+    q_np = as_numpy(q.to(k_cache.dtype))
+    scores_fn(q_np, as_numpy(k_cache), table, lens, np.float32(sm_scale), scores.numpy())
     probs = torch.softmax(scores, dim=-1)  # a row of length 0 is NaN here and never read
     out = torch.empty(q.shape, dtype=torch.float32)
-    values_fn(probs.numpy(), _as_numpy(v_cache), table, lens, out.numpy())
+    values_fn(probs.numpy(), as_numpy(v_cache), table, lens, out.numpy())
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 

@@ -1,7 +1,8 @@
 """The kernels of a decoder layer, matmuls included, picked once at start-up.
 
 ``--attention-backend cpu`` runs ``engine.kernels.cpu``: paged attention that reads only the
-pages each request owns (decode compiled by Numba: ``engine.kernels.cpu_decode``), planned once
+pages each request owns (decode compiled by Numba: ``engine.kernels.cpu_decode``; the rotary
+embedding and KV store in one Numba pass: ``engine.kernels.cpu_rotary``), planned once
 per step (``plan_attention``), torch's fused RMSNorm in float32, and oneDNN's linear on weights
 packed once at start-up (``engine.kernels.cpu_linear``: AVX-512 / AVX512-BF16 / AMX where the CPU
 has them).
@@ -66,8 +67,7 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"--attention-backend cpu runs on the CPU, not on {device}")
-        from engine.kernels import cpu, cpu_decode, cpu_linear
-        from engine.kernels.reference import rotary_store_kv_ref
+        from engine.kernels import cpu, cpu_decode, cpu_linear, cpu_rotary
 
         threads = torch.get_num_threads()  # the worker set it at start-up (engine.cpu_env)
 
@@ -76,7 +76,7 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
             cpu_linear.linear_cpu,
             cpu.rms_norm_cpu,
             cpu.silu_and_mul_cpu,
-            rotary_store_kv_ref,
+            cpu_rotary.rotary_store_kv_cpu,
             cpu.extend_attention_cpu,
             partial(cpu_decode.decode_attention_cpu, threads=threads),
             cpu.plan_attention,

@@ -1,4 +1,4 @@
-"""The CPU kernels (engine.kernels.cpu, engine.kernels.cpu_decode) against the torch references
+"""The CPU kernels (engine.kernels.cpu, cpu_decode, cpu_rotary) against the torch references
 on fresh random inputs: ragged lengths, page sizes 1 and >1, GQA ratios 1, 3 and 4, float32 and
 bfloat16; and the per-step plans they share across layers."""
 
@@ -7,15 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels import cpu
+from engine.kernels import cpu, cpu_rotary
 from engine.kernels.cpu_decode import decode_attention_cpu
 from engine.kernels.reference import (
     decode_attention_ref,
     extend_attention_ref,
     rms_norm_ref,
+    rotary_store_kv_ref,
     silu_and_mul_ref,
 )
 from engine.layers.backend import make_kernel_backend
+from engine.layers.rotary import RotaryEmbedding
+from engine.models.config import RopeScaling
 
 HEAD_DIM = 64
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -150,6 +153,51 @@ def test_rms_norm_equals_reference_bit_for_bit(dtype, with_residual) -> None:
 def test_silu_and_mul_equals_reference(dtype) -> None:
     gate_up = torch.randn(13, 2 * 96, generator=torch.Generator().manual_seed(4)).to(dtype)
     assert torch.equal(cpu.silu_and_mul_cpu(gate_up), silu_and_mul_ref(gate_up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "page_size", "num_heads", "num_kv_heads"), [
+    (0, 4, 4, 2), (1, 1, 3, 1), (37, 4, 9, 3), (70, 16, 4, 4),
+])
+def test_rotary_store_kv_equals_reference_bit_for_bit(dtype, tokens, page_size, num_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(tokens)
+    width = (num_heads + 2 * num_kv_heads) * HEAD_DIM
+    qkv = (torch.randn(tokens, width + 8, generator=gen) * 4).to(dtype)[:, :width]  # a strided view
+    rotary = RotaryEmbedding(HEAD_DIM, 512, 10000.0, RopeScaling())
+    rotary.reset_cache()
+    cos_sin = rotary.cos_sin
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    pages = tokens // page_size + 3
+    out_loc = torch.randperm((pages - 1) * page_size, generator=gen)[:tokens] + page_size  # never page 0
+    ref_k, ref_v = _pool(gen, pages, page_size, num_kv_heads, dtype)
+    our_k, our_v = ref_k.clone(), ref_v.clone()
+    ref = rotary_store_kv_ref(qkv, positions, cos_sin, ref_k, ref_v, out_loc, num_heads)
+    ours = cpu_rotary.rotary_store_kv_cpu(qkv, positions, cos_sin, our_k, our_v, out_loc, num_heads)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    assert torch.equal(ours, ref) and torch.equal(our_k, ref_k) and torch.equal(our_v, ref_v)
+
+
+def test_rotary_store_kv_keeps_a_nan_a_nan_in_bf16() -> None:
+    """(torch's own float32 → bf16 gives 0x7FC0 or 0xFFFF for NaN, depending on its code path:
+    the bits are not compared.)"""
+    qkv = torch.randn(1, 3 * HEAD_DIM).to(torch.bfloat16)
+    qkv[0, 0] = float("nan")
+    cos_sin = torch.rand(4, HEAD_DIM)
+    args = (torch.ones(1, dtype=torch.int64), cos_sin)
+    ref_k, ref_v, our_k, our_v = (torch.zeros(2, 4, 1, HEAD_DIM, dtype=torch.bfloat16) for _ in range(4))
+    loc = torch.tensor([5])
+    ref = rotary_store_kv_ref(qkv, *args, ref_k, ref_v, loc, 1)
+    ours = cpu_rotary.rotary_store_kv_cpu(qkv, *args, our_k, our_v, loc, 1)
+    assert torch.equal(ours.isnan(), ref.isnan()) and ours.isnan().any()
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+
+
+def test_rotary_store_kv_refuses_a_pool_of_another_dtype() -> None:
+    qkv = torch.zeros(2, 3 * HEAD_DIM)
+    pool = torch.zeros(2, 4, 1, HEAD_DIM, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu_rotary.rotary_store_kv_cpu(qkv, torch.zeros(2, dtype=torch.int64), torch.zeros(8, HEAD_DIM),
+                                       pool, pool, torch.ones(2, dtype=torch.int64), 1)
 
 
 def test_auto_backend_on_cpu_is_the_cpu_kernels_and_plans_once_per_step() -> None:
