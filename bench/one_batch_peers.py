@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels.cpu_linear import linear_cpu
 from engine.models.config import ModelConfig
 from engine.models.registry import default_dtype
 
@@ -27,11 +27,9 @@ class Work:
 
 
 def _linears(model: nn.Module) -> list[torch.Tensor]:
-    """Every projection weight and the lm_head (the tied embedding when there is no lm_head)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    if getattr(model, "lm_head", None) is None:
-        weights.append(model.lm_head_weight)
-    return weights
+    """Every projection weight and the lm_head (the tied embedding when there is no lm_head), in
+    the layout the model's backend runs them (``matmul_weights``)."""
+    return [weight for weight, _ in model.matmul_weights()]
 
 
 def _attention_dims(model: nn.Module) -> tuple[int, int]:
@@ -73,7 +71,8 @@ def prefill_work(model: nn.Module, tokens: int, kv_bytes_per_token: int) -> Work
 
 def decode_matmuls(model: nn.Module, batch: int) -> Callable[[], None]:
     """The decode step's matmuls alone (every projection of every layer, then the lm_head) on
-    ``batch`` rows, through cuBLAS: replaying one CUDA graph on CUDA, eagerly on CPU."""
+    ``batch`` rows, through cuBLAS: replaying one CUDA graph on CUDA, eagerly on CPU (through
+    oneDNN on the weights the CPU backend packed: ``linear_cpu``)."""
     weights = _linears(model)
     param = weights[0]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=param.device, dtype=param.dtype)
@@ -81,7 +80,7 @@ def decode_matmuls(model: nn.Module, batch: int) -> Callable[[], None]:
 
     def run() -> None:
         for w in weights:
-            F.linear(inputs[w.shape[1]], w)
+            linear_cpu(inputs[w.shape[1]], w)  # F.linear itself for a plain weight
 
     if param.device.type != "cuda":
         return run

@@ -35,7 +35,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ("_rms_norm_kernel", "rms_norm")),
     ("activation", ("_silu_and_mul_kernel", "silu")),
     ("gemm", ("gemm", "gemv", "cublas", "cutlass", "xmma", "nvjet", "splitkreduce",
-              "aten::mm", "aten::addmm", "aten::bmm")),
+              "aten::mm", "aten::addmm", "aten::bmm", "_linear_pointwise")),  # the last: CPU, packed
     (COPIES, ("memcpy", "memset")),
 )
 TOP_KERNELS = 10
