@@ -70,6 +70,9 @@ class Worker:
         decode kernels' warm-up: they would only cost start-up time and memory. ``tp``: this
         rank's part of a tensor-parallel instance (every rank runs this at once)."""
         loaded = load_model(args, tp)
+        kernels = make_kernel_backend(args.attention_backend, loaded.device)
+        if kernels.prepare_weights is not None:  # before the pool is sized from the memory left
+            kernels.prepare_weights(loaded.model)
         cfg = loaded.config
         context_len = _context_len(args, cfg)
         max_slots = args.max_running_requests + SPARE_SLOTS
@@ -77,9 +80,6 @@ class Worker:
         pool = _allocate_pool(
             args, loaded, max_useful_tokens=max_slots * max_pages_per_req * args.page_size, tp=tp
         )
-        kernels = make_kernel_backend(args.attention_backend, loaded.device)
-        if kernels.prepare_weights is not None:
-            kernels.prepare_weights(loaded.model)
         if decodes and loaded.device.type == "cuda" and kernels.name == "triton":
             choose_small_batch_matmuls(kernels.linear, loaded.model)
         if decodes and kernels.warm_up_decode is not None:

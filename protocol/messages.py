@@ -126,9 +126,10 @@ class ClientOutput(Message):
 @dataclass
 class ClientOutputs(Message):
     """Several ``output`` messages of one connection in one frame: the front end groups the
-    outputs of one instance step for the requests that asked with ``batch_outputs`` (one send
-    per connection and step instead of one per request). Each entry is the map its ``output``
-    message would be, ``type`` included; a request's entries keep their order."""
+    outputs of one turn of its loop for the requests that asked with ``batch_outputs`` (one send
+    per connection and turn instead of one per request; tokenizer_proc/outbox.py). Each entry
+    is the map its ``output`` message would be, ``type`` included; a request's entries keep
+    their order."""
 
     TYPE: ClassVar[str] = "outputs"
     INTERNAL: ClassVar[bool] = False

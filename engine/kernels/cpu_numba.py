@@ -4,6 +4,8 @@ numpy arrays without a copy."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from types import FunctionType
 
 import llvmlite.ir as llvm_ir
@@ -14,6 +16,7 @@ from numba import types
 from numba.extending import intrinsic
 
 _BF16_NAN = 0x7FC0  # a quiet NaN
+_SOURCE_TAG = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:8]
 
 
 @intrinsic
@@ -64,8 +67,9 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 
 def jit(fn, parallel: bool = False, fastmath: bool = True):
     """Compiled on first use and cached on disk. Numba's cache names an entry by the function's
-    qualified name and signature, not by ``parallel``: the parallel build gets its own name."""
-    if parallel:
-        fn = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_parallel")
-        fn.__qualname__ = fn.__name__
+    qualified name and signature, and sees only the function's own file change: the name carries
+    ``parallel`` and a hash of this module, whose intrinsics are compiled into the kernels."""
+    name = f"{fn.__name__}_{_SOURCE_TAG}" + ("_parallel" if parallel else "")
+    fn = FunctionType(fn.__code__, fn.__globals__, name)
+    fn.__qualname__ = name
     return numba.njit(fastmath=fastmath, nogil=True, cache=True, parallel=parallel)(fn)

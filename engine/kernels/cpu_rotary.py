@@ -12,6 +12,7 @@ import numba
 import torch
 
 from engine.kernels.cpu_numba import as_numpy, jit, narrow, widen
+from engine.kernels.reference import rotary_store_kv_ref
 
 
 @numba.njit(inline="always")
@@ -55,14 +56,13 @@ def rotary_store_kv_cpu(
     out_loc: torch.Tensor,  # [T] int64
     num_heads: int,
 ) -> torch.Tensor:
-    """``rotary_store_kv_ref``: rotated q [T, Hq, D] in qkv's dtype; k and v stored."""
+    """``rotary_store_kv_ref``: rotated q [T, Hq, D] in qkv's dtype; k and v stored. Other dtypes
+    than float32 and bfloat16 (or a pool of another dtype than qkv) go to the reference."""
     if qkv.dtype != k_cache.dtype or qkv.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"CPU rotary store takes float32 or bfloat16, not {qkv.dtype} / {k_cache.dtype}")
-    head_dim = k_cache.shape[-1]
-    q = torch.empty(qkv.shape[0], num_heads, head_dim, dtype=qkv.dtype)
+        return rotary_store_kv_ref(qkv, positions, cos_sin, k_cache, v_cache, out_loc, num_heads)
+    q = torch.empty(qkv.shape[0], num_heads, k_cache.shape[-1], dtype=qkv.dtype)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     _KERNEL(as_numpy(qkv), positions.numpy(), cos_sin.numpy(), as_numpy(k_cache), as_numpy(v_cache),
             out_loc.numpy(), as_numpy(q))
     return q
-

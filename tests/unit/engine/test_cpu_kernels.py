@@ -192,12 +192,17 @@ def test_rotary_store_kv_keeps_a_nan_a_nan_in_bf16() -> None:
     assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
 
 
-def test_rotary_store_kv_refuses_a_pool_of_another_dtype() -> None:
-    qkv = torch.zeros(2, 3 * HEAD_DIM)
-    pool = torch.zeros(2, 4, 1, HEAD_DIM, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
-        cpu_rotary.rotary_store_kv_cpu(qkv, torch.zeros(2, dtype=torch.int64), torch.zeros(8, HEAD_DIM),
-                                       pool, pool, torch.ones(2, dtype=torch.int64), 1)
+def test_rotary_store_kv_of_another_dtype_is_the_reference_s() -> None:
+    """float16 (no Numba kernel for it) is the reference's, and so is a pool of another dtype."""
+    gen = torch.Generator().manual_seed(5)
+    cos_sin = torch.rand(8, HEAD_DIM, generator=gen)
+    positions, loc = torch.tensor([1, 7]), torch.tensor([4, 6])
+    for qkv_dtype, pool_dtype in ((torch.float16, torch.float16), (torch.float32, torch.bfloat16)):
+        qkv = torch.randn(2, 3 * HEAD_DIM, generator=gen).to(qkv_dtype)
+        ref_k, ref_v, our_k, our_v = (torch.zeros(2, 4, 1, HEAD_DIM, dtype=pool_dtype) for _ in range(4))
+        ref = rotary_store_kv_ref(qkv, positions, cos_sin, ref_k, ref_v, loc, 1)
+        ours = cpu_rotary.rotary_store_kv_cpu(qkv, positions, cos_sin, our_k, our_v, loc, 1)
+        assert torch.equal(ours, ref) and torch.equal(our_k, ref_k) and torch.equal(our_v, ref_v)
 
 
 def test_auto_backend_on_cpu_is_the_cpu_kernels_and_plans_once_per_step() -> None:
@@ -208,17 +213,19 @@ def test_auto_backend_on_cpu_is_the_cpu_kernels_and_plans_once_per_step() -> Non
         make_kernel_backend("cpu", torch.device("meta"))
 
 
-@pytest.mark.parametrize("page_size", [1, 4])
-def test_worker_on_cpu_kernels_generates_what_transformers_does(tiny_llama_dir, page_size) -> None:
+@pytest.mark.parametrize(("checkpoint", "page_size"), [
+    ("tiny_llama_dir", 1), ("tiny_llama_dir", 4), ("tiny_qwen2_dir", 4),  # qwen2: tied head, q/k/v bias
+])
+def test_worker_on_cpu_kernels_generates_what_transformers_does(checkpoint, page_size, request) -> None:
     """The whole step on the CPU backend: chunked prefill (7-token chunks over cached prefixes),
     mixed extend + decode steps, batched decodes of ragged lengths, the overlap schedule."""
     from engine.worker import Worker
     from tests.unit.engine.engine_driver import driver_for, greedy, small_args
     from tests.unit.engine.test_engine_generation import PROMPTS, hf_generate
 
-    args = small_args(model_path=tiny_llama_dir, attention_backend="cpu", page_size=page_size)
-    worker = Worker.create(args)
+    path = request.getfixturevalue(checkpoint)
+    worker = Worker.create(small_args(model_path=path, attention_backend="cpu", page_size=page_size))
     assert worker.runner.kernels.name == "cpu"
     assert worker.loaded.model.lm_head_weight.is_mkldnn  # the matmuls on packed weights (cpu_linear)
     reqs = driver_for(worker, chunk_size=7).generate(PROMPTS, [greedy(8)] * len(PROMPTS))
-    assert [r.outputs for r in reqs] == hf_generate(tiny_llama_dir, PROMPTS, 8)
+    assert [r.outputs for r in reqs] == hf_generate(path, PROMPTS, 8)

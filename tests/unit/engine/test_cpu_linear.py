@@ -1,6 +1,7 @@
 """The CPU backend's matmuls on oneDNN-packed weights (engine.kernels.cpu_linear): the same
 results as ``F.linear`` on fresh random inputs, and a model whose every matmul weight is packed
-(an untied Llama, a tied Qwen2 with q/k/v biases) computing the same logits as before."""
+(an untied Llama, a tied Qwen2 with q/k/v biases) computing the same logits as before (whole
+generations against transformers: test_cpu_kernels.py, the worker on the CPU kernels)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_packed_linear_equals_f_linear(dtype, rows, with_bias) -> None:
     assert packed.is_mkldnn and packed.shape == weight.shape
     ours, ref = cpu_linear.linear_cpu(x, packed, bias), F.linear(x, weight, bias)
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)  # bf16: the same oneDNN kernel
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # another summation order, or kernel
+    torch.testing.assert_close(ours, ref, atol=tolerance, rtol=tolerance)
     assert torch.equal(cpu_linear.linear_cpu(x, weight, bias), ref)  # a plain weight: F.linear itself
 
 

@@ -16,7 +16,7 @@ from protocol.messages import BatchOutput, ClientOutput, ClientOutputs, FinishRe
 from tests.fakes.frontend import frontend_config
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.frontend import Frontend
-from tokenizer_proc.outbox import Outbox, merge
+from tokenizer_proc.outbox import Outbox, merge, mergeable
 from tokenizer_proc.request_state import LiveRequest
 
 
@@ -29,6 +29,7 @@ def test_merge_concatenates_and_takes_the_last_finish() -> None:
     last = out("a", "llo", [2, 3], finished=True, finish_reason=FinishReason.LENGTH,
                logprobs=[-1.0, -2.0], top_logprobs=[[[2, -1.0]], [[3, -2.0]]],
                usage={"completion_tokens": 3}, metrics={"ttft_ms": 1.0})
+    assert mergeable(first, last)
     merge(first, last)
     assert (first.text, first.token_ids, first.logprobs) == ("Hello", [1, 2, 3], [-0.5, -1.0, -2.0])
     assert first.top_logprobs == [[[1, -0.5]], [[2, -1.0]], [[3, -2.0]]]
@@ -42,6 +43,21 @@ def test_merge_without_logprobs_keeps_none() -> None:
     assert first.logprobs is None and first.top_logprobs is None and first.token_ids == [1, 2]
 
 
+@pytest.mark.parametrize(("first", "later"), [
+    ({"logprobs": []}, {"logprobs": [-1.0]}),  # a token that came without its logprob
+    ({"logprobs": [-1.0]}, {"logprobs": []}),
+    ({"top_logprobs": None, "logprobs": [-1.0]}, {"top_logprobs": [[[2, -1.0]]], "logprobs": [-1.0]}),
+    ({"logprobs": None}, {"logprobs": [-1.0]}),
+])
+def test_outputs_whose_lists_would_not_line_up_with_their_tokens_are_not_merged(first, later) -> None:
+    a, b = out("a", "x", [1], **first), out("a", "y", [2], **later)
+    assert not mergeable(a, b)
+    box = Outbox()
+    box.add(b"c1", "r1", a, batch_outputs=False)
+    box.add(b"c1", "r1", b, batch_outputs=False)
+    assert box.take(b"c1") == [a, b]  # two frames, in order, each as it was
+
+
 def test_outbox_frames_per_connection() -> None:
     box = Outbox()
     box.add(b"c1", "r1", out("a", "1", [1]), batch_outputs=True)
@@ -49,14 +65,14 @@ def test_outbox_frames_per_connection() -> None:
     box.add(b"c1", "r3", out("c", "1", [1]), batch_outputs=False)
     box.add(b"c1", "r1", out("a", "2", [2]), batch_outputs=True)
     box.add(b"c2", "r4", out("d", "1", [1]), batch_outputs=True)
-    assert box and box.connections() == [b"c1", b"c2"]
+    assert box.connections() == [b"c1", b"c2"]
     batched, single = box.take(b"c1")
     assert isinstance(batched, ClientOutputs) and [(o.rid, o.token_ids) for o in batched.outputs] == [
         ("a", [1, 2]), ("b", [1])]
     assert isinstance(single, ClientOutput) and single.rid == "c"
     (alone,) = box.take(b"c2")  # a lone batched output goes as a plain output
     assert isinstance(alone, ClientOutput) and alone.rid == "d"
-    assert not box and box.take(b"c1") == []
+    assert box.connections() == [] and box.take(b"c1") == []
 
 
 # ------------------------------------------------------------------ a front end, turn by turn
@@ -78,10 +94,11 @@ def frontend(ipc_dir) -> Iterator[tuple[Frontend, zmq.Socket]]:
     fe.close()
 
 
-def live(fe: Frontend, client_rid: str, rid: str, batch_outputs: bool = False) -> LiveRequest:
+def live(fe: Frontend, client_rid: str, rid: str, batch_outputs: bool = False,
+         return_logprob: bool = False) -> LiveRequest:
     route = SimpleNamespace(instances=(), describe=lambda: "nowhere")  # aborts at close go nowhere
     req = LiveRequest(conn=b"c1", client_rid=client_rid, rid=rid, route=route, stream=True,
-                      return_logprob=True, detok=IncrementalDetokenizer(fe._tokenizer, []),
+                      return_logprob=return_logprob, detok=IncrementalDetokenizer(fe._tokenizer, []),
                       prompt_tokens=3, arrival=time.perf_counter(), batch_outputs=batch_outputs)
     fe._requests.add(req)
     return req
@@ -94,9 +111,9 @@ def received(client: zmq.Socket) -> list[dict]:
     return frames
 
 
-def test_steps_read_in_one_turn_leave_as_one_output(frontend) -> None:
+def test_steps_read_in_one_turn_leave_merged(frontend) -> None:
     fe, client = frontend
-    live(fe, "a", "r-a")
+    live(fe, "a", "r-a", return_logprob=True)
     tokens = list(b"Hi!")
     fe._on_instance_message(BatchOutput.of_tokens(["r-a"], [tokens[0]]))
     fe._on_instance_message(BatchOutput(rids=["r-a"], token_ids=[tokens[1]], logprobs=[-0.5]))
@@ -104,12 +121,13 @@ def test_steps_read_in_one_turn_leave_as_one_output(frontend) -> None:
     fe._on_instance_message(BatchOutput(outputs=[final]))
     assert not received(client)  # nothing leaves before the turn ends
     fe._send_outbox()
-    (msg,) = received(client)
-    assert msg["type"] == "output" and msg["rid"] == "a" and msg["token_ids"] == tokens
-    assert msg["text"] == fe._tokenizer.decode(tokens)
-    assert msg["finished"] and msg["finish_reason"] == "length"
-    assert msg["logprobs"] == [-0.5, -0.25] and msg["usage"]["completion_tokens"] == 3
-    assert len(fe._requests) == 0 and not fe._outbox
+    first, rest = received(client)  # the first token came without its logprob: not merged
+    assert (first["token_ids"], first["logprobs"], first["finished"]) == (tokens[:1], [], False)
+    assert rest["type"] == "output" and rest["rid"] == "a" and rest["token_ids"] == tokens[1:]
+    assert first["text"] + rest["text"] == fe._tokenizer.decode(tokens)
+    assert rest["finished"] and rest["finish_reason"] == "length"
+    assert rest["logprobs"] == [-0.5, -0.25] and rest["usage"]["completion_tokens"] == 3
+    assert len(fe._requests) == 0 and fe._outbox.connections() == []
 
 
 def test_batch_outputs_requests_share_one_frame_per_turn(frontend) -> None:
@@ -131,4 +149,14 @@ def test_another_message_to_the_connection_leaves_after_its_queued_outputs(front
     fe._send_error(b"c1", "x", "invalid_request", "no")
     first, second = received(client)
     assert (first["type"], first["rid"], second["type"], second["rid"]) == ("output", "a", "error", "x")
-    assert not fe._outbox
+    assert fe._outbox.connections() == []
+
+
+def test_a_dropped_client_s_queued_outputs_go_nowhere(frontend) -> None:
+    fe, client = frontend
+    live(fe, "a", "r-a")
+    fe._on_instance_message(BatchOutput.of_tokens(["r-a"], [72]))
+    fe._drop_client(b"c1", "it left")
+    (msg,) = received(client)  # only the abort's error, no output
+    assert msg["type"] == "error" and msg["rid"] == "a" and "it left" in msg["message"]
+    assert len(fe._requests) == 0 and fe._outbox.connections() == []
