@@ -138,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
         """Replace every matmul weight by ``pack(weight)`` (a kernel backend's layout, once at
         start-up); a tied LM head gets a packed copy, the embedding keeps the plain table.
         Returns how many were packed."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        linears = self._linears()
         for module in linears:
             module.weight = nn.Parameter(pack(module.weight), requires_grad=False)
         if self.lm_head is None:
@@ -147,5 +147,8 @@ class LlamaForCausalLM(nn.Module):
 
     def matmul_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of every matmul of a forward and its logits, the lm_head included."""
-        linears = [(m.weight, m.bias) for m in self.modules() if isinstance(m, Linear)]
+        linears = [(m.weight, m.bias) for m in self._linears()]
         return linears if self.lm_head is not None else [*linears, (self.lm_head_weight, None)]
+
+    def _linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
