@@ -1,8 +1,9 @@
 """Paged attention on the CPU, the candidates side by side on one layer's worth of work.
 
-Decode: the padded reference (``decode_attention_ref``), the Numba kernel that serves
-(``engine.kernels.cpu_decode``), the bucketed gather-and-bmm kernel it replaced, and torch's fused
-CPU SDPA over each request's gathered pages (per request, and per padded bucket with a mask).
+Decode: the padded reference (``decode_attention_ref``), the C kernel that serves and the Numba
+one that serves without a C compiler (``engine.kernels.cpu_decode``), the bucketed gather-and-bmm
+kernel before them, and torch's fused CPU SDPA over each request's gathered pages (per request,
+and per padded bucket with a mask).
 Extend (``--extend``): prompts of 128, 256 and 512 tokens and a 256-token chunk after a
 256-token prefix, by the blocked kernel that serves (``engine.kernels.cpu.causal_attention``)
 and by torch's fused CPU SDPA (flash; causal, or a mask after a prefix), which served before.
@@ -28,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.cpu_env import tune_malloc
+from engine.kernels import cpu_native
 from engine.kernels.cpu import causal_attention
-from engine.kernels.cpu_decode import decode_attention_cpu, warm_up
+from engine.kernels.cpu_decode import decode_attention_native, decode_attention_numba, warm_up
 from engine.kernels.reference import causal_attention_ref, decode_attention_ref
 
 
@@ -142,7 +144,9 @@ def sdpa_per_bucket(q, k_cache, v_cache, page_table, seq_lens, sm_scale):
 def candidates(threads: int) -> dict[str, Callable[..., torch.Tensor]]:
     return {
         "reference (padded batch)": decode_attention_ref,
-        "cpu kernel (Numba, in place)": partial(decode_attention_cpu, threads=threads),
+        **({"C kernel (in place, serves)": partial(decode_attention_native, threads=threads)}
+           if cpu_native.available() is None else {}),
+        "Numba kernel (in place)": partial(decode_attention_numba, threads=threads),
         "buckets, gather + bmm (before)": buckets_bmm,
         "fused SDPA per request": sdpa_per_request,
         "fused SDPA per bucket (masked)": sdpa_per_bucket,
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     batch, lengths, reps = (4, (3, 40), 1) if args.tiny else (64, (64, 512), args.reps)
     rows = []
     for dtype in args.dtype:
-        warm_up(getattr(torch, dtype), threads=args.threads)
+        warm_up(getattr(torch, dtype), [(9, 3, 64)], threads=args.threads)
         inputs = make_inputs(batch, lengths, (9, 3), 64, 16, getattr(torch, dtype))
         ref = decode_attention_ref(**inputs).float()
         for name, fn in candidates(args.threads).items():

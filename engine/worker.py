@@ -26,6 +26,7 @@ from engine.cuda_graph import (
     make_step_runner,
 )
 from engine.kv_pool import KVPool, PoolSizing, kv_bytes_per_token
+from engine.layers.attention import attention_shapes
 from engine.layers.backend import make_kernel_backend
 from engine.models.config import ModelConfig
 from engine.parallel.group import SINGLE_RANK, TensorParallel
@@ -83,7 +84,7 @@ class Worker:
         if decodes and loaded.device.type == "cuda" and kernels.name == "triton":
             choose_small_batch_matmuls(kernels.linear, loaded.model)
         if decodes and kernels.warm_up_decode is not None:
-            kernels.warm_up_decode(pool.k[0].dtype)
+            kernels.warm_up_decode(pool.k[0].dtype, attention_shapes(loaded.model))
         runner = ModelRunner(loaded.model, pool, kernels, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
         # CUDA graphs around tensor-parallel collectives are not verified yet: such ranks run eagerly

@@ -1,31 +1,44 @@
-"""Paged decode attention on the CPU, compiled by Numba: each request's K and V are read in
-place from the pool's pages (no gather, no padded batch, no float32 copy of a bf16 pool), with
-float32 math throughout.
+"""Paged decode attention on the CPU: each request's K and V are read in place from the pool's
+pages (no gather, no padded batch, no float32 copy of a bf16 pool), with float32 math throughout.
 
-Three passes per step and layer: ``_scores`` (q·k for every head and position of every request,
-into a [B, Hq, max_len] float32 buffer, -inf past each row's length), torch's softmax over it
-(vectorized ``exp``: Numba's scalar one costs ~20 ns per score), and ``_weighted_values``
-(the probabilities times V, accumulated per KV head so that a row of V is converted once for
-its query group). Pages are walked a page at a time, so no division per position.
+Two implementations of one contract (``decode_attention_ref``'s), chosen once at start-up
+(``choose``):
 
-bf16 pools are passed as their uint16 bit patterns (numpy has no bfloat16) and widened to
-float32 in registers by ``cpu_numba.widen`` (a shift: bf16 is the top half of a float32), which
-LLVM vectorizes with the dot products. Measured on the 2-core EPYC, one thread, SmolLM2's
-9 / 3 heads, 64 requests of 64–512 tokens (``python -m bench.cpu_attention``,
-bench/results/cpu_attention-2026-12-05.json): 3.7 CPU-ms per layer in bf16 and 4.7 in float32,
-against 10.0 and 8.8 for the bucketed gather-and-bmm kernel it replaced.
+- **The C kernel** (``decode_attention_native``: ``csrc/cpu_decode.c``, built by ``cpu_native``
+  for the model's head dim and query group where a C compiler is found): per request and KV
+  head, the group's q·k scores VW keys at a time (the horizontal sums by a tree of shuffles),
+  their exponentials (a vector polynomial), then the probabilities times V; the next rows
+  prefetched. With ``threads`` > 1 the rows are split by length over a thread pool.
+- **Numba's** (``decode_attention_numba``, without a compiler): three passes per step and layer:
+  ``_scores`` (q·k for every head and position of every request, into a [B, Hq, max_len]
+  float32 buffer, -inf past each row's length), torch's softmax over it, and
+  ``_weighted_values`` (accumulated per KV head so that a row of V is converted once for its
+  query group). bf16 pools are passed as their uint16 bit patterns, widened in registers by
+  ``cpu_numba.widen``. With ``threads`` > 1 the per-request loop runs on Numba's threads.
 
-With ``threads`` > 1 (the backend passes torch's count, fixed at start-up) the per-request loop
-runs on Numba's own threads (``prange``), compiled only then.
+Measured on the 2-core EPYC, one thread, SmolLM2's 9 / 3 heads, 64 requests of 64–512 tokens
+(``python -m bench.cpu_attention``, bench/results/cpu_attention-2026-12-06.json): the C kernel
+2.3 CPU-ms per layer in float32 and 1.3 in bf16, Numba's 4.7 and 3.1, the bucketed
+gather-and-bmm kernel before them 8.8 and 10.0.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
 import torch
 
+from engine.kernels import cpu_native
 from engine.kernels.cpu_numba import as_numpy, jit, widen
+
+if TYPE_CHECKING:
+    from engine.layers.backend import DecodeAttentionFn
 
 
 @numba.njit(inline="always")
@@ -89,7 +102,7 @@ _SERIAL = (jit(_scores, False), jit(_weighted_values, False))
 _PARALLEL = (jit(_scores, True), jit(_weighted_values, True))
 
 
-def decode_attention_cpu(
+def decode_attention_numba(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [P, page_size, Hkv, D]
     v_cache: torch.Tensor,
@@ -104,11 +117,10 @@ def decode_attention_cpu(
     batch = q.shape[0]
     if batch == 0:
         return torch.empty_like(q)
+    _check_pool(k_cache)
     max_len = int(seq_lens.max()) if plan is None else plan
     if threads > 1:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # per calling thread
-    if k_cache.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"CPU decode attention takes a float32 or bfloat16 pool, not {k_cache.dtype}")
     scores_fn, values_fn = _PARALLEL if threads > 1 else _SERIAL
     table, lens = page_table.numpy(), seq_lens.numpy()
     scores = torch.empty(batch, q.shape[1], max(max_len, 1), dtype=torch.float32)
@@ -120,11 +132,86 @@ def decode_attention_cpu(
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
-def warm_up(dtype: torch.dtype, *, threads: int = 1) -> None:
-    """Compile (or load from the cache) the kernels for a pool of ``dtype``: at start-up, not in
-    the first decode step. Numba compiles per array layout: q as a contiguous tensor and as the
-    strided view of the fused QKV projection that the model passes."""
+def decode_attention_native(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    *,
+    plan: int | None = None,
+    threads: int = 1,  # > 1: the rows split by their lengths over that many threads
+) -> torch.Tensor:
+    """``decode_attention_numba``'s contract, by the C kernel (``cpu_native``, csrc/cpu_decode.c)."""
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return torch.empty_like(q)
+    _check_pool(k_cache)
+    num_kv_heads = k_cache.shape[2]
+    f32, bf16 = cpu_native.decode_kernels(head_dim, num_heads // num_kv_heads)
+    kernel = bf16 if k_cache.dtype == torch.bfloat16 else f32
+    max_len = int(seq_lens.max()) if plan is None else plan
+    score_stride = -(-max(max_len, 1) // 16) * 16  # the kernel writes scores 16 keys at a time
+    parts = _split_rows(seq_lens, threads)
+    # per thread: a score row per query of a group, then an int64 row index per key
+    scratch = torch.empty(len(parts), (num_heads // num_kv_heads + 2) * score_stride, dtype=torch.float32)
+    qf = q.float().contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    table = page_table if page_table.stride(1) == 1 else page_table.contiguous()
+    fixed = (qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), table.stride(0),
+             seq_lens.contiguous().data_ptr())
+
+    def run(i: int) -> None:
+        begin, end = parts[i]
+        kernel(*fixed, begin, end, num_kv_heads, k_cache.shape[1], sm_scale, scratch[i].data_ptr(),
+               score_stride, out.data_ptr())
+
+    if len(parts) == 1:
+        run(0)
+    else:  # ctypes releases the GIL for the call
+        list(_executor(threads).map(run, range(len(parts))))
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def _check_pool(k_cache: torch.Tensor) -> None:
+    if k_cache.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"CPU decode attention takes a float32 or bfloat16 pool, not {k_cache.dtype}")
+
+
+def _split_rows(seq_lens: torch.Tensor, threads: int) -> list[tuple[int, int]]:
+    """[begin, end) row ranges of about equal total length, one per thread (fewer for few rows)."""
+    batch = seq_lens.shape[0]
+    if threads <= 1 or batch == 1:
+        return [(0, batch)]
+    cumulative = np.cumsum(seq_lens.numpy(), dtype=np.int64)
+    targets = cumulative[-1] * np.arange(1, threads) / threads
+    bounds = [0, *np.searchsorted(cumulative, targets, side="right").tolist(), batch]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+@functools.cache
+def _executor(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="decode-attention")
+
+
+def choose(threads: int) -> DecodeAttentionFn:
+    """The decode attention this machine runs: the C kernel where a C compiler is found, else
+    Numba's; chosen once, at start-up."""
+    fn = decode_attention_native if cpu_native.available() is None else decode_attention_numba
+    return functools.partial(fn, threads=threads)
+
+
+def warm_up(dtype: torch.dtype, shapes: Iterable[tuple[int, int, int]] = (), *, threads: int = 1) -> None:
+    """Build (or load from the caches) what decode attention runs for a pool of ``dtype`` and
+    the model's attention ``shapes`` ((query heads, KV heads, head dim) per layer): at start-up,
+    not in the first decode step. Numba compiles per array layout: q as a contiguous tensor and
+    as the strided view of the fused QKV projection that the model passes."""
+    if cpu_native.available() is None:
+        for num_heads, num_kv_heads, head_dim in set(shapes):
+            cpu_native.decode_kernels(head_dim, num_heads // num_kv_heads)
+        return
     pool = torch.zeros(2, 1, 1, 8, dtype=dtype)
     table, lens = torch.ones(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
     for q in (torch.zeros(2, 1, 8, dtype=dtype), torch.zeros(2, 3, 8, dtype=dtype)[:, :1]):
-        decode_attention_cpu(q, pool, pool, table, lens, 1.0, threads=threads)
+        decode_attention_numba(q, pool, pool, table, lens, 1.0, threads=threads)

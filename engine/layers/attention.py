@@ -124,3 +124,9 @@ class PagedAttention(nn.Module):
         )
         out = paged_attention(ctx.kernels, q, k_cache, v_cache, ctx.meta, self.sm_scale)
         return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
+
+
+def attention_shapes(model: nn.Module) -> set[tuple[int, int, int]]:
+    """(query heads, KV heads, head dim) of the model's attention layers, on this rank."""
+    layers = (m for m in model.modules() if isinstance(m, PagedAttention))
+    return {(m.num_heads, m.num_kv_heads, m.head_dim) for m in layers}

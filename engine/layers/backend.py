@@ -1,7 +1,8 @@
 """The kernels of a decoder layer, matmuls included, picked once at start-up.
 
 ``--attention-backend cpu`` runs ``engine.kernels.cpu``: paged attention that reads only the
-pages each request owns (decode compiled by Numba: ``engine.kernels.cpu_decode``; the rotary
+pages each request owns (decode by our C kernel, or Numba's without a C compiler:
+``engine.kernels.cpu_decode``; the rotary
 embedding and KV store in one Numba pass: ``engine.kernels.cpu_rotary``), planned once
 per step (``plan_attention``), torch's fused RMSNorm in float32, and oneDNN's linear on weights
 packed once at start-up (``engine.kernels.cpu_linear``: AVX-512 / AVX512-BF16 / AMX where the CPU
@@ -17,7 +18,7 @@ activation), where plain torch launches ~40.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -52,8 +53,9 @@ class KernelBackend:
     decode_attention: DecodeAttentionFn
     # the once-per-step part of attention (the runner stores it in AttentionMetadata.plan)
     plan_attention: PlanAttentionFn | None = None
-    # (KV pool dtype) -> None: compiles what decode attention needs, at start-up
-    warm_up_decode: Callable[[torch.dtype], None] | None = None
+    # (KV pool dtype, the model's attention shapes: (query heads, KV heads, head dim) on this
+    # rank) -> None: compiles what decode attention needs, at start-up
+    warm_up_decode: Callable[[torch.dtype, Iterable[tuple[int, int, int]]], None] | None = None
     # (model) -> how many weights it converted: the matmul weights in the layout ``linear`` runs
     # best, once after loading
     prepare_weights: Callable[[torch.nn.Module], int] | None = None
@@ -78,7 +80,7 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
             cpu.silu_and_mul_cpu,
             cpu_rotary.rotary_store_kv_cpu,
             cpu.extend_attention_cpu,
-            partial(cpu_decode.decode_attention_cpu, threads=threads),
+            cpu_decode.choose(threads),
             cpu.plan_attention,
             partial(cpu_decode.warm_up, threads=threads),
             cpu_linear.pack_weights,

@@ -1,4 +1,4 @@
-"""The CPU kernels (engine.kernels.cpu, cpu_decode, cpu_rotary) against the torch references
+"""The CPU kernels (engine.kernels.cpu, cpu_decode: C and Numba, cpu_rotary) against the torch references
 on fresh random inputs: ragged lengths, page sizes 1 and >1, GQA ratios 1, 3 and 4, float32 and
 bfloat16; and the per-step plans they share across layers."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels import cpu, cpu_rotary
-from engine.kernels.cpu_decode import decode_attention_cpu
+from engine.kernels import cpu, cpu_native, cpu_rotary
+from engine.kernels.cpu_decode import decode_attention_native, decode_attention_numba
 from engine.kernels.reference import (
     decode_attention_ref,
     extend_attention_ref,
@@ -40,6 +40,16 @@ def _page_table(gen: torch.Generator, lengths: list[int], page_size: int) -> tup
     return perm.view(len(lengths), width).clone(), num_pages
 
 
+@pytest.fixture(params=["native", "numba"])
+def decode_attention_cpu(request):
+    """Each decode implementation (the C kernel where this machine can build it)."""
+    if request.param == "native":
+        if (why := cpu_native.available()) is not None:
+            pytest.skip(f"the C kernels cannot be built here: {why}")
+        return decode_attention_native
+    return decode_attention_numba
+
+
 def _check(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
     torch.testing.assert_close(ours.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
@@ -48,7 +58,9 @@ def _check(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (9, 3), (8, 2)])
-def test_decode_attention_matches_reference(dtype, page_size, num_heads, num_kv_heads) -> None:
+def test_decode_attention_matches_reference(
+    decode_attention_cpu, dtype, page_size, num_heads, num_kv_heads
+) -> None:
     gen = torch.Generator().manual_seed(page_size * 100 + num_heads)
     lengths = torch.randint(1, 300, (23,), generator=gen).tolist()
     lengths[3] = 1
@@ -65,8 +77,9 @@ def test_decode_attention_matches_reference(dtype, page_size, num_heads, num_kv_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_on_numba_threads_matches_one_thread(dtype) -> None:
-    """The parallel build (more than one torch thread) over the same inputs, strided q included."""
+def test_decode_attention_on_threads_matches_one_thread(decode_attention_cpu, dtype) -> None:
+    """Two threads (Numba's parallel build; the C kernel's rows split over a pool) over the same
+    inputs, strided q included."""
     gen = torch.Generator().manual_seed(7)
     lengths = torch.randint(0, 200, (17,), generator=gen).tolist()
     table, num_pages = _page_table(gen, lengths, 4)
@@ -80,14 +93,14 @@ def test_decode_attention_on_numba_threads_matches_one_thread(dtype) -> None:
     _check(one, decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.125), dtype)
 
 
-def test_decode_attention_refuses_a_pool_it_cannot_read() -> None:
+def test_decode_attention_refuses_a_pool_it_cannot_read(decode_attention_cpu) -> None:
     k_cache, v_cache = _pool(torch.Generator().manual_seed(0), 4, 4, 3, torch.float16)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         decode_attention_cpu(torch.zeros(1, 9, HEAD_DIM, dtype=torch.float16), k_cache, v_cache,
                              torch.ones(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 0.125)
 
 
-def test_decode_attention_row_of_length_zero_gives_zeros() -> None:
+def test_decode_attention_row_of_length_zero_gives_zeros(decode_attention_cpu) -> None:
     gen = torch.Generator().manual_seed(1)
     lengths = [0, 9, 17]
     table, num_pages = _page_table(gen, lengths, 4)
@@ -99,7 +112,26 @@ def test_decode_attention_row_of_length_zero_gives_zeros() -> None:
     _check(ours, decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.125), torch.float32)
 
 
-def test_decode_attention_of_an_empty_batch() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("head_dim", "num_heads", "num_kv_heads"), [(8, 4, 4), (12, 7, 1), (80, 6, 2), (128, 8, 2)]
+)
+def test_native_decode_attention_of_other_head_dims(dtype, head_dim, num_heads, num_kv_heads) -> None:
+    """The C kernel is built per head dim and group: vectors of 16, 8 and 4 lanes, and MQA."""
+    if (why := cpu_native.available()) is not None:
+        pytest.skip(f"the C kernels cannot be built here: {why}")
+    gen = torch.Generator().manual_seed(head_dim)
+    lengths = torch.randint(0, 90, (9,), generator=gen).tolist()
+    table, num_pages = _page_table(gen, lengths, 8)
+    shape = (num_pages, 8, num_kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(len(lengths), num_heads, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    ours = decode_attention_native(q, k_cache, v_cache, table, seq_lens, head_dim**-0.5)
+    _check(ours, decode_attention_ref(q, k_cache, v_cache, table, seq_lens, head_dim**-0.5), dtype)
+
+
+def test_decode_attention_of_an_empty_batch(decode_attention_cpu) -> None:
     k_cache, v_cache = _pool(torch.Generator().manual_seed(0), 4, 4, 3, torch.float32)
     q = torch.empty(0, 9, HEAD_DIM)
     out = decode_attention_cpu(q, k_cache, v_cache, torch.zeros(0, 2, dtype=torch.int32),

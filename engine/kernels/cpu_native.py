@@ -1,0 +1,107 @@
+"""C kernels for the CPU backend (``engine/kernels/csrc/``), compiled on first use by the system's
+C compiler for this CPU (``-march=native``) and loaded with ``ctypes``: what Numba cannot express
+(a shuffle tree, software prefetch) in GCC's portable vector extensions, with no Python or torch
+headers involved, so a build takes about a second. Each kernel is built per model shape (head dim,
+query heads per KV head: constants to the compiler) and cached on disk under a name that hashes
+the source, the flags, the compiler and the CPU (``$PDSERVE_KERNEL_CACHE``, else
+``~/.cache/pdserve/kernels``); concurrent builders race harmlessly (each renames its own file into
+place). ``$CC`` names the compiler (else ``cc``); without one, ``available()`` says why and the
+callers keep their Numba kernels."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent / "csrc"
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-Wall")
+CACHE_ENV = "PDSERVE_KERNEL_CACHE"
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# decode_f32 / decode_bf16 (engine/kernels/csrc/cpu_decode.c)
+DECODE_ARGTYPES = [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _F, _P, _I, _P]
+
+
+class NativeUnavailable(RuntimeError):
+    """No C compiler, or the build failed: the message says which."""
+
+
+@functools.cache
+def compiler() -> tuple[str, str]:
+    """(the compiler's path, its version line); NativeUnavailable without one."""
+    name = os.environ.get("CC", "cc")
+    path = shutil.which(name)
+    if path is None:
+        raise NativeUnavailable(f"no C compiler ({name!r} is not on PATH; set $CC)")
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return path, version.stdout.partition("\n")[0]
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    """What ``-march=native`` reads: the CPU's feature flags (a cached build is per CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pdserve" / "kernels")
+
+
+def build(source: str, defines: dict[str, int]) -> Path:
+    """The shared library of ``csrc/<source>`` with ``defines``, built unless cached."""
+    cc, version = compiler()
+    text = (SOURCE_DIR / source).read_bytes()
+    args = [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
+    key = hashlib.sha1(b"\0".join([text, " ".join(args).encode(), version.encode(), _cpu_flags().encode()]))
+    target = cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *args, str(SOURCE_DIR / source), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise NativeUnavailable(f"building {source} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built %s (%s) with %s", target.name, " ".join(args[len(FLAGS):]), version)
+    return target
+
+
+@functools.cache
+def decode_kernels(head_dim: int, group: int) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
+    """(float32, bf16) paged decode attention for ``head_dim`` and ``group`` query heads per KV
+    head (``csrc/cpu_decode.c``)."""
+    lib = ctypes.CDLL(str(build("cpu_decode.c", {"HEAD_DIM": head_dim, "GROUP": group})))
+    for fn in (lib.decode_f32, lib.decode_bf16):
+        fn.argtypes, fn.restype = DECODE_ARGTYPES, None
+    return lib.decode_f32, lib.decode_bf16
+
+
+@functools.cache
+def available() -> str | None:
+    """None when the C kernels can be built here, else why not (said once in the log)."""
+    try:
+        compiler()
+    except NativeUnavailable as e:
+        logger.warning("CPU C kernels unavailable, Numba's instead: %s", e)
+        return str(e)
+    return None

@@ -1,0 +1,181 @@
+/* Paged decode attention on the CPU (engine/kernels/cpu_native.py builds and loads it;
+ * engine/kernels/cpu_decode.py calls it).
+ *
+ * Built per model shape: HEAD_DIM and GROUP (query heads per KV head) are constants, so the
+ * rows of q, the accumulators and the loops over them live in registers. Written in GCC's
+ * portable vector extensions, built with -march=native: the same source gives AVX-512, AVX2 or
+ * NEON code. Per request and KV head, three passes over the request's pages in place:
+ *   1. the group's q·k scores, into a scratch row per query: a K row is loaded (a bf16 one
+ *      widened by a shift) once for the group; each dot product is left as a vector of partial
+ *      sums, and VW keys' vectors are summed into one vector of VW scores by a tree of shuffles
+ *      (push_key), not one horizontal sum per key;
+ *   2. the exponentials (vexp, a polynomial) and their sums, VW scores at a time;
+ *   3. the probabilities times V, the group's accumulators in registers, divided at the end.
+ * The rows PREFETCH keys ahead are prefetched: a request's keys are scattered over its pages.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(HEAD_DIM) || !defined(GROUP)
+#error "compile with -DHEAD_DIM= and -DGROUP= (query heads per KV head)"
+#endif
+
+#if HEAD_DIM % 16 == 0
+#define VW 16
+#elif HEAD_DIM % 8 == 0
+#define VW 8
+#elif HEAD_DIM % 4 == 0
+#define VW 4
+#else
+#define VW 1
+#endif
+#define NV (HEAD_DIM / VW) /* vectors per row */
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh_u __attribute__((vector_size(VW * 2), aligned(2)));
+
+static inline vf load_f32(const float *p) { return *(const vf_u *)p; }
+
+static inline vf load_bf16(const uint16_t *p) {
+    vu wide = __builtin_convertvector(*(const vh_u *)p, vu) << 16;
+    return (vf)wide;
+}
+
+static inline vf splat(float x) { return (vf){} + x; }
+
+static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+
+/* e^x, relative error < 2e-7 for x in [-87, 0] (inputs here are <= 0): 2^n * p(r) with
+ * r = x - n ln2 in [-ln2/2, ln2/2] and p Cephes' polynomial. */
+static inline vf vexp(vf x) {
+    x = select(x < splat(-87.0f), splat(-87.0f), x);
+    vf y = x * 1.44269504088896341f + 0.5f;
+    vi n = __builtin_convertvector(y, vi);
+    n += __builtin_convertvector(n, vf) > y; /* floor: a true comparison is -1 */
+    vf nf = __builtin_convertvector(n, vf);
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (vf)((n + 127) << 23);
+}
+
+#if VW > 1
+/* Lanes summed pairwise across two vectors: the even lanes of (a, b) plus their odd lanes. After
+ * log2(VW) levels over VW vectors, lane i is the sum of the lanes of the i-th. */
+static inline vf pair_sums(vf a, vf b) {
+    vi even, odd;
+    for (int i = 0; i < VW; i++) {
+        even[i] = (2 * i) % (2 * VW);
+        odd[i] = (2 * i + 1) % (2 * VW);
+    }
+    return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+#endif
+
+/* Key i (of VW) of a block joins the pending partial sums of its block: a binary counter, so
+ * at most log2(VW) + 1 vectors per query wait in registers. */
+static inline void push_key(vf pending[], int i, vf x) {
+    int level = 0;
+#if VW > 1
+    for (; i & 1; i >>= 1, level++) x = pair_sums(pending[level], x);
+#else
+    (void)i;
+#endif
+    pending[level] = x;
+}
+
+#define PREFETCH 16 /* keys ahead */
+#define prefetch_row(p)                                                                 \
+    do {                                                                                \
+        for (int c = 0; c < (int)sizeof(*(p)) * HEAD_DIM; c += 64) __builtin_prefetch((const char *)(p) + c); \
+    } while (0)
+
+#define LEVELS (__builtin_ctz(VW) + 1)
+
+/* The position of every key of a request in the pool, in rows of num_kv_heads * HEAD_DIM
+ * elements: computed once per request (its KV heads and both passes share it). */
+static void key_rows(const int32_t *pages, int64_t length, int64_t page_size, int64_t *rows) {
+    for (int64_t t = 0, p = 0; t < length; p++)
+        for (int64_t o = 0; o < page_size && t < length; o++, t++) rows[t] = (int64_t)pages[p] * page_size + o;
+}
+
+#define DEFINE_DECODE(NAME, T, LOAD)                                                              \
+    static void NAME##_head(const float *qb, const T *k, const T *v, const int64_t *rows,         \
+                            int64_t length, int64_t stride, int64_t score_stride, float scale, float *scores, float *ob) { \
+        vf qv[GROUP][NV], acc[GROUP][NV];                                                         \
+        float sums[GROUP];                                                                        \
+        for (int g = 0; g < GROUP; g++)                                                           \
+            for (int j = 0; j < NV; j++) qv[g][j] = load_f32(qb + g * HEAD_DIM + j * VW) * scale; \
+        for (int64_t t0 = 0; t0 < length; t0 += VW) { /* q·k, VW keys at a time */                \
+            vf pending[GROUP][LEVELS];                                                            \
+            for (int i = 0; i < VW; i++) {                                                        \
+                const T *kr = k + rows[t0 + i < length ? t0 + i : length - 1] * stride;           \
+                if (t0 + i + PREFETCH < length) prefetch_row(k + rows[t0 + i + PREFETCH] * stride);     \
+                vf kv[NV];                                                                        \
+                for (int j = 0; j < NV; j++) kv[j] = LOAD(kr + j * VW);                           \
+                for (int g = 0; g < GROUP; g++) {                                                 \
+                    vf s = qv[g][0] * kv[0];                                                      \
+                    for (int j = 1; j < NV; j++) s += qv[g][j] * kv[j];                           \
+                    push_key(pending[g], i, s);                                                   \
+                }                                                                                 \
+            }                                                                                     \
+            for (int g = 0; g < GROUP; g++) *(vf_u *)(scores + g * score_stride + t0) = pending[g][LEVELS - 1]; \
+        }                                                                                         \
+        for (int g = 0; g < GROUP; g++) { /* softmax numerators and their sums */                 \
+            float *s = scores + g * score_stride, m = -INFINITY;                                  \
+            for (int64_t t = 0; t < length; t++) m = s[t] > m ? s[t] : m;                         \
+            for (int64_t t = length; t % VW; t++) s[t] = -INFINITY;                               \
+            vf total = {};                                                                        \
+            for (int64_t t = 0; t < length; t += VW) {                                            \
+                vf e = vexp(load_f32(s + t) - m);                                                 \
+                *(vf_u *)(s + t) = e;                                                             \
+                total += e;                                                                       \
+            }                                                                                     \
+            sums[g] = 0.0f;                                                                       \
+            for (int i = 0; i < VW; i++) sums[g] += total[i];                                     \
+            for (int j = 0; j < NV; j++) acc[g][j] = splat(0.0f);                                 \
+        }                                                                                         \
+        for (int64_t t = 0; t < length; t++) { /* probabilities times V */                        \
+            const T *vr = v + rows[t] * stride;                                                   \
+            if (t + PREFETCH < length) prefetch_row(v + rows[t + PREFETCH] * stride);               \
+            vf vv[NV];                                                                            \
+            for (int j = 0; j < NV; j++) vv[j] = LOAD(vr + j * VW);                               \
+            for (int g = 0; g < GROUP; g++) {                                                     \
+                const float p = scores[g * score_stride + t];                                     \
+                for (int j = 0; j < NV; j++) acc[g][j] += p * vv[j];                              \
+            }                                                                                     \
+        }                                                                                         \
+        for (int g = 0; g < GROUP; g++)                                                           \
+            for (int j = 0; j < NV; j++) *(vf_u *)(ob + g * HEAD_DIM + j * VW) = acc[g][j] / sums[g]; \
+    }                                                                                             \
+                                                                                                  \
+    void NAME(const float *q, const T *k, const T *v, const int32_t *table, int64_t table_stride,  \
+              const int32_t *lens, int64_t batch_begin, int64_t batch_end, int64_t num_kv_heads,   \
+              int64_t page_size, float scale, float *scratch, int64_t score_stride, float *out) {                       \
+        const int64_t stride = num_kv_heads * HEAD_DIM;                                           \
+        int64_t *rows = (int64_t *)(scratch + GROUP * score_stride);                              \
+        for (int64_t b = batch_begin; b < batch_end; b++) {                                       \
+            const int64_t length = lens[b];                                                       \
+            key_rows(table + b * table_stride, length, page_size, rows);                          \
+            for (int64_t h = 0; h < num_kv_heads; h++) {                                          \
+                const int64_t first = (b * num_kv_heads + h) * GROUP * HEAD_DIM;                  \
+                if (length == 0)                                                                  \
+                    memset(out + first, 0, sizeof(float) * GROUP * HEAD_DIM);                     \
+                else                                                                              \
+                    NAME##_head(q + first, k + h * HEAD_DIM, v + h * HEAD_DIM, rows, length,      \
+                                stride, score_stride, scale, scratch, out + first);                             \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+DEFINE_DECODE(decode_f32, float, load_f32)
+DEFINE_DECODE(decode_bf16, uint16_t, load_bf16)

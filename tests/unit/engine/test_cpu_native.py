@@ -1,0 +1,64 @@
+"""Building the C kernels (engine.kernels.cpu_native): a build per shape, cached on disk and
+reused, a clear error without a compiler or on a failed build, and Numba's decode kernel then."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import cpu_decode, cpu_native
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel cache, and the module's memos cleared before and after."""
+    monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path))
+    memos = (cpu_native.compiler, cpu_native.available, cpu_native.decode_kernels)
+    for memo in memos:
+        memo.cache_clear()
+    yield tmp_path
+    for memo in memos:
+        memo.cache_clear()
+
+
+def _need_compiler() -> None:
+    try:
+        cpu_native.compiler()
+    except cpu_native.NativeUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_a_build_per_shape_cached_and_reused(fresh) -> None:
+    _need_compiler()
+    first = cpu_native.build("cpu_decode.c", {"HEAD_DIM": 64, "GROUP": 3})
+    assert first.parent == fresh and first.exists()
+    built_at = first.stat().st_mtime_ns
+    assert cpu_native.build("cpu_decode.c", {"HEAD_DIM": 64, "GROUP": 3}) == first
+    assert first.stat().st_mtime_ns == built_at  # loaded, not built again
+    other = cpu_native.build("cpu_decode.c", {"HEAD_DIM": 64, "GROUP": 4})
+    assert other != first
+    assert sorted(p.name for p in fresh.iterdir()) == sorted([first.name, other.name])  # no temporaries
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(fresh) -> None:
+    _need_compiler()
+    with pytest.raises(cpu_native.NativeUnavailable, match="HEAD_DIM"):
+        cpu_native.build("cpu_decode.c", {})  # the source's #error
+    assert list(fresh.iterdir()) == []
+
+
+def test_without_a_compiler_decode_runs_on_numba(fresh, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with pytest.raises(cpu_native.NativeUnavailable, match="no C compiler"):
+        cpu_native.compiler()
+    assert "no-such-compiler" in cpu_native.available()
+    assert cpu_decode.choose(1).func is cpu_decode.decode_attention_numba
+
+
+def test_with_a_compiler_decode_runs_the_c_kernel(fresh) -> None:
+    _need_compiler()
+    assert cpu_native.available() is None
+    chosen = cpu_decode.choose(2)
+    assert chosen.func is cpu_decode.decode_attention_native and chosen.keywords == {"threads": 2}
+    cpu_decode.warm_up(torch.bfloat16, [(9, 3, 64), (4, 4, 8)])  # built at start-up, not in the first step
+    assert len(list(fresh.iterdir())) == 2
