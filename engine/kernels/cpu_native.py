@@ -3,7 +3,7 @@ C compiler for this CPU (``-march=native``) and loaded with ``ctypes``: what Num
 (a shuffle tree, software prefetch) in GCC's portable vector extensions, with no Python or torch
 headers involved, so a build takes about a second. Each kernel is built per model shape (head dim,
 query heads per KV head: constants to the compiler) and cached on disk under a name that hashes
-the source, the flags, the compiler and the CPU (``$PDSERVE_KERNEL_CACHE``, else
+the sources (``csrc/*.c``, ``*.h``), the flags, the compiler and the CPU (``$PDSERVE_KERNEL_CACHE``, else
 ``~/.cache/pdserve/kernels``); concurrent builders race harmlessly (each renames its own file into
 place). ``$CC`` names the compiler (else ``cc``); without one, ``available()`` says why and the
 callers keep their Numba kernels."""
@@ -64,7 +64,7 @@ def cache_dir() -> Path:
 def build(source: str, defines: dict[str, int]) -> Path:
     """The shared library of ``csrc/<source>`` with ``defines``, built unless cached."""
     cc, version = compiler()
-    text = (SOURCE_DIR / source).read_bytes()
+    text = b"".join(p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.suffix in (".c", ".h"))
     args = [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
     key = hashlib.sha1(b"\0".join([text, " ".join(args).encode(), version.encode(), _cpu_flags().encode()]))
     target = cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
@@ -94,6 +94,15 @@ def decode_kernels(head_dim: int, group: int) -> tuple[ctypes._CFuncPtr, ctypes.
     for fn in (lib.decode_f32, lib.decode_bf16):
         fn.argtypes, fn.restype = DECODE_ARGTYPES, None
     return lib.decode_f32, lib.decode_bf16
+
+
+@functools.cache
+def rms_norm_kernel() -> ctypes._CFuncPtr:
+    """``rms_norm_bf16`` of ``csrc/cpu_elementwise.c``."""
+    lib = ctypes.CDLL(str(build("cpu_elementwise.c", {})))
+    lib.rms_norm_bf16.argtypes = [_P, _I, _P, _I, _P, _F, _I, _I, _P, _P]
+    lib.rms_norm_bf16.restype = None
+    return lib.rms_norm_bf16
 
 
 @functools.cache

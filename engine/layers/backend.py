@@ -2,9 +2,9 @@
 
 ``--attention-backend cpu`` runs ``engine.kernels.cpu``: paged attention that reads only the
 pages each request owns (decode by our C kernel, or Numba's without a C compiler:
-``engine.kernels.cpu_decode``; the rotary
-embedding and KV store in one Numba pass: ``engine.kernels.cpu_rotary``), planned once
-per step (``plan_attention``), torch's fused RMSNorm in float32, and oneDNN's linear on weights
+``engine.kernels.cpu_decode``; the rotary embedding and KV store in one Numba pass:
+``engine.kernels.cpu_rotary``), planned once per step (``plan_attention``), torch's fused
+RMSNorm in float32 and our C one (with the residual add) in bf16, and oneDNN's linear on weights
 packed once at start-up (``engine.kernels.cpu_linear``: AVX-512 / AVX512-BF16 / AMX where the CPU
 has them).
 ``torch`` runs the plain-torch references of ``engine.kernels.reference``
@@ -69,14 +69,18 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"--attention-backend cpu runs on the CPU, not on {device}")
-        from engine.kernels import cpu, cpu_decode, cpu_linear, cpu_rotary
+        from engine.kernels import cpu, cpu_decode, cpu_linear, cpu_native, cpu_rotary
 
         threads = torch.get_num_threads()  # the worker set it at start-up (engine.cpu_env)
+        rms_norm = cpu.rms_norm_cpu
+        if cpu_native.available() is None:
+            cpu_native.rms_norm_kernel()  # built (or loaded) now, not in the first step
+            rms_norm = cpu.rms_norm_native
 
         return KernelBackend(
             "cpu",
             cpu_linear.linear_cpu,
-            cpu.rms_norm_cpu,
+            rms_norm,
             cpu.silu_and_mul_cpu,
             cpu_rotary.rotary_store_kv_cpu,
             cpu.extend_attention_cpu,

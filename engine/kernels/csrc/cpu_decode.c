@@ -13,8 +13,6 @@
  *   3. the probabilities times V, the group's accumulators in registers, divided at the end.
  * The rows PREFETCH keys ahead are prefetched: a request's keys are scattered over its pages.
  */
-#include <math.h>
-#include <stdint.h>
 #include <string.h>
 
 #if !defined(HEAD_DIM) || !defined(GROUP)
@@ -32,41 +30,7 @@
 #endif
 #define NV (HEAD_DIM / VW) /* vectors per row */
 
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-typedef uint16_t vh_u __attribute__((vector_size(VW * 2), aligned(2)));
-
-static inline vf load_f32(const float *p) { return *(const vf_u *)p; }
-
-static inline vf load_bf16(const uint16_t *p) {
-    vu wide = __builtin_convertvector(*(const vh_u *)p, vu) << 16;
-    return (vf)wide;
-}
-
-static inline vf splat(float x) { return (vf){} + x; }
-
-static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
-
-/* e^x, relative error < 2e-7 for x in [-87, 0] (inputs here are <= 0): 2^n * p(r) with
- * r = x - n ln2 in [-ln2/2, ln2/2] and p Cephes' polynomial. */
-static inline vf vexp(vf x) {
-    x = select(x < splat(-87.0f), splat(-87.0f), x);
-    vf y = x * 1.44269504088896341f + 0.5f;
-    vi n = __builtin_convertvector(y, vi);
-    n += __builtin_convertvector(n, vf) > y; /* floor: a true comparison is -1 */
-    vf nf = __builtin_convertvector(n, vf);
-    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (vf)((n + 127) << 23);
-}
+#include "vec.h"
 
 #if VW > 1
 /* Lanes summed pairwise across two vectors: the even lanes of (a, b) plus their odd lanes. After
@@ -128,7 +92,7 @@ static void key_rows(const int32_t *pages, int64_t length, int64_t page_size, in
                     push_key(pending[g], i, s);                                                   \
                 }                                                                                 \
             }                                                                                     \
-            for (int g = 0; g < GROUP; g++) *(vf_u *)(scores + g * score_stride + t0) = pending[g][LEVELS - 1]; \
+            for (int g = 0; g < GROUP; g++) store_f32(pending[g][LEVELS - 1], scores + g * score_stride + t0); \
         }                                                                                         \
         for (int g = 0; g < GROUP; g++) { /* softmax numerators and their sums */                 \
             float *s = scores + g * score_stride, m = -INFINITY;                                  \
@@ -137,7 +101,7 @@ static void key_rows(const int32_t *pages, int64_t length, int64_t page_size, in
             vf total = {};                                                                        \
             for (int64_t t = 0; t < length; t += VW) {                                            \
                 vf e = vexp(load_f32(s + t) - m);                                                 \
-                *(vf_u *)(s + t) = e;                                                             \
+                store_f32(e, s + t);                                                             \
                 total += e;                                                                       \
             }                                                                                     \
             sums[g] = 0.0f;                                                                       \
@@ -155,7 +119,7 @@ static void key_rows(const int32_t *pages, int64_t length, int64_t page_size, in
             }                                                                                     \
         }                                                                                         \
         for (int g = 0; g < GROUP; g++)                                                           \
-            for (int j = 0; j < NV; j++) *(vf_u *)(ob + g * HEAD_DIM + j * VW) = acc[g][j] / sums[g]; \
+            for (int j = 0; j < NV; j++) store_f32(acc[g][j] / sums[g], ob + g * HEAD_DIM + j * VW); \
     }                                                                                             \
                                                                                                   \
     void NAME(const float *q, const T *k, const T *v, const int32_t *table, int64_t table_stride,  \
