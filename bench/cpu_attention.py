@@ -5,8 +5,9 @@ one that serves without a C compiler (``engine.kernels.cpu_decode``), the bucket
 kernel before them, and torch's fused CPU SDPA over each request's gathered pages (per request,
 and per padded bucket with a mask).
 Extend (``--extend``): prompts of 128, 256 and 512 tokens and a 256-token chunk after a
-256-token prefix, by the blocked kernel that serves (``engine.kernels.cpu.causal_attention``)
-and by torch's fused CPU SDPA (flash; causal, or a mask after a prefix), which served before.
+256-token prefix, by the C kernel that serves (``engine.kernels.cpu.extend_attention_native``),
+the blocked ``bmm`` one that serves without a C compiler (``causal_attention``) and torch's fused
+CPU SDPA (flash; causal, or a mask after a prefix), which served before them.
 CPU time per layer (process time, one thread unless ``--threads``), and each one's largest
 difference from the reference.
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from engine.cpu_env import tune_malloc
 from engine.kernels import cpu_native
-from engine.kernels.cpu import causal_attention
+from engine.kernels.cpu import causal_attention, extend_attention_native
 from engine.kernels.cpu_decode import decode_attention_native, decode_attention_numba, warm_up
 from engine.kernels.reference import causal_attention_ref, decode_attention_ref
 
@@ -164,7 +165,20 @@ def sdpa_extend(q, k, v, prefix, sm_scale, out):
     )[0].transpose(0, 1))
 
 
-EXTEND_CANDIDATES = {"blocked (serves)": causal_attention, "fused SDPA per request (before)": sdpa_extend}
+def native_extend(q, k, v, prefix, sm_scale, out):
+    """The C kernel that serves, over the request's keys as one page."""
+    rows, keys = q.shape[0], k.shape[0]
+    out.copy_(extend_attention_native(
+        q, k.view(1, keys, *k.shape[1:]), v.view(1, keys, *v.shape[1:]), torch.zeros(1, 1, dtype=torch.int32),
+        torch.tensor([0, rows], dtype=torch.int32), torch.tensor([prefix], dtype=torch.int32), sm_scale,
+    ))
+
+
+EXTEND_CANDIDATES = {
+    **({"C kernel (serves)": native_extend} if cpu_native.available() is None else {}),
+    "blocked bmm (serves without a C compiler)": causal_attention,
+    "fused SDPA per request (before)": sdpa_extend,
+}
 EXTEND_SHAPES = ((128, 0), (256, 0), (512, 0), (256, 256))  # (new rows, cached prefix)
 TINY_EXTEND_SHAPES = ((20, 0), (9, 30))
 

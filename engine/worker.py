@@ -83,8 +83,8 @@ class Worker:
         )
         if decodes and loaded.device.type == "cuda" and kernels.name == "triton":
             choose_small_batch_matmuls(kernels.linear, loaded.model)
-        if decodes and kernels.warm_up_decode is not None:
-            kernels.warm_up_decode(pool.k[0].dtype, attention_shapes(loaded.model))
+        if kernels.warm_up is not None:
+            kernels.warm_up(pool.k[0].dtype, attention_shapes(loaded.model), decodes)
         runner = ModelRunner(loaded.model, pool, kernels, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
         # CUDA graphs around tensor-parallel collectives are not verified yet: such ranks run eagerly

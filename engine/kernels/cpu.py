@@ -2,17 +2,21 @@
 that reads only the KV a request owns, with every per-step decision taken once per step
 (``plan_attention``) rather than once per layer.
 
-Decode: ``engine.kernels.cpu_decode``, compiled by Numba, reads each request's pages in place
-(the plan is the batch's longest row). Measured against the alternatives in
-``python -m bench.cpu_attention`` (bench/results/).
+Decode: ``engine.kernels.cpu_decode``, our C kernel (Numba's without a C compiler), reads
+each request's pages in place (the plan is the batch's longest row).
 
-Extend: per request (a step holds few), one gather of its pages, then ``causal_attention``:
-blocks of ``EXTEND_BLOCK`` query rows, each against only the keys it can see (the cached prefix
-and the rows up to its own), so the masked half of the square is never computed. torch's flash
-CPU kernel computes it below 512 keys (its key blocks are 512 wide: ``is_causal`` costs nothing
-less): 8.3 CPU-ms for a 512-token bf16 prompt of SmolLM2's 9 / 3 heads against 5.1 here
-(``python -m bench.cpu_attention --extend``); a prompt of one block with nothing cached still
-goes to it, cheaper per call. float32 math throughout, the output rounded once: bf16 scores
+Extend: ``extend_attention_native``, our C kernel (``csrc/cpu_extend.c``, built by
+``cpu_native``): per request and KV head, its keys gathered once from the pages (K transposed),
+then tiles of query vectors scored against whole vectors of keys by multiply-adds alone, only up
+to each tile's last row (the causal tail masked), softmax, and the probabilities times V. Served,
+it gave bf16 6 % more tokens/s than the torch path below (no per-request page gather and float
+copies of K and V); alone, on contiguous keys, 5–10 % less CPU than it
+(``python -m bench.cpu_attention --extend``). Without a C compiler, ``extend_attention_cpu``: per
+request one gather of its pages, then ``causal_attention``: blocks of ``EXTEND_BLOCK`` query
+rows, each against only the keys it can see, so the masked half of the square is never computed
+(torch's flash CPU kernel computes it below 512 keys: 8.3 CPU-ms for a 512-token bf16 prompt of
+SmolLM2's 9 / 3 heads against 5.2 here); a prompt of one block with nothing cached goes to the
+flash kernel, cheaper per call. float32 math throughout, the output rounded once: bf16 scores
 were 10× less accurate, bf16 probabilities times V 1.6× (for 10 % less time).
 
 Both are checked against ``engine.kernels.reference`` (tests/unit/engine/test_cpu_kernels.py);
@@ -21,13 +25,15 @@ the backend is assembled in ``engine.layers.backend``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import cpu_native
+from engine.kernels import cpu_decode, cpu_native
 
 if TYPE_CHECKING:
     from engine.layers.attention import AttentionMetadata
@@ -120,6 +126,50 @@ def extend_attention_cpu(
     return out
 
 
+def extend_attention_native(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,  # [R, max_pages] int32
+    qo_indptr: torch.Tensor,  # [R + 1] int32
+    prefix_lens: torch.Tensor,  # [R] int32
+    sm_scale: float,
+    *,
+    max_extend_len: int | None = None,
+    plan: tuple[ExtendSeq, ...] | None = None,
+    threads: int = 1,  # > 1: (request, KV head) items split by their cost over that many threads
+) -> torch.Tensor:
+    """``extend_attention_ref``'s contract by the C kernel (``csrc/cpu_extend.c``), which reads
+    each request's pages once per KV head; a pool of another dtype goes to
+    ``extend_attention_cpu``."""
+    if k_cache.dtype not in (torch.float32, torch.bfloat16):
+        return extend_attention_cpu(q, k_cache, v_cache, page_table, qo_indptr, prefix_lens, sm_scale,
+                                    plan=plan)
+    tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    f32, bf16 = cpu_native.extend_kernels(head_dim, num_heads // num_kv_heads)
+    kernel = bf16 if k_cache.dtype == torch.bfloat16 else f32
+    starts = qo_indptr.to(torch.int32).contiguous()
+    prefixes = prefix_lens.to(torch.int32).contiguous()
+    new = np.diff(starts.numpy()).astype(np.int64)
+    keys = prefixes.numpy() + new
+    out = torch.empty(q.shape, dtype=torch.float32)
+    if tokens == 0 or new.size == 0:
+        return out.to(q.dtype)
+    key_stride = -(-int(keys.max()) // 64) * 64  # K^T rows and score rows, whole tiles of keys
+    parts = cpu_native.split_by_cost(np.repeat(new * (keys - new // 2), num_kv_heads), threads)
+    # per thread: K^T and V of a request's KV head, then a score row per query of a tile
+    scratch = torch.empty(len(parts), (2 * head_dim + 4) * key_stride, dtype=torch.float32)
+    qf = q.float().contiguous()
+    table = page_table if page_table.stride(1) == 1 else page_table.contiguous()
+    fixed = (qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), table.stride(0),
+             starts.data_ptr(), prefixes.data_ptr())
+    cpu_native.run_parts(parts, lambda i, begin, end: kernel(
+        *fixed, begin, end, num_kv_heads, k_cache.shape[1], sm_scale, scratch[i].data_ptr(), key_stride,
+        out.data_ptr()), threads)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
     """Causal attention of a whole prompt (q [L, Hq, D], k / v [L, Hkv, D]) by torch's fused CPU
     kernel. 4-D inputs: 3-D ones fall back to its unfused math path (3× slower at 512 tokens)."""
@@ -205,3 +255,16 @@ def rms_norm_native(
              out.data_ptr(), 0 if summed is None else summed.data_ptr())
     return out, summed
 
+
+
+def warm_up(
+    dtype: torch.dtype, shapes: Iterable[tuple[int, int, int]], decodes: bool, *, threads: int
+) -> None:
+    """Build (or load) the attention kernels for the model's ``shapes`` ((query heads, KV heads,
+    head dim)) at start-up: extend's C kernels, and decode's when the worker decodes."""
+    shapes = set(shapes)
+    if cpu_native.available() is None:
+        for num_heads, num_kv_heads, head_dim in shapes:
+            cpu_native.extend_kernels(head_dim, num_heads // num_kv_heads)
+    if decodes:
+        cpu_decode.warm_up(dtype, shapes, threads=threads)

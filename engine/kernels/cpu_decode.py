@@ -25,9 +25,7 @@ gather-and-bmm kernel before them 8.8 and 10.0.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numba
@@ -153,7 +151,7 @@ def decode_attention_native(
     kernel = bf16 if k_cache.dtype == torch.bfloat16 else f32
     max_len = int(seq_lens.max()) if plan is None else plan
     score_stride = -(-max(max_len, 1) // 16) * 16  # the kernel writes scores 16 keys at a time
-    parts = _split_rows(seq_lens, threads)
+    parts = cpu_native.split_by_cost(seq_lens.numpy(), threads)
     # per thread: a score row per query of a group, then an int64 row index per key
     scratch = torch.empty(len(parts), (num_heads // num_kv_heads + 2) * score_stride, dtype=torch.float32)
     qf = q.float().contiguous()
@@ -162,37 +160,15 @@ def decode_attention_native(
     fixed = (qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), table.stride(0),
              seq_lens.contiguous().data_ptr())
 
-    def run(i: int) -> None:
-        begin, end = parts[i]
-        kernel(*fixed, begin, end, num_kv_heads, k_cache.shape[1], sm_scale, scratch[i].data_ptr(),
-               score_stride, out.data_ptr())
-
-    if len(parts) == 1:
-        run(0)
-    else:  # ctypes releases the GIL for the call
-        list(_executor(threads).map(run, range(len(parts))))
+    cpu_native.run_parts(parts, lambda i, begin, end: kernel(
+        *fixed, begin, end, num_kv_heads, k_cache.shape[1], sm_scale, scratch[i].data_ptr(), score_stride,
+        out.data_ptr()), threads)
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def _check_pool(k_cache: torch.Tensor) -> None:
     if k_cache.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"CPU decode attention takes a float32 or bfloat16 pool, not {k_cache.dtype}")
-
-
-def _split_rows(seq_lens: torch.Tensor, threads: int) -> list[tuple[int, int]]:
-    """[begin, end) row ranges of about equal total length, one per thread (fewer for few rows)."""
-    batch = seq_lens.shape[0]
-    if threads <= 1 or batch == 1:
-        return [(0, batch)]
-    cumulative = np.cumsum(seq_lens.numpy(), dtype=np.int64)
-    targets = cumulative[-1] * np.arange(1, threads) / threads
-    bounds = [0, *np.searchsorted(cumulative, targets, side="right").tolist(), batch]
-    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-
-
-@functools.cache
-def _executor(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="decode-attention")
 
 
 def choose(threads: int) -> DecodeAttentionFn:

@@ -13,12 +13,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,8 @@ CACHE_ENV = "PDSERVE_KERNEL_CACHE"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # decode_f32 / decode_bf16 (engine/kernels/csrc/cpu_decode.c)
 DECODE_ARGTYPES = [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _F, _P, _I, _P]
+# extend_f32 / extend_bf16 (engine/kernels/csrc/cpu_extend.c)
+EXTEND_ARGTYPES = [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _F, _P, _I, _P]
 
 
 class NativeUnavailable(RuntimeError):
@@ -97,6 +104,15 @@ def decode_kernels(head_dim: int, group: int) -> tuple[ctypes._CFuncPtr, ctypes.
 
 
 @functools.cache
+def extend_kernels(head_dim: int, group: int) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
+    """(float32, bf16) paged causal extend attention (``csrc/cpu_extend.c``)."""
+    lib = ctypes.CDLL(str(build("cpu_extend.c", {"HEAD_DIM": head_dim, "GROUP": group})))
+    for fn in (lib.extend_f32, lib.extend_bf16):
+        fn.argtypes, fn.restype = EXTEND_ARGTYPES, None
+    return lib.extend_f32, lib.extend_bf16
+
+
+@functools.cache
 def rms_norm_kernel() -> ctypes._CFuncPtr:
     """``rms_norm_bf16`` of ``csrc/cpu_elementwise.c``."""
     lib = ctypes.CDLL(str(build("cpu_elementwise.c", {})))
@@ -114,3 +130,28 @@ def available() -> str | None:
         logger.warning("CPU C kernels unavailable, Numba's instead: %s", e)
         return str(e)
     return None
+
+
+def split_by_cost(costs: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """[begin, end) ranges of ``costs``' items of about equal total cost, at most ``parts``."""
+    items = costs.shape[0]
+    if parts <= 1 or items <= 1:
+        return [(0, items)]
+    cumulative = np.cumsum(costs, dtype=np.int64)
+    targets = cumulative[-1] * np.arange(1, parts) / parts
+    bounds = [0, *np.searchsorted(cumulative, targets, side="right").tolist(), items]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def run_parts(parts: list[tuple[int, int]], call: Callable[[int, int, int], None], threads: int) -> None:
+    """``call(i, begin, end)`` for each part, on a pool of ``threads`` when there are several (a
+    ctypes call releases the GIL): a part per thread, each with its own scratch ``i``."""
+    if len(parts) == 1:
+        call(0, *parts[0])
+        return
+    list(_executor(threads).map(lambda i: call(i, *parts[i]), range(len(parts))))
+
+
+@functools.cache
+def _executor(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="cpu-kernel")

@@ -54,8 +54,8 @@ class KernelBackend:
     # the once-per-step part of attention (the runner stores it in AttentionMetadata.plan)
     plan_attention: PlanAttentionFn | None = None
     # (KV pool dtype, the model's attention shapes: (query heads, KV heads, head dim) on this
-    # rank) -> None: compiles what decode attention needs, at start-up
-    warm_up_decode: Callable[[torch.dtype, Iterable[tuple[int, int, int]]], None] | None = None
+    # rank, whether it decodes) -> None: builds what attention needs, at start-up
+    warm_up: Callable[[torch.dtype, Iterable[tuple[int, int, int]], bool], None] | None = None
     # (model) -> how many weights it converted: the matmul weights in the layout ``linear`` runs
     # best, once after loading
     prepare_weights: Callable[[torch.nn.Module], int] | None = None
@@ -72,10 +72,10 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
         from engine.kernels import cpu, cpu_decode, cpu_linear, cpu_native, cpu_rotary
 
         threads = torch.get_num_threads()  # the worker set it at start-up (engine.cpu_env)
-        rms_norm = cpu.rms_norm_cpu
+        rms_norm, extend = cpu.rms_norm_cpu, cpu.extend_attention_cpu
         if cpu_native.available() is None:
             cpu_native.rms_norm_kernel()  # built (or loaded) now, not in the first step
-            rms_norm = cpu.rms_norm_native
+            rms_norm, extend = cpu.rms_norm_native, partial(cpu.extend_attention_native, threads=threads)
 
         return KernelBackend(
             "cpu",
@@ -83,10 +83,10 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
             rms_norm,
             cpu.silu_and_mul_cpu,
             cpu_rotary.rotary_store_kv_cpu,
-            cpu.extend_attention_cpu,
+            extend,
             cpu_decode.choose(threads),
             cpu.plan_attention,
-            partial(cpu_decode.warm_up, threads=threads),
+            partial(cpu.warm_up, threads=threads),
             cpu_linear.pack_weights,
         )
     if name == "torch":

@@ -18,6 +18,18 @@ static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) |
 static inline vf load_f32(const float *p) { return *(const vf_u *)p; }
 static inline void store_f32(vf x, float *p) { *(vf_u *)p = x; }
 
+/* the largest of n floats at s, n a multiple of VW (a NaN-free row) */
+static inline float max_of(const float *s, int64_t n) {
+    vf m = splat(-INFINITY);
+    for (int64_t t = 0; t < n; t += VW) {
+        vf x = load_f32(s + t);
+        m = select(x > m, x, m);
+    }
+    float out = m[0];
+    for (int i = 1; i < VW; i++) out = m[i] > out ? m[i] : out;
+    return out;
+}
+
 /* bf16 is the high half of a float32: widening is a shift */
 static inline vf load_bf16(const uint16_t *p) { return (vf)(__builtin_convertvector(*(const vh_u *)p, vu) << 16); }
 

@@ -165,6 +165,41 @@ def test_extend_attention_matches_reference(dtype, page_size, num_heads, num_kv_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize(
+    ("head_dim", "num_heads", "num_kv_heads"), [(64, 9, 3), (64, 4, 4), (8, 4, 4), (12, 7, 1), (128, 8, 2)]
+)
+def test_native_extend_attention_matches_reference(dtype, page_size, head_dim, num_heads, num_kv_heads):
+    """The C kernel (tiles of query vectors that span rows; keys in whole tiles, the causal
+    tail masked; head dims of 16-, 8- and 4-lane vectors; MQA), on one thread and split over two."""
+    if (why := cpu_native.available()) is not None:
+        pytest.skip(f"the C kernels cannot be built here: {why}")
+    gen = torch.Generator().manual_seed(page_size + head_dim + num_heads)
+    new, prefixes = [37, 1, 0, 64, 5, 137, 65], [0, 20, 3, 33, 0, 0, 70]
+    table, num_pages = _page_table(gen, [p + n for p, n in zip(prefixes, new, strict=True)], page_size)
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    indptr = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(new), num_heads, head_dim, generator=gen).to(dtype)
+    args = (q, k_cache, v_cache, table, indptr, torch.tensor(prefixes, dtype=torch.int32), head_dim**-0.5)
+    kept = [t.clone() for t in args[:3]]
+    ours = cpu.extend_attention_native(*args)
+    _check(ours, extend_attention_ref(*args), dtype)
+    assert all(torch.equal(a, b) for a, b in zip(args[:3], kept, strict=True))  # inputs untouched
+    assert torch.equal(cpu.extend_attention_native(*args, threads=2), ours)
+
+
+def test_native_extend_attention_leaves_other_pools_to_torch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    table, num_pages = _page_table(gen, [9], 4)
+    k_cache, v_cache = _pool(gen, num_pages, 4, 3, torch.float16)
+    q = torch.randn(9, 9, HEAD_DIM, generator=gen).half()
+    indptr, prefixes = torch.tensor([0, 9], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    args = (q, k_cache, v_cache, table, indptr, prefixes, 0.125)
+    assert torch.equal(cpu.extend_attention_native(*args), cpu.extend_attention_cpu(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_equals_reference_bit_for_bit(dtype, with_residual) -> None:
     gen = torch.Generator().manual_seed(3)

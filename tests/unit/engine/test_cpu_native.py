@@ -1,19 +1,22 @@
 """Building the C kernels (engine.kernels.cpu_native): a build per shape, cached on disk and
-reused, a clear error without a compiler or on a failed build, and Numba's decode kernel then."""
+reused, a clear error without a compiler or on a failed build, and then the CPU backend's
+kernels without C (Numba's decode, torch's extend and RMSNorm)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.kernels import cpu_decode, cpu_native
+from engine.kernels import cpu, cpu_decode, cpu_native
+from engine.layers.backend import make_kernel_backend
 
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """An empty kernel cache, and the module's memos cleared before and after."""
     monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path))
-    memos = (cpu_native.compiler, cpu_native.available, cpu_native.decode_kernels)
+    memos = (cpu_native.compiler, cpu_native.available, cpu_native.decode_kernels, cpu_native.extend_kernels,
+             cpu_native.rms_norm_kernel)
     for memo in memos:
         memo.cache_clear()
     yield tmp_path
@@ -53,12 +56,22 @@ def test_without_a_compiler_decode_runs_on_numba(fresh, monkeypatch) -> None:
         cpu_native.compiler()
     assert "no-such-compiler" in cpu_native.available()
     assert cpu_decode.choose(1).func is cpu_decode.decode_attention_numba
+    kernels = make_kernel_backend("cpu", torch.device("cpu"))
+    assert kernels.rms_norm is cpu.rms_norm_cpu and kernels.extend_attention is cpu.extend_attention_cpu
+    assert kernels.decode_attention.func is cpu_decode.decode_attention_numba
 
 
 def test_with_a_compiler_decode_runs_the_c_kernel(fresh) -> None:
     _need_compiler()
     assert cpu_native.available() is None
+    kernels = make_kernel_backend("cpu", torch.device("cpu"))
+    assert kernels.rms_norm is cpu.rms_norm_native
+    assert kernels.extend_attention.func is cpu.extend_attention_native
     chosen = cpu_decode.choose(2)
     assert chosen.func is cpu_decode.decode_attention_native and chosen.keywords == {"threads": 2}
-    cpu_decode.warm_up(torch.bfloat16, [(9, 3, 64), (4, 4, 8)])  # built at start-up, not in the first step
-    assert len(list(fresh.iterdir())) == 2
+    shapes = [(9, 3, 64), (4, 4, 8), (9, 3, 64)]  # built at start-up, not in the first step
+    cpu.warm_up(torch.bfloat16, shapes, False, threads=1)  # a prefill worker: extend's alone
+    built = ["cpu_elementwise", "cpu_extend", "cpu_extend"]  # the RMSNorm with the backend
+    assert sorted(p.name.split("-")[0] for p in fresh.iterdir()) == built
+    cpu.warm_up(torch.bfloat16, shapes, True, threads=1)
+    assert sorted(p.name.split("-")[0] for p in fresh.iterdir()) == ["cpu_decode"] * 2 + built

@@ -1,0 +1,126 @@
+/* Paged causal extend (prefill) attention on the CPU (engine/kernels/cpu_native.py builds it per
+ * head dim and query group; engine/kernels/cpu.py calls it).
+ *
+ * A work item is one request and KV head: its keys (cached prefix and new rows) are gathered
+ * from the pages once, K transposed to [HEAD_DIM, keys] and V as [keys, HEAD_DIM], both float32.
+ * Then QT query vectors at a time (the rows x group of the KV head, in order):
+ *   1. scores: for each d, a vector of VW keys of K^T times each query's q[d] (broadcast): pure
+ *      multiply-adds into QT x KV accumulators, no horizontal sum; only the keys up to the
+ *      tile's last row are computed, and a query's keys past its own row are masked;
+ *   2. softmax numerators and their sums, VW scores at a time (vexp);
+ *   3. the probabilities times V: each key's V row loaded once for the tile, QT x NV
+ *      accumulators in registers; divided by the sums at the end.
+ * float32 math throughout, the output written as float32 (the caller rounds it once).
+ */
+#include <string.h>
+
+#if !defined(HEAD_DIM) || !defined(GROUP)
+#error "compile with -DHEAD_DIM= and -DGROUP= (query heads per KV head)"
+#endif
+
+#if HEAD_DIM % 16 == 0
+#define VW 16
+#elif HEAD_DIM % 8 == 0
+#define VW 8
+#elif HEAD_DIM % 4 == 0
+#define VW 4
+#else
+#define VW 1
+#endif
+#define NV (HEAD_DIM / VW) /* vectors per row of V */
+#define KV 4               /* key vectors per score tile */
+#define QT (NV <= 4 ? 4 : 2) /* query vectors per tile: QT x NV accumulators in registers */
+
+#include "vec.h"
+
+static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+#define DEFINE_EXTEND(NAME, T, WIDEN)                                                             \
+    /* K^T [HEAD_DIM][stride] and V [keys][HEAD_DIM], float32, of one request's KV head h */      \
+    static void NAME##_gather(const T *k, const T *v, const int32_t *pages, int64_t keys,         \
+                              int64_t page_size, int64_t row, int64_t stride, float *kt, float *vc) { \
+        for (int64_t t = 0; t < keys; t++) {                                                      \
+            const int64_t at = ((int64_t)pages[t / page_size] * page_size + t % page_size) * row;   \
+            for (int d = 0; d < HEAD_DIM; d++) {                                                  \
+                kt[d * stride + t] = WIDEN(k[at + d]);                                            \
+                vc[t * HEAD_DIM + d] = WIDEN(v[at + d]);                                          \
+            }                                                                                     \
+        }                                                                                         \
+        for (int d = 0; d < HEAD_DIM; d++) /* keys past the last: finite, masked later */        \
+            for (int64_t t = keys; t < stride; t++) kt[d * stride + t] = 0.0f;                    \
+    }                                                                                             \
+                                                                                                  \
+    void NAME(const float *q, const T *k, const T *v, const int32_t *table, int64_t table_stride,  \
+              const int32_t *qo_indptr, const int32_t *prefix_lens, int64_t item_begin,            \
+              int64_t item_end, int64_t num_kv_heads, int64_t page_size, float scale,              \
+              float *scratch, int64_t key_stride, float *out) {                                   \
+        const int64_t num_heads = num_kv_heads * GROUP, row = num_kv_heads * HEAD_DIM;            \
+        float *kt = scratch, *vc = kt + HEAD_DIM * key_stride, *scores = vc + HEAD_DIM * key_stride; \
+        for (int64_t item = item_begin; item < item_end; item++) {                                \
+            const int64_t r = item / num_kv_heads, h = item % num_kv_heads;                       \
+            const int64_t lo = qo_indptr[r], rows = qo_indptr[r + 1] - lo, prefix = prefix_lens[r]; \
+            if (rows == 0) continue;                                                              \
+            const int64_t keys = prefix + rows, stride = round_up(keys, VW * KV);                 \
+            NAME##_gather(k + h * HEAD_DIM, v + h * HEAD_DIM, table + r * table_stride, keys,     \
+                          page_size, row, stride, kt, vc);                                        \
+            for (int64_t n0 = 0; n0 < rows * GROUP; n0 += QT) {                                   \
+                const int64_t tile = rows * GROUP - n0 < QT ? rows * GROUP - n0 : QT;            \
+                const float *qn[QT];                                                              \
+                float *on[QT];                                                                    \
+                int64_t limit[QT]; /* keys each query sees */                                     \
+                for (int i = 0; i < QT; i++) {                                                    \
+                    const int64_t n = n0 + (i < tile ? i : tile - 1), t = lo + n / GROUP;         \
+                    qn[i] = q + (t * num_heads + h * GROUP + n % GROUP) * HEAD_DIM;               \
+                    on[i] = out + (t * num_heads + h * GROUP + n % GROUP) * HEAD_DIM;             \
+                    limit[i] = prefix + n / GROUP + 1;                                            \
+                }                                                                                 \
+                const int64_t span = round_up(limit[QT - 1], VW * KV);                           \
+                for (int64_t t0 = 0; t0 < span; t0 += VW * KV) { /* 1. scores */                  \
+                    vf acc[QT][KV] = {};                                                          \
+                    for (int d = 0; d < HEAD_DIM; d++) {                                          \
+                        vf kv[KV];                                                                \
+                        for (int j = 0; j < KV; j++) kv[j] = load_f32(kt + d * stride + t0 + j * VW); \
+                        for (int i = 0; i < QT; i++)                                              \
+                            for (int j = 0; j < KV; j++) acc[i][j] += qn[i][d] * kv[j];           \
+                    }                                                                             \
+                    for (int i = 0; i < QT; i++)                                                  \
+                        for (int j = 0; j < KV; j++)                                              \
+                            store_f32(acc[i][j] * scale, scores + i * key_stride + t0 + j * VW);  \
+                }                                                                                 \
+                float sums[QT];                                                                   \
+                for (int i = 0; i < QT; i++) { /* 2. softmax numerators */                        \
+                    float *s = scores + i * key_stride;                                           \
+                    for (int64_t t = limit[i]; t < span; t++) s[t] = -INFINITY;                   \
+                    const float m = max_of(s, span);                                              \
+                    vf total = {};                                                                \
+                    for (int64_t t = 0; t < span; t += VW) {                                      \
+                        vf e = vexp(load_f32(s + t) - m);                                         \
+                        store_f32(e, s + t);                                                      \
+                        total += e;                                                               \
+                    }                                                                             \
+                    sums[i] = 0.0f;                                                               \
+                    for (int l = 0; l < VW; l++) sums[i] += total[l];                             \
+                }                                                                                 \
+                vf acc[QT][NV] = {};                                                              \
+                for (int64_t t = 0; t < limit[QT - 1]; t++) { /* 3. probabilities times V */      \
+                    vf vv[NV];                                                                    \
+                    for (int j = 0; j < NV; j++) vv[j] = load_f32(vc + t * HEAD_DIM + j * VW);    \
+                    for (int i = 0; i < QT; i++) {                                                \
+                        const float p = scores[i * key_stride + t];                               \
+                        for (int j = 0; j < NV; j++) acc[i][j] += p * vv[j];                      \
+                    }                                                                             \
+                }                                                                                 \
+                for (int i = 0; i < tile; i++)                                                    \
+                    for (int j = 0; j < NV; j++) store_f32(acc[i][j] / sums[i], on[i] + j * VW);  \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+static inline float widen_f32(float x) { return x; }
+static inline float widen_bf16(uint16_t x) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
+    return v.f;
+}
+
+DEFINE_EXTEND(extend_f32, float, widen_f32)
+DEFINE_EXTEND(extend_bf16, uint16_t, widen_bf16)
