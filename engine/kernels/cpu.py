@@ -140,17 +140,16 @@ def extend_attention_native(
     threads: int = 1,  # > 1: (request, KV head) items split by their cost over that many threads
 ) -> torch.Tensor:
     """``extend_attention_ref``'s contract by the C kernel (``csrc/cpu_extend.c``), which reads
-    each request's pages once per KV head; a pool of another dtype goes to
-    ``extend_attention_cpu``."""
-    if k_cache.dtype not in (torch.float32, torch.bfloat16):
+    each request's pages once per KV head; a pool it does not read (another dtype, strided) goes
+    to ``extend_attention_cpu``."""
+    if not cpu_native.takes_pool(k_cache, v_cache):
         return extend_attention_cpu(q, k_cache, v_cache, page_table, qo_indptr, prefix_lens, sm_scale,
                                     plan=plan)
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     f32, bf16 = cpu_native.extend_kernels(head_dim, num_heads // num_kv_heads)
     kernel = bf16 if k_cache.dtype == torch.bfloat16 else f32
-    starts = qo_indptr.to(torch.int32).contiguous()
-    prefixes = prefix_lens.to(torch.int32).contiguous()
+    starts, prefixes = cpu_native.int32_rows(qo_indptr), cpu_native.int32_rows(prefix_lens)
     new = np.diff(starts.numpy()).astype(np.int64)
     keys = prefixes.numpy() + new
     out = torch.empty(q.shape, dtype=torch.float32)
@@ -158,10 +157,11 @@ def extend_attention_native(
         return out.to(q.dtype)
     key_stride = -(-int(keys.max()) // 64) * 64  # K^T rows and score rows, whole tiles of keys
     parts = cpu_native.split_by_cost(np.repeat(new * (keys - new // 2), num_kv_heads), threads)
-    # per thread: K^T and V of a request's KV head, then a score row per query of a tile
-    scratch = torch.empty(len(parts), (2 * head_dim + 4) * key_stride, dtype=torch.float32)
+    # per thread: K^T and V of a request's KV head, a score row per query of a tile (at most 4),
+    # then an int64 pool row per key
+    scratch = torch.empty(len(parts), (2 * head_dim + 6) * key_stride, dtype=torch.float32)
     qf = q.float().contiguous()
-    table = page_table if page_table.stride(1) == 1 else page_table.contiguous()
+    table = cpu_native.int32_rows(page_table)
     fixed = (qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), table.stride(0),
              starts.data_ptr(), prefixes.data_ptr())
     cpu_native.run_parts(parts, lambda i, begin, end: kernel(

@@ -145,20 +145,22 @@ def decode_attention_native(
     batch, num_heads, head_dim = q.shape
     if batch == 0:
         return torch.empty_like(q)
-    _check_pool(k_cache)
+    if not cpu_native.takes_pool(k_cache, v_cache):  # Numba's reads strided pools (or refuses)
+        return decode_attention_numba(q, k_cache, v_cache, page_table, seq_lens, sm_scale, plan=plan,
+                                      threads=threads)
     num_kv_heads = k_cache.shape[2]
     f32, bf16 = cpu_native.decode_kernels(head_dim, num_heads // num_kv_heads)
     kernel = bf16 if k_cache.dtype == torch.bfloat16 else f32
     max_len = int(seq_lens.max()) if plan is None else plan
     score_stride = -(-max(max_len, 1) // 16) * 16  # the kernel writes scores 16 keys at a time
-    parts = cpu_native.split_by_cost(seq_lens.numpy(), threads)
+    table, lens = cpu_native.int32_rows(page_table), cpu_native.int32_rows(seq_lens)
+    parts = cpu_native.split_by_cost(lens.numpy(), threads)
     # per thread: a score row per query of a group, then an int64 row index per key
     scratch = torch.empty(len(parts), (num_heads // num_kv_heads + 2) * score_stride, dtype=torch.float32)
     qf = q.float().contiguous()
     out = torch.empty(q.shape, dtype=torch.float32)
-    table = page_table if page_table.stride(1) == 1 else page_table.contiguous()
     fixed = (qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), table.stride(0),
-             seq_lens.contiguous().data_ptr())
+             lens.data_ptr())
 
     cpu_native.run_parts(parts, lambda i, begin, end: kernel(
         *fixed, begin, end, num_kv_heads, k_cache.shape[1], sm_scale, scratch[i].data_ptr(), score_stride,

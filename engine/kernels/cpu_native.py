@@ -5,8 +5,8 @@ headers involved, so a build takes about a second. Each kernel is built per mode
 query heads per KV head: constants to the compiler) and cached on disk under a name that hashes
 the sources (``csrc/*.c``, ``*.h``), the flags, the compiler and the CPU (``$PDSERVE_KERNEL_CACHE``, else
 ``~/.cache/pdserve/kernels``); concurrent builders race harmlessly (each renames its own file into
-place). ``$CC`` names the compiler (else ``cc``); without one, ``available()`` says why and the
-callers keep their Numba kernels."""
+place). ``$CC`` names the compiler (else ``cc``); without one that builds them, ``available()``
+says why and the callers keep their fallbacks (Numba's decode, torch's extend and RMSNorm)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -24,12 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-Wall")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-Wall", "-Wno-psabi")
 CACHE_ENV = "PDSERVE_KERNEL_CACHE"
+PROBE_SHAPE = (64, 1)  # (head dim, group) built by available()
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # decode_f32 / decode_bf16 (engine/kernels/csrc/cpu_decode.c)
 DECODE_ARGTYPES = [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _F, _P, _I, _P]
@@ -53,7 +56,7 @@ def compiler() -> tuple[str, str]:
 
 
 @functools.cache
-def _cpu_flags() -> str:
+def _cpu_identity() -> str:
     """What ``-march=native`` reads: the CPU's feature flags (a cached build is per CPU)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -61,20 +64,31 @@ def _cpu_flags() -> str:
                 return line
     except OSError:
         pass
-    return ""
+    return f"{platform.machine()} {platform.processor()} {platform.node()}"  # no /proc: per host
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pdserve" / "kernels")
 
 
+def _args(defines: dict[str, int]) -> list[str]:
+    return [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
+
+
+def library_path(source: str, defines: dict[str, int]) -> Path:
+    """Where the build of ``csrc/<source>`` with ``defines`` is cached (built or not)."""
+    _, version = compiler()
+    text = b"".join(p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.suffix in (".c", ".h"))
+    key = hashlib.sha1(b"\0".join([text, " ".join(_args(defines)).encode(), version.encode(),
+                                   _cpu_identity().encode()]))
+    return cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
+
+
 def build(source: str, defines: dict[str, int]) -> Path:
     """The shared library of ``csrc/<source>`` with ``defines``, built unless cached."""
     cc, version = compiler()
-    text = b"".join(p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.suffix in (".c", ".h"))
-    args = [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
-    key = hashlib.sha1(b"\0".join([text, " ".join(args).encode(), version.encode(), _cpu_flags().encode()]))
-    target = cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
+    args = _args(defines)
+    target = library_path(source, defines)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -123,13 +137,31 @@ def rms_norm_kernel() -> ctypes._CFuncPtr:
 
 @functools.cache
 def available() -> str | None:
-    """None when the C kernels can be built here, else why not (said once in the log)."""
+    """None when the C kernels build here, else why not (said once in the log): every source is
+    built once at a common shape (cached), so that a compiler that cannot build them (no libc
+    headers; clang, which lacks ``__builtin_shuffle``) means the fallbacks, not a failed start."""
     try:
-        compiler()
+        rms_norm_kernel()
+        decode_kernels(*PROBE_SHAPE)
+        extend_kernels(*PROBE_SHAPE)
     except NativeUnavailable as e:
-        logger.warning("CPU C kernels unavailable, Numba's instead: %s", e)
+        logger.warning("CPU C kernels unavailable, their fallbacks instead: %s", e)
         return str(e)
     return None
+
+
+def takes_pool(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the attention kernels read this pool: dense float32 or bf16 (others go to the
+    callers' fallbacks)."""
+    return (k_cache.dtype in (torch.float32, torch.bfloat16) and v_cache.dtype == k_cache.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+def int32_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int32 with contiguous rows, what the kernels index with (keep the result alive
+    while a kernel reads its ``data_ptr()``)."""
+    t = t.to(torch.int32)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def split_by_cost(costs: np.ndarray, parts: int) -> list[tuple[int, int]]:

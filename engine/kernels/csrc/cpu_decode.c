@@ -57,13 +57,61 @@ static inline void push_key(vf pending[], int i, vf x) {
     pending[level] = x;
 }
 
-#define PREFETCH 16 /* keys ahead */
+#define PREFETCH 8 /* keys ahead */
 #define prefetch_row(p)                                                                 \
     do {                                                                                \
         for (int c = 0; c < (int)sizeof(*(p)) * HEAD_DIM; c += 64) __builtin_prefetch((const char *)(p) + c); \
     } while (0)
 
 #define LEVELS (__builtin_ctz(VW) + 1)
+
+/* q·k of the query group against one K row, as a vector of partial sums per query (summed
+ * across lanes by push_key). float32: multiply-adds over the row's vectors. */
+static inline void q_f32(const float *qb, vf qv[GROUP][NV]) {
+    for (int g = 0; g < GROUP; g++)
+        for (int j = 0; j < NV; j++) qv[g][j] = load_f32(qb + g * HEAD_DIM + j * VW);
+}
+#define DOTS(NAME, T, LOAD)                                                   \
+    static inline void NAME(vf qv[GROUP][NV], const T *kr, vf out[GROUP]) {  \
+        vf kv[NV];                                                            \
+        for (int j = 0; j < NV; j++) kv[j] = LOAD(kr + j * VW);               \
+        for (int g = 0; g < GROUP; g++) {                                     \
+            vf s = qv[g][0] * kv[0];                                          \
+            for (int j = 1; j < NV; j++) s += qv[g][j] * kv[j];               \
+            out[g] = s;                                                       \
+        }                                                                     \
+    }
+DOTS(dots_f32, float, load_f32)
+
+#if defined(__AVX512BF16__) && VW == 16 && NV % 2 == 0
+/* bf16: AVX512-BF16 dot products, 32 elements of q (rounded back to bf16: exact, q is a bf16
+ * tensor) against 32 of the row per instruction, each pair's products summed into a float32
+ * lane: the products of bf16 inputs are exact in float32, as with the multiply-adds, in half the
+ * instructions and without widening the row. */
+#include <immintrin.h>
+#define QBF16_T __m512bh
+#define QBF16_W (NV / 2)
+static inline void q_bf16(const float *qb, __m512bh qh[GROUP][NV / 2]) {
+    for (int g = 0; g < GROUP; g++)
+        for (int j = 0; j < NV / 2; j++)
+            qh[g][j] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qb + g * HEAD_DIM + 32 * j + 16),
+                                           _mm512_loadu_ps(qb + g * HEAD_DIM + 32 * j));
+}
+static inline void dots_bf16(__m512bh qh[GROUP][NV / 2], const uint16_t *kr, vf out[GROUP]) {
+    __m512bh kh[NV / 2];
+    for (int j = 0; j < NV / 2; j++) kh[j] = (__m512bh)_mm512_loadu_si512(kr + 32 * j);
+    for (int g = 0; g < GROUP; g++) {
+        __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), qh[g][0], kh[0]);
+        for (int j = 1; j < NV / 2; j++) s = _mm512_dpbf16_ps(s, qh[g][j], kh[j]);
+        out[g] = (vf)s;
+    }
+}
+#else
+#define QBF16_T vf
+#define QBF16_W NV
+#define q_bf16 q_f32
+DOTS(dots_bf16, uint16_t, load_bf16)
+#endif
 
 /* The position of every key of a request in the pool, in rows of num_kv_heads * HEAD_DIM
  * elements: computed once per request (its KV heads and both passes share it). */
@@ -72,27 +120,24 @@ static void key_rows(const int32_t *pages, int64_t length, int64_t page_size, in
         for (int64_t o = 0; o < page_size && t < length; o++, t++) rows[t] = (int64_t)pages[p] * page_size + o;
 }
 
-#define DEFINE_DECODE(NAME, T, LOAD)                                                              \
+#define DEFINE_DECODE(NAME, T, LOAD, Q_T, Q_W, Q_PREP, DOTS_FN)                                  \
     static void NAME##_head(const float *qb, const T *k, const T *v, const int64_t *rows,         \
                             int64_t length, int64_t stride, int64_t score_stride, float scale, float *scores, float *ob) { \
-        vf qv[GROUP][NV], acc[GROUP][NV];                                                         \
+        Q_T qs[GROUP][Q_W];                                                                       \
+        vf acc[GROUP][NV];                                                                        \
         float sums[GROUP];                                                                        \
-        for (int g = 0; g < GROUP; g++)                                                           \
-            for (int j = 0; j < NV; j++) qv[g][j] = load_f32(qb + g * HEAD_DIM + j * VW) * scale; \
+        Q_PREP(qb, qs);                                                                           \
         for (int64_t t0 = 0; t0 < length; t0 += VW) { /* q·k, VW keys at a time */                \
             vf pending[GROUP][LEVELS];                                                            \
             for (int i = 0; i < VW; i++) {                                                        \
                 const T *kr = k + rows[t0 + i < length ? t0 + i : length - 1] * stride;           \
                 if (t0 + i + PREFETCH < length) prefetch_row(k + rows[t0 + i + PREFETCH] * stride);     \
-                vf kv[NV];                                                                        \
-                for (int j = 0; j < NV; j++) kv[j] = LOAD(kr + j * VW);                           \
-                for (int g = 0; g < GROUP; g++) {                                                 \
-                    vf s = qv[g][0] * kv[0];                                                      \
-                    for (int j = 1; j < NV; j++) s += qv[g][j] * kv[j];                           \
-                    push_key(pending[g], i, s);                                                   \
-                }                                                                                 \
+                vf dots[GROUP];                                                                   \
+                DOTS_FN(qs, kr, dots);                                                            \
+                for (int g = 0; g < GROUP; g++) push_key(pending[g], i, dots[g]);                 \
             }                                                                                     \
-            for (int g = 0; g < GROUP; g++) store_f32(pending[g][LEVELS - 1], scores + g * score_stride + t0); \
+            for (int g = 0; g < GROUP; g++)                                                       \
+                store_f32(pending[g][LEVELS - 1] * scale, scores + g * score_stride + t0);        \
         }                                                                                         \
         for (int g = 0; g < GROUP; g++) { /* softmax numerators and their sums */                 \
             float *s = scores + g * score_stride;                                                 \
@@ -141,5 +186,5 @@ static void key_rows(const int32_t *pages, int64_t length, int64_t page_size, in
         }                                                                                         \
     }
 
-DEFINE_DECODE(decode_f32, float, load_f32)
-DEFINE_DECODE(decode_bf16, uint16_t, load_bf16)
+DEFINE_DECODE(decode_f32, float, load_f32, vf, NV, q_f32, dots_f32)
+DEFINE_DECODE(decode_bf16, uint16_t, load_bf16, QBF16_T, QBF16_W, q_bf16, dots_bf16)

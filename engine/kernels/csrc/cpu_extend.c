@@ -35,19 +35,82 @@
 
 static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-#define DEFINE_EXTEND(NAME, T, WIDEN)                                                             \
-    /* K^T [HEAD_DIM][stride] and V [keys][HEAD_DIM], float32, of one request's KV head h */      \
-    static void NAME##_gather(const T *k, const T *v, const int32_t *pages, int64_t keys,         \
-                              int64_t page_size, int64_t row, int64_t stride, float *kt, float *vc) { \
-        for (int64_t t = 0; t < keys; t++) {                                                      \
-            const int64_t at = ((int64_t)pages[t / page_size] * page_size + t % page_size) * row;   \
-            for (int d = 0; d < HEAD_DIM; d++) {                                                  \
-                kt[d * stride + t] = WIDEN(k[at + d]);                                            \
-                vc[t * HEAD_DIM + d] = WIDEN(v[at + d]);                                          \
-            }                                                                                     \
-        }                                                                                         \
+static inline float widen_f32(float x) { return x; }
+static inline float widen_bf16(uint16_t x) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
+    return v.f;
+}
+
+/* K^T of one request's KV head for the float32 score tile: kt[d][t], float32 */
+#define DEFINE_KT_F32(NAME, T, WIDEN)                                                             \
+    static void NAME(const T *k, const int64_t *rows, int64_t keys, int64_t row, int64_t stride,  \
+                     void *out) {                                                                 \
+        float *kt = out;                                                                          \
+        for (int64_t t = 0; t < keys; t++)                                                        \
+            for (int d = 0; d < HEAD_DIM; d++) kt[d * stride + t] = WIDEN(k[rows[t] * row + d]);  \
         for (int d = 0; d < HEAD_DIM; d++) /* keys past the last: finite, masked later */        \
             for (int64_t t = keys; t < stride; t++) kt[d * stride + t] = 0.0f;                    \
+    }
+DEFINE_KT_F32(kt_f32, float, widen_f32)
+
+/* Scores of QT query vectors against KV * VW keys from t0: for each d, a vector of keys of K^T
+ * times each query's q[d] (broadcast), multiply-adds alone */
+static inline void score_tile_f32(const void *kt_, int64_t stride, const float *qn[QT], int64_t t0,
+                                  vf acc[QT][KV]) {
+    const float *kt = kt_;
+    for (int d = 0; d < HEAD_DIM; d++) {
+        vf kv[KV];
+        for (int j = 0; j < KV; j++) kv[j] = load_f32(kt + d * stride + t0 + j * VW);
+        for (int i = 0; i < QT; i++)
+            for (int j = 0; j < KV; j++) acc[i][j] += qn[i][d] * kv[j];
+    }
+}
+
+#if defined(__AVX512BF16__) && VW == 16 && HEAD_DIM % 2 == 0
+/* bf16 pools: K^T kept in bf16 as pairs of dims, kt[d / 2][t][d % 2], and scored by AVX512-BF16
+ * dot products (each pair's exact products summed into the key's float32 lane): half the
+ * instructions of the multiply-adds, and no widening. q is a bf16 tensor passed as float32,
+ * so taking its high halves is exact. */
+#include <immintrin.h>
+static void kt_bf16_pairs(const uint16_t *k, const int64_t *rows, int64_t keys, int64_t row,
+                          int64_t stride, void *out) {
+    uint16_t *kt = out;
+    for (int64_t t = 0; t < keys; t++)
+        for (int d = 0; d < HEAD_DIM; d++) kt[(d / 2 * stride + t) * 2 + d % 2] = k[rows[t] * row + d];
+    for (int d = 0; d < HEAD_DIM; d++)
+        for (int64_t t = keys; t < stride; t++) kt[(d / 2 * stride + t) * 2 + d % 2] = 0;
+}
+static inline void score_tile_pairs(const void *kt_, int64_t stride, const float *qn[QT], int64_t t0,
+                                    vf acc[QT][KV]) {
+    const uint16_t *kt = kt_;
+    for (int d = 0; d < HEAD_DIM; d += 2) {
+        __m512bh kv[KV];
+        for (int j = 0; j < KV; j++) kv[j] = (__m512bh)_mm512_loadu_si512(kt + (d / 2 * stride + t0 + j * VW) * 2);
+        for (int i = 0; i < QT; i++) {
+            uint32_t lo, hi;
+            memcpy(&lo, qn[i] + d, 4);
+            memcpy(&hi, qn[i] + d + 1, 4);
+            const __m512bh qq = (__m512bh)_mm512_set1_epi32((int)((lo >> 16) | (hi & 0xFFFF0000u)));
+            for (int j = 0; j < KV; j++) acc[i][j] = (vf)_mm512_dpbf16_ps((__m512)acc[i][j], qq, kv[j]);
+        }
+    }
+}
+#define KT_BF16 kt_bf16_pairs
+#define SCORE_TILE_BF16 score_tile_pairs
+#else
+DEFINE_KT_F32(kt_bf16_wide, uint16_t, widen_bf16)
+#define KT_BF16 kt_bf16_wide
+#define SCORE_TILE_BF16 score_tile_f32
+#endif
+
+#define DEFINE_EXTEND(NAME, T, WIDEN, GATHER_KT, SCORE_TILE)                                                             \
+    /* V [keys][HEAD_DIM], float32, of one request's KV head; its key rows in the pool */        \
+    static void NAME##_gather_v(const T *v, const int32_t *pages, int64_t keys, int64_t page_size,   \
+                                int64_t row, int64_t *rows, float *vc) {                           \
+        for (int64_t t = 0; t < keys; t++) {                                                      \
+            rows[t] = (int64_t)pages[t / page_size] * page_size + t % page_size;                 \
+            for (int d = 0; d < HEAD_DIM; d++) vc[t * HEAD_DIM + d] = WIDEN(v[rows[t] * row + d]); \
+        }                                                                                         \
     }                                                                                             \
                                                                                                   \
     void NAME(const float *q, const T *k, const T *v, const int32_t *table, int64_t table_stride,  \
@@ -56,13 +119,14 @@ static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to
               float *scratch, int64_t key_stride, float *out) {                                   \
         const int64_t num_heads = num_kv_heads * GROUP, row = num_kv_heads * HEAD_DIM;            \
         float *kt = scratch, *vc = kt + HEAD_DIM * key_stride, *scores = vc + HEAD_DIM * key_stride; \
+        int64_t *key_rows = (int64_t *)(scores + QT * key_stride); /* each key's row in the pool */ \
         for (int64_t item = item_begin; item < item_end; item++) {                                \
             const int64_t r = item / num_kv_heads, h = item % num_kv_heads;                       \
             const int64_t lo = qo_indptr[r], rows = qo_indptr[r + 1] - lo, prefix = prefix_lens[r]; \
             if (rows == 0) continue;                                                              \
             const int64_t keys = prefix + rows, stride = round_up(keys, VW * KV);                 \
-            NAME##_gather(k + h * HEAD_DIM, v + h * HEAD_DIM, table + r * table_stride, keys,     \
-                          page_size, row, stride, kt, vc);                                        \
+            NAME##_gather_v(v + h * HEAD_DIM, table + r * table_stride, keys, page_size, row, key_rows, vc); \
+            GATHER_KT(k + h * HEAD_DIM, key_rows, keys, row, stride, kt);                         \
             for (int64_t n0 = 0; n0 < rows * GROUP; n0 += QT) {                                   \
                 const int64_t tile = rows * GROUP - n0 < QT ? rows * GROUP - n0 : QT;            \
                 const float *qn[QT];                                                              \
@@ -77,12 +141,7 @@ static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to
                 const int64_t span = round_up(limit[QT - 1], VW * KV);                           \
                 for (int64_t t0 = 0; t0 < span; t0 += VW * KV) { /* 1. scores */                  \
                     vf acc[QT][KV] = {};                                                          \
-                    for (int d = 0; d < HEAD_DIM; d++) {                                          \
-                        vf kv[KV];                                                                \
-                        for (int j = 0; j < KV; j++) kv[j] = load_f32(kt + d * stride + t0 + j * VW); \
-                        for (int i = 0; i < QT; i++)                                              \
-                            for (int j = 0; j < KV; j++) acc[i][j] += qn[i][d] * kv[j];           \
-                    }                                                                             \
+                    SCORE_TILE(kt, stride, qn, t0, acc);                                          \
                     for (int i = 0; i < QT; i++)                                                  \
                         for (int j = 0; j < KV; j++)                                              \
                             store_f32(acc[i][j] * scale, scores + i * key_stride + t0 + j * VW);  \
@@ -116,11 +175,5 @@ static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to
         }                                                                                         \
     }
 
-static inline float widen_f32(float x) { return x; }
-static inline float widen_bf16(uint16_t x) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
-    return v.f;
-}
-
-DEFINE_EXTEND(extend_f32, float, widen_f32)
-DEFINE_EXTEND(extend_bf16, uint16_t, widen_bf16)
+DEFINE_EXTEND(extend_f32, float, widen_f32, kt_f32, score_tile_f32)
+DEFINE_EXTEND(extend_bf16, uint16_t, widen_bf16, KT_BF16, SCORE_TILE_BF16)

@@ -14,7 +14,7 @@ typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 typedef uint16_t vh_u __attribute__((vector_size(VW * 2), aligned(2)));
 
 static inline vf splat(float x) { return (vf){} + x; }
-static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+static inline vf blend(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 static inline vf load_f32(const float *p) { return *(const vf_u *)p; }
 static inline void store_f32(vf x, float *p) { *(vf_u *)p = x; }
 
@@ -23,7 +23,7 @@ static inline float max_of(const float *s, int64_t n) {
     vf m = splat(-INFINITY);
     for (int64_t t = 0; t < n; t += VW) {
         vf x = load_f32(s + t);
-        m = select(x > m, x, m);
+        m = blend(x > m, x, m);
     }
     float out = m[0];
     for (int i = 1; i < VW; i++) out = m[i] > out ? m[i] : out;
@@ -47,7 +47,7 @@ static inline void store_bf16(vf x, uint16_t *p) { *(vh_u *)p = __builtin_conver
  * r = x - n ln2 in [-ln2/2, ln2/2] and p Cephes' polynomial; relative error < 2e-7. */
 static inline vf vexp(vf x) {
     const vi under = x < splat(-87.3f), over = x > splat(88.7f);
-    x = select(under, splat(-87.0f), select(over, splat(88.0f), x));
+    x = blend(under, splat(-87.0f), blend(over, splat(88.0f), x));
     vf y = x * 1.44269504088896341f + 0.5f;
     vi n = __builtin_convertvector(y, vi);
     n += __builtin_convertvector(n, vf) > y; /* floor: a true comparison is -1 */
@@ -61,7 +61,7 @@ static inline vf vexp(vf x) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     vf e = p * (vf)((n + 127) << 23);
-    return select(under, splat(0.0f), select(over, splat(INFINITY), e));
+    return blend(under, splat(0.0f), blend(over, splat(INFINITY), e));
 }
 
 #endif

@@ -114,10 +114,10 @@ def test_decode_attention_row_of_length_zero_gives_zeros(decode_attention_cpu) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("head_dim", "num_heads", "num_kv_heads"), [(8, 4, 4), (12, 7, 1), (80, 6, 2), (128, 8, 2)]
+    ("head_dim", "num_heads", "num_kv_heads"), [(6, 2, 1), (8, 4, 4), (12, 7, 1), (80, 6, 2), (128, 8, 2)]
 )
 def test_native_decode_attention_of_other_head_dims(dtype, head_dim, num_heads, num_kv_heads) -> None:
-    """The C kernel is built per head dim and group: vectors of 16, 8 and 4 lanes, and MQA."""
+    """The C kernel is built per head dim and group: vectors of 16, 8, 4 and 1 lanes, and MQA."""
     if (why := cpu_native.available()) is not None:
         pytest.skip(f"the C kernels cannot be built here: {why}")
     gen = torch.Generator().manual_seed(head_dim)
@@ -167,11 +167,13 @@ def test_extend_attention_matches_reference(dtype, page_size, num_heads, num_kv_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize(
-    ("head_dim", "num_heads", "num_kv_heads"), [(64, 9, 3), (64, 4, 4), (8, 4, 4), (12, 7, 1), (128, 8, 2)]
+    ("head_dim", "num_heads", "num_kv_heads"),
+    [(64, 9, 3), (64, 4, 4), (8, 4, 4), (12, 7, 1), (6, 2, 1), (128, 8, 2)],
 )
 def test_native_extend_attention_matches_reference(dtype, page_size, head_dim, num_heads, num_kv_heads):
     """The C kernel (tiles of query vectors that span rows; keys in whole tiles, the causal
-    tail masked; head dims of 16-, 8- and 4-lane vectors; MQA), on one thread and split over two."""
+    tail masked; head dims of 16-, 8-, 4- and 1-lane vectors; MQA), on one thread and split over
+    two; q as the strided view of a fused QKV projection, as the model passes it."""
     if (why := cpu_native.available()) is not None:
         pytest.skip(f"the C kernels cannot be built here: {why}")
     gen = torch.Generator().manual_seed(page_size + head_dim + num_heads)
@@ -180,13 +182,41 @@ def test_native_extend_attention_matches_reference(dtype, page_size, head_dim, n
     shape = (num_pages, page_size, num_kv_heads, head_dim)
     k_cache, v_cache = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
     indptr = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(sum(new), num_heads, head_dim, generator=gen).to(dtype)
+    qkv = torch.randn(sum(new), num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
+    q = qkv[:, :num_heads]
     args = (q, k_cache, v_cache, table, indptr, torch.tensor(prefixes, dtype=torch.int32), head_dim**-0.5)
     kept = [t.clone() for t in args[:3]]
     ours = cpu.extend_attention_native(*args)
     _check(ours, extend_attention_ref(*args), dtype)
     assert all(torch.equal(a, b) for a, b in zip(args[:3], kept, strict=True))  # inputs untouched
     assert torch.equal(cpu.extend_attention_native(*args, threads=2), ours)
+
+
+def test_native_kernels_take_int64_and_strided_indices() -> None:
+    """Page tables and lengths as int64 or as strided views (the references take both) read the
+    same as int32 rows: converted, and kept alive while the kernel reads them."""
+    if (why := cpu_native.available()) is not None:
+        pytest.skip(f"the C kernels cannot be built here: {why}")
+    gen = torch.Generator().manual_seed(11)
+    lengths = [9, 40, 1, 23]
+    table, num_pages = _page_table(gen, lengths, 4)
+    k_cache, v_cache = _pool(gen, num_pages, 4, 3, torch.float32)
+    q = torch.randn(len(lengths), 9, HEAD_DIM, generator=gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    want = decode_attention_native(q, k_cache, v_cache, table, seq_lens, 0.125)
+    strided_lens = torch.stack([seq_lens, seq_lens * 0]).t()[:, 0]
+    strided_table = table.t().contiguous().t()  # rows not contiguous
+    for t, lens in ((table.long(), seq_lens.long()), (strided_table, strided_lens)):
+        assert torch.equal(decode_attention_native(q, k_cache, v_cache, t, lens, 0.125), want)
+    indptr, prefixes = torch.tensor([0, 5, 10, 13]), torch.tensor([0, 4, 30])
+    qs = torch.randn(13, 9, HEAD_DIM, generator=gen)
+    pool = (k_cache, v_cache)
+    want = cpu.extend_attention_native(qs, *pool, table[:3], indptr.int(), prefixes.int(), 0.125)
+    _check(want, extend_attention_ref(qs, *pool, table[:3], indptr, prefixes, 0.125), torch.float32)
+    ours = cpu.extend_attention_native(qs, *pool, strided_table[:3].long(), indptr, prefixes, 0.125)
+    assert torch.equal(ours, want)
+    empty = cpu.extend_attention_native(qs[:0], k_cache, v_cache, table[:0], indptr[:1], prefixes[:0], 0.125)
+    assert empty.shape == (0, 9, HEAD_DIM)
 
 
 def test_native_extend_attention_leaves_other_pools_to_torch() -> None:
