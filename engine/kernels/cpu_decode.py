@@ -5,10 +5,11 @@ Two implementations of one contract (``decode_attention_ref``'s), chosen once at
 (``choose``):
 
 - **The C kernel** (``decode_attention_native``: ``csrc/cpu_decode.c``, built by ``cpu_native``
-  for the model's head dim and query group where a C compiler is found): per request and KV
-  head, the group's q·k scores VW keys at a time (the horizontal sums by a tree of shuffles),
-  their exponentials (a vector polynomial), then the probabilities times V; the next rows
-  prefetched. With ``threads`` > 1 the rows are split by length over a thread pool.
+  for the model's head dim and query group where a C compiler builds it): per request and KV
+  head, the group's q·k scores VW keys at a time (the horizontal sums by a tree of shuffles; bf16
+  by AVX512-BF16 dot products where the CPU has them), their exponentials (a vector polynomial),
+  then the probabilities times V; the next rows prefetched. With ``threads`` > 1 the rows are
+  split by length over a thread pool.
 - **Numba's** (``decode_attention_numba``, without a compiler): three passes per step and layer:
   ``_scores`` (q·k for every head and position of every request, into a [B, Hq, max_len]
   float32 buffer, -inf past each row's length), torch's softmax over it, and
@@ -17,9 +18,9 @@ Two implementations of one contract (``decode_attention_ref``'s), chosen once at
   ``cpu_numba.widen``. With ``threads`` > 1 the per-request loop runs on Numba's threads.
 
 Measured on the 2-core EPYC, one thread, SmolLM2's 9 / 3 heads, 64 requests of 64–512 tokens
-(``python -m bench.cpu_attention``, bench/results/cpu_attention-2026-12-06.json): the C kernel
-2.3 CPU-ms per layer in float32 and 1.3 in bf16, Numba's 4.7 and 3.1, the bucketed
-gather-and-bmm kernel before them 8.8 and 10.0.
+(``python -m bench.cpu_attention``, bench/results/cpu_attention-2026-12-05-bf16dot.json): the C
+kernel 1.6 CPU-ms per layer in bf16 and 2.6 in float32, Numba's 3.9 and 4.9, the bucketed
+gather-and-bmm kernel before them 9.8 and 8.6.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """C kernels for the CPU backend (``engine/kernels/csrc/``), compiled on first use by the system's
 C compiler for this CPU (``-march=native``) and loaded with ``ctypes``: what Numba cannot express
-(a shuffle tree, software prefetch) in GCC's portable vector extensions, with no Python or torch
-headers involved, so a build takes about a second. Each kernel is built per model shape (head dim,
-query heads per KV head: constants to the compiler) and cached on disk under a name that hashes
-the sources (``csrc/*.c``, ``*.h``), the flags, the compiler and the CPU (``$PDSERVE_KERNEL_CACHE``, else
-``~/.cache/pdserve/kernels``); concurrent builders race harmlessly (each renames its own file into
-place). ``$CC`` names the compiler (else ``cc``); without one that builds them, ``available()``
-says why and the callers keep their fallbacks (Numba's decode, torch's extend and RMSNorm)."""
+(a shuffle tree, software prefetch, AVX512-BF16 dot products) in GCC's portable vector extensions,
+with no Python or torch headers involved, so a build takes about a second. Each kernel is built
+per model shape (head dim, query heads per KV head: constants to the compiler) and cached on disk
+under a name that hashes the sources (``csrc/*.c``, ``*.h``), the flags, the compiler and the CPU
+(``$PDSERVE_KERNEL_CACHE``, else ``~/.cache/pdserve/kernels``); concurrent builders race
+harmlessly (each renames its own file into place). ``$CC`` names the compiler (else ``cc``),
+``$PDSERVE_CPU_MARCH`` the target (else ``native``; e.g. ``x86-64-v3`` for code without AVX-512).
+Without a compiler that builds them, ``available()`` says why and the callers keep their
+fallbacks (Numba's decode, torch's extend and RMSNorm)."""
 
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-Wall", "-Wno-psabi")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fno-math-errno", "-Wall", "-Wno-psabi")
 CACHE_ENV = "PDSERVE_KERNEL_CACHE"
+MARCH_ENV = "PDSERVE_CPU_MARCH"  # the -march= of the builds: native unless set (x86-64-v3, ...)
 PROBE_SHAPE = (64, 1)  # (head dim, group) built by available()
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # decode_f32 / decode_bf16 (engine/kernels/csrc/cpu_decode.c)
@@ -72,7 +75,8 @@ def cache_dir() -> Path:
 
 
 def _args(defines: dict[str, int]) -> list[str]:
-    return [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
+    march = os.environ.get(MARCH_ENV) or "native"
+    return [*FLAGS, f"-march={march}", *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
 
 
 def library_path(source: str, defines: dict[str, int]) -> Path:

@@ -5,10 +5,11 @@
  * rows of q, the accumulators and the loops over them live in registers. Written in GCC's
  * portable vector extensions, built with -march=native: the same source gives AVX-512, AVX2 or
  * NEON code. Per request and KV head, three passes over the request's pages in place:
- *   1. the group's q·k scores, into a scratch row per query: a K row is loaded (a bf16 one
- *      widened by a shift) once for the group; each dot product is left as a vector of partial
- *      sums, and VW keys' vectors are summed into one vector of VW scores by a tree of shuffles
- *      (push_key), not one horizontal sum per key;
+ *   1. the group's q·k scores, into a scratch row per query: a K row is loaded once for the
+ *      group (a bf16 one widened by a shift, or taken as it is by AVX512-BF16 dot products);
+ *      each dot product is left as a vector of partial sums, and VW keys' vectors are summed
+ *      into one vector of VW scores by a tree of shuffles (push_key), not one horizontal sum
+ *      per key;
  *   2. the exponentials (vexp, a polynomial) and their sums, VW scores at a time;
  *   3. the probabilities times V, the group's accumulators in registers, divided at the end.
  * The rows PREFETCH keys ahead are prefetched: a request's keys are scattered over its pages.
@@ -19,18 +20,8 @@
 #error "compile with -DHEAD_DIM= and -DGROUP= (query heads per KV head)"
 #endif
 
-#if HEAD_DIM % 16 == 0
-#define VW 16
-#elif HEAD_DIM % 8 == 0
-#define VW 8
-#elif HEAD_DIM % 4 == 0
-#define VW 4
-#else
-#define VW 1
-#endif
-#define NV (HEAD_DIM / VW) /* vectors per row */
-
 #include "vec.h"
+#define NV (HEAD_DIM / VW) /* vectors per row */
 
 #if VW > 1
 /* Lanes summed pairwise across two vectors: the even lanes of (a, b) plus their odd lanes. After

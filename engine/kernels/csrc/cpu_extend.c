@@ -2,7 +2,8 @@
  * head dim and query group; engine/kernels/cpu.py calls it).
  *
  * A work item is one request and KV head: its keys (cached prefix and new rows) are gathered
- * from the pages once, K transposed to [HEAD_DIM, keys] and V as [keys, HEAD_DIM], both float32.
+ * from the pages once, K transposed to [HEAD_DIM, keys] (float32; a bf16 pool's as bf16 pairs of
+ * dims for AVX512-BF16 dot products where the CPU has them) and V as [keys, HEAD_DIM] float32.
  * Then QT query vectors at a time (the rows x group of the KV head, in order):
  *   1. scores: for each d, a vector of VW keys of K^T times each query's q[d] (broadcast): pure
  *      multiply-adds into QT x KV accumulators, no horizontal sum; only the keys up to the
@@ -18,20 +19,10 @@
 #error "compile with -DHEAD_DIM= and -DGROUP= (query heads per KV head)"
 #endif
 
-#if HEAD_DIM % 16 == 0
-#define VW 16
-#elif HEAD_DIM % 8 == 0
-#define VW 8
-#elif HEAD_DIM % 4 == 0
-#define VW 4
-#else
-#define VW 1
-#endif
-#define NV (HEAD_DIM / VW) /* vectors per row of V */
-#define KV 4               /* key vectors per score tile */
-#define QT (NV <= 4 ? 4 : 2) /* query vectors per tile: QT x NV accumulators in registers */
-
 #include "vec.h"
+#define NV (HEAD_DIM / VW)   /* vectors per row of V */
+#define KV 4                 /* key vectors per score tile */
+#define QT (NV <= 4 ? 4 : 2) /* query vectors per tile: QT x NV accumulators in registers */
 
 static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 

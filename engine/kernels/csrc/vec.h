@@ -1,8 +1,21 @@
-/* What the CPU kernels share: VW-lane float vectors in GCC's portable vector extensions (define
- * VW before including), bf16 held as its uint16 bits and widened / rounded in registers, and a
- * vector exponential. Built with -march=native: AVX-512, AVX2 or NEON code from one source. */
+/* What the CPU kernels share: VW-lane float vectors in GCC's portable vector extensions, bf16
+ * held as its uint16 bits and widened / rounded in registers, and a vector exponential. Built
+ * with -march=native: AVX-512, AVX2 or NEON code from one source. VW is the kernel's (defined
+ * before including), else the widest of 16, 8, 4 and 1 lanes that divides HEAD_DIM. */
 #ifndef PDSERVE_VEC_H
 #define PDSERVE_VEC_H
+
+#ifndef VW
+#if HEAD_DIM % 16 == 0
+#define VW 16
+#elif HEAD_DIM % 8 == 0
+#define VW 8
+#elif HEAD_DIM % 4 == 0
+#define VW 4
+#else
+#define VW 1
+#endif
+#endif
 
 #include <math.h>
 #include <stdint.h>

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.kernels import cpu, cpu_decode, cpu_native
+from engine.kernels.reference import decode_attention_ref, extend_attention_ref
 from engine.layers.backend import make_kernel_backend
 
 
@@ -95,3 +96,30 @@ def test_with_a_compiler_the_c_kernels_serve(fresh) -> None:
     assert all(p.exists() for p in extend) and not any(p.exists() for p in decode)
     cpu.warm_up(torch.bfloat16, shapes, True, threads=1)
     assert all(p.exists() for p in decode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_built_for_another_target_match_the_references(fresh, monkeypatch, dtype) -> None:
+    """$PDSERVE_CPU_MARCH: AVX2 code (no AVX-512: 16-lane vectors split in two; bf16 widened and
+    multiply-added, not AVX512-BF16 dot products) gives the references' results too."""
+    _need_compiler()
+    if "avx2" not in cpu_native._cpu_identity():
+        pytest.skip("the CPU cannot run x86-64-v3 code")
+    monkeypatch.setenv(cpu_native.MARCH_ENV, "x86-64-v3")
+    assert cpu_native.available() is None
+    assert "-march=x86-64-v3" in cpu_native._args({})
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randperm(40, generator=gen)[:36].int().view(3, 12) + 1
+    k_cache, v_cache = (torch.randn(41, 4, 3, 64, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(3, 9, 64, generator=gen).to(dtype)
+    lens = torch.tensor([5, 40, 17], dtype=torch.int32)
+    args = (q, k_cache, v_cache, table, lens, 0.125)
+    close = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(cpu_decode.decode_attention_native(*args).float(),
+                               decode_attention_ref(*args).float(), **close)
+    indptr = torch.tensor([0, 3, 30, 31], dtype=torch.int32)
+    prefixes = torch.tensor([2, 10, 16], dtype=torch.int32)
+    qs = torch.randn(31, 9, 64, generator=gen).to(dtype)
+    args = (qs, k_cache, v_cache, table, indptr, prefixes, 0.125)
+    torch.testing.assert_close(cpu.extend_attention_native(*args).float(),
+                               extend_attention_ref(*args).float(), **close)
