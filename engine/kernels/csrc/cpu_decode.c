@@ -130,18 +130,8 @@ static void key_rows(const int32_t *pages, int64_t length, int64_t page_size, in
             for (int g = 0; g < GROUP; g++)                                                       \
                 store_f32(pending[g][LEVELS - 1] * scale, scores + g * score_stride + t0);        \
         }                                                                                         \
-        for (int g = 0; g < GROUP; g++) { /* softmax numerators and their sums */                 \
-            float *s = scores + g * score_stride;                                                 \
-            for (int64_t t = length; t % VW; t++) s[t] = -INFINITY;                               \
-            const float m = max_of(s, (length + VW - 1) / VW * VW);                               \
-            vf total = {};                                                                        \
-            for (int64_t t = 0; t < length; t += VW) {                                            \
-                vf e = vexp(load_f32(s + t) - m);                                                 \
-                store_f32(e, s + t);                                                             \
-                total += e;                                                                       \
-            }                                                                                     \
-            sums[g] = 0.0f;                                                                       \
-            for (int i = 0; i < VW; i++) sums[g] += total[i];                                     \
+        for (int g = 0; g < GROUP; g++) {                                                         \
+            sums[g] = softmax_numerators(scores + g * score_stride, length, (length + VW - 1) / VW * VW); \
             for (int j = 0; j < NV; j++) acc[g][j] = splat(0.0f);                                 \
         }                                                                                         \
         for (int64_t t = 0; t < length; t++) { /* probabilities times V */                        \

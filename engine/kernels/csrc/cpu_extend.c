@@ -138,19 +138,8 @@ DEFINE_KT_F32(kt_bf16_wide, uint16_t, widen_bf16)
                             store_f32(acc[i][j] * scale, scores + i * key_stride + t0 + j * VW);  \
                 }                                                                                 \
                 float sums[QT];                                                                   \
-                for (int i = 0; i < QT; i++) { /* 2. softmax numerators */                        \
-                    float *s = scores + i * key_stride;                                           \
-                    for (int64_t t = limit[i]; t < span; t++) s[t] = -INFINITY;                   \
-                    const float m = max_of(s, span);                                              \
-                    vf total = {};                                                                \
-                    for (int64_t t = 0; t < span; t += VW) {                                      \
-                        vf e = vexp(load_f32(s + t) - m);                                         \
-                        store_f32(e, s + t);                                                      \
-                        total += e;                                                               \
-                    }                                                                             \
-                    sums[i] = 0.0f;                                                               \
-                    for (int l = 0; l < VW; l++) sums[i] += total[l];                             \
-                }                                                                                 \
+                for (int i = 0; i < QT; i++) /* 2. softmax numerators */                          \
+                    sums[i] = softmax_numerators(scores + i * key_stride, limit[i], span);        \
                 vf acc[QT][NV] = {};                                                              \
                 for (int64_t t = 0; t < limit[QT - 1]; t++) { /* 3. probabilities times V */      \
                     vf vv[NV];                                                                    \

@@ -77,4 +77,20 @@ static inline vf vexp(vf x) {
     return blend(under, splat(0.0f), blend(over, splat(INFINITY), e));
 }
 
+/* A row of scores, valid up to length and padded to width (a multiple of VW): the padding
+ * masked, each score replaced by e^(score - the row's max); returns their sum. */
+static inline float softmax_numerators(float *s, int64_t length, int64_t width) {
+    for (int64_t t = length; t < width; t++) s[t] = -INFINITY;
+    const float m = max_of(s, width);
+    vf total = {};
+    for (int64_t t = 0; t < width; t += VW) {
+        vf e = vexp(load_f32(s + t) - m);
+        store_f32(e, s + t);
+        total += e;
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < VW; i++) sum += total[i];
+    return sum;
+}
+
 #endif
