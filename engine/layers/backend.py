@@ -73,8 +73,7 @@ def make_kernel_backend(name: str, device: torch.device) -> KernelBackend:
 
         threads = torch.get_num_threads()  # the worker set it at start-up (engine.cpu_env)
         rms_norm, extend = cpu.rms_norm_cpu, cpu.extend_attention_cpu
-        if cpu_native.available() is None:
-            cpu_native.rms_norm_kernel()  # built (or loaded) now, not in the first step
+        if cpu_native.available() is None:  # which built (or loaded) the RMSNorm kernel
             rms_norm, extend = cpu.rms_norm_native, partial(cpu.extend_attention_native, threads=threads)
 
         return KernelBackend(

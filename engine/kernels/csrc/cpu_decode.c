@@ -104,13 +104,6 @@ static inline void dots_bf16(__m512bh qh[GROUP][NV / 2], const uint16_t *kr, vf 
 DOTS(dots_bf16, uint16_t, load_bf16)
 #endif
 
-/* The position of every key of a request in the pool, in rows of num_kv_heads * HEAD_DIM
- * elements: computed once per request (its KV heads and both passes share it). */
-static void key_rows(const int32_t *pages, int64_t length, int64_t page_size, int64_t *rows) {
-    for (int64_t t = 0, p = 0; t < length; p++)
-        for (int64_t o = 0; o < page_size && t < length; o++, t++) rows[t] = (int64_t)pages[p] * page_size + o;
-}
-
 #define DEFINE_DECODE(NAME, T, LOAD, Q_T, Q_W, Q_PREP, DOTS_FN)                                  \
     static void NAME##_head(const float *qb, const T *k, const T *v, const int64_t *rows,         \
                             int64_t length, int64_t stride, int64_t score_stride, float scale, float *scores, float *ob) { \

@@ -95,13 +95,10 @@ DEFINE_KT_F32(kt_bf16_wide, uint16_t, widen_bf16)
 #endif
 
 #define DEFINE_EXTEND(NAME, T, WIDEN, GATHER_KT, SCORE_TILE)                                                             \
-    /* V [keys][HEAD_DIM], float32, of one request's KV head; its key rows in the pool */        \
-    static void NAME##_gather_v(const T *v, const int32_t *pages, int64_t keys, int64_t page_size,   \
-                                int64_t row, int64_t *rows, float *vc) {                           \
-        for (int64_t t = 0; t < keys; t++) {                                                      \
-            rows[t] = (int64_t)pages[t / page_size] * page_size + t % page_size;                 \
+    /* V [keys][HEAD_DIM], float32, of one request's KV head */                               \
+    static void NAME##_gather_v(const T *v, const int64_t *rows, int64_t keys, int64_t row, float *vc) { \
+        for (int64_t t = 0; t < keys; t++)                                                        \
             for (int d = 0; d < HEAD_DIM; d++) vc[t * HEAD_DIM + d] = WIDEN(v[rows[t] * row + d]); \
-        }                                                                                         \
     }                                                                                             \
                                                                                                   \
     void NAME(const float *q, const T *k, const T *v, const int32_t *table, int64_t table_stride,  \
@@ -110,14 +107,15 @@ DEFINE_KT_F32(kt_bf16_wide, uint16_t, widen_bf16)
               float *scratch, int64_t key_stride, float *out) {                                   \
         const int64_t num_heads = num_kv_heads * GROUP, row = num_kv_heads * HEAD_DIM;            \
         float *kt = scratch, *vc = kt + HEAD_DIM * key_stride, *scores = vc + HEAD_DIM * key_stride; \
-        int64_t *key_rows = (int64_t *)(scores + QT * key_stride); /* each key's row in the pool */ \
+        int64_t *rows_of_keys = (int64_t *)(scores + QT * key_stride);                            \
         for (int64_t item = item_begin; item < item_end; item++) {                                \
             const int64_t r = item / num_kv_heads, h = item % num_kv_heads;                       \
             const int64_t lo = qo_indptr[r], rows = qo_indptr[r + 1] - lo, prefix = prefix_lens[r]; \
             if (rows == 0) continue;                                                              \
             const int64_t keys = prefix + rows, stride = round_up(keys, VW * KV);                 \
-            NAME##_gather_v(v + h * HEAD_DIM, table + r * table_stride, keys, page_size, row, key_rows, vc); \
-            GATHER_KT(k + h * HEAD_DIM, key_rows, keys, row, stride, kt);                         \
+            key_rows(table + r * table_stride, keys, page_size, rows_of_keys);                   \
+            NAME##_gather_v(v + h * HEAD_DIM, rows_of_keys, keys, row, vc);                       \
+            GATHER_KT(k + h * HEAD_DIM, rows_of_keys, keys, row, stride, kt);                     \
             for (int64_t n0 = 0; n0 < rows * GROUP; n0 += QT) {                                   \
                 const int64_t tile = rows * GROUP - n0 < QT ? rows * GROUP - n0 : QT;            \
                 const float *qn[QT];                                                              \

@@ -1,5 +1,6 @@
 /* What the CPU kernels share: VW-lane float vectors in GCC's portable vector extensions, bf16
- * held as its uint16 bits and widened / rounded in registers, and a vector exponential. Built
+ * held as its uint16 bits and widened / rounded in registers, a vector exponential, a row's
+ * softmax numerators, and the pool rows of a request's keys. Built
  * with -march=native: AVX-512, AVX2 or NEON code from one source. VW is the kernel's (defined
  * before including), else the widest of 16, 8, 4 and 1 lanes that divides HEAD_DIM. */
 #ifndef PDSERVE_VEC_H
@@ -91,6 +92,13 @@ static inline float softmax_numerators(float *s, int64_t length, int64_t width) 
     float sum = 0.0f;
     for (int i = 0; i < VW; i++) sum += total[i];
     return sum;
+}
+
+/* The position of each of a request's first `length` keys in the pool, in rows (of the pool's
+ * KV heads x head dim elements), from its page ids: no division per key. */
+static inline void key_rows(const int32_t *pages, int64_t length, int64_t page_size, int64_t *rows) {
+    for (int64_t t = 0, p = 0; t < length; p++)
+        for (int64_t o = 0; o < page_size && t < length; o++, t++) rows[t] = (int64_t)pages[p] * page_size + o;
 }
 
 #endif
