@@ -233,21 +233,23 @@ def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def _native_rows(*tensors: torch.Tensor | None) -> bool:
-    """bf16 [rows, n] tensors with contiguous rows: what the C kernel takes."""
-    return all(t is None or (t.dtype == torch.bfloat16 and t.dim() == 2 and t.stride(1) == 1)
-               for t in tensors)
+    """float32 or bf16 [rows, n] tensors of one dtype with contiguous rows: what the C kernels
+    take."""
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.bfloat16) and all(
+        t is None or (t.dtype == dtype and t.dim() == 2 and t.stride(1) == 1) for t in tensors)
 
 
 def rms_norm_native(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``rms_norm_cpu``'s contract; bf16 rows in one pass of the C kernel
+    """``rms_norm_cpu``'s contract; float32 or bf16 rows in one pass of the C kernel
     (``csrc/cpu_elementwise.c``), the add and each rounding where the reference has them
-    (``python -m bench.cpu_norm``: 1.3× torch's ops at 512 rows of SmolLM2, 1.6× at 64, 2.6× at
-    one)."""
+    (``python -m bench.cpu_norm``, SmolLM2's 576: float32 1.65× torch's ops at 1, 64 and 512
+    rows; bf16 1.3× at 512 rows, 1.5× at 64, 2.3× at one)."""
     if not _native_rows(x, weight[None], residual):
         return rms_norm_cpu(x, weight, eps, residual)
-    rms_norm = cpu_native.rms_norm_kernel()
+    rms_norm = cpu_native.rms_norm_kernels()[x.dtype]
     rows, hidden = x.shape
     out = torch.empty(rows, hidden, dtype=x.dtype)
     summed = torch.empty_like(out) if residual is not None else None
@@ -255,7 +257,6 @@ def rms_norm_native(
              0 if residual is None else residual.stride(0), weight.data_ptr(), eps, rows, hidden,
              out.data_ptr(), 0 if summed is None else summed.data_ptr())
     return out, summed
-
 
 
 def warm_up(

@@ -5,11 +5,12 @@ Two implementations of one contract (``decode_attention_ref``'s), chosen once at
 (``choose``):
 
 - **The C kernel** (``decode_attention_native``: ``csrc/cpu_decode.c``, built by ``cpu_native``
-  for the model's head dim and query group where a C compiler builds it): per request and KV
-  head, the group's q·k scores VW keys at a time (the horizontal sums by a tree of shuffles; bf16
-  by AVX512-BF16 dot products where the CPU has them), their exponentials (a vector polynomial),
-  then the probabilities times V; the next rows prefetched. With ``threads`` > 1 the rows are
-  split by length over a thread pool.
+  for the model's head dim and query group where a C compiler builds it): per request, each
+  query group's q·k scores (the horizontal sums by a tree of shuffles; bf16 by AVX512-BF16 dot
+  products where the CPU has them), their exponentials (a vector polynomial), then the
+  probabilities times V, each pass a block of keys at a time with every KV head inside a block
+  (a block's rows read from memory once), the rows ahead prefetched into L2. With ``threads`` > 1
+  the rows are split by length over a thread pool.
 - **Numba's** (``decode_attention_numba``, without a compiler): three passes per step and layer:
   ``_scores`` (q·k for every head and position of every request, into a [B, Hq, max_len]
   float32 buffer, -inf past each row's length), torch's softmax over it, and
@@ -17,10 +18,11 @@ Two implementations of one contract (``decode_attention_ref``'s), chosen once at
   query group). bf16 pools are passed as their uint16 bit patterns, widened in registers by
   ``cpu_numba.widen``. With ``threads`` > 1 the per-request loop runs on Numba's threads.
 
-Measured on the 2-core EPYC, one thread, SmolLM2's 9 / 3 heads, 64 requests of 64–512 tokens
-(``python -m bench.cpu_attention``, bench/results/cpu_attention-2026-12-05-bf16dot.json): the C
-kernel 1.6 CPU-ms per layer in bf16 and 2.6 in float32, Numba's 3.9 and 4.9, the bucketed
-gather-and-bmm kernel before them 9.8 and 8.6.
+Measured on the 2-core EPYC, one thread, SmolLM2's 9 / 3 heads, 64 requests of 64–512 tokens, the
+calls going round 30 layers' pools so that the KV comes from memory as served (``python -m
+bench.cpu_attention``, bench/results/cpu_attention-2026-12-05-blocks.json): the C kernel 1.2
+CPU-ms per layer in bf16 and 1.9 in float32, Numba's 4.0 and 5.0, the bucketed gather-and-bmm
+kernel before them 8.9 and 8.1.
 """
 
 from __future__ import annotations
@@ -156,8 +158,9 @@ def decode_attention_native(
     score_stride = -(-max(max_len, 1) // 16) * 16  # the kernel writes scores 16 keys at a time
     table, lens = cpu_native.int32_rows(page_table), cpu_native.int32_rows(seq_lens)
     parts = cpu_native.split_by_cost(lens.numpy(), threads)
-    # per thread: a score row per query of a group, then an int64 row index per key
-    scratch = torch.empty(len(parts), (num_heads // num_kv_heads + 2) * score_stride, dtype=torch.float32)
+    # per thread: an int64 pool row per key, a score row per query head, an accumulator row per query head
+    scratch = torch.empty(len(parts), (num_heads + 2) * score_stride + num_heads * head_dim,
+                          dtype=torch.float32)
     qf = q.float().contiguous()
     out = torch.empty(q.shape, dtype=torch.float32)
     fixed = (qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), table.stride(0),

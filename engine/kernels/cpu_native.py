@@ -131,12 +131,12 @@ def extend_kernels(head_dim: int, group: int) -> tuple[ctypes._CFuncPtr, ctypes.
 
 
 @functools.cache
-def rms_norm_kernel() -> ctypes._CFuncPtr:
-    """``rms_norm_bf16`` of ``csrc/cpu_elementwise.c``."""
+def rms_norm_kernels() -> dict[torch.dtype, ctypes._CFuncPtr]:
+    """``rms_norm_f32`` and ``rms_norm_bf16`` of ``csrc/cpu_elementwise.c``, by dtype."""
     lib = ctypes.CDLL(str(build("cpu_elementwise.c", {})))
-    lib.rms_norm_bf16.argtypes = [_P, _I, _P, _I, _P, _F, _I, _I, _P, _P]
-    lib.rms_norm_bf16.restype = None
-    return lib.rms_norm_bf16
+    for fn in (lib.rms_norm_f32, lib.rms_norm_bf16):
+        fn.argtypes, fn.restype = [_P, _I, _P, _I, _P, _F, _I, _I, _P, _P], None
+    return {torch.float32: lib.rms_norm_f32, torch.bfloat16: lib.rms_norm_bf16}
 
 
 @functools.cache
@@ -145,7 +145,7 @@ def available() -> str | None:
     built once at a common shape (cached), so that a compiler that cannot build them (no libc
     headers; clang, which lacks ``__builtin_shuffle``) means the fallbacks, not a failed start."""
     try:
-        rms_norm_kernel()
+        rms_norm_kernels()
         decode_kernels(*PROBE_SHAPE)
         extend_kernels(*PROBE_SHAPE)
     except NativeUnavailable as e:

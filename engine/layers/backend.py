@@ -3,8 +3,8 @@
 ``--attention-backend cpu`` runs ``engine.kernels.cpu``: paged attention that reads only the
 pages each request owns (decode by our C kernel, or Numba's without a C compiler:
 ``engine.kernels.cpu_decode``; the rotary embedding and KV store in one Numba pass:
-``engine.kernels.cpu_rotary``), planned once per step (``plan_attention``), torch's fused
-RMSNorm in float32 and our C one (with the residual add) in bf16, and oneDNN's linear on weights
+``engine.kernels.cpu_rotary``), planned once per step (``plan_attention``), our C RMSNorm with
+the residual add (torch's ops without a C compiler), and oneDNN's linear on weights
 packed once at start-up (``engine.kernels.cpu_linear``: AVX-512 / AVX512-BF16 / AMX where the CPU
 has them).
 ``torch`` runs the plain-torch references of ``engine.kernels.reference``

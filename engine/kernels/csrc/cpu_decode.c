@@ -4,15 +4,24 @@
  * Built per model shape: HEAD_DIM and GROUP (query heads per KV head) are constants, so the
  * rows of q, the accumulators and the loops over them live in registers. Written in GCC's
  * portable vector extensions, built with -march=native: the same source gives AVX-512, AVX2 or
- * NEON code. Per request and KV head, three passes over the request's pages in place:
- *   1. the group's q·k scores, into a scratch row per query: a K row is loaded once for the
- *      group (a bf16 one widened by a shift, or taken as it is by AVX512-BF16 dot products);
+ * NEON code. Per request, three passes over its pages in place, each a block of VW keys at a time
+ * and every KV head within a block (a key's row holds all heads, [page, slot, KV head, dim], so
+ * a block's rows come from memory once, not once per head):
+ *   1. each query group's q·k scores, into a scratch row per query: a K row is loaded once for
+ *      the group (a bf16 one widened by a shift, or taken as it is by AVX512-BF16 dot products);
  *      each dot product is left as a vector of partial sums, and VW keys' vectors are summed
  *      into one vector of VW scores by a tree of shuffles (push_key), not one horizontal sum
  *      per key;
  *   2. the exponentials (vexp, a polynomial) and their sums, VW scores at a time;
- *   3. the probabilities times V, the group's accumulators in registers, divided at the end.
- * The rows PREFETCH keys ahead are prefetched: a request's keys are scattered over its pages.
+ *   3. the probabilities times V, a group's accumulators in registers over a block (in scratch
+ *      between blocks), divided at the end.
+ * The rows PREFETCH_BYTES ahead are prefetched into L2 (a request's keys are scattered over its
+ * pages). Served, a step's KV comes from DRAM: over 30 layers' pools of 64 requests of 64-512
+ * tokens, a pass per KV head with 8 keys ahead prefetched into L1 (prefetcht0: L1 has few fills
+ * in flight) took 3.1 CPU-ms per layer in float32 and 1.9 in bf16, its V pass waiting on loads
+ * for 40 % of it; 4 KiB ahead into L2, 2.2 and 1.3; the blocks of all heads, 1.95 and 1.2.
+ * (Tried and slower: one pass with an online softmax, K and V of a block read together, 2.3 and
+ * 1.5; V prefetched during the K pass, no change.)
  */
 #include <string.h>
 
@@ -48,10 +57,12 @@ static inline void push_key(vf pending[], int i, vf x) {
     pending[level] = x;
 }
 
-#define PREFETCH 8 /* keys ahead */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 4096 /* 2 and 8 KiB measured slower in one dtype or the other, 16 KiB in both */
+#endif
 #define prefetch_row(p)                                                                 \
     do {                                                                                \
-        for (int c = 0; c < (int)sizeof(*(p)) * HEAD_DIM; c += 64) __builtin_prefetch((const char *)(p) + c); \
+        for (int c = 0; c < (int)sizeof(*(p)) * HEAD_DIM; c += 64) __builtin_prefetch((const char *)(p) + c, 0, 2); \
     } while (0)
 
 #define LEVELS (__builtin_ctz(VW) + 1)
@@ -104,59 +115,90 @@ static inline void dots_bf16(__m512bh qh[GROUP][NV / 2], const uint16_t *kr, vf 
 DOTS(dots_bf16, uint16_t, load_bf16)
 #endif
 
+/* Each pass goes over a request's keys a block of VW at a time, and over every KV head within a
+ * block: a key's row holds all heads (the pool is [page, slot, KV head, dim]), so the block's rows
+ * are read from memory once and stay in cache for the other heads. */
 #define DEFINE_DECODE(NAME, T, LOAD, Q_T, Q_W, Q_PREP, DOTS_FN)                                  \
-    static void NAME##_head(const float *qb, const T *k, const T *v, const int64_t *rows,         \
-                            int64_t length, int64_t stride, int64_t score_stride, float scale, float *scores, float *ob) { \
-        Q_T qs[GROUP][Q_W];                                                                       \
-        vf acc[GROUP][NV];                                                                        \
-        float sums[GROUP];                                                                        \
-        Q_PREP(qb, qs);                                                                           \
-        for (int64_t t0 = 0; t0 < length; t0 += VW) { /* q·k, VW keys at a time */                \
-            vf pending[GROUP][LEVELS];                                                            \
-            for (int i = 0; i < VW; i++) {                                                        \
-                const T *kr = k + rows[t0 + i < length ? t0 + i : length - 1] * stride;           \
-                if (t0 + i + PREFETCH < length) prefetch_row(k + rows[t0 + i + PREFETCH] * stride);     \
-                vf dots[GROUP];                                                                   \
-                DOTS_FN(qs, kr, dots);                                                            \
-                for (int g = 0; g < GROUP; g++) push_key(pending[g], i, dots[g]);                 \
+    /* 1. each KV head's query group against the keys, scaled, into a score row per query */     \
+    static void NAME##_scores(const float *q, const T *k, const int64_t *rows, int64_t length,     \
+                              int64_t heads, int64_t ahead, float scale, int64_t score_stride,     \
+                              float *scores) {                                                     \
+        const int64_t stride = heads * HEAD_DIM;                                                  \
+        for (int64_t t0 = 0; t0 < length; t0 += VW)                                               \
+            for (int64_t h = 0; h < heads; h++) {                                                 \
+                const T *kh = k + h * HEAD_DIM;                                                   \
+                Q_T qs[GROUP][Q_W];                                                               \
+                vf pending[GROUP][LEVELS];                                                        \
+                Q_PREP(q + h * GROUP * HEAD_DIM, qs);                                             \
+                _Pragma("GCC unroll 16") /* push_key's levels constants: pending in registers */   \
+                for (int i = 0; i < VW; i++) {                                                    \
+                    const int64_t t = t0 + i < length ? t0 + i : length - 1;                      \
+                    if (t0 + i + ahead < length) prefetch_row(kh + rows[t0 + i + ahead] * stride); \
+                    vf dots[GROUP];                                                               \
+                    DOTS_FN(qs, kh + rows[t] * stride, dots);                                     \
+                    for (int g = 0; g < GROUP; g++) push_key(pending[g], i, dots[g]);             \
+                }                                                                                 \
+                for (int g = 0; g < GROUP; g++)                                                   \
+                    store_f32(pending[g][LEVELS - 1] * scale, scores + (h * GROUP + g) * score_stride + t0); \
             }                                                                                     \
-            for (int g = 0; g < GROUP; g++)                                                       \
-                store_f32(pending[g][LEVELS - 1] * scale, scores + g * score_stride + t0);        \
-        }                                                                                         \
-        for (int g = 0; g < GROUP; g++) {                                                         \
-            sums[g] = softmax_numerators(scores + g * score_stride, length, (length + VW - 1) / VW * VW); \
-            for (int j = 0; j < NV; j++) acc[g][j] = splat(0.0f);                                 \
-        }                                                                                         \
-        for (int64_t t = 0; t < length; t++) { /* probabilities times V */                        \
-            const T *vr = v + rows[t] * stride;                                                   \
-            if (t + PREFETCH < length) prefetch_row(v + rows[t + PREFETCH] * stride);               \
-            vf vv[NV];                                                                            \
-            for (int j = 0; j < NV; j++) vv[j] = LOAD(vr + j * VW);                               \
-            for (int g = 0; g < GROUP; g++) {                                                     \
-                const float p = scores[g * score_stride + t];                                     \
-                for (int j = 0; j < NV; j++) acc[g][j] += p * vv[j];                              \
-            }                                                                                     \
-        }                                                                                         \
-        for (int g = 0; g < GROUP; g++)                                                           \
-            for (int j = 0; j < NV; j++) store_f32(acc[g][j] / sums[g], ob + g * HEAD_DIM + j * VW); \
     }                                                                                             \
                                                                                                   \
+    /* 3. the probabilities times V, added into acc [query][HEAD_DIM] (in registers over a block) */ \
+    static void NAME##_values(const T *v, const int64_t *rows, int64_t length, int64_t heads,     \
+                              int64_t ahead, const float *probs, int64_t score_stride, float *acc) { \
+        const int64_t stride = heads * HEAD_DIM;                                                  \
+        for (int64_t t0 = 0; t0 < length; t0 += VW) {                                             \
+            const int64_t end = t0 + VW < length ? t0 + VW : length;                              \
+            for (int64_t h = 0; h < heads; h++) {                                                 \
+                const T *vh = v + h * HEAD_DIM;                                                   \
+                const float *ph = probs + h * GROUP * score_stride;                               \
+                float *ah = acc + h * GROUP * HEAD_DIM;                                           \
+                vf a[GROUP][NV];                                                                  \
+                for (int g = 0; g < GROUP; g++)                                                   \
+                    for (int j = 0; j < NV; j++) a[g][j] = load_f32(ah + g * HEAD_DIM + j * VW);  \
+                for (int64_t t = t0; t < end; t++) {                                              \
+                    if (t + ahead < length) prefetch_row(vh + rows[t + ahead] * stride);          \
+                    const T *vr = vh + rows[t] * stride;                                          \
+                    vf vv[NV];                                                                    \
+                    for (int j = 0; j < NV; j++) vv[j] = LOAD(vr + j * VW);                       \
+                    for (int g = 0; g < GROUP; g++) {                                             \
+                        const float p = ph[g * score_stride + t];                                 \
+                        for (int j = 0; j < NV; j++) a[g][j] += p * vv[j];                        \
+                    }                                                                             \
+                }                                                                                 \
+                for (int g = 0; g < GROUP; g++)                                                   \
+                    for (int j = 0; j < NV; j++) store_f32(a[g][j], ah + g * HEAD_DIM + j * VW);  \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    /* scratch: an int64 pool row per key (2 * score_stride floats), a score row per query head,  \
+     * then an accumulator row per query head */                                                 \
     void NAME(const float *q, const T *k, const T *v, const int32_t *table, int64_t table_stride,  \
               const int32_t *lens, int64_t batch_begin, int64_t batch_end, int64_t num_kv_heads,   \
-              int64_t page_size, float scale, float *scratch, int64_t score_stride, float *out) {                       \
-        const int64_t stride = num_kv_heads * HEAD_DIM;                                           \
-        int64_t *rows = (int64_t *)(scratch + GROUP * score_stride);                              \
+              int64_t page_size, float scale, float *scratch, int64_t score_stride, float *out) {  \
+        const int64_t queries = num_kv_heads * GROUP;                                             \
+        const int64_t ahead = PREFETCH_BYTES / (int64_t)(sizeof(T) * HEAD_DIM); /* keys */       \
+        int64_t *rows = (int64_t *)scratch;                                                       \
+        float *scores = scratch + 2 * score_stride, *acc = scores + queries * score_stride;       \
+        float sums[queries];                                                                      \
         for (int64_t b = batch_begin; b < batch_end; b++) {                                       \
             const int64_t length = lens[b];                                                       \
-            key_rows(table + b * table_stride, length, page_size, rows);                          \
-            for (int64_t h = 0; h < num_kv_heads; h++) {                                          \
-                const int64_t first = (b * num_kv_heads + h) * GROUP * HEAD_DIM;                  \
-                if (length == 0)                                                                  \
-                    memset(out + first, 0, sizeof(float) * GROUP * HEAD_DIM);                     \
-                else                                                                              \
-                    NAME##_head(q + first, k + h * HEAD_DIM, v + h * HEAD_DIM, rows, length,      \
-                                stride, score_stride, scale, scratch, out + first);                             \
+            const float *qb = q + b * queries * HEAD_DIM;                                         \
+            float *ob = out + b * queries * HEAD_DIM;                                             \
+            if (length == 0) {                                                                    \
+                memset(ob, 0, sizeof(float) * queries * HEAD_DIM);                                \
+                continue;                                                                         \
             }                                                                                     \
+            key_rows(table + b * table_stride, length, page_size, rows);                          \
+            NAME##_scores(qb, k, rows, length, num_kv_heads, ahead, scale, score_stride, scores); \
+            for (int64_t n = 0; n < queries; n++) /* 2. softmax numerators and their sums */      \
+                sums[n] = softmax_numerators(scores + n * score_stride, length, (length + VW - 1) / VW * VW); \
+            memset(acc, 0, sizeof(float) * queries * HEAD_DIM);                                   \
+            NAME##_values(v, rows, length, num_kv_heads, ahead, scores, score_stride, acc);       \
+            for (int64_t n = 0; n < queries; n++)                                                 \
+                for (int j = 0; j < NV; j++)                                                      \
+                    store_f32(load_f32(acc + n * HEAD_DIM + j * VW) / sums[n], ob + n * HEAD_DIM + j * VW); \
         }                                                                                         \
     }
 

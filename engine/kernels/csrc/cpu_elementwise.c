@@ -1,55 +1,75 @@
-/* RMSNorm with the residual add over bf16 rows on the CPU, in one pass (engine/kernels/
- * cpu_native.py builds it; engine/kernels/cpu.py calls it), rounding where the reference
+/* RMSNorm with the residual add over float32 or bf16 rows on the CPU, in one pass
+ * (engine/kernels/cpu_native.py builds it; engine/kernels/cpu.py calls it), rounding where the reference
  * (engine/kernels/reference.py, Hugging Face's order) rounds:
- *   r = bf16(x + residual); n = bf16(r * rsqrt(mean(r^2) + eps)); out = bf16(w * n)
- * with float32 math in between; only the order of the mean's sum can differ from torch's. A
- * row's tail past its last whole vector goes through a zero-padded one.
- * (SiLU-and-mul was tried here too: torch's bf16 silu and mul measured faster from 64 rows.)
+ *   r = x + residual; n = r * rsqrt(mean(r^2) + eps); out = w * n
+ * (bf16: r and n rounded to bf16 as they are made) with float32 math in between; only the order
+ * of the mean's sum can differ from torch's. A row's tail past its last whole vector goes
+ * through a zero-padded one.
+ * (SiLU-and-mul was tried here too: no faster than torch's silu and mul in either dtype, at 1 to
+ * 512 rows: the exponential's arithmetic bounds both.)
  */
 #include <string.h>
 
 #define VW 16
 #include "vec.h"
 
-/* the n < VW elements at p as a vector (zeros after), and back */
-static inline vf load_bf16_tail(const uint16_t *p, int64_t n) {
+/* the n <= VW elements at p as a vector (zeros after), and back */
+static inline vf load_bf16_n(const uint16_t *p, int64_t n) {
+    if (n == VW) return load_bf16(p);
     uint16_t tmp[VW] = {0};
     memcpy(tmp, p, n * sizeof(uint16_t));
     return load_bf16(tmp);
 }
-static inline void store_bf16_tail(vf x, uint16_t *p, int64_t n) {
+static inline void store_bf16_n(vf x, uint16_t *p, int64_t n) {
+    if (n == VW) return store_bf16(x, p);
     uint16_t tmp[VW];
     store_bf16(x, tmp);
     memcpy(p, tmp, n * sizeof(uint16_t));
 }
+static inline vf load_f32_n(const float *p, int64_t n) {
+    if (n == VW) return load_f32(p);
+    float tmp[VW] = {0};
+    memcpy(tmp, p, n * sizeof(float));
+    return load_f32(tmp);
+}
+static inline void store_f32_n(vf x, float *p, int64_t n) {
+    if (n == VW) return store_f32(x, p);
+    float tmp[VW];
+    store_f32(x, tmp);
+    memcpy(p, tmp, n * sizeof(float));
+}
+static inline vf as_is(vf x) { return x; }
 
-#define FOR_EACH_VECTOR(i, n, LOAD_STORE_BODY)                                \
-    for (int64_t i = 0, left_ = (n); left_ > 0; i += VW, left_ -= VW) { \
-        const int64_t w_ = left_ < VW ? left_ : VW;                           \
-        LOAD_STORE_BODY                                                       \
+/* BODY once per vector of a row of n, with w_ its width */
+#define FOR_EACH_VECTOR(i, n, BODY)                                            \
+    for (int64_t i = 0, left_ = (n); left_ > 0; i += VW, left_ -= VW) {  \
+        const int64_t w_ = left_ < VW ? left_ : VW;                            \
+        BODY                                                                   \
     }
-#define LOAD(p) (w_ == VW ? load_bf16(p) : load_bf16_tail(p, w_))
-#define STORE(x, p) (w_ == VW ? store_bf16(x, p) : store_bf16_tail(x, p, w_))
 
 /* x, residual: [rows, hidden] with row strides; out, residual_out: [rows, hidden] contiguous.
  * residual NULL: no add (residual_out unused). */
-void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *residual, int64_t residual_stride,
-                   const uint16_t *weight, float eps, int64_t rows, int64_t hidden, uint16_t *out,
-                   uint16_t *residual_out) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * x_stride;
-        uint16_t *outr = out + r * hidden;
-        if (residual) { /* the sum, rounded, is the next residual and what is normalized */
-            const uint16_t *rr = residual + r * residual_stride;
-            uint16_t *sr = residual_out + r * hidden;
-            FOR_EACH_VECTOR(i, hidden, STORE(LOAD(xr + i) + LOAD(rr + i), sr + i);)
-            xr = sr;
-        }
-        vf squares = {};
-        FOR_EACH_VECTOR(i, hidden, vf v = LOAD(xr + i); squares += v * v;)
-        float total = 0.0f;
-        for (int i = 0; i < VW; i++) total += squares[i];
-        const float scale = 1.0f / sqrtf(total / (float)hidden + eps);
-        FOR_EACH_VECTOR(i, hidden, STORE(LOAD(weight + i) * round_bf16(LOAD(xr + i) * scale), outr + i);)
+#define DEFINE_RMS_NORM(NAME, T, LOAD, STORE, ROUND)                                              \
+    void NAME(const T *x, int64_t x_stride, const T *residual, int64_t residual_stride,          \
+              const T *weight, float eps, int64_t rows, int64_t hidden, T *out, T *residual_out) { \
+        for (int64_t r = 0; r < rows; r++) {                                                      \
+            const T *xr = x + r * x_stride;                                                       \
+            T *outr = out + r * hidden;                                                           \
+            if (residual) { /* the sum, rounded, is the next residual and what is normalized */   \
+                const T *rr = residual + r * residual_stride;                                     \
+                T *sr = residual_out + r * hidden;                                                \
+                FOR_EACH_VECTOR(i, hidden, STORE(LOAD(xr + i, w_) + LOAD(rr + i, w_), sr + i, w_);) \
+                xr = sr;                                                                          \
+            }                                                                                     \
+            vf squares = {};                                                                      \
+            FOR_EACH_VECTOR(i, hidden, vf v = LOAD(xr + i, w_); squares += v * v;)                \
+            float total = 0.0f;                                                                   \
+            for (int i = 0; i < VW; i++) total += squares[i];                                     \
+            const float scale = 1.0f / sqrtf(total / (float)hidden + eps);                        \
+            FOR_EACH_VECTOR(i, hidden,                                                            \
+                            STORE(LOAD(weight + i, w_) * ROUND(LOAD(xr + i, w_) * scale), outr + i, w_);) \
+        }                                                                                         \
     }
-}
+
+DEFINE_RMS_NORM(rms_norm_f32, float, load_f32_n, store_f32_n, as_is)
+DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, load_bf16_n, store_bf16_n, round_bf16)

@@ -248,30 +248,36 @@ def test_rms_norm_equals_reference_bit_for_bit(dtype, with_residual) -> None:
 
 @pytest.mark.parametrize(("rows", "hidden"), [(1, 576), (37, 576), (5, 37)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_native_rms_norm_rounds_as_the_reference(rows, hidden, with_residual) -> None:
-    """The C kernel in bf16 (a strided x; a width with a tail past its last whole vector): the
-    reference's values but for the order of the mean's sum, so at most a last-bit difference in
-    a rare element; the residual sum exact."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rms_norm_rounds_as_the_reference(rows, hidden, with_residual, dtype) -> None:
+    """The C kernel (a strided x; a width with a tail past its last whole vector): the
+    reference's values but for the order of the mean's sum, so at most a last-bit difference (in
+    bf16 in a rare element); the residual sum exact."""
     if (why := cpu_native.available()) is not None:
         pytest.skip(f"the C kernels cannot be built here: {why}")
     gen = torch.Generator().manual_seed(rows + hidden)
-    x = (torch.randn(rows, hidden + 3, generator=gen) * 3).bfloat16()[:, :hidden]
-    weight = torch.randn(hidden, generator=gen).bfloat16()
-    residual = torch.randn(rows, hidden, generator=gen).bfloat16() if with_residual else None
+    x = (torch.randn(rows, hidden + 3, generator=gen) * 3).to(dtype)[:, :hidden]
+    weight = torch.randn(hidden, generator=gen).to(dtype)
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype) if with_residual else None
     ref, ref_res = rms_norm_ref(x, weight, 1e-5, residual)
     ours, our_res = cpu.rms_norm_native(x, weight, 1e-5, residual)
-    assert ours.dtype == torch.bfloat16 and ours.shape == ref.shape
-    torch.testing.assert_close(ours.float(), ref.float(), atol=0, rtol=2**-7)  # one bf16 ulp
-    assert (ours != ref).sum() <= max(1, ref.numel() // 1000)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(ours.float(), ref.float(), atol=0, rtol=2**-7)  # one bf16 ulp
+        assert (ours != ref).sum() <= max(1, ref.numel() // 1000)
+    else:
+        torch.testing.assert_close(ours, ref, atol=0, rtol=4 * 2**-23)
     if with_residual:
         assert torch.equal(our_res, ref_res)
     else:
         assert our_res is None
 
 
-def test_native_rms_norm_leaves_float32_to_torch() -> None:
+def test_native_rms_norm_leaves_other_inputs_to_torch() -> None:
+    """Mixed dtypes and float16 go to ``rms_norm_cpu``."""
     x, weight = torch.randn(3, 64), torch.randn(64)
-    assert torch.equal(cpu.rms_norm_native(x, weight, 1e-5)[0], cpu.rms_norm_cpu(x, weight, 1e-5)[0])
+    for x_, w_ in ((x, weight.bfloat16()), (x.half(), weight.half())):
+        assert torch.equal(cpu.rms_norm_native(x_, w_, 1e-5)[0], cpu.rms_norm_cpu(x_, w_, 1e-5)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,7 +17,7 @@ def fresh(monkeypatch, tmp_path):
     """An empty kernel cache, and the module's memos cleared before and after."""
     monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path))
     memos = (cpu_native.compiler, cpu_native.available, cpu_native.decode_kernels, cpu_native.extend_kernels,
-             cpu_native.rms_norm_kernel)
+             cpu_native.rms_norm_kernels)
     for memo in memos:
         memo.cache_clear()
     yield tmp_path
