@@ -45,6 +45,7 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 _TRIM_THRESHOLD = 1 << 30
 _MADV_NOHUGEPAGE = 15  # Linux's <sys/mman.h>
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -134,11 +135,23 @@ def advise_small_pages(address: int, nbytes: int) -> bool:
     """Ask the kernel not to back ``[address, address + nbytes)`` with transparent huge pages
     (``madvise(MADV_NOHUGEPAGE)``; numpy advises huge pages for its large arrays): True if it
     took the advice (Linux)."""
+    return _madvise(address, nbytes, _MADV_NOHUGEPAGE)
+
+
+def populate(address: int, nbytes: int) -> bool:
+    """Map ``[address, address + nbytes)`` now, writable, as its first writes would, without
+    changing what it holds (``madvise(MADV_POPULATE_WRITE)``): True if the kernel did (Linux
+    5.14+; False elsewhere, or for memory that is not mapped)."""
+    return _madvise(address, nbytes, _MADV_POPULATE_WRITE)
+
+
+def _madvise(address: int, nbytes: int, advice: int) -> bool:
+    """``madvise`` over the memory pages that hold ``[address, address + nbytes)``."""
     madvise = getattr(_LIBC, "madvise", None)
     if madvise is None:
         return False
     start = address // mmap.PAGESIZE * mmap.PAGESIZE
-    return madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), _MADV_NOHUGEPAGE) == 0
+    return madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), advice) == 0
 
 
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:

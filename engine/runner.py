@@ -131,6 +131,7 @@ class ModelRunner:
         if values:
             rows_t, cols_t, values_t = _to_device(self.device, rows, cols, values)
             self.page_table[rows_t, cols_t] = values_t.to(torch.int32)
+            self.kv_pool.note_pages(max(values))
 
     def set_next_tokens(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """Record the sampled tokens as the next decode inputs of ``slots`` (device only)."""

@@ -1,0 +1,117 @@
+"""The CPU pool's PageMapper: pages mapped ahead of the highest page handed out, in a thread,
+without changing what they hold; none mapped beyond that; it stops with its pool."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+import sys
+
+import pytest
+import torch
+
+from engine import kv_pool
+from engine.kv_pool import KVPool, PageMapper
+from engine.layers.backend import make_kernel_backend
+from engine.runner import ModelRunner
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_POPULATE_WRITE) is Linux's")
+
+PAGE = 16 * 2 * 64  # floats per tensor page: 8 KiB, two 4 KiB pages of memory
+
+
+def _pool(num_pages: int = 512) -> KVPool:
+    return KVPool.allocate(num_layers=2, num_pages=num_pages, page_size=16, num_kv_heads=2, head_dim=64,
+                           dtype=torch.float32, device=torch.device("cpu"))
+
+
+def _write_faults(pool: KVPool, first: int, end: int) -> int:
+    """Minor page faults of this thread while it writes pages [first, end) of every tensor."""
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for t in pool.k + pool.v:
+        t[first:end].fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+def test_pages_ahead_of_the_highest_handed_out_are_mapped_before_their_first_write(monkeypatch) -> None:
+    monkeypatch.setattr(kv_pool, "MAP_AHEAD_BYTES", 4 * 128 * PAGE * 4)  # 128 pages of 4 tensors
+    pool = _pool()
+    mapper = pool.mapper
+    assert mapper is not None and mapper.ahead == 128
+    mapper.flush()
+    assert mapper.mapped == 129  # at start-up: past page 0, the padding page
+    pool.note_pages(300)
+    mapper.flush()
+    assert mapper.mapped == 429
+    mapped = _write_faults(pool, 300, 428)
+    unmapped = _write_faults(pool, 430, 512)  # 82 pages never mapped: 164 faults per tensor
+    assert unmapped >= 4 * 82 and mapped < unmapped // 10, (mapped, unmapped)
+
+
+def test_mapping_keeps_what_the_steps_wrote_and_stops_at_the_pool_end(monkeypatch) -> None:
+    monkeypatch.setattr(kv_pool, "MAP_AHEAD_BYTES", 4 * 64 * PAGE * 4)
+    pool = _pool(num_pages=200)
+    pool.mapper.flush()
+    for i, t in enumerate(pool.k + pool.v):
+        t[100:110] = i + 1.0  # written before the mapper gets there
+    pool.note_pages(150)
+    pool.mapper.flush()
+    assert pool.mapper.mapped == 200
+    for i, t in enumerate(pool.k + pool.v):
+        assert torch.all(t[100:110] == i + 1.0) and not t[110:].any()
+
+
+def test_small_advances_wait_for_a_quarter_of_the_distance(monkeypatch) -> None:
+    mapper = PageMapper([], page_bytes=4096, num_pages=10_000, ahead=100)
+    queued = []
+    monkeypatch.setattr(mapper._jobs, "put", queued.append)
+    mapper.note(0)
+    for page in range(1, 60):
+        mapper.note(page)
+    assert queued == [101, 126, 151]  # every 25 pages, not every step
+    mapper.note(9_950)
+    mapper.note(9_951)
+    assert queued[-1] == 10_000 and queued.count(10_000) == 1
+
+
+def test_a_kernel_that_refuses_leaves_pages_to_their_first_writes(monkeypatch, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="pdserve.worker")
+    monkeypatch.setattr(kv_pool, "populate", lambda address, nbytes: False)
+    pool = _pool()
+    pool.mapper.flush()
+    assert pool.mapper.refused and pool.mapper.mapped == 0
+    pool.note_pages(300)  # queues nothing more
+    pool.mapper.flush()
+    assert pool.mapper._jobs.unfinished_tasks == 0
+    assert "mapped as first written" in caplog.text
+    pool.k[0][300].fill_(2.0)
+    assert torch.all(pool.k[0][300] == 2.0)
+
+
+def test_the_thread_ends_with_its_pool() -> None:
+    pool = _pool()
+    thread = pool.mapper._thread
+    del pool
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_device_pools_have_no_mapper() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pool = KVPool.allocate(1, 8, 16, 2, 64, torch.float16, torch.device("cuda"))
+    assert pool.mapper is None
+
+
+def test_the_runner_notes_the_highest_page_of_each_step_s_appends(monkeypatch) -> None:
+    pool = _pool()
+    noted: list[int] = []
+    monkeypatch.setattr(pool, "note_pages", noted.append)
+    cpu = torch.device("cpu")
+    runner = ModelRunner(torch.nn.Module(), pool, make_kernel_backend("torch", cpu), 4, 8, cpu)
+    runner.append_pages([(0, [5, 9]), (1, [7])])
+    runner.append_pages([])
+    runner.append_pages([(2, [3])])
+    assert noted == [9, 3]
