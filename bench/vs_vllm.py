@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -122,7 +123,7 @@ def pdserve_command(args: argparse.Namespace, model_dir: Path, dtype: str, port:
         "--device", "cpu", "--port", str(port), "--zmq-port", str(port + 1),
         "--served-model-name", SERVED_NAME, "--max-total-tokens", str(kv_tokens(args, model_dir, dtype)),
         "--cpu-omp-threads", str(args.threads),
-        "--context-length", str(args.context_length),
+        "--context-length", str(args.context_length), *shlex.split(args.pdserve_flags),
     ]
     return cmd, {}
 
@@ -261,6 +262,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of both servers")
     p.add_argument("--vllm-venv", default="/work/vllm-venv")
+    p.add_argument("--pdserve-flags", default="", help="more flags for pdserve's launch.py, one string")
     p.add_argument("--port", type=int, default=18200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/pdserve-vs-vllm"))

@@ -80,7 +80,7 @@ def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks |
     role's ``hooks`` give the step to run and handlers of the other relayed messages
     (``decodes`` as rank 0 creates its worker)."""
     from engine.worker import Worker
-    from engine.worker_process import apply_process_settings
+    from engine.worker_process import apply_process_settings, freeze_start_up_heap
 
     apply_process_settings(cfg.args)
     tp = join_tensor_parallel(cfg)
@@ -90,6 +90,7 @@ def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks |
         worker = Worker.create(cfg.args, decodes=decodes, tp=tp)
         step, handlers = (worker.step, {}) if hooks is None else hooks(worker, tp)
         logger.info("%s rank %d of %d ready", cfg.name, tp.rank, tp.size)
+        freeze_start_up_heap()
         follow_steps(step, tp, handlers)
     except RankLost as e:
         logger.error("%s", e)
