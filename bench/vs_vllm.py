@@ -262,7 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of both servers")
     p.add_argument("--vllm-venv", default="/work/vllm-venv")
-    p.add_argument("--pdserve-flags", default="", help="more flags for pdserve's launch.py, one string")
+    p.add_argument("--pdserve-flags", default="",
+                   help="more flags for pdserve's launch.py, one string (with '=' when it starts with "
+                        "'-': --pdserve-flags='--max-prefill-tokens 4096')")
     p.add_argument("--port", type=int, default=18200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/pdserve-vs-vllm"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import logging
 import mmap
 import os
@@ -135,23 +136,27 @@ def advise_small_pages(address: int, nbytes: int) -> bool:
     """Ask the kernel not to back ``[address, address + nbytes)`` with transparent huge pages
     (``madvise(MADV_NOHUGEPAGE)``; numpy advises huge pages for its large arrays): True if it
     took the advice (Linux)."""
-    return _madvise(address, nbytes, _MADV_NOHUGEPAGE)
+    return _madvise(address, nbytes, _MADV_NOHUGEPAGE) == 0
 
 
-def populate(address: int, nbytes: int) -> bool:
+def populate(address: int, nbytes: int) -> int:
     """Map ``[address, address + nbytes)`` now, writable, as its first writes would, without
-    changing what it holds (``madvise(MADV_POPULATE_WRITE)``): True if the kernel did (Linux
-    5.14+; False elsewhere, or for memory that is not mapped)."""
+    changing what it holds (``madvise(MADV_POPULATE_WRITE)``): 0 if the kernel did, else the
+    errno (``EINVAL``: a kernel before Linux 5.14, or no ``madvise`` here; ``ENOMEM``: memory
+    short, or not mapped)."""
     return _madvise(address, nbytes, _MADV_POPULATE_WRITE)
 
 
-def _madvise(address: int, nbytes: int, advice: int) -> bool:
-    """``madvise`` over the memory pages that hold ``[address, address + nbytes)``."""
+def _madvise(address: int, nbytes: int, advice: int) -> int:
+    """``madvise`` over the memory pages that hold ``[address, address + nbytes)``: 0, or the
+    errno."""
     madvise = getattr(_LIBC, "madvise", None)
     if madvise is None:
-        return False
+        return errno.EINVAL
     start = address // mmap.PAGESIZE * mmap.PAGESIZE
-    return madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), advice) == 0
+    if madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), advice) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:

@@ -4,7 +4,9 @@ page: the scheduler never hands it out, padded rows of a batch write there."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -105,7 +107,8 @@ class PageMapper:
         self.num_pages = num_pages
         self.ahead = ahead
         self.mapped = 0  # pages [0, mapped) of every tensor (the thread's)
-        self.refused = False  # the kernel refused to map (before Linux 5.14): nothing more is
+        self.refused = False  # the kernel cannot (before Linux 5.14): nothing more is asked of it
+        self.closed = False  # its pool is gone: what is still queued is dropped
         self._asked = 0  # the highest target queued (the runner's)
         self._jobs: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="kv-pool-mapper", daemon=True)
@@ -138,22 +141,37 @@ class PageMapper:
         self._jobs.join()
 
     def close(self) -> None:
+        self.closed = True
         self._jobs.put(None)
 
     def _run(self) -> None:
-        while (target := self._jobs.get()) is not None:
-            if target > self.mapped and not self.refused:
-                if self._map(self.mapped, target):
-                    self.mapped = target
-                else:
-                    self.refused = True
-                    logger.info("KV pool: pages mapped as first written (MADV_POPULATE_WRITE refused)")
-            self._jobs.task_done()
-        self._jobs.task_done()
+        while True:
+            target = self._jobs.get()
+            try:
+                if target is None:
+                    return
+                self._advance(target)
+            except Exception:  # a mapper's failure costs page faults, never the worker
+                logger.exception("KV pool: mapping pages ahead failed")
+            finally:
+                self._jobs.task_done()
 
-    def _map(self, first: int, end: int) -> bool:
-        return all(populate(address + first * self.page_bytes, (end - first) * self.page_bytes)
-                   for address, _ in self.regions)
+    def _advance(self, target: int) -> None:
+        """Map pages [mapped, target) of every tensor; on a passing failure (``ENOMEM``) they
+        stay unmapped until the next job asks again."""
+        if self.closed or self.refused or target <= self.mapped:
+            return
+        first, nbytes = self.mapped * self.page_bytes, (target - self.mapped) * self.page_bytes
+        for address, _ in self.regions:
+            error = populate(address + first, nbytes)
+            if error == errno.EINVAL:
+                self.refused = True
+                logger.info("KV pool: pages mapped as first written (no MADV_POPULATE_WRITE: Linux < 5.14)")
+                return
+            if error:
+                logger.debug("KV pool: mapping pages %d..%d: %s", self.mapped, target, os.strerror(error))
+                return
+        self.mapped = target
 
 
 @dataclass(frozen=True)

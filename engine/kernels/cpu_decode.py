@@ -158,9 +158,10 @@ def decode_attention_native(
     score_stride = -(-max(max_len, 1) // 16) * 16  # the kernel writes scores 16 keys at a time
     table, lens = cpu_native.int32_rows(page_table), cpu_native.int32_rows(seq_lens)
     parts = cpu_native.split_by_cost(lens.numpy(), threads)
-    # per thread: an int64 pool row per key, a score row per query head, an accumulator row per query head
-    scratch = torch.empty(len(parts), (num_heads + 2) * score_stride + num_heads * head_dim,
-                          dtype=torch.float32)
+    # per thread: an int64 pool row per key, a score row per query head, an accumulator row per query
+    # head; each thread's part whole cache lines (its int64 rows aligned, no line shared)
+    part = -(-((num_heads + 2) * score_stride + num_heads * head_dim) // 16) * 16
+    scratch = torch.empty(len(parts), part, dtype=torch.float32)
     qf = q.float().contiguous()
     out = torch.empty(q.shape, dtype=torch.float32)
     fixed = (qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), table.stride(0),

@@ -114,10 +114,12 @@ def test_decode_attention_row_of_length_zero_gives_zeros(decode_attention_cpu) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("head_dim", "num_heads", "num_kv_heads"), [(6, 2, 1), (8, 4, 4), (12, 7, 1), (80, 6, 2), (128, 8, 2)]
+    ("head_dim", "num_heads", "num_kv_heads"),
+    [(5, 3, 1), (6, 2, 1), (8, 4, 4), (12, 7, 1), (80, 6, 2), (128, 8, 2)],
 )
 def test_native_decode_attention_of_other_head_dims(dtype, head_dim, num_heads, num_kv_heads) -> None:
-    """The C kernel is built per head dim and group: vectors of 16, 8, 4 and 1 lanes, and MQA."""
+    """The C kernel is built per head dim and group: vectors of 16, 8, 4 and 1 lanes, and MQA;
+    on one thread and split over two (an odd scratch row per thread at 5 dims x 3 heads)."""
     if (why := cpu_native.available()) is not None:
         pytest.skip(f"the C kernels cannot be built here: {why}")
     gen = torch.Generator().manual_seed(head_dim)
@@ -127,8 +129,10 @@ def test_native_decode_attention_of_other_head_dims(dtype, head_dim, num_heads, 
     k_cache, v_cache = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
     q = torch.randn(len(lengths), num_heads, head_dim, generator=gen).to(dtype)
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    ours = decode_attention_native(q, k_cache, v_cache, table, seq_lens, head_dim**-0.5)
-    _check(ours, decode_attention_ref(q, k_cache, v_cache, table, seq_lens, head_dim**-0.5), dtype)
+    args = (q, k_cache, v_cache, table, seq_lens, head_dim**-0.5)
+    ours = decode_attention_native(*args)
+    _check(ours, decode_attention_ref(*args), dtype)
+    assert torch.equal(decode_attention_native(*args, threads=2), ours)
 
 
 def test_decode_attention_of_an_empty_batch(decode_attention_cpu) -> None:
