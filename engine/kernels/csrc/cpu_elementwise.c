@@ -13,31 +13,23 @@
 #define VW 16
 #include "vec.h"
 
-/* the n <= VW elements at p as a vector (zeros after), and back */
-static inline vf load_bf16_n(const uint16_t *p, int64_t n) {
-    if (n == VW) return load_bf16(p);
-    uint16_t tmp[VW] = {0};
-    memcpy(tmp, p, n * sizeof(uint16_t));
-    return load_bf16(tmp);
-}
-static inline void store_bf16_n(vf x, uint16_t *p, int64_t n) {
-    if (n == VW) return store_bf16(x, p);
-    uint16_t tmp[VW];
-    store_bf16(x, tmp);
-    memcpy(p, tmp, n * sizeof(uint16_t));
-}
-static inline vf load_f32_n(const float *p, int64_t n) {
-    if (n == VW) return load_f32(p);
-    float tmp[VW] = {0};
-    memcpy(tmp, p, n * sizeof(float));
-    return load_f32(tmp);
-}
-static inline void store_f32_n(vf x, float *p, int64_t n) {
-    if (n == VW) return store_f32(x, p);
-    float tmp[VW];
-    store_f32(x, tmp);
-    memcpy(p, tmp, n * sizeof(float));
-}
+/* the n <= VW elements at p as a vector (zeros after), and back: load_f32_n, store_bf16_n, ... */
+#define DEFINE_PARTIAL_IO(NAME, T)                                 \
+    static inline vf load_##NAME##_n(const T *p, int64_t n) {       \
+        if (n == VW) return load_##NAME(p);                         \
+        T tmp[VW] = {0};                                            \
+        memcpy(tmp, p, n * sizeof(T));                              \
+        return load_##NAME(tmp);                                    \
+    }                                                               \
+    static inline void store_##NAME##_n(vf x, T *p, int64_t n) {    \
+        if (n == VW) return store_##NAME(x, p);                     \
+        T tmp[VW];                                                  \
+        store_##NAME(x, tmp);                                       \
+        memcpy(p, tmp, n * sizeof(T));                              \
+    }
+DEFINE_PARTIAL_IO(f32, float)
+DEFINE_PARTIAL_IO(bf16, uint16_t)
+
 static inline vf as_is(vf x) { return x; }
 
 /* BODY once per vector of a row of n, with w_ its width */
