@@ -15,8 +15,9 @@
   ``tune_malloc`` raises the mmap threshold to its maximum and keeps freed memory in the heap.
 - **The KV pool.** ``cpu_pool_budget_bytes``: ``--mem-fraction-static`` of the memory the
   kernel reports available (``MemAvailable``), times ``CPU_MEMORY_SHARE``: host memory is
-  shared with the OS and every other process, unlike a GPU's. Its memory is mapped as the steps
-  first write it, in 4 KiB pages (``advise_small_pages``): with the transparent huge pages that
+  shared with the OS and every other process, unlike a GPU's. Its memory is mapped as it comes
+  into use (by ``engine.kv_pool.PageMapper``, with ``populate``, ahead of the steps' first
+  writes), in 4 KiB pages (``advise_small_pages``): with the transparent huge pages that
   numpy asks for, the served SmolLM2 float32 workload of ``bench.vs_vllm`` ran 6 % slower on the
   2-core Firecracker VM of CI (55.1 against 58.8 tokens/s, medians of three rounds alternated
   with vLLM; bf16 unchanged), where every page the guest maps first is paid again in the host.
