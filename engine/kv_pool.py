@@ -101,8 +101,8 @@ class PageMapper:
     (``torch.zeros`` would map it all at start-up: 0.33 s and resident memory per GiB). Pages
     written out of that order are mapped by their first write, as without the mapper."""
 
-    def __init__(self, regions: list[tuple[int, int]], page_bytes: int, num_pages: int, ahead: int) -> None:
-        self.regions = regions  # (address, bytes) of each K and V tensor; no reference to them
+    def __init__(self, addresses: list[int], page_bytes: int, num_pages: int, ahead: int) -> None:
+        self.addresses = addresses  # of each K and V tensor; no reference to the tensors
         self.page_bytes = page_bytes  # of one tensor's page
         self.num_pages = num_pages
         self.ahead = ahead
@@ -121,8 +121,7 @@ class PageMapper:
         tensors = pool.k + pool.v
         page_bytes = tensors[0][0].numel() * tensors[0].element_size()
         ahead = max(1, ahead_bytes // (page_bytes * len(tensors)))
-        regions = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
-        mapper = cls(regions, page_bytes, pool.num_pages, ahead)
+        mapper = cls([t.data_ptr() for t in tensors], page_bytes, pool.num_pages, ahead)
         weakref.finalize(pool, mapper.close)
         mapper.note(0)
         return mapper
@@ -162,7 +161,7 @@ class PageMapper:
         if self.closed or self.refused or target <= self.mapped:
             return
         first, nbytes = self.mapped * self.page_bytes, (target - self.mapped) * self.page_bytes
-        for address, _ in self.regions:
+        for address in self.addresses:
             error = populate(address + first, nbytes)
             if error == errno.EINVAL:
                 self.refused = True

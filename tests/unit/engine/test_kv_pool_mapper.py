@@ -72,7 +72,7 @@ def test_mapped_pages_take_no_fault_at_their_first_write() -> None:
     try:
         view = np.frombuffer(memory, dtype=np.uint8)
         advise_small_pages(view.ctypes.data, view.nbytes)
-        mapper = PageMapper([(view.ctypes.data, view.nbytes)], page_bytes, num_pages, ahead=128)
+        mapper = PageMapper([view.ctypes.data], page_bytes, num_pages, ahead=128)
         mapper.note(100)
         mapper.flush()
         assert mapper.mapped == 229
@@ -134,7 +134,7 @@ def test_a_passing_failure_leaves_the_range_to_the_next_job(monkeypatch) -> None
     advance maps them; the mapper stays on."""
     failures = [errno.ENOMEM]
     monkeypatch.setattr(kv_pool, "populate", lambda address, nbytes: failures.pop() if failures else 0)
-    mapper = PageMapper([(0, 1 << 30)], page_bytes=4096, num_pages=10_000, ahead=100)
+    mapper = PageMapper([0], page_bytes=4096, num_pages=10_000, ahead=100)
     mapper.note(0)
     mapper.flush()
     assert mapper.mapped == 0 and not mapper.refused
@@ -147,7 +147,7 @@ def test_a_passing_failure_leaves_the_range_to_the_next_job(monkeypatch) -> None
 def test_a_closed_mapper_maps_nothing_it_had_queued(monkeypatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(kv_pool, "populate", lambda address, nbytes: calls.append(address) or 0)
-    mapper = PageMapper([(1 << 20, 1 << 30)], page_bytes=4096, num_pages=10_000, ahead=100)
+    mapper = PageMapper([1 << 20], page_bytes=4096, num_pages=10_000, ahead=100)
     release = threading.Event()
     mapper._jobs.put(-1)  # holds the thread in a job until released
     monkeypatch.setattr(mapper, "_advance", lambda target: release.wait() if target < 0 else
@@ -160,7 +160,7 @@ def test_a_closed_mapper_maps_nothing_it_had_queued(monkeypatch) -> None:
 
 
 def test_an_error_in_a_job_does_not_hang_flush(monkeypatch) -> None:
-    mapper = PageMapper([(1 << 20, 1 << 30)], page_bytes=4096, num_pages=10_000, ahead=100)
+    mapper = PageMapper([1 << 20], page_bytes=4096, num_pages=10_000, ahead=100)
 
     def boom(target: int) -> None:
         raise RuntimeError("boom")
