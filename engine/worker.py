@@ -223,12 +223,11 @@ def _allocate_pool(
     host's memory, each takes its share of the budget."""
     cfg = loaded.config
     kv_heads = tp.split(cfg).num_kv_heads if tp.size > 1 else cfg.num_kv_heads
-    share = tp.local_size if loaded.device.type == "cpu" else 1
     sizing = PoolSizing(
         page_size=args.page_size,
         bytes_per_token=kv_bytes_per_token(cfg.num_layers, kv_heads, cfg.head_dim, loaded.dtype),
         max_total_tokens=args.max_total_tokens,
-        mem_fraction_static=args.mem_fraction_static / share,
+        mem_fraction_static=args.mem_fraction_static * _host_share(tp, cfg, loaded.device),
         max_useful_tokens=max_useful_tokens,
     )
     num_pages = tp.min_over_ranks(sizing.num_pages(loaded.device))
@@ -237,6 +236,16 @@ def _allocate_pool(
     )
     logger.info("KV pool: %d pages of %d tokens (%.1f MiB)", num_pages, args.page_size, pool.nbytes / 2**20)
     return pool
+
+
+def _host_share(tp: TensorParallel, cfg: ModelConfig, device: torch.device) -> float:
+    """The part of the host's pool budget this rank takes: on the CPU the host's ranks share one
+    memory, each in proportion to its KV heads (an uneven split gives them the same page count)."""
+    if tp.size == 1 or device.type != "cpu":
+        return 1.0
+    node = tp.rank - tp.local_rank
+    heads = [tp.split_of(cfg, rank).num_kv_heads for rank in range(node, node + tp.local_size)]
+    return heads[tp.local_rank] / sum(heads)
 
 
 def _context_len(args: ServerArgs, cfg: ModelConfig) -> int:

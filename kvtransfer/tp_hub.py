@@ -89,6 +89,11 @@ class InstanceHeads:
         """One staging buffer of every head from the ranks' staging buffers (by rank)."""
         return torch.cat([parts[r] for r in self.sources()], dim=HEAD_DIM_AXIS)
 
+    def shapes_of(self, staging_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Each rank's staging shape (by rank) where one rank's is ``staging_shape``."""
+        shape = list(staging_shape)
+        return [tuple(shape[:HEAD_DIM_AXIS] + [r.count] + shape[HEAD_DIM_AXIS + 1 :]) for r in self.ranks]
+
     def slice_of(self, staging: torch.Tensor, rank: int) -> torch.Tensor:
         """``rank``'s heads of a staging buffer of every head (a contiguous copy)."""
         heads = self.ranks[rank]

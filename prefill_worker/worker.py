@@ -80,7 +80,7 @@ class StagedSends:
         if not pages:
             return None
         local = self._ops.gather(self._pool, pages).cpu()
-        parts = gather_to_driver(self._tp, local)
+        parts = gather_to_driver(self._tp, local, self._heads.shapes_of(local.shape))
         if parts is None:
             return None
         whole, out, start = self._heads.assemble(parts), [], 0

@@ -40,10 +40,10 @@ class LlamaAttention(nn.Module):
         self.num_heads = split.num_heads
         self.num_kv_heads = split.num_kv_heads
         self.head_dim = d = cfg.head_dim
-        q = RowRange(cfg.num_heads * d, split.tp_rank * split.num_heads * d, split.num_heads * d)
+        q = RowRange(cfg.num_heads * d, split.head_start * d, split.num_heads * d)
         kv = RowRange(cfg.num_kv_heads * d, split.kv_head_start * d, split.num_kv_heads * d)
         self.qkv_proj = merged_column_linear(tp, cfg.hidden_size, (q, kv, kv), bias=cfg.qkv_bias)
-        self.o_proj = row_linear(tp, cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = row_linear(tp, q, cfg.hidden_size, bias=cfg.o_bias)
         self.attn = PagedAttention(layer_id, split.num_heads, split.num_kv_heads, d)
 
     def forward(
@@ -59,7 +59,7 @@ class LlamaMLP(nn.Module):
         size = split.intermediate_size
         inter = RowRange(cfg.intermediate_size, split.tp_rank * size, size)
         self.gate_up_proj = merged_column_linear(tp, cfg.hidden_size, (inter, inter), bias=False)
-        self.down_proj = row_linear(tp, cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = row_linear(tp, inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, kernels: KernelBackend) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x, kernels)), kernels)

@@ -8,10 +8,14 @@ to ``--dist-init-addr``; unauthenticated: the nodes must share a trusted network
 uses the interface that reaches node 0. ``TensorParallel`` is that group as the model sees it: a
 single rank (``SINGLE_RANK``) needs no process group and its layers are the plain ones.
 
-``ModelSplit`` is the arithmetic of the split, as SGLang does it: query heads and the MLP's
-intermediate size divide evenly (a model that cannot is refused with the reason); KV heads are
-sharded when there are at least as many as ranks, else each is replicated on
-``tp_size / num_kv_heads`` ranks; the vocabulary is split in equal shards, the last one padded.
+``ModelSplit`` is the arithmetic of the split. As SGLang does it: the MLP's intermediate size
+divides evenly; KV heads are sharded when there are at least as many as ranks, else each is
+replicated on ``tp_size / num_kv_heads`` ranks (whose query heads then divide evenly); the
+vocabulary is split in equal shards, the last one padded. Beyond SGLang: KV heads that do not
+divide by the ranks are dealt out whole, each with its group of query heads, the first ranks
+taking one more (SmolLM2-135M's 3 over 2 ranks: 2 and 1), so the ranks' attention is uneven
+but every rank keeps the model's query-to-KV grouping. A model that cannot split is refused
+with the reason.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class ModelSplit:
     tp_size: int
     tp_rank: int
     num_heads: int  # query heads of this rank
+    head_start: int  # the first query head (of the model's) this rank holds
     num_kv_heads: int  # KV heads of this rank (1 when replicated)
     kv_head_start: int  # the first KV head (of the model's) this rank holds
     intermediate_size: int
@@ -60,39 +65,53 @@ class ModelSplit:
     def of(cls, cfg: ModelConfig, tp_size: int, tp_rank: int = 0) -> ModelSplit:
         """Raise ValueError naming what does not divide (``--tp-size`` and the model's number)."""
         check_splittable(cfg, tp_size)
+        group = cfg.num_heads // cfg.num_kv_heads
         if cfg.num_kv_heads >= tp_size:
-            kv_heads = cfg.num_kv_heads // tp_size
-            kv_start = tp_rank * kv_heads
+            kv_start, kv_heads = deal(cfg.num_kv_heads, tp_size, tp_rank)
+            head_start, heads = kv_start * group, kv_heads * group
         else:
-            kv_heads = 1
-            kv_start = tp_rank // (tp_size // cfg.num_kv_heads)
+            replicas = tp_size // cfg.num_kv_heads
+            kv_start, kv_heads = tp_rank // replicas, 1
+            heads = cfg.num_heads // tp_size
+            head_start = tp_rank * heads
         vocab_shard = -(-cfg.vocab_size // tp_size)
+        inter = cfg.intermediate_size // tp_size
         return cls(
             tp_size=tp_size,
             tp_rank=tp_rank,
-            num_heads=cfg.num_heads // tp_size,
+            num_heads=heads,
+            head_start=head_start,
             num_kv_heads=kv_heads,
             kv_head_start=kv_start,
-            intermediate_size=cfg.intermediate_size // tp_size,
+            intermediate_size=inter,
             vocab_shard=vocab_shard,
             vocab_start=tp_rank * vocab_shard,
         )
 
 
+def deal(items: int, ranks: int, rank: int) -> tuple[int, int]:
+    """``rank``'s share of ``items`` dealt out whole over ``ranks`` (the first ``items % ranks``
+    ranks take one more): (first item, count)."""
+    base, extra = divmod(items, ranks)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 def check_splittable(cfg: ModelConfig, tp_size: int) -> None:
-    """Refuse a ``--tp-size`` that does not split the model (SGLang's rules)."""
+    """Refuse a ``--tp-size`` that does not split the model."""
     if tp_size < 1:
         raise ValueError(f"--tp-size must be a positive integer; got {tp_size}")
-    if cfg.num_heads % tp_size:
+    kv = cfg.num_kv_heads
+    if cfg.num_heads % kv:
+        raise ValueError(f"the model's {cfg.num_heads} attention heads do not group over its {kv} KV heads")
+    if kv < tp_size and tp_size % kv:
+        raise ValueError(
+            f"--tp-size {tp_size} and the model's {kv} KV heads: with fewer KV heads than ranks, "
+            f"--tp-size must be a multiple of them (each replicated on as many ranks)"
+        )
+    if kv < tp_size and cfg.num_heads % tp_size:
         raise ValueError(
             f"--tp-size {tp_size} does not divide the model's {cfg.num_heads} attention heads: "
-            f"tensor parallelism needs num_attention_heads % tp_size == 0"
-        )
-    kv = cfg.num_kv_heads
-    if (kv >= tp_size and kv % tp_size) or (kv < tp_size and tp_size % kv):
-        raise ValueError(
-            f"--tp-size {tp_size} and the model's {kv} KV heads: the KV heads must be a multiple of "
-            f"--tp-size (sharded) or divide it (replicated)"
+            f"with fewer KV heads than ranks, num_attention_heads % tp_size must be 0"
         )
     if cfg.intermediate_size % tp_size:
         raise ValueError(
@@ -120,9 +139,12 @@ class TensorParallel:
     def split(self, cfg: ModelConfig) -> ModelSplit:
         return ModelSplit.of(cfg, self.size, self.rank)
 
+    def split_of(self, cfg: ModelConfig, rank: int) -> ModelSplit:
+        return ModelSplit.of(cfg, self.size, rank)
+
     def splits(self, cfg: ModelConfig) -> list[ModelSplit]:
         """Every rank's split, by rank."""
-        return [ModelSplit.of(cfg, self.size, rank) for rank in range(self.size)]
+        return [self.split_of(cfg, rank) for rank in range(self.size)]
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place (every rank gets the same bits)."""
@@ -190,7 +212,12 @@ def init_tensor_parallel(
     world = dist.group.WORLD
     control = world if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     node_group = _node_group(tp_size, local_size, timeout) if nnodes > 1 else None
-    logger.info("tensor parallel: rank %d of %d (%s)", tp_rank, tp_size, backend)
+    split = ModelSplit.of(cfg, tp_size, tp_rank)
+    logger.info(
+        "tensor parallel: rank %d of %d (%s): query heads %d-%d of %d, KV heads %d-%d of %d", tp_rank,
+        tp_size, backend, split.head_start, split.head_start + split.num_heads - 1, cfg.num_heads,
+        split.kv_head_start, split.kv_head_start + split.num_kv_heads - 1, cfg.num_kv_heads,
+    )
     return TensorParallel(tp_size, tp_rank, world, control, local_size, node_group)
 
 

@@ -26,7 +26,8 @@ from engine.parallel.group import TensorParallel
 
 @dataclass(frozen=True)
 class RowRange:
-    """The rows ``[start, start + size)`` of a projection of ``full`` output rows that one rank holds."""
+    """The rows ``[start, start + size)`` of a projection of ``full`` output rows that one rank
+    holds (of a row-parallel layer: its input columns)."""
 
     full: int
     start: int
@@ -58,24 +59,23 @@ class ColumnParallelLinear(MergedLinear):
 
 class RowParallelLinear(Linear):
     """``y = x W^T + b`` with ``W``'s input columns split: each rank multiplies its slice of
-    ``x`` (the column-parallel layer's output), the partial sums are all-reduced, then the bias
-    (whole on every rank) is added once."""
+    ``x`` (the column-parallel layer's output; ``columns`` of the checkpoint's), the partial sums
+    are all-reduced, then the bias (whole on every rank) is added once."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
-        if in_features % tp.size:
-            raise ValueError(f"{in_features} input features do not split over {tp.size} ranks")
-        super().__init__(in_features // tp.size, out_features, bias=bias)
+    def __init__(self, columns: RowRange, out_features: int, bias: bool, tp: TensorParallel) -> None:
+        super().__init__(columns.size, out_features, bias=bias)
+        self.columns = columns
         self.tp = tp
 
     def full_shape(self, param_name: str) -> tuple[int, ...]:
         if param_name == "weight":
-            return (self.out_features, self.in_features * self.tp.size)
+            return (self.out_features, self.columns.full)
         return (self.out_features,)
 
     def rank_part(self, param_name: str, full: torch.Tensor, index: int | None) -> torch.Tensor:
         if param_name != "weight":
             return full
-        return full.narrow(1, self.tp.rank * self.in_features, self.in_features)
+        return full.narrow(1, self.columns.start, self.columns.size)
 
     def forward(self, x: torch.Tensor, kernels: KernelBackend) -> torch.Tensor:  # type: ignore[override]
         y = self.tp.all_reduce(kernels.linear(x, self.weight))
@@ -153,11 +153,12 @@ def merged_column_linear(
     return ColumnParallelLinear(in_features, parts, bias=bias)
 
 
-def row_linear(tp: TensorParallel, in_features: int, out_features: int, bias: bool) -> Linear:
-    """A projection whose input comes split by a column-parallel one; the plain ``Linear`` for one rank."""
+def row_linear(tp: TensorParallel, columns: RowRange, out_features: int, bias: bool) -> Linear:
+    """A projection whose input comes split by a column-parallel one (this rank's ``columns``);
+    the plain ``Linear`` for one rank."""
     if tp.size == 1:
-        return Linear(in_features, out_features, bias=bias)
-    return RowParallelLinear(in_features, out_features, bias, tp)
+        return Linear(columns.full, out_features, bias=bias)
+    return RowParallelLinear(columns, out_features, bias, tp)
 
 
 def vocab_embedding(tp: TensorParallel, vocab_size: int, hidden: int, start: int, shard: int) -> nn.Embedding:

@@ -22,7 +22,8 @@ on idle beats (``FlushingRelay``), so they land before any later step reads them
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,16 +122,26 @@ class FlushingRelay:
         self.relay.finish(shutdown_relayed)
 
 
-def gather_to_driver(tp: TensorParallel, tensor: torch.Tensor) -> list[torch.Tensor] | None:
-    """Every rank's ``tensor`` (a host tensor of the same shape and dtype on every rank), by
-    rank, on rank 0; None on the others. Every rank calls it at the same point of its loop."""
-    host = tensor.contiguous()
+def gather_to_driver(
+    tp: TensorParallel, tensor: torch.Tensor, shapes: Sequence[Sequence[int]]
+) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (a host tensor of that rank's shape in ``shapes``, one dtype
+    everywhere), by rank, on rank 0; None on the others. Every rank calls it at the same point of
+    its loop. Ranks of an uneven split hold tensors of different sizes: each is sent padded to
+    the largest (a gather moves equal sizes) and cut back on rank 0."""
+    sizes = [math.prod(shape) for shape in shapes]
+    width = max(sizes)
+    host = tensor.contiguous().view(-1)
+    if host.numel() < width:
+        host = torch.cat([host, host.new_zeros(width - host.numel())])
     parts = [torch.empty_like(host) for _ in range(tp.size)] if tp.rank == DRIVER_RANK else None
     try:
         dist.gather(host, parts, dst=DRIVER_RANK, group=tp.control)
     except RuntimeError as e:
         raise RankLost(f"rank {tp.rank}: another rank of this instance is gone ({e})") from None
-    return parts
+    if parts is None:
+        return None
+    return [part[:size].view(tuple(shape)) for part, size, shape in zip(parts, sizes, shapes, strict=True)]
 
 
 def receive_frame(tp: TensorParallel) -> bytes | None:

@@ -96,13 +96,14 @@ def run_launch(*flags: str, mode: str = "unified") -> subprocess.CompletedProces
 
 
 def test_a_model_whose_heads_do_not_split_is_refused(tmp_path: Path) -> None:
-    """As the default model (SmolLM2-135M: 9 query heads) is over two ranks: SGLang's rule."""
-    config = dict(TINY_SHAPE, num_attention_heads=3, num_key_value_heads=3, head_dim=16,
+    """Fewer KV heads than ranks, and the ranks not a multiple of them: no rank could hold whole
+    KV heads, nor replicas of one."""
+    config = dict(TINY_SHAPE, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   architectures=["LlamaForCausalLM"])
     (tmp_path / "config.json").write_text(json.dumps(config))
-    done = run_launch("--tp-size", "2", "--model-path", str(tmp_path), "--load-format", "dummy")
+    done = run_launch("--tp-size", "3", "--model-path", str(tmp_path), "--load-format", "dummy")
     assert done.returncode != 0
-    assert "--tp-size 2 does not divide the model's 3 attention heads" in done.stderr, done.stderr[-3000:]
+    assert "--tp-size 3 and the model's 2 KV heads" in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["pd"])

@@ -2,15 +2,17 @@
 processes) whose parallel layers and whole workers are compared with the unsharded ones.
 
 The multi-rank part runs this file as a script in one child process per rank (``python -m
-tests.unit.engine.test_tensor_parallel RANK WORLD STORE OUT CASES_JSON``): each joins the
+tests.unit.engine.test_tensor_parallel WORLD STORE OUT RANK CASES LAYERS``): each joins the
 group, runs the layer checks (two ranks) and the cases through ``Worker.step`` (the
 ``StepDriver``), and writes what it saw as JSON; rank 0 also runs each case on an unsharded
-worker. The packaged default model (SmolLM2-135M, GGUF) runs over three ranks.
+worker. The packaged default model (SmolLM2-135M, GGUF) runs over two ranks (its 3 KV heads
+dealt out 2 and 1).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,19 +67,28 @@ def test_split_pads_the_last_vocabulary_shard() -> None:
     assert splits[-1].vocab_start + splits[-1].vocab_shard > cfg.vocab_size
 
 
-def test_the_default_model_cannot_split_over_two_ranks() -> None:
+def test_kv_heads_that_do_not_divide_are_dealt_out_whole_with_their_query_heads() -> None:
+    """The default model (9 query heads over 3 KV heads) over two ranks: 2 KV heads and their 6
+    query heads on rank 0, the third with its 3 on rank 1, so each rank keeps groups of 3."""
     cfg = ModelConfig.from_hf(SMOLLM2)
-    with pytest.raises(ValueError, match="--tp-size 2 does not divide the model's 9 attention heads"):
-        check_splittable(cfg, 2)
-    check_splittable(cfg, 3)  # 3 query heads and one KV head per rank
-    assert ModelSplit.of(cfg, 3, 2).num_heads == 3
+    splits = [ModelSplit.of(cfg, 2, rank) for rank in range(2)]
+    assert [(s.head_start, s.num_heads, s.kv_head_start, s.num_kv_heads) for s in splits] == [
+        (0, 6, 0, 2), (6, 3, 2, 1),
+    ]
+    assert [s.intermediate_size for s in splits] == [768, 768]
+    five = ModelConfig.from_hf(dict(SMOLLM2, num_attention_heads=10, num_key_value_heads=5))
+    assert [(s.head_start, s.num_heads) for s in (ModelSplit.of(five, 3, r) for r in range(3))] == [
+        (0, 4), (4, 4), (8, 2),
+    ]
+    assert ModelSplit.of(cfg, 3, 2).num_heads == 3  # even: one KV head per rank
 
 
 @pytest.mark.parametrize(
     "tp_size,overrides,message",
     [
-        (4, dict(num_attention_heads=8, num_key_value_heads=6), "6 KV heads: the KV heads must"),
-        (2, dict(num_attention_heads=8, num_key_value_heads=3), "3 KV heads: the KV heads must"),
+        (4, dict(num_attention_heads=6, num_key_value_heads=3), "3 KV heads: with fewer KV heads than ranks"),
+        (4, dict(num_attention_heads=6, num_key_value_heads=2), "not divide the model's 6 attention heads"),
+        (2, dict(num_attention_heads=8, num_key_value_heads=3), "8 attention heads do not group over its 3"),
         (2, dict(intermediate_size=131), "does not divide the model's intermediate size 131"),
         (0, {}, "--tp-size must be a positive integer"),
     ],
@@ -143,13 +154,14 @@ def write_dummy_config(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def run_ranks(root: Path, world: int, cases: dict[str, dict]) -> dict[int, dict]:
-    """Start ``world`` rank processes on ``cases``; what each wrote."""
+def run_ranks(root: Path, world: int, cases: dict[str, dict], layers: bool = True) -> dict[int, dict]:
+    """Start ``world`` rank processes on ``cases`` (and, two of them, the layer checks if
+    ``layers``); what each wrote."""
     store = f"file://{root}/store"
     env = dict(os.environ, PDSERVE_TORCH_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     argv = [sys.executable, "-m", "tests.unit.engine.test_tensor_parallel", str(world), store, str(root)]
     procs = [
-        subprocess.Popen([*argv, str(rank), json.dumps(cases)], cwd=REPO_ROOT, env=env)
+        subprocess.Popen([*argv, str(rank), json.dumps(cases), str(int(layers))], cwd=REPO_ROOT, env=env)
         for rank in range(world)
     ]
     try:
@@ -199,8 +211,9 @@ def test_two_ranks_generate_what_one_rank_does(two_rank_results: dict[int, dict]
         assert got == pytest.approx(want, abs=1e-3)
 
 
-def test_the_default_model_over_three_ranks_generates_what_one_rank_does(tmp_path: Path) -> None:
-    """SmolLM2-135M from its GGUF file (9 query heads, 3 KV heads: one per rank)."""
+def test_the_default_model_over_two_ranks_generates_what_one_rank_does(tmp_path: Path) -> None:
+    """SmolLM2-135M from its GGUF file (9 query heads over 3 KV heads: 6 and 2 on rank 0, 3 and 1
+    on rank 1)."""
     pytest.importorskip("gguf", reason="the packaged model is a GGUF file")
     from protocol.model_source import PACKAGED_MODELS
 
@@ -209,9 +222,9 @@ def test_the_default_model_over_three_ranks_generates_what_one_rank_does(tmp_pat
     except FileNotFoundError as e:
         pytest.skip(f"the packaged GGUF model is not installed: {e}")
     case = {"model_path": DEFAULT_MODEL_PATH, "num_prompts": 2, "sampled": False, **POOL}
-    results = run_ranks(tmp_path, 3, {"default": case})
-    ranks = [results[rank]["cases"]["default"] for rank in range(3)]
-    assert ranks[0]["greedy"] == ranks[1]["greedy"] == ranks[2]["greedy"]
+    results = run_ranks(tmp_path, 2, {"default": case}, layers=False)
+    ranks = [results[rank]["cases"]["default"] for rank in range(2)]
+    assert ranks[0]["greedy"] == ranks[1]["greedy"]
     assert ranks[0]["greedy"] == ranks[0]["unsharded_greedy"]
     assert len(ranks[0]["greedy"]) == 2 and all(len(out) == MAX_NEW for out in ranks[0]["greedy"])
 
@@ -254,12 +267,19 @@ def _layer_errors(tp: object) -> dict[str, float]:
         errors["column q"] = float((got_q - want[0][:, rank * 2 * d : (rank + 1) * 2 * d]).abs().max())
         errors["column kv"] = float(max((got_k - want[1]).abs().max(), (got_v - want[2]).abs().max()))
         o_dense = Linear(4 * d, hidden, bias=True)
-        o_row = RowParallelLinear(4 * d, hidden, True, tp)  # type: ignore[arg-type]
+        o_row = RowParallelLinear(parts[0], hidden, True, tp)  # type: ignore[arg-type]
         for p in o_dense.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
         o_row.weight.copy_(o_row.rank_part("weight", o_dense.weight, None))
         o_row.bias.copy_(o_dense.bias)
         errors["row"] = float((o_row(got_q, kernels) - o_dense(want[0], kernels)).abs().max())
+        # uneven columns (3 of 4 heads on rank 0, as whole KV groups are dealt out)
+        uneven = RowRange(4 * d, 0, 3 * d) if rank == 0 else RowRange(4 * d, 3 * d, d)
+        o_uneven = RowParallelLinear(uneven, hidden, True, tp)  # type: ignore[arg-type]
+        o_uneven.weight.copy_(o_uneven.rank_part("weight", o_dense.weight, None))
+        o_uneven.bias.copy_(o_dense.bias)
+        mine_q = want[0][:, uneven.start : uneven.start + uneven.size]
+        errors["row, uneven"] = float((o_uneven(mine_q, kernels) - o_dense(want[0], kernels)).abs().max())
         # vocabulary-parallel embedding and LM head, an odd vocabulary (the last shard padded)
         vocab, shard = 11, 6
         table = torch.randn(vocab, hidden, generator=gen)
@@ -271,7 +291,27 @@ def _layer_errors(tp: object) -> dict[str, float]:
         head.weight.copy_(head.rank_part("weight", table, None))
         logits = LogitGather(tp, vocab)(head(x, kernels))  # type: ignore[arg-type]
         errors["lm head"] = float((logits - x @ table.T).abs().max())
+        errors["gather, uneven"] = _uneven_gather_error(tp)
     return errors
+
+
+def _uneven_gather_error(tp: object) -> float:
+    """A prefill instance's ranks gather staging buffers of their own head counts on rank 0
+    (2 heads on rank 0, 1 on rank 1): each arrives whole, in its own shape."""
+    from engine.parallel.steps import gather_to_driver
+
+    shapes = [(4, 3, 2, 5), (4, 3, 1, 5)]
+    def mine(r: int) -> torch.Tensor:
+        return torch.arange(math.prod(shapes[r]), dtype=torch.float32).view(shapes[r]) + 1000 * r
+
+    rank = tp.rank  # type: ignore[attr-defined]
+    parts = gather_to_driver(tp, mine(rank), shapes)  # type: ignore[arg-type]
+    if rank != 0:
+        return 0.0 if parts is None else float("inf")
+    assert parts is not None
+    if [tuple(p.shape) for p in parts] != shapes:
+        return float("inf")
+    return max(float((p - mine(r)).abs().max()) for r, p in enumerate(parts))
 
 
 def _run_case(args: ServerArgs, tp: object, prompts: list[list[int]], sampled: bool) -> dict:
@@ -294,7 +334,7 @@ def _run_case(args: ServerArgs, tp: object, prompts: list[list[int]], sampled: b
     }
 
 
-def _rank_main(world: int, store: str, out_dir: str, rank: int, cases: dict[str, dict]) -> None:
+def _rank_main(world: int, store: str, out_dir: str, rank: int, cases: dict[str, dict], layers: bool) -> None:
     from engine.parallel.group import close_tensor_parallel, init_tensor_parallel
     from engine.weights import model_config
     from protocol.model_source import resolve_model
@@ -304,7 +344,7 @@ def _rank_main(world: int, store: str, out_dir: str, rank: int, cases: dict[str,
     first = next(iter(cases.values()))["model_path"]
     cfg = model_config(resolve_model(first))
     tp = init_tensor_parallel(cfg, world, rank, store, torch.device("cpu"), timeout_s=CHILD_TIMEOUT_S)
-    results: dict = {"layers": _layer_errors(tp) if world == 2 else {}, "cases": {}}
+    results: dict = {"layers": _layer_errors(tp) if layers and world == 2 else {}, "cases": {}}
     for name, case in cases.items():
         overrides = dict(case)
         prompts = PROMPTS[: overrides.pop("num_prompts", len(PROMPTS))]
@@ -328,4 +368,5 @@ def _single_rank() -> object:
 
 
 if __name__ == "__main__":
-    _rank_main(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5]))
+    world_arg, store_arg, out_arg, rank_arg, cases_arg, layers_arg = sys.argv[1:7]
+    _rank_main(int(world_arg), store_arg, out_arg, int(rank_arg), json.loads(cases_arg), layers_arg == "1")

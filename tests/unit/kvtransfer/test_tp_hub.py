@@ -34,7 +34,7 @@ SHARDED = InstanceHeads(2, (HeadRange(0, 1), HeadRange(1, 1)))
 
 def heads_of(num_kv_heads: int, tp_size: int) -> InstanceHeads:
     """As an instance of ``tp_size`` ranks splits a model of ``num_kv_heads`` KV heads."""
-    cfg = dataclasses.replace(ModelConfig.embedded(), num_kv_heads=num_kv_heads, num_heads=8)
+    cfg = dataclasses.replace(ModelConfig.embedded(), num_kv_heads=num_kv_heads, num_heads=4 * num_kv_heads)
     return InstanceHeads.of_splits(num_kv_heads, [ModelSplit.of(cfg, tp_size, r) for r in range(tp_size)])
 
 
@@ -42,6 +42,8 @@ def test_each_head_comes_from_one_rank_once_sharded_or_replicated() -> None:
     assert heads_of(2, 1).sources() == [0]
     assert heads_of(2, 2).sources() == [0, 1]
     assert heads_of(4, 2).ranks == (HeadRange(0, 2), HeadRange(2, 2))
+    assert heads_of(3, 2).ranks == (HeadRange(0, 2), HeadRange(2, 1))  # dealt out whole: uneven
+    assert heads_of(3, 2).sources() == [0, 1]
     replicated = heads_of(2, 4)  # each KV head on two ranks: the lower one is the source
     assert replicated.ranks == (HeadRange(0, 1), HeadRange(0, 1), HeadRange(1, 1), HeadRange(1, 1))
     assert replicated.sources() == [0, 2]
@@ -64,6 +66,10 @@ def test_assemble_and_slice_are_inverse() -> None:
     replicated = heads_of(2, 4)
     two = torch.randn(2 * NUM_LAYERS, 3, PAGE_SIZE, 2, HEAD_DIM)
     assert torch.equal(replicated.assemble([replicated.slice_of(two, r) for r in range(4)]), two)
+    uneven = heads_of(3, 2)  # 2 heads on rank 0, 1 on rank 1
+    three = torch.randn(2 * NUM_LAYERS, 3, PAGE_SIZE, 3, HEAD_DIM)
+    assert [uneven.slice_of(three, r).shape[3] for r in range(2)] == [2, 1]
+    assert torch.equal(uneven.assemble([uneven.slice_of(three, r) for r in range(2)]), three)
 
 
 def test_the_layout_check_maps_tp_sizes_over_zmq_and_fake_only() -> None:
