@@ -12,7 +12,10 @@ itself (``kvtransfer.links``); the scheduler need not ask again.
 
 With ``--tp-size`` > 1 rank 0's receiver takes whole pages (every KV head) and lands its own
 heads; the other ranks' heads reach them over the step relay before rank 0's next frame, and a
-room's result waits until they have (``kvtransfer.tp_hub``). Every rank seeds the first tokens.
+room's result waits until they have (``kvtransfer.tp_hub``). Over a pool-to-pool backend every
+rank runs its own receiver instead, registered with its prefill rank, and reports its part of
+each room to rank 0, which reports the room (``kvtransfer.tp_parts``). Every rank seeds the
+first tokens.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import threading
 from collections.abc import Callable
 from typing import cast
 
+import zmq
+
 from engine.parallel.group import SINGLE_RANK, TensorParallel
-from engine.parallel.ranks import Handlers, refuse_tensor_parallel, run_follower
+from engine.parallel.ranks import FollowerHooks, FollowerRole, moves_kv_in_parts, run_follower
 from engine.parallel.steps import FlushingRelay, Relay, StepRelay, make_relay
 from engine.worker import Worker
 from engine.worker_process import RESULT_LINGER_MS, StepHooks, worker_process
@@ -31,6 +36,7 @@ from kvtransfer import KVReceiver, TransferConfig, TransferError, layout_from_ca
 from kvtransfer.kernels import PagedCaches, PoolLander
 from kvtransfer.notifier import Notifier
 from kvtransfer.tp_hub import HeldResults, HubLander, InstanceHeads, instance_layout, land_shards
+from kvtransfer.tp_parts import PartReporter, RoomParts, parts_address, peer_for_rank, rank_layout
 from protocol.config import WorkerConfig
 from protocol.dataplane import KVShardPages
 from protocol.messages import (
@@ -53,18 +59,32 @@ def seed_first_tokens(worker: Worker, batch: StepBatch) -> None:
             next_tokens[new.slot] = new.next_token
 
 
+RegistrationReport = Callable[[int, KVPeerRegistered], None]  # (attempt, outcome) → the scheduler or rank 0
+
+
 class DecodeWorker:
-    def __init__(self, worker: Worker, receiver: KVReceiver, notifier: Notifier, register_timeout: float):
+    """A decode rank's step hooks: rooms to expect and abort, first tokens seeded, and its
+    receiver's registrations. ``rank`` > 0 only where every rank receives its own KV heads
+    (``kvtransfer.tp_parts``): such a rank registers with its prefill rank (the
+    ``RegisterKVPeer``'s ``rank_addresses``) and expects rooms from it."""
+
+    def __init__(
+        self, worker: Worker, receiver: KVReceiver, report: RegistrationReport, register_timeout: float,
+        rank: int = 0,
+    ) -> None:
         self.worker = worker
         self.receiver = receiver
-        self.notifier = notifier
+        self.report = report
         self.register_timeout = register_timeout
+        self.rank = rank
         self.refused: list[TransferResult] = []  # rooms the receiver would not take
+        self._attempts: dict[str, int] = {}  # RegisterKVPeer messages seen, by prefill instance
+        self._peers: dict[str, str] = {}  # rank 0's prefill KV address -> this rank's peer
 
     def step(self, batch: StepBatch) -> StepResult:
         for expect in batch.expects:
             try:
-                self.receiver.expect(expect.room, expect.peer, expect.dst_pages)
+                self.receiver.expect(expect.room, self._peers.get(expect.peer, expect.peer), expect.dst_pages)
             except (TransferError, ValueError) as e:
                 self.refused.append(TransferResult(expect.room, ok=False, error=str(e)))
         for room in batch.abort_rooms:
@@ -77,30 +97,65 @@ class DecodeWorker:
         return out
 
     def register(self, msg: RegisterKVPeer) -> None:
-        threading.Thread(target=self._register, args=(msg,), name="kv-register", daemon=True).start()
-
-    def _register(self, msg: RegisterKVPeer) -> None:
+        """Register on a thread of its own: it waits for the peer's answer."""
+        attempt = self._attempts[msg.prefill_addr] = self._attempts.get(msg.prefill_addr, 0) + 1
         try:
-            self.receiver.register(msg.transfer_addr, timeout=self.register_timeout)
-        except TransferError as e:
-            logger.warning("KV registration with %s failed: %s", msg.transfer_addr, e)
-            self.notifier.notify(KVPeerRegistered(msg.prefill_addr, ok=False, error=str(e)))
+            address = msg.transfer_addr if self.rank == 0 else peer_for_rank(msg.rank_addresses, self.rank)
+        except ValueError as e:
+            self.report(attempt, KVPeerRegistered(msg.prefill_addr, ok=False, error=str(e)))
             return
-        logger.info("KV receiver registered with %s (%s)", msg.transfer_addr, msg.prefill_addr)
-        self.notifier.notify(KVPeerRegistered(msg.prefill_addr, ok=True))
+        self._peers[msg.transfer_addr] = address
+        args = (msg.prefill_addr, address, attempt)
+        threading.Thread(target=self._register, args=args, name="kv-register", daemon=True).start()
+
+    def _register(self, prefill_addr: str, address: str, attempt: int) -> None:
+        try:
+            self.receiver.register(address, timeout=self.register_timeout)
+        except TransferError as e:
+            logger.warning("KV registration with %s failed: %s", address, e)
+            self.report(attempt, KVPeerRegistered(prefill_addr, ok=False, error=str(e)))
+            return
+        logger.info("KV receiver registered with %s (%s)", address, prefill_addr)
+        self.report(attempt, KVPeerRegistered(prefill_addr, ok=True))
 
 
-def start_decode(
-    cfg: WorkerConfig, tp: TensorParallel = SINGLE_RANK
-) -> tuple[Worker, KVReceiver, HubLander | None]:
-    """The engine's worker (this rank's part, with ``tp``) and the KV receiver over its pool,
-    advertising every rank's KV heads; with several ranks, the lander that keeps the others'."""
+def report_when_every_rank_registered(
+    notifier: Notifier, parts: RoomParts, timeout: float
+) -> RegistrationReport:
+    """Rank 0's registrations where every rank receives its own heads: reported once the other
+    ranks' are in too (or one failed)."""
+
+    def report(attempt: int, outcome: KVPeerRegistered) -> None:
+        if outcome.ok:
+            problem = parts.wait_registered(outcome.prefill_addr, attempt, timeout)
+            if problem is not None:
+                outcome = KVPeerRegistered(outcome.prefill_addr, ok=False, error=problem)
+        notifier.notify(outcome)
+
+    return report
+
+
+Receiving = tuple[KVReceiver, HubLander | None]  # a rank's receiver, and rank 0's lander of a hub
+
+
+def start_decode(cfg: WorkerConfig, tp: TensorParallel = SINGLE_RANK) -> tuple[Worker, *Receiving]:
+    """Rank 0's engine worker (its part of the model, with ``tp``) and KV receiver; with several
+    ranks receiving through rank 0, the lander that keeps the others' heads."""
     worker = Worker.create(cfg.args, tp=tp)
+    return (worker, *open_receiver(cfg, worker, tp))
+
+
+def open_receiver(cfg: WorkerConfig, worker: Worker, tp: TensorParallel) -> Receiving:
+    """The KV receiver over this rank's pool, advertising every rank's KV heads: on rank 0 only,
+    landing the others' through a ``HubLander`` (``kvtransfer.tp_hub``), or on every rank with
+    its own rank (``kvtransfer.tp_parts``)."""
     backend = cfg.args.transfer_backend
     pool = worker.runner.kv_pool
     pool_layout = layout_from_caches(pool.k, model=worker.loaded.name, backend=backend)
     layout, lander = pool_layout, None
-    if tp.size > 1:
+    if moves_kv_in_parts(cfg):
+        layout = rank_layout(pool_layout, worker.config.num_kv_heads, tp.size, tp.rank)
+    elif tp.size > 1:
         heads = InstanceHeads.of_splits(worker.config.num_kv_heads, tp.splits(worker.config))
         layout, lander = instance_layout(pool_layout, heads), HubLander(PagedCaches(pool.k, pool.v), heads)
     receiver = make_backend(
@@ -110,23 +165,43 @@ def start_decode(
         pool.k,
         pool.v,
         config=TransferConfig.from_args(cfg.args),
-        pool_layout=pool_layout if lander is not None else None,
+        pool_layout=pool_layout if tp.size > 1 else None,
         lander=lander,
     )
-    return worker, cast(KVReceiver, receiver), lander
+    return cast(KVReceiver, receiver), lander
 
 
-def follower_hooks(worker: Worker, tp: TensorParallel) -> tuple[Callable[[StepBatch], StepResult], Handlers]:
+def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
     """A rank other than 0 of a decode instance: seed the first tokens and step; land its heads
-    of the pages rank 0 received (rank 0 alone registers with prefill workers)."""
-    pool = worker.runner.kv_pool
-    lander = PoolLander(PagedCaches(pool.k, pool.v))
+    of the pages rank 0 received (``kvtransfer.tp_hub``), or receive them itself, registering
+    with its prefill ranks and reporting to rank 0 (``kvtransfer.tp_parts``)."""
 
-    def step(batch: StepBatch) -> StepResult:
-        seed_first_tokens(worker, batch)
-        return worker.step(batch)
+    def hooks(worker: Worker, tp: TensorParallel) -> FollowerRole:
+        if not moves_kv_in_parts(cfg):
+            pool = worker.runner.kv_pool
+            lander = PoolLander(PagedCaches(pool.k, pool.v))
 
-    return step, {KVShardPages: lambda msg: land_shards(lander, msg, tp.rank), RegisterKVPeer: lambda _: None}
+            def step(batch: StepBatch) -> StepResult:
+                seed_first_tokens(worker, batch)
+                return worker.step(batch)
+
+            return FollowerRole(step, {
+                KVShardPages: lambda msg: land_shards(lander, msg, tp.rank), RegisterKVPeer: lambda _: None,
+            })
+        receiver, _ = open_receiver(cfg, worker, tp)
+        ctx = zmq.Context()
+        reporter = PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, receiver)
+        dw = DecodeWorker(worker, receiver, reporter.registered, cfg.args.transfer_timeout, rank=tp.rank)
+
+        def step_in_parts(batch: StepBatch) -> StepResult:
+            result = dw.step(batch)
+            reporter.refused(dw.take_refused())
+            return result
+
+        closing = [ctx.term, receiver.close, reporter.close]
+        return FollowerRole(step_in_parts, {RegisterKVPeer: dw.register}, closing)
+
+    return hooks
 
 
 def relay_of(tp: TensorParallel, lander: HubLander | None) -> Relay:
@@ -139,17 +214,26 @@ def run_decode_worker(cfg: WorkerConfig) -> None:
     """The worker process of a decode instance: start up (or report ``WorkerFailed``), report
     ready, serve until shutdown."""
     if cfg.tp_rank > 0:
-        refuse_tensor_parallel(cfg)
-        run_follower(cfg, hooks=follower_hooks)
+        run_follower(cfg, hooks=follower_hooks(cfg))
         return
     with worker_process(cfg) as proc:
-        proc.start(lambda: refuse_tensor_parallel(cfg))
         tp = proc.join_tensor_parallel(cfg)
         worker, receiver, lander = proc.start(lambda: start_decode(cfg, tp))
         receiver = proc.closing(receiver)
-        results = receiver if lander is None else HeldResults(receiver, lander)
-        notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, results, RESULT_LINGER_MS))
+        timeout = cfg.args.transfer_timeout
+        if moves_kv_in_parts(cfg):
+            address = parts_address(cfg.dist_init_method)
+            parts = proc.closing(RoomParts(proc.ctx, address, tp.size, receiver))
+            reporter = proc.closing(PartReporter(proc.ctx, address, 0, receiver))
+            notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, parts, RESULT_LINGER_MS))
+            report = report_when_every_rank_registered(notifier, parts, timeout)
+            dw = DecodeWorker(worker, receiver, report, timeout)
+            after_step = lambda: reporter.refused(dw.take_refused())  # noqa: E731
+        else:
+            results = receiver if lander is None else HeldResults(receiver, lander)
+            notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, results, RESULT_LINGER_MS))
+            dw = DecodeWorker(worker, receiver, lambda _, outcome: notifier.notify(outcome), timeout)
+            after_step = dw.take_refused
         proc.announce_ready(worker.ready_message(TransferEndpoint(receiver.layout)))
-        dw = DecodeWorker(worker, receiver, notifier, cfg.args.transfer_timeout)
-        hooks = StepHooks(dw.step, after_step=dw.take_refused, handlers={RegisterKVPeer: dw.register})
+        hooks = StepHooks(dw.step, after_step=after_step, handlers={RegisterKVPeer: dw.register})
         proc.serve(hooks, relay_of(tp, lander))

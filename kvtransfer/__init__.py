@@ -65,9 +65,9 @@ def make_backend(
 ) -> KVSender | KVReceiver:
     """The ``role`` side ("prefill" → KVSender bound at ``address``; "decode" → KVReceiver)
     of backend ``name`` over this worker's KV pool (per-layer ``k_caches`` / ``v_caches``).
-    A tensor-parallel instance's rank 0 advertises the instance's ``layout`` over its own pool
-    (``pool_layout``), and its decode side lands pages through ``lander``
-    (``kvtransfer.tp_hub``): only the backends of ``TP_MAPPING_BACKENDS`` can."""
+    A tensor-parallel rank advertises the instance's ``layout`` over its own pool
+    (``pool_layout``); through rank 0, its decode side lands pages through ``lander``
+    (``kvtransfer.tp_hub``), which only the backends of ``TP_MAPPING_BACKENDS`` can."""
     if name not in BACKENDS:
         raise ValueError(f"unknown KV transfer backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if role not in ROLES:
@@ -76,10 +76,11 @@ def make_backend(
         raise LayoutMismatch("backend", name, layout.backend, "layout")
     if role == "prefill" and not address:
         raise ValueError("the prefill side needs an explicit address to bind (tcp://host:port or ipc://path)")
-    if (pool_layout is not None or lander is not None) and name not in TP_MAPPING_BACKENDS:
+    if lander is not None and name not in TP_MAPPING_BACKENDS:
         raise ValueError(
-            f"the {name} KV transfer backend moves one rank's pool only (--tp-size 1); "
-            f"a tensor-parallel instance needs one of {', '.join(TP_MAPPING_BACKENDS)}"
+            f"the {name} KV transfer backend moves pool to pool: every rank moves its own heads "
+            f"(kvtransfer.tp_parts); only {', '.join(TP_MAPPING_BACKENDS)} land an instance's "
+            "through rank 0"
         )
     sender_cls, receiver_cls = _classes(name)
     if role == "prefill":

@@ -11,19 +11,24 @@ import zmq
 
 from kvtransfer.base import KVReceiver, KVSender
 from protocol import transport
-from protocol.messages import KVLinkStates, Message, TransferResult
+from protocol.messages import KVLinkStates, Message, RoomPart, TransferResult
 
 RESULT_POLL_S = 0.1  # the thread's wait per poll (bounds how long stopping it takes)
 
 
 class Notifier:
+    """``rank``: report each room result as that tensor-parallel rank's part of the room, to its
+    rank 0 (``kvtransfer.tp_parts``), and no link states."""
+
     def __init__(
-        self, ctx: zmq.Context, result_addr: str, side: KVSender | KVReceiver, linger_ms: int
+        self, ctx: zmq.Context, result_addr: str, side: KVSender | KVReceiver, linger_ms: int,
+        rank: int | None = None,
     ) -> None:
         self._sock = transport.connect(ctx, zmq.PUSH, result_addr)
         self._lock = threading.Lock()
         self._side = side
         self._linger_ms = linger_ms
+        self._rank = rank
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-results", daemon=True)
         self._thread.start()
@@ -36,8 +41,9 @@ class Notifier:
         links: dict[str, str] = {}
         while not self._stop.is_set():
             for r in self._side.poll(RESULT_POLL_S):
-                self.notify(TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob))
-            if (now := self._side.link_states()) != links:
+                result = TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob)
+                self.notify(result if self._rank is None else RoomPart(self._rank, result))
+            if self._rank is None and (now := self._side.link_states()) != links:
                 links = now
                 self.notify(KVLinkStates(links))
 

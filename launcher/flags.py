@@ -10,7 +10,6 @@ import os
 
 from launcher.supervisor import RestartPolicy
 from protocol.config import DEFAULT_MODEL_PATH, WILDCARD_HOSTS, FlagChoices, Mode, ServerArgs, flag_name
-from protocol.dataplane import TP_MAPPING_BACKENDS
 from protocol.security import KEYGEN_HINT, ClusterKeys
 
 FLAG_HELP = {
@@ -164,13 +163,6 @@ def parse_args(argv: list[str]) -> tuple[Mode, ServerArgs, argparse.Namespace]:
         raise ValueError(f"--port {args.port} is also a ZMQ port of the front end: choose another --zmq-port")
     if ns.max_restarts < 0:
         raise ValueError(f"--max-restarts must be ≥ 0, got {ns.max_restarts}")
-    disaggregated = ns.mode in (Mode.PREFILL, Mode.DECODE, Mode.PD)
-    if args.tp_size > 1 and disaggregated and args.transfer_backend not in TP_MAPPING_BACKENDS:
-        raise ValueError(
-            f"--tp-size {args.tp_size} with --transfer-backend {args.transfer_backend}: a disaggregated "
-            f"instance of several ranks needs --transfer-backend {' or '.join(TP_MAPPING_BACKENDS)} "
-            "for now (its KV moves through rank 0)"
-        )
     if args.nnodes > 1 and ns.mode != Mode.UNIFIED:
         raise ValueError(f"--nnodes {args.nnodes} is supported in --mode unified only for now")
     if ns.mode == Mode.PD and (ns.num_prefill < 1 or ns.num_decode < 1):

@@ -11,26 +11,29 @@ failed) and link states reach the scheduler from ``kvtransfer.notifier.Notifier`
 With ``--tp-size`` > 1 every rank runs each step, then the ranks gather the pages it sends into
 rank 0's host staging buffers of every KV head (``StagedSends``), which rank 0's sender sends
 as they are (``kvtransfer.tp_hub``); the other ranks are ``run_follower``'s, with that gather
-after each step.
+after each step. Over a pool-to-pool backend every rank sends its own heads through its own
+sender instead and reports its part of each room to rank 0 (``kvtransfer.tp_parts``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
+import zmq
 
 from engine.parallel.group import SINGLE_RANK, TensorParallel
-from engine.parallel.ranks import Handlers, refuse_tensor_parallel, run_follower
-from engine.parallel.steps import gather_to_driver, make_relay
+from engine.parallel.ranks import FollowerHooks, FollowerRole, moves_kv_in_parts, run_follower
+from engine.parallel.steps import gather_strings, gather_to_driver, make_relay
 from engine.worker import Worker
 from engine.worker_process import RESULT_LINGER_MS, StepHooks, worker_process
 from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, layout_from_caches, make_backend
 from kvtransfer.kernels import PagedCaches, page_ops_for
 from kvtransfer.notifier import Notifier
 from kvtransfer.tp_hub import InstanceHeads, instance_layout
+from kvtransfer.tp_parts import PartReporter, RoomParts, parts_address, rank_layout, rank_transfer_address
 from prefill_worker.faults import with_faults
 from protocol.config import WorkerConfig
 from protocol.dataplane import TokenLogprob
@@ -138,36 +141,78 @@ class PrefillWorker:
         return out
 
 
-def start_prefill(cfg: WorkerConfig, tp: TensorParallel = SINGLE_RANK) -> tuple[Worker, KVSender]:
-    """The engine's worker (this rank's part, with ``tp``) and the KV sender over its pool,
-    advertising every rank's KV heads."""
+@dataclass
+class PrefillSide:
+    """A prefill rank's engine worker and KV sender; on rank 0 of an instance whose ranks send
+    in parts, every rank's sender address (by rank)."""
+
+    worker: Worker
+    sender: KVSender
+    rank_addresses: list[str]
+
+
+def start_prefill(cfg: WorkerConfig, tp: TensorParallel = SINGLE_RANK) -> PrefillSide:
+    """Rank 0's engine worker (its part of the model, with ``tp``) and KV sender."""
     worker = Worker.create(cfg.args, decodes=False, tp=tp)  # a prefill instance samples first tokens only
+    return open_sender(cfg, worker, tp)
+
+
+def open_sender(cfg: WorkerConfig, worker: Worker, tp: TensorParallel) -> PrefillSide:
+    """The KV sender over this rank's pool: advertising every rank's KV heads, on rank 0 only
+    (``kvtransfer.tp_hub``) or on every rank with its own rank (``kvtransfer.tp_parts``: the
+    ranks gather their addresses, a collective)."""
     backend = cfg.args.transfer_backend
     pool_layout = kv_layout(worker, backend)
-    layout = instance_layout(pool_layout, instance_heads(worker, tp)) if tp.size > 1 else pool_layout
-    sender = make_backend(
+    in_parts = moves_kv_in_parts(cfg)
+    address = transfer_address(cfg)
+    if tp.size == 1:
+        layout = pool_layout
+    elif in_parts:
+        layout = rank_layout(pool_layout, worker.config.num_kv_heads, tp.size, tp.rank)
+        address = rank_transfer_address(address, tp.rank)
+    else:
+        layout = instance_layout(pool_layout, instance_heads(worker, tp))
+    sender = cast(KVSender, make_backend(
         backend,
         "prefill",
         layout,
         worker.runner.kv_pool.k,
         worker.runner.kv_pool.v,
-        address=transfer_address(cfg),
+        address=address,
         config=TransferConfig.from_args(cfg.args),
         pool_layout=pool_layout if tp.size > 1 else None,
-    )
-    return worker, cast(KVSender, sender)
+    ))
+    rank_addresses = (gather_strings(tp, sender.address) or []) if in_parts else []
+    return PrefillSide(worker, sender, rank_addresses)
 
 
-def follower_hooks(worker: Worker, tp: TensorParallel) -> tuple[Callable[[StepBatch], None], Handlers]:
-    """A rank other than 0 of a prefill instance: each step, then its part of the pages sent."""
-    staged = StagedSends(worker, tp)
+def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
+    """A rank other than 0 of a prefill instance: each step, then its part of the pages sent:
+    gathered for rank 0 (``kvtransfer.tp_hub``), or sent by its own sender, whose results go to
+    rank 0 (``kvtransfer.tp_parts``)."""
 
-    def step(batch: StepBatch) -> None:
-        worker.step(batch)
-        if batch.transfers:
-            staged.gather(batch)
+    def hooks(worker: Worker, tp: TensorParallel) -> FollowerRole:
+        if not moves_kv_in_parts(cfg):
+            staged = StagedSends(worker, tp)
 
-    return step, {}
+            def step(batch: StepBatch) -> None:
+                worker.step(batch)
+                if batch.transfers:
+                    staged.gather(batch)
+
+            return FollowerRole(step)
+        side = open_sender(cfg, worker, tp)
+        ctx = zmq.Context()
+        reporter = PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, side.sender)
+        pw = PrefillWorker(worker, side.sender)
+
+        def step_in_parts(batch: StepBatch) -> None:
+            pw.step(batch)
+            reporter.refused(pw.take_refused())
+
+        return FollowerRole(step_in_parts, closing=[ctx.term, side.sender.close, reporter.close])
+
+    return hooks
 
 
 def run_prefill_worker(cfg: WorkerConfig) -> None:
@@ -175,18 +220,24 @@ def run_prefill_worker(cfg: WorkerConfig) -> None:
     ready with the KV sender's address, serve until shutdown. The faults of ``PDSERVE_FAULTS``
     (``protocol.faults``) are read once, before anything starts."""
     if cfg.tp_rank > 0:
-        refuse_tensor_parallel(cfg)
-        run_follower(cfg, decodes=False, hooks=follower_hooks)
+        run_follower(cfg, decodes=False, hooks=follower_hooks(cfg))
         return
     with worker_process(cfg) as proc:
         faults = proc.start(Faults.from_env)
-        proc.start(lambda: refuse_tensor_parallel(cfg))
         tp = proc.join_tensor_parallel(cfg)
-        worker, sender = proc.start(lambda: start_prefill(cfg, tp))
-        sender = proc.closing(sender)
+        side = proc.start(lambda: start_prefill(cfg, tp))
+        worker, sender = side.worker, proc.closing(side.sender)
         if (faulty := with_faults(sender, faults, cfg.name)) is not sender:
             sender = proc.closing(faulty)  # closed first: its queued sends still leave
-        proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, sender, RESULT_LINGER_MS))
-        proc.announce_ready(worker.ready_message(TransferEndpoint(sender.layout, sender.address)))
-        pw = PrefillWorker(worker, sender, StagedSends(worker, tp) if tp.size > 1 else None)
-        proc.serve(StepHooks(pw.step, after_step=pw.take_refused), make_relay(tp))
+        results, parts = sender, None  # what the notifier polls; rank 0's part reporter
+        if moves_kv_in_parts(cfg):
+            address = parts_address(cfg.dist_init_method)
+            results = proc.closing(RoomParts(proc.ctx, address, tp.size, sender))
+            parts = proc.closing(PartReporter(proc.ctx, address, 0, sender))
+        proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, results, RESULT_LINGER_MS))
+        endpoint = TransferEndpoint(sender.layout, sender.address, side.rank_addresses)
+        proc.announce_ready(worker.ready_message(endpoint))
+        staged = StagedSends(worker, tp) if tp.size > 1 and parts is None else None
+        pw = PrefillWorker(worker, sender, staged)
+        after_step = pw.take_refused if parts is None else (lambda: parts.refused(pw.take_refused()))
+        proc.serve(StepHooks(pw.step, after_step=after_step), make_relay(tp))

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 from protocol.codec import PROTOCOL_VERSION, Message
 
 # Backends whose instances map any two ``--tp-size``s onto each other (through rank 0: see
-# ``kvtransfer.tp_hub``); the others move one pool to one pool and need equal sizes.
+# ``kvtransfer.tp_hub``); the others move one pool to one pool, each rank its own to its peer
+# rank's (``kvtransfer.tp_parts``), and need equal sizes.
 TP_MAPPING_BACKENDS = ("zmq", "fake")
 
 
@@ -26,7 +27,8 @@ class KVLayout:
     """What a prefill and a decode worker must agree on, checked once per registration. It is
     the instance's: ``num_kv_heads`` counts the KV heads of all its tensor-parallel ranks
     together (the model's), ``tp_size`` how many ranks hold them, ``tp_rank`` the rank whose
-    data-plane end this is (0: rank 0 moves the whole instance's KV)."""
+    data-plane end this is (0 where rank 0 moves the whole instance's KV; each rank's own where
+    every rank moves its heads)."""
 
     model: str
     num_layers: int
@@ -230,4 +232,5 @@ class KVShardPages(Message):
 
     TYPE: ClassVar[str] = "kv_shard_pages"
     landings: list[ShardLanding]
+
 

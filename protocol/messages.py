@@ -519,10 +519,12 @@ class StepResult(Message):
 class TransferEndpoint:
     """A disaggregated worker's end of the KV data plane: the layout of its KV pool (what a peer
     must match, the backend included), and for a prefill worker the address its KV sender is
-    bound to (decode workers connect there)."""
+    bound to (decode workers connect there); where every tensor-parallel rank moves its own KV
+    heads, each rank's sender's address (decode rank r registers with prefill rank r)."""
 
     layout: KVLayout
     address: str = ""
+    rank_addresses: list[str] = field(default_factory=list)  # each rank's sender, when each sends its own
 
     @property
     def backend(self) -> str:
@@ -567,6 +569,7 @@ class RegisterKVPeer(Message):
     TYPE: ClassVar[str] = "register_kv_peer"
     prefill_addr: str
     transfer_addr: str
+    rank_addresses: list[str] = field(default_factory=list)  # the prefill ranks' senders, by rank
 
 
 @dataclass
@@ -600,6 +603,28 @@ class TransferResult(Message):
     first_token: int | None = None
     error: str = ""
     first_logprob: TokenLogprob | None = None
+
+
+@dataclass
+class RoomPart(Message):
+    """A rank of a tensor-parallel instance whose ranks move their own KV heads (a pool-to-pool
+    backend) → its rank 0: the final result of its part of a room (its side's, or its refusal);
+    rank 0 reports the room once every rank's part is in (``kvtransfer.tp_parts``)."""
+
+    TYPE: ClassVar[str] = "kv_room_part"
+    rank: int
+    result: TransferResult
+
+
+@dataclass
+class RegistrationPart(Message):
+    """Such a decode rank → its rank 0: its receiver's registration with its prefill rank, for
+    the ``attempt``-th ``RegisterKVPeer`` naming that prefill instance."""
+
+    TYPE: ClassVar[str] = "kv_registration_part"
+    rank: int
+    attempt: int
+    outcome: KVPeerRegistered
 
 
 # --------------------------------------------------------------------------------------------

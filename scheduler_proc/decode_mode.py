@@ -103,7 +103,7 @@ class DecodeRole:
         assert msg.info is not None and msg.info.transfer is not None
         self.peers.move(peer, PeerState.REGISTERING, self.core.clock())
         peer.transfer_addr, peer.incarnation = msg.info.transfer.address, msg.info.incarnation
-        self.core.to_worker(RegisterKVPeer(peer.addr, peer.transfer_addr))
+        self.core.to_worker(RegisterKVPeer(peer.addr, peer.transfer_addr, msg.info.transfer.rank_addresses))
 
     def _reply_problem(self, msg: RegisterReply) -> str | None:
         if msg.info is None:

@@ -47,6 +47,10 @@ FORMED_KEY = "pdserve/formed"  # set in rank 0's store once its group is complet
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 
+class RankLost(RuntimeError):
+    """Another rank of this instance is gone (its connection closed, or the group timed out)."""
+
+
 @dataclass(frozen=True)
 class ModelSplit:
     """One rank's part of a model: heads, KV heads, intermediate rows, vocabulary rows."""
@@ -148,14 +152,24 @@ class TensorParallel:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place (every rank gets the same bits)."""
-        dist.all_reduce(x, group=self.group)
+        try:
+            dist.all_reduce(x, group=self.group)
+        except RuntimeError as e:  # gloo: "Connection reset by peer", or a timeout
+            raise self.lost(e) from None
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[N, C] on every rank → [N, C × size], rank 0's columns first."""
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        try:
+            dist.all_gather(parts, x.contiguous(), group=self.group)
+        except RuntimeError as e:
+            raise self.lost(e) from None
         return torch.cat(parts, dim=-1)
+
+    def lost(self, error: Exception) -> RankLost:
+        """What a failed collective means: another rank of this instance is gone."""
+        return RankLost(f"rank {self.rank}: another rank of this instance is gone ({error})")
 
     def min_over_ranks(self, value: int) -> int:
         """The smallest ``value`` of all ranks (e.g. KV pages: every rank must hold as many)."""

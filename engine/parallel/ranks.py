@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine.parallel.group import (
@@ -55,21 +56,29 @@ def join_tensor_parallel(cfg: WorkerConfig) -> TensorParallel:
     return tp
 
 
-def refuse_tensor_parallel(cfg: WorkerConfig) -> None:
-    """A disaggregated worker of several ranks moves its KV through rank 0, which only the
-    backends of ``TP_MAPPING_BACKENDS`` can (``kvtransfer.tp_hub``): refuse ``--tp-size`` > 1
-    over the others, on every rank, rather than start ranks that would not cooperate."""
+def moves_kv_in_parts(cfg: WorkerConfig) -> bool:
+    """Whether each rank of this disaggregated instance moves its own KV heads, pool to pool
+    (``kvtransfer.tp_parts``), rather than through rank 0 (``kvtransfer.tp_hub``)."""
     from protocol.dataplane import TP_MAPPING_BACKENDS
 
-    backend = cfg.args.transfer_backend
-    if cfg.args.tp_size > 1 and backend not in TP_MAPPING_BACKENDS:
-        raise ValueError(
-            f"--tp-size {cfg.args.tp_size}: a {cfg.role} worker over --transfer-backend {backend} runs "
-            f"one rank only for now (use {' or '.join(TP_MAPPING_BACKENDS)})"
-        )
+    return cfg.args.tp_size > 1 and cfg.args.transfer_backend not in TP_MAPPING_BACKENDS
 
 
-FollowerHooks = Callable[["Worker", TensorParallel], tuple[Callable[[StepBatch], object], "Handlers"]]
+@dataclass
+class FollowerRole:
+    """What a role's rank other than 0 runs: each relayed step, handlers of the other relayed
+    messages, and what it closes when it ends (last first)."""
+
+    step: Callable[[StepBatch], object]
+    handlers: Handlers = field(default_factory=dict)
+    closing: list[Callable[[], object]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in reversed(self.closing):
+            close()
+
+
+FollowerHooks = Callable[["Worker", TensorParallel], FollowerRole]
 
 
 def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks | None = None) -> None:
@@ -78,7 +87,7 @@ def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks |
     fail): on node 0 the launcher sees the instance's death; on another node (``--nnodes``) its
     launcher starts the rank again, which waits for rank 0's next store (``join_store``). A
     role's ``hooks`` give the step to run and handlers of the other relayed messages
-    (``decodes`` as rank 0 creates its worker)."""
+    (``decodes`` as rank 0 creates its worker) and what it closes."""
     from engine.worker import Worker
     from engine.worker_process import apply_process_settings, freeze_start_up_heap
 
@@ -88,10 +97,13 @@ def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks |
         _follow_rank_0_to_the_end()
     try:
         worker = Worker.create(cfg.args, decodes=decodes, tp=tp)
-        step, handlers = (worker.step, {}) if hooks is None else hooks(worker, tp)
+        role = FollowerRole(worker.step) if hooks is None else hooks(worker, tp)
         logger.info("%s rank %d of %d ready", cfg.name, tp.rank, tp.size)
         freeze_start_up_heap()
-        follow_steps(step, tp, handlers)
+        try:
+            follow_steps(role.step, tp, role.handlers)
+        finally:
+            role.close()
     except RankLost as e:
         logger.error("%s", e)
         raise SystemExit(1) from None

@@ -30,14 +30,10 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from engine.parallel.group import TensorParallel
+from engine.parallel.group import RankLost, TensorParallel
 
 DRIVER_RANK = 0
 END_MARK = -1  # a frame length that means "rank 0 has stopped serving"
-
-
-class RankLost(RuntimeError):
-    """Another rank of this instance is gone (its connection closed, or the group timed out)."""
 
 
 class RelayEnded(Exception):
@@ -138,10 +134,25 @@ def gather_to_driver(
     try:
         dist.gather(host, parts, dst=DRIVER_RANK, group=tp.control)
     except RuntimeError as e:
-        raise RankLost(f"rank {tp.rank}: another rank of this instance is gone ({e})") from None
+        raise tp.lost(e) from None
     if parts is None:
         return None
     return [part[:size].view(tuple(shape)) for part, size, shape in zip(parts, sizes, shapes, strict=True)]
+
+
+def gather_strings(tp: TensorParallel, text: str, width: int = 256) -> list[str] | None:
+    """Every rank's ``text`` (UTF-8, at most ``width`` bytes), by rank, on rank 0; None on the
+    others. Every rank calls it at the same point of its loop."""
+    data = text.encode()
+    if len(data) > width:
+        raise ValueError(f"{text!r} is longer than {width} bytes")
+    padded = torch.zeros(width, dtype=torch.uint8)
+    if data:
+        padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = gather_to_driver(tp, padded, [(width,)] * tp.size)
+    if parts is None:
+        return None
+    return [bytes(part.numpy().tobytes()).rstrip(b"\0").decode() for part in parts]
 
 
 def receive_frame(tp: TensorParallel) -> bytes | None:
@@ -167,4 +178,4 @@ def _broadcast(tp: TensorParallel, tensor: torch.Tensor) -> None:
     try:
         dist.broadcast(tensor, DRIVER_RANK, group=tp.control)
     except RuntimeError as e:  # gloo: "Connection closed by peer", or a timeout
-        raise RankLost(f"rank {tp.rank}: another rank of this instance is gone ({e})") from None
+        raise tp.lost(e) from None

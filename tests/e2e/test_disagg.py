@@ -124,10 +124,15 @@ CPU_BACKENDS = ["zmq", pytest.param("nixl", marks=NEEDS_NIXL)]
 KILL_BACKENDS = CPU_BACKENDS
 
 
-@pytest.fixture(scope="module", params=CPU_BACKENDS)
+# and over nixl with two ranks a side, each moving its own KV heads (kvtransfer.tp_parts)
+PD_SETUPS = [*CPU_BACKENDS, pytest.param("nixl --tp-size 2", id="nixl-tp2", marks=NEEDS_NIXL)]
+
+
+@pytest.fixture(scope="module", params=PD_SETUPS)
 def pd_1p1d(request: pytest.FixtureRequest) -> Iterator[Server]:
-    backend = ("--transfer-backend", request.param)
-    with running_server(*FLAGS, *backend, "--num-prefill", "1", "--num-decode", "1", mode="pd") as s:
+    backend, *extra = request.param.split()
+    flags = (*FLAGS, "--transfer-backend", backend, *extra, "--num-prefill", "1", "--num-decode", "1")
+    with running_server(*flags, mode="pd") as s:
         yield s
 
 
@@ -193,13 +198,14 @@ def test_abort_at_every_stage(pd_1p1d, stage):
 
 @contextlib.contextmanager
 def standalone(
-    num_prefill: int, num_decode: int, backend: str = "zmq"
+    num_prefill: int, num_decode: int, backend: str = "zmq", extra: tuple[str, ...] = ()
 ) -> Iterator[tuple[list[Server], list[Server], Server]]:
     """Separate ``--mode prefill`` / ``--mode decode`` instances (over the KV transfer
-    ``backend``) and a ``--mode frontend``. An instance that dies stays dead (``--max-restarts
-    0``): these tests are about its survivors (tests/e2e/test_restart.py: restarts)."""
+    ``backend``, with the ``extra`` flags) and a ``--mode frontend``. An instance that dies
+    stays dead (``--max-restarts 0``): these tests are about its survivors
+    (tests/e2e/test_restart.py: restarts)."""
     with contextlib.ExitStack() as stack:
-        flags = (*FLAGS, "--transfer-backend", backend, "--max-restarts", "0")
+        flags = (*FLAGS, "--transfer-backend", backend, "--max-restarts", "0", *extra)
         prefills = [stack.enter_context(running_server(*flags, mode="prefill")) for _ in range(num_prefill)]
         decodes = [stack.enter_context(running_server(*flags, mode="decode")) for _ in range(num_decode)]
         frontend = stack.enter_context(
@@ -248,10 +254,17 @@ def outcomes(c: Client, rids: list[str]) -> list[str]:
     return out
 
 
-def kill_during_transfer(c: Client, victim: Server, role: str, rng: random.Random, frontend: Server) -> None:
-    """Start requests on every pair, kill ``victim`` while its transfers are under way: its
-    requests fail with a clear error within the heartbeat window, the rest finish, the live
-    instances get every page back, and new requests are served by the live instances."""
+KILL_FAILURES = frozenset({"peer_unavailable", "transfer_failed"})
+
+
+def kill_during_transfer(
+    c: Client, victim: Server, role: str, rng: random.Random, frontend: Server,
+    kill: Callable[[Server], None] = kill_instance, failures: frozenset[str] = KILL_FAILURES,
+) -> None:
+    """Start requests on every pair, ``kill`` ``victim`` while its transfers are under way: its
+    requests fail with a clear error (of ``failures``) within the heartbeat window, the rest
+    finish, the live instances get every page back, and new requests are served by the live
+    instances."""
     rids = [
         c.submit(input_ids=byte_prompt(rng, 40), temperature=0, max_new_tokens=30, ignore_eos=True)
         for _ in range(8)
@@ -260,12 +273,12 @@ def kill_during_transfer(c: Client, victim: Server, role: str, rng: random.Rando
     while sum(i["transferring"] for i in c.status()["instances"] if i["role"] == role) < 2:
         assert time.monotonic() < deadline, "no transfer under way"
         time.sleep(0.02)  # transfers last SEND_DELAY_S per chunk: no need to flood the front end
-    kill_instance(victim)
+    kill(victim)
     killed_at = time.monotonic()
     got = outcomes(c, rids)
     assert time.monotonic() - killed_at < HEARTBEAT_TIMEOUT_S + 4, "errors came after the heartbeat window"
-    assert set(got) <= {"length", "peer_unavailable", "transfer_failed"}, got
-    assert {"peer_unavailable", "transfer_failed"} & set(got), got
+    assert set(got) <= {"length", *failures}, got
+    assert failures & set(got), got
     status = live_instances_clean(c)
     assert sum(not i["alive"] for i in status["instances"]) >= 1
     wait_marked_dead(frontend, victim)

@@ -8,20 +8,26 @@ model has 2 KV heads: each rank of a TP 2 instance holds one (``kvtransfer.tp_hu
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from kvtransfer.nixl_agent import nixl_available
 from protocol.config import EMBEDDED
 from tests.e2e.server import Server, e2e_key_dir, running_server, wait_no_leak
 from tests.oracles import greedy_reference
 
 MAX_NEW = 6
+NEEDS_NIXL = pytest.mark.skipif(
+    not nixl_available(), reason="the nixl backend needs the nixl-cu12 package: pip install 'pdserve[nixl]'"
+)
 FLAGS = ("--dtype", "float32", "--page-size", "4", "--chunked-prefill-size", "16",
-         "--max-running-requests", "40", "--transfer-backend", "zmq", "--max-restarts", "0")
+         "--max-running-requests", "40", "--max-restarts", "0")
 
 
 def byte_prompt(rng: random.Random, length: int, prefix: list[int] | None = None) -> list[int]:
@@ -56,14 +62,15 @@ def started_together(*servers: contextlib.AbstractContextManager[Server]) -> Ite
 
 
 @contextlib.contextmanager
-def deployment(prefill_tp: int, decode_tp: int) -> Iterator[Server]:
+def deployment(prefill_tp: int, decode_tp: int, backend: str = "zmq") -> Iterator[Server]:
     """``--mode prefill`` and ``--mode decode`` instances of their own ``--tp-size``s, and a front end."""
+    flags = (*FLAGS, "--transfer-backend", backend)
     instances = (
-        running_server(*FLAGS, "--tp-size", str(prefill_tp), mode="prefill"),
-        running_server(*FLAGS, "--tp-size", str(decode_tp), mode="decode"),
+        running_server(*flags, "--tp-size", str(prefill_tp), mode="prefill"),
+        running_server(*flags, "--tp-size", str(decode_tp), mode="decode"),
     )
     with started_together(*instances) as (prefill, decode), running_server(
-        *FLAGS, "--prefill", prefill.addr, "--decode", decode.addr, mode="frontend"
+        *flags, "--prefill", prefill.addr, "--decode", decode.addr, mode="frontend"
     ) as frontend:
         yield frontend
 
@@ -89,12 +96,17 @@ def unified_tokens() -> list[list[int]]:
     return [o["token_ids"] for o in out]
 
 
-@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)])
-def test_tensor_parallel_sizes_differ_across_the_pair(
-    unified_tokens: list[list[int]], prefill_tp: int, decode_tp: int
+@pytest.mark.parametrize(
+    ("prefill_tp", "decode_tp", "backend"),
+    [(2, 1, "zmq"), (1, 2, "zmq"), pytest.param(2, 2, "nixl", marks=NEEDS_NIXL)],
+)
+def test_tensor_parallel_pairs_serve_what_unified_mode_does(
+    unified_tokens: list[list[int]], prefill_tp: int, decode_tp: int, backend: str
 ) -> None:
+    """zmq maps any two sizes through rank 0; over nixl each prefill rank writes its heads
+    straight into its decode rank's pool (a room in parts)."""
     first, second = workload()
-    with deployment(prefill_tp, decode_tp) as frontend:
+    with deployment(prefill_tp, decode_tp, backend) as frontend:
         out, status = serve_waves(frontend, [first, second])
     for i, (o, e) in enumerate(zip(out, unified_tokens, strict=True)):
         assert o["token_ids"] == e, f"request {i}: served {o['token_ids']} != unified {e}"
@@ -111,3 +123,47 @@ def test_unified_mode_equals_the_reference_on_part_of_the_workload(unified_token
     picks = [0, 5, 30]
     expected = greedy_reference(None, [first[i] for i in picks], MAX_NEW)
     assert [unified_tokens[i] for i in picks] == expected
+
+
+@NEEDS_NIXL
+def test_nixl_refuses_a_pair_of_different_tensor_parallel_sizes() -> None:
+    """Pool to pool, rank r writes to rank r: a TP 2 prefill and a TP 1 decode instance do not pair."""
+    from tests.e2e.test_disagg import launched, wait_for_error
+    from tokenizer_proc.client import Client
+
+    flags = (*FLAGS, "--transfer-backend", "nixl")
+    instances = (
+        running_server(*flags, "--tp-size", "2", mode="prefill"), running_server(*flags, mode="decode")
+    )
+    with started_together(*instances) as (prefill, decode), launched(
+        "--mode", "frontend", "--prefill", prefill.addr, "--decode", decode.addr, *flags
+    ) as client_addr, Client(client_addr, timeout=5) as c:
+        error = wait_for_error(c, "refused")
+    assert "tp_size mismatch" in error and "2" in error and "1" in error, error
+
+
+def kill_rank_1(server: Server) -> None:
+    """kill -9 of the instance's tensor-parallel rank 1 (not rank 0, which talks to the scheduler)."""
+    (pid,) = [pid for name, pid in server.child_pids.items() if name.endswith("-worker-tp1")]
+    os.kill(pid, signal.SIGKILL)
+
+
+@NEEDS_NIXL
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_kill_of_a_rank_other_than_0_during_nixl_transfers(role: str, monkeypatch: pytest.MonkeyPatch):
+    """Each rank writes its own heads: the death of a decode or prefill rank 1 mid-transfer
+    fails its instance's rooms as an instance's death does, and the other instances serve on.
+    Rank 0 may learn of it in a step's collective: the instance's worker then fails, and its
+    requests with it (``internal``, "another rank of this instance is gone")."""
+    from protocol.faults import FAULTS_ENV, Faults
+    from tests.e2e.test_disagg import KILL_FAILURES, SEND_DELAY_S, kill_during_transfer, standalone
+
+    monkeypatch.setenv(FAULTS_ENV, Faults(kv_send_delay_s=SEND_DELAY_S).to_setting())
+    sizes = (1, 2) if role == "decode" else (2, 1)
+    rng = random.Random(role)
+    deployed = standalone(*sizes, "nixl", ("--tp-size", "2"))
+    with deployed as (prefills, decodes, frontend), frontend.client() as c:
+        victim = decodes[0] if role == "decode" else prefills[0]
+        failures = KILL_FAILURES | {"internal"}
+        kill_during_transfer(c, victim, role, rng, frontend, kill=kill_rank_1, failures=failures)
+        assert "another rank of this instance is gone" in victim.log()

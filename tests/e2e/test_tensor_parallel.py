@@ -104,11 +104,3 @@ def test_a_model_whose_heads_do_not_split_is_refused(tmp_path: Path) -> None:
     done = run_launch("--tp-size", "3", "--model-path", str(tmp_path), "--load-format", "dummy")
     assert done.returncode != 0
     assert "--tp-size 3 and the model's 2 KV heads" in done.stderr, done.stderr[-3000:]
-
-
-@pytest.mark.parametrize("mode", ["pd"])
-def test_tensor_parallel_disaggregated_instances_over_nixl_are_refused(mode: str) -> None:
-    """Only the zmq backend moves a tensor-parallel instance's KV (through rank 0) for now."""
-    done = run_launch("--tp-size", "2", "--transfer-backend", "nixl", mode=mode)
-    assert done.returncode == 2
-    assert "--tp-size 2 with --transfer-backend nixl: a disaggregated instance" in done.stderr

@@ -115,18 +115,18 @@ def test_each_rank_gets_a_config_and_every_start_a_new_rendezvous(tmp_path: Path
 
 
 @pytest.mark.parametrize("role", [Role.PREFILL, Role.DECODE])
-def test_disaggregated_workers_refuse_more_than_one_rank_over_pool_to_pool_backends(role: Role) -> None:
-    """nixl and cuda_ipc write one pool into one pool; zmq (and fake) map any two sizes."""
-    from engine.parallel.ranks import refuse_tensor_parallel
+def test_pool_to_pool_backends_move_kv_in_parts(role: Role) -> None:
+    """nixl and cuda_ipc: every rank moves its own heads; zmq (and fake): through rank 0."""
+    from engine.parallel.ranks import moves_kv_in_parts
 
     addrs = InstanceAddrs("ipc://in", "ipc://step", "ipc://result")
-    for backend in ("nixl", "cuda_ipc"):
-        args = ServerArgs(tp_size=2, transfer_backend=backend)
-        refusal = f"--tp-size 2: a {role} worker over --transfer-backend {backend}"
-        with pytest.raises(ValueError, match=refusal):
-            refuse_tensor_parallel(WorkerConfig(args, "x", role, addrs))
-        refuse_tensor_parallel(WorkerConfig(ServerArgs(transfer_backend=backend), "x", role, addrs))
-    refuse_tensor_parallel(WorkerConfig(ServerArgs(tp_size=2, transfer_backend="zmq"), "x", role, addrs))
+    def in_parts(tp_size: int, backend: str) -> bool:
+        args = ServerArgs(tp_size=tp_size, transfer_backend=backend)
+        return moves_kv_in_parts(WorkerConfig(args, "x", role, addrs))
+
+    assert in_parts(2, "nixl") and in_parts(2, "cuda_ipc")
+    assert not any(in_parts(1, backend) for backend in ("nixl", "cuda_ipc", "zmq"))
+    assert not in_parts(2, "zmq") and not in_parts(2, "fake")
 
 
 def test_a_new_kv_pool_holds_no_stale_memory() -> None:

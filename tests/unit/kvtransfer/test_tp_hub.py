@@ -84,11 +84,13 @@ def test_the_layout_check_maps_tp_sizes_over_zmq_and_fake_only() -> None:
         assert layout(backend).mismatched_field(layout(backend, tp_size=2)) == "tp_size"
 
 
-def test_pool_to_pool_backends_refuse_a_rank_pool() -> None:
+def test_pool_to_pool_backends_land_no_other_rank_s_heads() -> None:
+    """nixl and cuda_ipc move each rank's own pool (``kvtransfer.tp_parts``): no hub lander."""
     src = pool(seed=0)
     for backend in ("nixl", "cuda_ipc"):
-        with pytest.raises(ValueError, match=f"the {backend} KV transfer backend moves one rank's pool only"):
-            make_backend(backend, "decode", layout(backend), *src, pool_layout=layout(backend))
+        with pytest.raises(ValueError, match=f"the {backend} KV transfer backend moves pool to pool"):
+            hub = HubLander(PagedCaches(*src), SHARDED)
+            make_backend(backend, "decode", layout(backend), *src, lander=hub)
 
 
 def head_pool(whole: Pool, head: int) -> Pool:

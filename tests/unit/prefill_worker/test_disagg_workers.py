@@ -56,11 +56,9 @@ def workers():
             sides.append(make_backend("fake", role, layout, pool.k, pool.v, config=config, **kw))
         sender, receiver = sides
         notifier = Notifier(ctx, results_addr, receiver, linger_ms=0)
-        yield (
-            PrefillWorker(prefill, sender),
-            DecodeWorker(decode, receiver, notifier, register_timeout=args.transfer_timeout),
-            results,
-        )
+        report = lambda _attempt, outcome: notifier.notify(outcome)  # noqa: E731
+        decoding = DecodeWorker(decode, receiver, report, args.transfer_timeout)
+        yield PrefillWorker(prefill, sender), decoding, results
         notifier.close()
     finally:
         for side in sides:
