@@ -20,6 +20,7 @@ first tokens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -36,7 +37,15 @@ from kvtransfer import KVReceiver, TransferConfig, TransferError, layout_from_ca
 from kvtransfer.kernels import PagedCaches, PoolLander
 from kvtransfer.notifier import Notifier
 from kvtransfer.tp_hub import HeldResults, HubLander, InstanceHeads, instance_layout, land_shards
-from kvtransfer.tp_parts import PartReporter, RoomParts, parts_address, peer_for_rank, rank_layout
+from kvtransfer.tp_parts import (
+    SUPERSEDED,
+    PartReporter,
+    RegistrationBarrier,
+    RoomParts,
+    parts_address,
+    peer_for_rank,
+    rank_layout,
+)
 from protocol.config import WorkerConfig
 from protocol.dataplane import KVShardPages
 from protocol.messages import (
@@ -84,7 +93,7 @@ class DecodeWorker:
     def step(self, batch: StepBatch) -> StepResult:
         for expect in batch.expects:
             try:
-                self.receiver.expect(expect.room, self._peers.get(expect.peer, expect.peer), expect.dst_pages)
+                self.receiver.expect(expect.room, self._peer_of(expect.peer), expect.dst_pages)
             except (TransferError, ValueError) as e:
                 self.refused.append(TransferResult(expect.room, ok=False, error=str(e)))
         for room in batch.abort_rooms:
@@ -95,6 +104,15 @@ class DecodeWorker:
     def take_refused(self) -> list[TransferResult]:
         out, self.refused = self.refused, []
         return out
+
+    def _peer_of(self, prefill_kv_addr: str) -> str:
+        """This rank's peer for rooms from the prefill worker at ``prefill_kv_addr`` (rank 0's sender)."""
+        if self.rank == 0:
+            return prefill_kv_addr
+        peer = self._peers.get(prefill_kv_addr)
+        if peer is None:
+            raise TransferError(f"rank {self.rank} has no prefill rank paired with {prefill_kv_addr}")
+        return peer
 
     def register(self, msg: RegisterKVPeer) -> None:
         """Register on a thread of its own: it waits for the peer's answer."""
@@ -120,16 +138,18 @@ class DecodeWorker:
 
 
 def report_when_every_rank_registered(
-    notifier: Notifier, parts: RoomParts, timeout: float
+    notifier: Notifier, barrier: RegistrationBarrier, timeout: float
 ) -> RegistrationReport:
     """Rank 0's registrations where every rank receives its own heads: reported once the other
-    ranks' are in too (or one failed)."""
+    ranks' are in too (or one failed); an attempt a later one superseded is not reported."""
 
     def report(attempt: int, outcome: KVPeerRegistered) -> None:
-        if outcome.ok:
-            problem = parts.wait_registered(outcome.prefill_addr, attempt, timeout)
-            if problem is not None:
-                outcome = KVPeerRegistered(outcome.prefill_addr, ok=False, error=problem)
+        if not outcome.ok:
+            barrier.settle(outcome.prefill_addr, attempt)
+        elif (problem := barrier.wait(outcome.prefill_addr, attempt, timeout)) == SUPERSEDED:
+            return
+        elif problem is not None:
+            outcome = KVPeerRegistered(outcome.prefill_addr, ok=False, error=problem)
         notifier.notify(outcome)
 
     return report
@@ -176,7 +196,7 @@ def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
     of the pages rank 0 received (``kvtransfer.tp_hub``), or receive them itself, registering
     with its prefill ranks and reporting to rank 0 (``kvtransfer.tp_parts``)."""
 
-    def hooks(worker: Worker, tp: TensorParallel) -> FollowerRole:
+    def hooks(worker: Worker, tp: TensorParallel, opened: contextlib.ExitStack) -> FollowerRole:
         if not moves_kv_in_parts(cfg):
             pool = worker.runner.kv_pool
             lander = PoolLander(PagedCaches(pool.k, pool.v))
@@ -188,9 +208,12 @@ def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
             return FollowerRole(step, {
                 KVShardPages: lambda msg: land_shards(lander, msg, tp.rank), RegisterKVPeer: lambda _: None,
             })
-        receiver, _ = open_receiver(cfg, worker, tp)
         ctx = zmq.Context()
-        reporter = PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, receiver)
+        opened.callback(ctx.term)
+        receiver = opened.enter_context(contextlib.closing(open_receiver(cfg, worker, tp)[0]))
+        reporter = opened.enter_context(
+            contextlib.closing(PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, receiver))
+        )
         dw = DecodeWorker(worker, receiver, reporter.registered, cfg.args.transfer_timeout, rank=tp.rank)
 
         def step_in_parts(batch: StepBatch) -> StepResult:
@@ -198,8 +221,7 @@ def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
             reporter.refused(dw.take_refused())
             return result
 
-        closing = [ctx.term, receiver.close, reporter.close]
-        return FollowerRole(step_in_parts, {RegisterKVPeer: dw.register}, closing)
+        return FollowerRole(step_in_parts, {RegisterKVPeer: dw.register})
 
     return hooks
 
@@ -223,10 +245,10 @@ def run_decode_worker(cfg: WorkerConfig) -> None:
         timeout = cfg.args.transfer_timeout
         if moves_kv_in_parts(cfg):
             address = parts_address(cfg.dist_init_method)
-            parts = proc.closing(RoomParts(proc.ctx, address, tp.size, receiver))
-            reporter = proc.closing(PartReporter(proc.ctx, address, 0, receiver))
+            parts = proc.closing(proc.start(lambda: RoomParts(proc.ctx, address, tp.size)))
+            reporter = proc.closing(proc.start(lambda: PartReporter(proc.ctx, address, 0, receiver)))
             notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, parts, RESULT_LINGER_MS))
-            report = report_when_every_rank_registered(notifier, parts, timeout)
+            report = report_when_every_rank_registered(notifier, parts.registrations, timeout)
             dw = DecodeWorker(worker, receiver, report, timeout)
             after_step = lambda: reporter.refused(dw.take_refused())  # noqa: E731
         else:

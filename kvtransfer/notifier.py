@@ -11,14 +11,14 @@ import zmq
 
 from kvtransfer.base import KVReceiver, KVSender
 from protocol import transport
-from protocol.messages import KVLinkStates, Message, RoomPart, TransferResult
+from protocol.messages import KVLinkStates, LinkStatesPart, Message, RoomPart, TransferResult
 
 RESULT_POLL_S = 0.1  # the thread's wait per poll (bounds how long stopping it takes)
 
 
 class Notifier:
-    """``rank``: report each room result as that tensor-parallel rank's part of the room, to its
-    rank 0 (``kvtransfer.tp_parts``), and no link states."""
+    """``rank``: report each room result and the link states as that tensor-parallel rank's, to
+    its rank 0 (``kvtransfer.tp_parts``)."""
 
     def __init__(
         self, ctx: zmq.Context, result_addr: str, side: KVSender | KVReceiver, linger_ms: int,
@@ -34,8 +34,10 @@ class Notifier:
         self._thread.start()
 
     def notify(self, msg: Message) -> None:
+        """Send ``msg``; dropped once closed (a registration thread may still end later)."""
         with self._lock:
-            transport.send(self._sock, msg)
+            if not self._sock.closed:
+                transport.send(self._sock, msg)
 
     def _run(self) -> None:
         links: dict[str, str] = {}
@@ -43,9 +45,10 @@ class Notifier:
             for r in self._side.poll(RESULT_POLL_S):
                 result = TransferResult(r.room, r.ok, r.first_token, r.error or "", r.first_logprob)
                 self.notify(result if self._rank is None else RoomPart(self._rank, result))
-            if self._rank is None and (now := self._side.link_states()) != links:
+            if (now := self._side.link_states()) != links:
                 links = now
-                self.notify(KVLinkStates(links))
+                states = KVLinkStates(links)
+                self.notify(states if self._rank is None else LinkStatesPart(self._rank, states))
 
     def close(self) -> None:
         self._stop.set()

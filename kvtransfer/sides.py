@@ -3,8 +3,8 @@ checked against the layout, and the room table. Each backend adds only its trans
 by the ``_bind`` / ``_start`` hook at the end of construction.
 
 A side of a tensor-parallel instance advertises the instance's ``layout`` (every rank's KV heads)
-while its own pool holds rank 0's (``pool_layout``); a decode side's ``lander`` puts each landed
-page's heads where they belong (``kvtransfer.tp_hub``)."""
+while its own pool holds its rank's (``pool_layout``); through rank 0, a decode side's ``lander``
+puts each landed page's heads where they belong (``kvtransfer.tp_hub``)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ frame it relays them to the other ranks (``KVShardPages`` over the step relay), 
 (``HeldResults``), so its pages are written on every rank when the scheduler hears of it.
 
 So the two instances' sizes never have to match: each sees whole pages. What is lost is the
-direct path: every byte crosses rank 0 and the TP group's gloo channel (the host), so the
-``nixl`` and ``cuda_ipc`` backends, which write pool to pool, still refuse ``--tp-size`` > 1.
+direct path: every byte crosses rank 0 and the TP group's gloo channel (the host). The ``nixl``
+and ``cuda_ipc`` backends, which write pool to pool, take the direct path instead, rank to rank
+between instances of the same size (``kvtransfer.tp_parts``).
 """
 
 from __future__ import annotations

@@ -29,7 +29,14 @@ from kvtransfer.notifier import Notifier
 from protocol import transport
 from protocol.codec import ProtocolError
 from protocol.dataplane import KVLayout
-from protocol.messages import KVPeerRegistered, RegistrationPart, RoomPart, TransferResult, decode
+from protocol.messages import (
+    KVPeerRegistered,
+    LinkStatesPart,
+    RegistrationPart,
+    RoomPart,
+    TransferResult,
+    decode,
+)
 
 logger = logging.getLogger("kvtransfer")
 
@@ -93,26 +100,29 @@ class PartReporter:
 
 
 class RoomParts:
-    """Rank 0's end of the parts channel, polled by its ``Notifier`` like a side: each room's
-    result once every rank's part is in. ``link_states`` are rank 0's side's."""
+    """Rank 0's end of the parts channel, polled by its ``Notifier`` (thread) like a side: each
+    room's result once every rank's part is in, and every rank's links."""
 
-    def __init__(self, ctx: zmq.Context, address: str, tp_size: int, side: KVSender | KVReceiver) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, tp_size: int) -> None:
         self._sock = transport.bind(ctx, zmq.PULL, address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._tp_size = tp_size
-        self._side = side
         self._parts: dict[int, dict[int, TransferResult]] = {}  # room -> rank -> its part
-        self._registrations: dict[tuple[str, int], dict[int, KVPeerRegistered]] = {}  # (prefill, attempt)
-        self._settled: dict[str, int] = {}  # by prefill instance: the last attempt waited for
-        self._changed = threading.Condition()
+        self._links: dict[int, dict[str, str]] = {}  # each rank's data-plane links, as it last told
+        self.registrations = RegistrationBarrier(tp_size)
 
     def link_states(self) -> dict[str, str]:
-        return self._side.link_states()
+        """Every rank's data-plane links (each rank's reporter tells rank 0 of its own)."""
+        return {
+            f"rank {rank}: {peer}" if rank else peer: state
+            for rank, links in sorted(self._links.items())
+            for peer, state in links.items()
+        }
 
     @property
     def open_rooms(self) -> int:
-        """Rooms with some parts in and some not (for the leak checks)."""
+        """Rooms with some parts in and some not."""
         return len(self._parts)
 
     def poll(self, timeout: float = 0.0) -> list[RoomResult]:
@@ -132,46 +142,84 @@ class RoomParts:
             logger.error("parts channel: dropped a bad frame: %s", e)
             return []
         if isinstance(msg, RegistrationPart):
-            self._note_registration(msg)
+            self.registrations.note(msg)
+            return []
+        if isinstance(msg, LinkStatesPart):
+            self._links[msg.rank] = msg.states.links
             return []
         if not isinstance(msg, RoomPart) or not 0 <= msg.rank < self._tp_size:
             logger.error("parts channel: dropped %s", type(msg).__name__)
             return []
         room = msg.result.room
         parts = self._parts.setdefault(room, {})
+        if msg.rank in parts:  # the rank's tables diverged (a duplicate room): the later one wins
+            logger.warning("room %d: rank %d reported its part twice", room, msg.rank)
         parts[msg.rank] = msg.result
         if len(parts) < self._tp_size:
             return []
         del self._parts[room]
         return [combine(room, [parts[r] for r in range(self._tp_size)])]
 
-    # ---- decode: registration ------------------------------------------------------------
+    def close(self) -> None:
+        self._sock.close(linger=0)
 
-    def _note_registration(self, msg: RegistrationPart) -> None:
+
+SUPERSEDED = "superseded by a later registration"
+
+
+class RegistrationBarrier:
+    """Rank 0 of a decode instance whose ranks receive their own heads: the other ranks'
+    registrations, by prefill instance and attempt (the count of ``RegisterKVPeer``s naming it,
+    the same on every rank), so that a registration is reported once every rank's is in."""
+
+    def __init__(self, tp_size: int) -> None:
+        self._others = set(range(1, tp_size))
+        self._outcomes: dict[tuple[str, int], dict[int, KVPeerRegistered]] = {}  # (prefill, attempt)
+        self._settled: dict[str, int] = {}  # by prefill instance: the last attempt decided
+        self._changed = threading.Condition()
+
+    def note(self, msg: RegistrationPart) -> None:
         prefill_addr = msg.outcome.prefill_addr
         with self._changed:
             if msg.attempt > self._settled.get(prefill_addr, 0):
-                self._registrations.setdefault((prefill_addr, msg.attempt), {})[msg.rank] = msg.outcome
+                self._outcomes.setdefault((prefill_addr, msg.attempt), {})[msg.rank] = msg.outcome
                 self._changed.notify_all()
 
-    def wait_registered(self, prefill_addr: str, attempt: int, timeout: float) -> str | None:
-        """Wait for ranks 1.. to report their registrations for the ``attempt``-th
-        ``RegisterKVPeer`` naming ``prefill_addr`` (every rank counts them alike): None when
-        every one succeeded, else why not. Later reports of that attempt are dropped."""
-        key, others = (prefill_addr, attempt), set(range(1, self._tp_size))
+    def wait(self, prefill_addr: str, attempt: int, timeout: float) -> str | None:
+        """Wait for the other ranks' outcomes of ``attempt``: None when every one succeeded,
+        ``SUPERSEDED`` when a later attempt was decided first, else why not."""
+        key = (prefill_addr, attempt)
+
+        def decided() -> bool:
+            reported = self._outcomes.get(key, {}).keys()
+            return self._is_settled(prefill_addr, attempt) or self._others <= reported
+
         with self._changed:
-            arrived = self._changed.wait_for(
-                lambda: others <= self._registrations.get(key, {}).keys(), timeout
-            )
-            outcomes = self._registrations.pop(key, {})
-            self._settled[prefill_addr] = max(attempt, self._settled.get(prefill_addr, 0))
+            arrived = self._changed.wait_for(decided, timeout)
+            if self._is_settled(prefill_addr, attempt):
+                return SUPERSEDED
+            outcomes = self._outcomes.get(key, {})
+            self._settle(prefill_addr, attempt)
         if not arrived:
-            return f"ranks {sorted(others - outcomes.keys())} did not register within {timeout:.0f}s"
-        failed = [f"rank {r}: {outcomes[r].error}" for r in sorted(others) if not outcomes[r].ok]
+            return f"ranks {sorted(self._others - outcomes.keys())} did not register within {timeout:.0f}s"
+        failed = [f"rank {r}: {outcomes[r].error}" for r in sorted(self._others) if not outcomes[r].ok]
         return "; ".join(failed) or None
 
-    def close(self) -> None:
-        self._sock.close(linger=0)
+    def settle(self, prefill_addr: str, attempt: int) -> None:
+        """``attempt`` is decided without the others (rank 0's own registration failed)."""
+        with self._changed:
+            self._settle(prefill_addr, attempt)
+
+    def _is_settled(self, prefill_addr: str, attempt: int) -> bool:
+        return attempt <= self._settled.get(prefill_addr, 0)
+
+    def _settle(self, prefill_addr: str, attempt: int) -> None:
+        """(Lock held.) Decided: its outcomes and those of earlier attempts are dropped, and
+        earlier attempts still waiting are superseded."""
+        self._settled[prefill_addr] = max(attempt, self._settled.get(prefill_addr, 0))
+        for key in [k for k in self._outcomes if k[0] == prefill_addr and k[1] <= attempt]:
+            del self._outcomes[key]
+        self._changed.notify_all()
 
 
 def combine(room: int, parts: Sequence[TransferResult]) -> RoomResult:

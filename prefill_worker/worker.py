@@ -17,6 +17,7 @@ sender instead and reports its part of each room to rank 0 (``kvtransfer.tp_part
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import cast
@@ -191,7 +192,7 @@ def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
     gathered for rank 0 (``kvtransfer.tp_hub``), or sent by its own sender, whose results go to
     rank 0 (``kvtransfer.tp_parts``)."""
 
-    def hooks(worker: Worker, tp: TensorParallel) -> FollowerRole:
+    def hooks(worker: Worker, tp: TensorParallel, opened: contextlib.ExitStack) -> FollowerRole:
         if not moves_kv_in_parts(cfg):
             staged = StagedSends(worker, tp)
 
@@ -201,16 +202,22 @@ def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
                     staged.gather(batch)
 
             return FollowerRole(step)
-        side = open_sender(cfg, worker, tp)
         ctx = zmq.Context()
-        reporter = PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, side.sender)
-        pw = PrefillWorker(worker, side.sender)
+        opened.callback(ctx.term)
+        side = open_sender(cfg, worker, tp)
+        sender = opened.enter_context(contextlib.closing(side.sender))
+        if (faulty := with_faults(sender, Faults.from_env(), cfg.process_name)) is not sender:
+            sender = opened.enter_context(contextlib.closing(faulty))
+        reporter = opened.enter_context(
+            contextlib.closing(PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, sender))
+        )
+        pw = PrefillWorker(worker, sender)
 
         def step_in_parts(batch: StepBatch) -> None:
             pw.step(batch)
             reporter.refused(pw.take_refused())
 
-        return FollowerRole(step_in_parts, closing=[ctx.term, side.sender.close, reporter.close])
+        return FollowerRole(step_in_parts)
 
     return hooks
 
@@ -229,15 +236,15 @@ def run_prefill_worker(cfg: WorkerConfig) -> None:
         worker, sender = side.worker, proc.closing(side.sender)
         if (faulty := with_faults(sender, faults, cfg.name)) is not sender:
             sender = proc.closing(faulty)  # closed first: its queued sends still leave
-        results, parts = sender, None  # what the notifier polls; rank 0's part reporter
+        results, reporter = sender, None  # what the notifier polls; rank 0's part reporter
         if moves_kv_in_parts(cfg):
             address = parts_address(cfg.dist_init_method)
-            results = proc.closing(RoomParts(proc.ctx, address, tp.size, sender))
-            parts = proc.closing(PartReporter(proc.ctx, address, 0, sender))
+            results = proc.closing(proc.start(lambda: RoomParts(proc.ctx, address, tp.size)))
+            reporter = proc.closing(proc.start(lambda: PartReporter(proc.ctx, address, 0, sender)))
         proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, results, RESULT_LINGER_MS))
         endpoint = TransferEndpoint(sender.layout, sender.address, side.rank_addresses)
         proc.announce_ready(worker.ready_message(endpoint))
-        staged = StagedSends(worker, tp) if tp.size > 1 and parts is None else None
+        staged = StagedSends(worker, tp) if tp.size > 1 and reporter is None else None
         pw = PrefillWorker(worker, sender, staged)
-        after_step = pw.take_refused if parts is None else (lambda: parts.refused(pw.take_refused()))
+        after_step = pw.take_refused if reporter is None else (lambda: reporter.refused(pw.take_refused()))
         proc.serve(StepHooks(pw.step, after_step=after_step), make_relay(tp))

@@ -627,6 +627,16 @@ class RegistrationPart(Message):
     outcome: KVPeerRegistered
 
 
+@dataclass
+class LinkStatesPart(Message):
+    """Such a rank → its rank 0, whenever they change: its own data-plane links (rank 0 reports
+    every rank's, the others' named ``rank R: peer``)."""
+
+    TYPE: ClassVar[str] = "kv_link_states_part"
+    rank: int
+    states: KVLinkStates
+
+
 # --------------------------------------------------------------------------------------------
 # Decode instance ⇄ prefill instance (control plane; scheduler to scheduler, input addresses)
 # --------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ class TensorParallel:
         """Sum over the ranks, in place (every rank gets the same bits)."""
         try:
             dist.all_reduce(x, group=self.group)
-        except RuntimeError as e:  # gloo: "Connection reset by peer", or a timeout
+        except RuntimeError as e:
             raise self.lost(e) from None
         return x
 
@@ -167,9 +167,13 @@ class TensorParallel:
             raise self.lost(e) from None
         return torch.cat(parts, dim=-1)
 
-    def lost(self, error: Exception) -> RankLost:
-        """What a failed collective means: another rank of this instance is gone."""
+    def lost(self, error: RuntimeError) -> RuntimeError:
+        """What a failed collective means: ``RankLost`` when it lost its peers (a closed
+        connection or a timeout: another rank of this instance is gone), else ``error`` itself."""
+        if not is_lost_peer(error):
+            return error
         return RankLost(f"rank {self.rank}: another rank of this instance is gone ({error})")
+
 
     def min_over_ranks(self, value: int) -> int:
         """The smallest ``value`` of all ranks (e.g. KV pages: every rank must hold as many)."""
@@ -179,6 +183,14 @@ class TensorParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
         return int(t.item())
 
+
+LOST_PEER_SIGNS = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out")
+
+
+def is_lost_peer(error: RuntimeError) -> bool:
+    """Whether a collective failed because a peer went away (torch's distributed errors, or
+    gloo's, which come as plain RuntimeErrors naming the closed connection or the timeout)."""
+    return isinstance(error, dist.DistError) or any(sign in str(error) for sign in LOST_PEER_SIGNS)
 
 SINGLE_RANK = TensorParallel()
 

@@ -10,6 +10,7 @@ the same tokens and keeps the same future-token map; only rank 0's result is sen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Mapping
@@ -66,19 +67,16 @@ def moves_kv_in_parts(cfg: WorkerConfig) -> bool:
 
 @dataclass
 class FollowerRole:
-    """What a role's rank other than 0 runs: each relayed step, handlers of the other relayed
-    messages, and what it closes when it ends (last first)."""
+    """What a role's rank other than 0 runs: each relayed step, and handlers of the other
+    relayed messages."""
 
     step: Callable[[StepBatch], object]
     handlers: Handlers = field(default_factory=dict)
-    closing: list[Callable[[], object]] = field(default_factory=list)
-
-    def close(self) -> None:
-        for close in reversed(self.closing):
-            close()
 
 
-FollowerHooks = Callable[["Worker", TensorParallel], FollowerRole]
+# A role's rank other than 0: its ``FollowerRole``, from its worker and group; what it opens it
+# registers with the ``ExitStack``, closed when the rank ends (or when the hooks raise).
+FollowerHooks = Callable[["Worker", TensorParallel, contextlib.ExitStack], FollowerRole]
 
 
 def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks | None = None) -> None:
@@ -87,7 +85,7 @@ def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks |
     fail): on node 0 the launcher sees the instance's death; on another node (``--nnodes``) its
     launcher starts the rank again, which waits for rank 0's next store (``join_store``). A
     role's ``hooks`` give the step to run and handlers of the other relayed messages
-    (``decodes`` as rank 0 creates its worker) and what it closes."""
+    (``decodes`` as rank 0 creates its worker), and close what they opened when it ends."""
     from engine.worker import Worker
     from engine.worker_process import apply_process_settings, freeze_start_up_heap
 
@@ -96,14 +94,12 @@ def run_follower(cfg: WorkerConfig, decodes: bool = True, hooks: FollowerHooks |
     if tp.local_size == tp.size:
         _follow_rank_0_to_the_end()
     try:
-        worker = Worker.create(cfg.args, decodes=decodes, tp=tp)
-        role = FollowerRole(worker.step) if hooks is None else hooks(worker, tp)
-        logger.info("%s rank %d of %d ready", cfg.name, tp.rank, tp.size)
-        freeze_start_up_heap()
-        try:
+        with contextlib.ExitStack() as opened:
+            worker = Worker.create(cfg.args, decodes=decodes, tp=tp)
+            role = FollowerRole(worker.step) if hooks is None else hooks(worker, tp, opened)
+            logger.info("%s rank %d of %d ready", cfg.name, tp.rank, tp.size)
+            freeze_start_up_heap()
             follow_steps(role.step, tp, role.handlers)
-        finally:
-            role.close()
     except RankLost as e:
         logger.error("%s", e)
         raise SystemExit(1) from None

@@ -13,10 +13,11 @@ on an idle instance. A single rank relays nothing (``NO_RELAY``), chosen once at
 A rank that died makes the others' next broadcast fail: ``RankLost``, and the process ends (the
 launcher restarts the whole instance).
 
-A disaggregated instance moves its KV through rank 0 (``kvtransfer.tp_hub``): a prefill
-instance's ranks ``gather_to_driver`` the pages each step sends, right after the step; a decode
-instance's rank 0 relays the other ranks' heads of the pages it received before each frame and
-on idle beats (``FlushingRelay``), so they land before any later step reads them.
+A disaggregated instance over zmq moves its KV through rank 0 (``kvtransfer.tp_hub``): a
+prefill instance's ranks ``gather_to_driver`` the pages each step sends, right after the step; a
+decode instance's rank 0 relays the other ranks' heads of the pages it received before each
+frame and on idle beats (``FlushingRelay``), so they land before any later step reads them.
+(Over nixl and cuda_ipc each rank moves its own: ``kvtransfer.tp_parts``.)
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Disaggregation between instances of different ``--tp-size``s (gloo ranks on the CPU), over the
-zmq backend: 1P(TP 2)1D(TP 1) and 1P(TP 1)1D(TP 2) serve ≥ 32 concurrent greedy requests, with
-small chunks and prefix-cache hits on both sides, token for token as one unified instance serves
-them, and every page comes back. The embedded
-model has 2 KV heads: each rank of a TP 2 instance holds one (``kvtransfer.tp_hub``).
+"""Disaggregation between tensor-parallel instances (gloo ranks on the CPU): over zmq,
+1P(TP 2)1D(TP 1) and 1P(TP 1)1D(TP 2) (through each instance's rank 0: ``kvtransfer.tp_hub``);
+over nixl, 1P(TP 2)1D(TP 2), rank to rank (``kvtransfer.tp_parts``). Each serves ≥ 32
+concurrent greedy requests, with small chunks and prefix-cache hits on both sides, token for
+token as one unified instance serves them, and every page comes back. The embedded model has 2
+KV heads: each rank of a TP 2 instance holds one. Over nixl, two sizes that differ are refused,
+and the death of a rank other than 0 fails its instance's rooms while the others serve on.
 """
 
 from __future__ import annotations

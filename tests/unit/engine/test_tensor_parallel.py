@@ -99,6 +99,20 @@ def test_a_model_that_cannot_split_is_refused_naming_why(tp_size: int, overrides
         check_splittable(cfg, tp_size)
 
 
+def test_a_collective_that_lost_its_peers_is_a_lost_rank_and_nothing_else_is() -> None:
+    import torch.distributed as dist
+
+    from engine.parallel.group import RankLost, TensorParallel
+
+    tp = TensorParallel(2, 1)
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:7329: Connection reset")
+    lost = tp.lost(gloo)
+    assert isinstance(lost, RankLost) and "rank 1: another rank of this instance is gone" in str(lost)
+    assert isinstance(tp.lost(dist.DistBackendError("NCCL communicator was aborted")), RankLost)
+    wrong = RuntimeError("Tensors must be contiguous")
+    assert tp.lost(wrong) is wrong  # a bug stays itself
+
+
 def test_each_rank_gets_a_config_and_every_start_a_new_rendezvous(tmp_path: Path) -> None:
     addrs = InstanceAddrs("ipc://in", "ipc://step", "ipc://result")
     worker = WorkerConfig(ServerArgs(tp_size=3), "unified0", Role.UNIFIED, addrs)

@@ -14,6 +14,7 @@ import zmq
 
 from kvtransfer.base import RoomResult, TransferState
 from kvtransfer.tp_parts import (
+    SUPERSEDED,
     PartReporter,
     RoomParts,
     parts_address,
@@ -63,7 +64,7 @@ def instance(tmp_path: Path) -> Iterator[tuple[RoomParts, list[Side], list[PartR
     ctx = zmq.Context()
     address = parts_address(f"file://{tmp_path}/rendezvous")
     sides = [Side() for _ in range(TP)]
-    parts = RoomParts(ctx, address, TP, sides[0])
+    parts = RoomParts(ctx, address, TP)
     reporters = [PartReporter(ctx, address, rank, side) for rank, side in enumerate(sides)]
     try:
         yield parts, sides, reporters
@@ -91,7 +92,12 @@ def test_a_room_is_done_once_every_rank_s_part_is(instance) -> None:
     (result,) = results_within(parts, 1)
     assert result.ok and result.first_token == 42 and result.first_logprob == TokenLogprob(-0.5)
     assert parts.open_rooms == 0
-    assert parts.link_states() == {"tcp://prefill:1": "registered"}  # rank 0's side's
+    links = {"tcp://prefill:1": "registered", "rank 1: tcp://prefill:1": "registered",
+             "rank 2: tcp://prefill:1": "registered"}
+    deadline = time.monotonic() + 5
+    while parts.link_states() != links and time.monotonic() < deadline:
+        parts.poll(0.1)
+    assert parts.link_states() == links  # every rank's, each told by its reporter
 
 
 def test_a_failed_part_fails_the_room_naming_the_rank_once_every_part_is_in(instance) -> None:
@@ -122,7 +128,7 @@ def test_registration_waits_for_every_other_rank(instance) -> None:
     reporters[2].registered(1, KVPeerRegistered("tcp://p:1", ok=True))
     waiting = threading.Thread(target=lambda: results_within(parts, 1, timeout=1.0))  # drains the channel
     waiting.start()
-    assert parts.wait_registered("tcp://p:1", 1, timeout=5.0) is None
+    assert parts.registrations.wait("tcp://p:1", 1, timeout=5.0) is None
     waiting.join()
 
 
@@ -132,14 +138,36 @@ def test_registration_names_the_ranks_that_failed_or_did_not_answer(instance) ->
     reporters[2].registered(1, KVPeerRegistered("tcp://p:1", ok=True))  # an earlier attempt's
     drain = threading.Thread(target=lambda: results_within(parts, 1, timeout=1.5))
     drain.start()
-    assert parts.wait_registered("tcp://p:1", 2, timeout=1.0) == "ranks [2] did not register within 1s"
+    assert parts.registrations.wait("tcp://p:1", 2, timeout=1.0) == "ranks [2] did not register within 1s"
     drain.join()
     reporters[1].registered(3, KVPeerRegistered("tcp://p:1", ok=False, error="tp_rank mismatch"))
     reporters[2].registered(3, KVPeerRegistered("tcp://p:1", ok=True))
     drain = threading.Thread(target=lambda: results_within(parts, 1, timeout=1.0))
     drain.start()
-    assert parts.wait_registered("tcp://p:1", 3, timeout=5.0) == "rank 1: tp_rank mismatch"
+    assert parts.registrations.wait("tcp://p:1", 3, timeout=5.0) == "rank 1: tp_rank mismatch"
     drain.join()
+
+
+def test_an_attempt_decided_later_is_superseded_and_a_failed_one_settled(instance) -> None:
+    """A second RegisterKVPeer for the same prefill instance decided first supersedes the first
+    (not reported); rank 0's own failure settles its attempt, dropping what the others sent."""
+    parts, _, reporters = instance
+    barrier = parts.registrations
+    first: list[str | None] = []
+    waiting = threading.Thread(target=lambda: first.append(barrier.wait("tcp://p:1", 1, timeout=10.0)))
+    waiting.start()
+    reporters[1].registered(2, KVPeerRegistered("tcp://p:1", ok=True))
+    reporters[2].registered(2, KVPeerRegistered("tcp://p:1", ok=True))
+    results_within(parts, 1, timeout=0.5)  # drains the channel
+    assert barrier.wait("tcp://p:1", 2, timeout=5.0) is None
+    waiting.join(timeout=5.0)
+    assert first == [SUPERSEDED]
+    reporters[1].registered(3, KVPeerRegistered("tcp://p:1", ok=True))
+    results_within(parts, 1, timeout=0.5)
+    barrier.settle("tcp://p:1", 3)  # rank 0's own registration failed
+    reporters[2].registered(3, KVPeerRegistered("tcp://p:1", ok=True))  # too late: dropped
+    results_within(parts, 1, timeout=0.5)
+    assert barrier.wait("tcp://p:1", 3, timeout=0.1) == SUPERSEDED
 
 
 def test_addresses_and_layouts_of_the_ranks() -> None:
