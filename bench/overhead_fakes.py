@@ -39,7 +39,6 @@ from protocol.messages import (
     Shutdown,
     StepBatch,
     TokenizedRequest,
-    WorkerFailed,
     WorkerReady,
     encode,
 )
@@ -140,7 +139,7 @@ def run_worker(spec: WorkerSpec) -> None:
         transport.send(results, WorkerReady(embedded_model(), spec.num_pages, spec.page_size,
                                             spec.max_slots, 8192, "fake"))
         pipeline = Pipeline(steps, gpu.launch, lambda result: transport.send(results, result),
-                            lambda message: transport.send(results, WorkerFailed(message=message)), {})
+                            lambda failure: transport.send(results, failure), {})
         pipeline.serve(ctx, NO_RELAY)
     finally:
         with open(spec.report, "w") as f:

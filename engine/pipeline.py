@@ -32,8 +32,18 @@ from typing import Any, Protocol
 import torch
 import zmq
 
+from engine.parallel.group import RankLost
 from engine.parallel.steps import Relay
-from protocol.messages import Message, Shutdown, StepBatch, StepResult, decode
+from protocol.messages import (
+    INTERNAL,
+    PEER_UNAVAILABLE,
+    Message,
+    Shutdown,
+    StepBatch,
+    StepResult,
+    WorkerFailed,
+    decode,
+)
 
 logger = logging.getLogger("pdserve.worker")
 
@@ -173,7 +183,7 @@ class Pipeline:
     step_sock: zmq.Socket
     launch: Callable[[StepBatch], LaunchedStep]
     send_result: Callable[[StepResult], None]  # the result and what follows it (``after_step``)
-    report_failure: Callable[[str], None]  # a ``WorkerFailed`` to the scheduler
+    report_failure: Callable[[WorkerFailed], None]  # to the scheduler
     handlers: Mapping[type[Message], Callable[[Any], None]]
 
     def serve(self, ctx: zmq.Context, relay: Relay) -> None:
@@ -244,11 +254,13 @@ def handle_other(msg: Message, handlers: Mapping[type[Message], Callable[[Any], 
 
 
 @contextlib.contextmanager
-def failure_reported(what: str, report_failure: Callable[[str], None]) -> Iterator[None]:
+def failure_reported(what: str, report_failure: Callable[[WorkerFailed], None]) -> Iterator[None]:
     """``what`` (a step, the start-up) raising is told to the scheduler (``WorkerFailed``)
-    before the error goes on."""
+    before the error goes on: ``peer_unavailable`` when another rank of the instance is gone
+    (the instance is lost, as a dead one is), else ``internal``."""
     try:
         yield
     except Exception as e:
-        report_failure(f"{what} failed: {type(e).__name__}: {e}")
+        code = PEER_UNAVAILABLE if isinstance(e, RankLost) else INTERNAL
+        report_failure(WorkerFailed(f"{what} failed: {type(e).__name__}: {e}", code))
         raise

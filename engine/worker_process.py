@@ -136,9 +136,9 @@ class WorkerProcess:
         for msg in hooks.after_step():
             transport.send(self.result_sock, msg)
 
-    def _report_failure(self, message: str) -> None:
-        logger.error("%s\n%s", message, traceback.format_exc())
-        transport.send(self.result_sock, WorkerFailed(message=message))
+    def _report_failure(self, failure: WorkerFailed) -> None:
+        logger.error("%s\n%s", failure.message, traceback.format_exc())
+        transport.send(self.result_sock, failure)
 
 
 @contextlib.contextmanager

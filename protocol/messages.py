@@ -548,10 +548,12 @@ class WorkerReady(Message):
 
 @dataclass
 class WorkerFailed(Message):
-    """The worker hit an unrecoverable error (start-up or a step)."""
+    """The worker hit an unrecoverable error (start-up or a step); ``code`` is what its requests
+    fail with (``peer_unavailable`` when another tensor-parallel rank of the instance is gone)."""
 
     TYPE: ClassVar[str] = "worker_failed"
     message: str
+    code: str = INTERNAL
 
 
 @dataclass

@@ -52,6 +52,7 @@ from protocol.config import SchedulerConfig
 from protocol.messages import (
     INTERNAL,
     INVALID_REQUEST,
+    PEER_UNAVAILABLE,
     SHUTTING_DOWN,
     AbortRequest,
     AttachFrontend,
@@ -264,7 +265,8 @@ class _Loop:
             return
         if isinstance(msg, WorkerFailed):
             logger.error("%s: worker failed: %s", self.cfg.name, msg.message)
-            self.core.fail_all(INTERNAL, f"the worker of instance {self.cfg.name} failed: {msg.message}")
+            code = msg.code if msg.code in (INTERNAL, PEER_UNAVAILABLE) else INTERNAL
+            self.core.fail_all(code, f"the worker of instance {self.cfg.name} failed: {msg.message}")
             self._flush()
             raise WorkerLost(msg.message)
         if not self.core.on_worker_message(msg):

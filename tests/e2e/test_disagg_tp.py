@@ -154,11 +154,11 @@ def kill_rank_1(server: Server) -> None:
 @pytest.mark.parametrize("role", ["decode", "prefill"])
 def test_kill_of_a_rank_other_than_0_during_nixl_transfers(role: str, monkeypatch: pytest.MonkeyPatch):
     """Each rank writes its own heads: the death of a decode or prefill rank 1 mid-transfer
-    fails its instance's rooms as an instance's death does, and the other instances serve on.
-    Rank 0 may learn of it in a step's collective: the instance's worker then fails, and its
-    requests with it (``internal``, "another rank of this instance is gone")."""
+    fails its instance's rooms as an instance's death does (``peer_unavailable`` or
+    ``transfer_failed``), and the other instances serve on. Rank 0 learns of it in a step's
+    collective or a relay: "another rank of this instance is gone"."""
     from protocol.faults import FAULTS_ENV, Faults
-    from tests.e2e.test_disagg import KILL_FAILURES, SEND_DELAY_S, kill_during_transfer, standalone
+    from tests.e2e.test_disagg import SEND_DELAY_S, kill_during_transfer, standalone
 
     monkeypatch.setenv(FAULTS_ENV, Faults(kv_send_delay_s=SEND_DELAY_S).to_setting())
     sizes = (1, 2) if role == "decode" else (2, 1)
@@ -166,6 +166,5 @@ def test_kill_of_a_rank_other_than_0_during_nixl_transfers(role: str, monkeypatc
     deployed = standalone(*sizes, "nixl", ("--tp-size", "2"))
     with deployed as (prefills, decodes, frontend), frontend.client() as c:
         victim = decodes[0] if role == "decode" else prefills[0]
-        failures = KILL_FAILURES | {"internal"}
-        kill_during_transfer(c, victim, role, rng, frontend, kill=kill_rank_1, failures=failures)
+        kill_during_transfer(c, victim, role, rng, frontend, kill=kill_rank_1)
         assert "another rank of this instance is gone" in victim.log()

@@ -20,7 +20,7 @@ from bench.overhead_fakes import HostEvent
 from engine.parallel.steps import NO_RELAY
 from engine.pipeline import LaunchedStep, Pipeline
 from protocol import transport
-from protocol.messages import Heartbeat, Message, Role, Shutdown, StepBatch, StepResult
+from protocol.messages import Heartbeat, Message, Role, Shutdown, StepBatch, StepResult, WorkerFailed
 
 DEVICE_S = 0.05  # one step on the fake device
 HOST_S = 0.005  # the host work of launching one (inputs, launches)
@@ -90,8 +90,9 @@ def loop(tmp_path) -> Iterator[Loop]:
     def send_result(result: StepResult) -> None:
         transport.send(result_push, result)
 
-    def report_failure(message: str) -> None:
-        transport.send(result_push, Heartbeat(name=message, role=Role.UNIFIED, ready=False, input_addr=""))
+    def report_failure(failure: WorkerFailed) -> None:
+        failed = Heartbeat(name=failure.message, role=Role.UNIFIED, ready=False, input_addr="")
+        transport.send(result_push, failed)
 
     pipeline = Pipeline(step_sock, lambda b: device.launch(b), send_result, report_failure,
                         {Heartbeat: handled.append})
