@@ -12,7 +12,7 @@ first token), and each reports the one final result of its part, refusals includ
 once every part is in (``RoomParts``): DONE when every part is, else FAILED naming the ranks
 that failed. So a room's pages are the scheduler's again only when no rank moves them any more.
 A decode instance's registration is rank 0's and every other rank's with its prefill rank,
-reported once all are in (``RoomParts.wait_registered``).
+reported once all are in (``RegistrationBarrier``).
 """
 
 from __future__ import annotations
