@@ -44,7 +44,6 @@ from kvtransfer.tp_parts import (
     RoomParts,
     parts_address,
     peer_for_rank,
-    rank_layout,
 )
 from protocol.config import WorkerConfig
 from protocol.dataplane import KVShardPages
@@ -173,11 +172,11 @@ def open_receiver(cfg: WorkerConfig, worker: Worker, tp: TensorParallel) -> Rece
     pool = worker.runner.kv_pool
     pool_layout = layout_from_caches(pool.k, model=worker.loaded.name, backend=backend)
     layout, lander = pool_layout, None
-    if moves_kv_in_parts(cfg):
-        layout = rank_layout(pool_layout, worker.config.num_kv_heads, tp.size, tp.rank)
-    elif tp.size > 1:
+    if tp.size > 1:
         heads = InstanceHeads.of_splits(worker.config.num_kv_heads, tp.splits(worker.config))
-        layout, lander = instance_layout(pool_layout, heads), HubLander(PagedCaches(pool.k, pool.v), heads)
+        layout = instance_layout(pool_layout, heads, tp.rank)
+        if not moves_kv_in_parts(cfg):
+            lander = HubLander(PagedCaches(pool.k, pool.v), heads)
     receiver = make_backend(
         backend,
         "decode",

@@ -244,7 +244,7 @@ def _host_share(tp: TensorParallel, cfg: ModelConfig, device: torch.device) -> f
     if tp.size == 1 or device.type != "cpu":
         return 1.0
     node = tp.rank - tp.local_rank
-    heads = [tp.split_of(cfg, rank).num_kv_heads for rank in range(node, node + tp.local_size)]
+    heads = [split.num_kv_heads for split in tp.splits(cfg)[node : node + tp.local_size]]
     return heads[tp.local_rank] / sum(heads)
 
 

@@ -101,9 +101,10 @@ class InstanceHeads:
         return staging.narrow(HEAD_DIM_AXIS, heads.start, heads.count).contiguous()
 
 
-def instance_layout(pool_layout: KVLayout, heads: InstanceHeads) -> KVLayout:
-    """What rank 0 advertises: its pool's layout with every head of the instance."""
-    return dataclasses.replace(pool_layout, num_kv_heads=heads.total, tp_size=heads.size, tp_rank=0)
+def instance_layout(pool_layout: KVLayout, heads: InstanceHeads, tp_rank: int = 0) -> KVLayout:
+    """What rank ``tp_rank`` advertises: its pool's layout with every head of the instance (rank
+    0 here; each rank where every rank moves its own heads: ``kvtransfer.tp_parts``)."""
+    return dataclasses.replace(pool_layout, num_kv_heads=heads.total, tp_size=heads.size, tp_rank=tp_rank)
 
 
 def staging_to_bytes(staging: torch.Tensor) -> bytes:

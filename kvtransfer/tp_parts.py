@@ -2,7 +2,7 @@
 backend (``nixl``, ``cuda_ipc``): a room in parts, each rank moving its own KV heads.
 
 Every rank of both instances runs its own sender or receiver over its own pool, advertising
-the instance's layout with its own ``tp_rank`` (``rank_layout``), so that the data plane pairs
+the instance's layout with its own ``tp_rank`` (``tp_hub.instance_layout``), so that the data plane pairs
 prefill rank r with decode rank r and refuses anything else; the prefill ranks' senders bind
 addresses of their own (``rank_transfer_address``), which rank 0 gathers and advertises
 (``TransferEndpoint.rank_addresses``). The scheduler still sees one room: every rank acts on
@@ -17,7 +17,6 @@ reported once all are in (``RegistrationBarrier``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -28,7 +27,6 @@ from kvtransfer.base import KVReceiver, KVSender, RoomResult, TransferState
 from kvtransfer.notifier import Notifier
 from protocol import transport
 from protocol.codec import ProtocolError
-from protocol.dataplane import KVLayout
 from protocol.messages import (
     KVPeerRegistered,
     LinkStatesPart,
@@ -42,11 +40,6 @@ logger = logging.getLogger("kvtransfer")
 
 REPORT_LINGER_MS = 2000  # a closing reporter lets its last parts leave
 PARTS_SUFFIX = "-kv-parts"
-
-
-def rank_layout(pool_layout: KVLayout, num_kv_heads: int, tp_size: int, tp_rank: int) -> KVLayout:
-    """What rank ``tp_rank`` advertises: the instance's heads and size, and its own rank."""
-    return dataclasses.replace(pool_layout, num_kv_heads=num_kv_heads, tp_size=tp_size, tp_rank=tp_rank)
 
 
 def parts_address(dist_init_method: str) -> str:
@@ -105,8 +98,6 @@ class RoomParts:
 
     def __init__(self, ctx: zmq.Context, address: str, tp_size: int) -> None:
         self._sock = transport.bind(ctx, zmq.PULL, address)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
         self._tp_size = tp_size
         self._parts: dict[int, dict[int, TransferResult]] = {}  # room -> rank -> its part
         self._links: dict[int, dict[str, str]] = {}  # each rank's data-plane links, as it last told
@@ -129,9 +120,8 @@ class RoomParts:
         """The rooms whose every part came in by ``timeout`` (notifier thread only)."""
         done: list[RoomResult] = []
         wait_ms = int(timeout * 1000)
-        while not done and self._poller.poll(wait_ms):
-            while self._sock.poll(0):
-                done += self._take(self._sock.recv())
+        while self._sock.poll(wait_ms):  # the first waits; then what is queued already
+            done += self._take(self._sock.recv())
             wait_ms = 0
         return done
 

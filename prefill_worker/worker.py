@@ -34,7 +34,7 @@ from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, layout
 from kvtransfer.kernels import PagedCaches, page_ops_for
 from kvtransfer.notifier import Notifier
 from kvtransfer.tp_hub import InstanceHeads, instance_layout
-from kvtransfer.tp_parts import PartReporter, RoomParts, parts_address, rank_layout, rank_transfer_address
+from kvtransfer.tp_parts import PartReporter, RoomParts, parts_address, rank_transfer_address
 from prefill_worker.faults import with_faults
 from protocol.config import WorkerConfig
 from protocol.dataplane import TokenLogprob
@@ -164,26 +164,20 @@ def open_sender(cfg: WorkerConfig, worker: Worker, tp: TensorParallel) -> Prefil
     ranks gather their addresses, a collective)."""
     backend = cfg.args.transfer_backend
     pool_layout = kv_layout(worker, backend)
-    in_parts = moves_kv_in_parts(cfg)
-    address = transfer_address(cfg)
-    if tp.size == 1:
-        layout = pool_layout
-    elif in_parts:
-        layout = rank_layout(pool_layout, worker.config.num_kv_heads, tp.size, tp.rank)
-        address = rank_transfer_address(address, tp.rank)
-    else:
-        layout = instance_layout(pool_layout, instance_heads(worker, tp))
+    layout = pool_layout
+    if tp.size > 1:
+        layout = instance_layout(pool_layout, instance_heads(worker, tp), tp.rank)
     sender = cast(KVSender, make_backend(
         backend,
         "prefill",
         layout,
         worker.runner.kv_pool.k,
         worker.runner.kv_pool.v,
-        address=address,
+        address=rank_transfer_address(transfer_address(cfg), tp.rank),
         config=TransferConfig.from_args(cfg.args),
         pool_layout=pool_layout if tp.size > 1 else None,
     ))
-    rank_addresses = (gather_strings(tp, sender.address) or []) if in_parts else []
+    rank_addresses = (gather_strings(tp, sender.address) or []) if moves_kv_in_parts(cfg) else []
     return PrefillSide(worker, sender, rank_addresses)
 
 

@@ -232,5 +232,3 @@ class KVShardPages(Message):
 
     TYPE: ClassVar[str] = "kv_shard_pages"
     landings: list[ShardLanding]
-
-

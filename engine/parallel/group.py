@@ -79,7 +79,6 @@ class ModelSplit:
             heads = cfg.num_heads // tp_size
             head_start = tp_rank * heads
         vocab_shard = -(-cfg.vocab_size // tp_size)
-        inter = cfg.intermediate_size // tp_size
         return cls(
             tp_size=tp_size,
             tp_rank=tp_rank,
@@ -87,7 +86,7 @@ class ModelSplit:
             head_start=head_start,
             num_kv_heads=kv_heads,
             kv_head_start=kv_start,
-            intermediate_size=inter,
+            intermediate_size=cfg.intermediate_size // tp_size,
             vocab_shard=vocab_shard,
             vocab_start=tp_rank * vocab_shard,
         )
@@ -143,12 +142,9 @@ class TensorParallel:
     def split(self, cfg: ModelConfig) -> ModelSplit:
         return ModelSplit.of(cfg, self.size, self.rank)
 
-    def split_of(self, cfg: ModelConfig, rank: int) -> ModelSplit:
-        return ModelSplit.of(cfg, self.size, rank)
-
     def splits(self, cfg: ModelConfig) -> list[ModelSplit]:
         """Every rank's split, by rank."""
-        return [self.split_of(cfg, rank) for rank in range(self.size)]
+        return [ModelSplit.of(cfg, self.size, rank) for rank in range(self.size)]
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place (every rank gets the same bits)."""
@@ -174,7 +170,6 @@ class TensorParallel:
             return error
         return RankLost(f"rank {self.rank}: another rank of this instance is gone ({error})")
 
-
     def min_over_ranks(self, value: int) -> int:
         """The smallest ``value`` of all ranks (e.g. KV pages: every rank must hold as many)."""
         if self.size == 1:
@@ -191,6 +186,7 @@ def is_lost_peer(error: RuntimeError) -> bool:
     """Whether a collective failed because a peer went away (torch's distributed errors, or
     gloo's, which come as plain RuntimeErrors naming the closed connection or the timeout)."""
     return isinstance(error, dist.DistError) or any(sign in str(error) for sign in LOST_PEER_SIGNS)
+
 
 SINGLE_RANK = TensorParallel()
 

@@ -13,13 +13,13 @@ import pytest
 import zmq
 
 from kvtransfer.base import RoomResult, TransferState
+from kvtransfer.tp_hub import HeadRange, InstanceHeads, instance_layout
 from kvtransfer.tp_parts import (
     SUPERSEDED,
     PartReporter,
     RoomParts,
     parts_address,
     peer_for_rank,
-    rank_layout,
     rank_transfer_address,
 )
 from protocol.dataplane import TokenLogprob
@@ -180,7 +180,8 @@ def test_addresses_and_layouts_of_the_ranks() -> None:
     assert peer_for_rank(["a", "b"], 1) == "b"
     with pytest.raises(ValueError, match="advertised 1 rank senders; rank 1 has none"):
         peer_for_rank(["a"], 1)
-    mine = rank_layout(layout("nixl", num_kv_heads=1), num_kv_heads=2, tp_size=2, tp_rank=1)
+    two, one = InstanceHeads(2, (HeadRange(0, 1), HeadRange(1, 1))), InstanceHeads(2, (HeadRange(0, 2),))
+    mine = instance_layout(layout("nixl", num_kv_heads=1), two, tp_rank=1)
     assert (mine.num_kv_heads, mine.tp_size, mine.tp_rank) == (2, 2, 1)
-    assert mine.mismatched_field(rank_layout(layout("nixl"), 2, 2, 0)) == "tp_rank"
-    assert mine.mismatched_field(rank_layout(layout("nixl"), 2, 1, 1)) == "tp_size"
+    assert mine.mismatched_field(instance_layout(layout("nixl"), two, 0)) == "tp_rank"
+    assert mine.mismatched_field(instance_layout(layout("nixl"), one, 1)) == "tp_size"
