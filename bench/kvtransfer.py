@@ -6,7 +6,10 @@ prefill side runs in a child process (``--serve-prefill``). One repetition times
 side, from the first ``send`` to the decode side's acknowledgement, after both sides know the
 room; the first repetition is a warm-up and is not counted. The decode side checks every page
 of the last repetition against the prefill pool (regenerated from its seed). Next to each
-backend: the device-to-device copy rate of the same bytes measured in the same run.
+backend: the device-to-device copy rate of the same bytes measured in the same run. nixl runs
+twice: whole pages, and as rank 1 of a decode instance of ``--tp-size 2`` (half the KV heads,
+written as a head slice of each token slot: ``kvtransfer.tp_slices``); its GB/s counts the
+bytes that rank receives.
 
 ``python -m bench.kvtransfer --output bench/results/kvtransfer.json``          (GPU)
 ``python -m bench.kvtransfer --tiny --output /tmp/kvtransfer.json``            (CPU smoke test)
@@ -34,6 +37,7 @@ import torch
 
 from kvtransfer import KVLayout, TransferConfig, TransferState, make_backend
 from kvtransfer.nixl_agent import CPU_UCX_ENV, nixl_available
+from protocol.dataplane import kv_head_range
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
@@ -56,6 +60,21 @@ class Shape:
     def layout(self, backend: str) -> KVLayout:
         dims = (self.num_layers, self.page_size, self.num_kv_heads, self.head_dim)
         return KVLayout("bench", *dims, self.dtype, backend)
+
+    def heads_of(self, split: Split | None) -> range:
+        """The KV heads a decode rank of ``split`` holds (every head without one)."""
+        if split is None:
+            return range(self.num_kv_heads)
+        start, count = kv_head_range(self.num_kv_heads, split.tp_size, split.tp_rank)
+        return range(start, start + count)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The decode side as one rank of a tensor-parallel instance."""
+
+    tp_size: int
+    tp_rank: int
 
 
 FULL = Shape(num_layers=32, num_kv_heads=8, head_dim=128, page_size=16, dtype="bfloat16", tokens=4096)
@@ -84,9 +103,13 @@ class Report:
     skipped: list[str] = field(default_factory=list)
 
 
-def make_pool(shape: Shape, device: str, seed: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Pool of ``pages + 1`` pages (page 0 is padding): random from ``seed``, or zeros."""
-    dims = (2 * shape.num_layers, shape.pages + 1, shape.page_size, shape.num_kv_heads, shape.head_dim)
+def make_pool(
+    shape: Shape, device: str, seed: int | None, heads: int | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pool of ``pages + 1`` pages (page 0 is padding): random from ``seed``, or zeros; of
+    ``heads`` KV heads (default: the shape's)."""
+    heads = shape.num_kv_heads if heads is None else heads
+    dims = (2 * shape.num_layers, shape.pages + 1, shape.page_size, heads, shape.head_dim)
     dtype = getattr(torch, shape.dtype)
     if seed is None:
         data = torch.zeros(dims, dtype=dtype, device=device)
@@ -169,16 +192,24 @@ def wait_for_state(side, room: int, state: TransferState, timeout: float = 120.0
 # --------------------------------------------------------------------------------------------
 
 
-def run_backend(backend: str, address: str, shape: Shape, device: str, reps: int, chunk_tokens: int) -> tuple:
+def run_backend(
+    backend: str, address: str, shape: Shape, device: str, reps: int, chunk_tokens: int,
+    split: Split | None = None,
+) -> tuple:
     spec = {"backend": backend, "address": address, "shape": asdict(shape), "device": device,
             "reps": reps, "chunk_tokens": chunk_tokens}
     child = subprocess.Popen(
         [sys.executable, "-m", "bench.kvtransfer", "--serve-prefill", json.dumps(spec)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
     )
-    k, v = make_pool(shape, device, None)
+    heads = shape.heads_of(split)
+    k, v = make_pool(shape, device, None, len(heads))
     _, dst = page_lists(shape)
-    receiver = make_backend(backend, "decode", shape.layout(backend), k, v, config=CONFIG)
+    layout, pool_layout = shape.layout(backend), None
+    if split is not None:
+        pool_layout = replace(layout, num_kv_heads=len(heads))
+        layout = replace(layout, tp_size=split.tp_size, tp_rank=split.tp_rank)
+    receiver = make_backend(backend, "decode", layout, k, v, config=CONFIG, pool_layout=pool_layout)
     try:
         peer = receiver.register(address, timeout=120.0)
         for room in range(reps):
@@ -194,26 +225,30 @@ def run_backend(backend: str, address: str, shape: Shape, device: str, reps: int
             child.wait()
     if child.returncode != 0:
         raise RuntimeError(f"{backend}: the prefill process exited with {child.returncode}")
-    return json.loads(out.strip().splitlines()[-1]), verify(shape, device, k, v)
+    return json.loads(out.strip().splitlines()[-1]), verify(shape, device, k, v, heads)
 
 
-def verify(shape: Shape, device: str, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
+def verify(shape: Shape, device: str, k: list[torch.Tensor], v: list[torch.Tensor], heads: range) -> bool:
     src_k, src_v = make_pool(shape, device, SEED)
     src, dst = page_lists(shape)
     pairs = zip(src_k + src_v, k + v, strict=True)
-    return all(torch.equal(a[src].view(torch.uint8), b[dst].view(torch.uint8)) for a, b in pairs)
+    held = slice(heads.start, heads.stop)
+    return all(torch.equal(a[src][:, :, held].view(torch.uint8), b[dst].view(torch.uint8)) for a, b in pairs)
 
 
-def addresses(backend: str, transports: list[str], workdir: str, device: str) -> list[tuple[str, str]]:
-    """(transport, address) pairs to bind; cuda_ipc and nixl carry only control frames on them
-    (ipc:// and tcp:// respectively): their transport is how the pages move."""
+Run = tuple[str, str, Split | None]  # transport, address, the decode side's split
+
+
+def runs(backend: str, transports: list[str], workdir: str, device: str) -> list[Run]:
+    """What to measure of ``backend``; cuda_ipc and nixl carry only control frames on their
+    addresses (ipc:// and tcp:// respectively): their transport is how the pages move."""
     if backend == "cuda_ipc":
-        return [("ipc", f"ipc://{workdir}/cuda-ipc.sock")]
+        return [("ipc", f"ipc://{workdir}/cuda-ipc.sock", None)]
     if backend == "nixl":
-        default_tls = CPU_UCX_ENV["UCX_TLS"] if device == "cpu" else "auto"
-        return [(f"ucx:{os.environ.get('UCX_TLS', default_tls)}", f"tcp://127.0.0.1:{_free_port()}")]
+        ucx = f"ucx:{os.environ.get('UCX_TLS', CPU_UCX_ENV['UCX_TLS'] if device == 'cpu' else 'auto')}"
+        return [(ucx, f"tcp://127.0.0.1:{_free_port()}", split) for split in (None, Split(2, 1))]
     named = {"tcp": f"tcp://127.0.0.1:{_free_port()}", "ipc": f"ipc://{workdir}/zmq.sock"}
-    return [(t, named[t]) for t in transports]
+    return [(t, named[t], None) for t in transports]
 
 
 def _free_port() -> int:
@@ -228,10 +263,10 @@ def print_table(report: Report) -> None:
     mib = report.request_bytes / (1 << 20)
     print(f"\nKV of one request: {mib:.1f} MiB on {report.device}; "
           f"device-to-device copy: {report.d2d_copy_gbps:.1f} GB/s")
-    print(f"{'backend':<10} {'transport':<11} {'reps':>4} {'median ms':>10} {'min ms':>9} {'GB/s':>8} "
+    print(f"{'backend':<10} {'transport':<30} {'reps':>4} {'median ms':>10} {'min ms':>9} {'GB/s':>8} "
           f"{'vs d2d':>7} verified")
     for r in report.rows:
-        print(f"{r.backend:<10} {r.transport:<11} {r.reps:>4} {r.median_ms:>10.2f} {r.min_ms:>9.2f} "
+        print(f"{r.backend:<10} {r.transport:<30} {r.reps:>4} {r.median_ms:>10.2f} {r.min_ms:>9.2f} "
               f"{r.gbps:>8.2f} {r.vs_d2d:>7.3f} {r.verified}")
     for s in report.skipped:
         print(f"skipped: {s}")
@@ -266,11 +301,15 @@ def main(argv: list[str] | None = None) -> int:
             if backend == "nixl" and not nixl_available():
                 report.skipped.append("nixl: the nixl-cu12 package is not installed")
                 continue
-            for transport, address in addresses(backend, args.transports.split(","), workdir, device):
-                times, ok = run_backend(backend, address, shape, device, args.reps + 1, args.chunk_tokens)
+            for transport, address, split in runs(backend, args.transports.split(","), workdir, device):
+                reps = args.reps + 1
+                times, ok = run_backend(backend, address, shape, device, reps, args.chunk_tokens, split)
                 timed = times[1:]  # the first repetition warms up (kernel compile, pinned buffers)
                 med = statistics.median(timed)
-                gbps = request_bytes / med / 1e9
+                moved = request_bytes * len(shape.heads_of(split)) // shape.num_kv_heads
+                gbps = moved / med / 1e9
+                if split is not None:
+                    transport += f" slices, rank {split.tp_rank}/TP {split.tp_size}"
                 report.rows.append(Row(backend, transport, len(timed), med * 1e3, min(timed) * 1e3, gbps,
                                        gbps / report.d2d_copy_gbps, ok))
     print_table(report)

@@ -37,14 +37,8 @@ from kvtransfer import KVReceiver, TransferConfig, TransferError, layout_from_ca
 from kvtransfer.kernels import PagedCaches, PoolLander
 from kvtransfer.notifier import Notifier
 from kvtransfer.tp_hub import HeldResults, HubLander, InstanceHeads, instance_layout, land_shards
-from kvtransfer.tp_parts import (
-    SUPERSEDED,
-    PartReporter,
-    RegistrationBarrier,
-    RoomParts,
-    parts_address,
-    peer_for_rank,
-)
+from kvtransfer.tp_parts import SUPERSEDED, PartReporter, RegistrationBarrier, RoomParts, parts_address
+from kvtransfer.tp_slices import SlicedReceiver
 from protocol.config import WorkerConfig
 from protocol.dataplane import KVShardPages
 from protocol.messages import (
@@ -72,27 +66,29 @@ RegistrationReport = Callable[[int, KVPeerRegistered], None]  # (attempt, outcom
 
 class DecodeWorker:
     """A decode rank's step hooks: rooms to expect and abort, first tokens seeded, and its
-    receiver's registrations. ``rank`` > 0 only where every rank receives its own KV heads
-    (``kvtransfer.tp_parts``): such a rank registers with its prefill rank (the
-    ``RegisterKVPeer``'s ``rank_addresses``) and expects rooms from it."""
+    receiver's registrations. A ``SlicedReceiver`` (where every rank receives its own KV heads:
+    ``kvtransfer.tp_parts``, ``tp_slices``) registers with the prefill ranks holding its heads,
+    of the ``RegisterKVPeer``'s ``rank_addresses``, and expects each room from them."""
 
     def __init__(
-        self, worker: Worker, receiver: KVReceiver, report: RegistrationReport, register_timeout: float,
-        rank: int = 0,
+        self, worker: Worker, receiver: KVReceiver | SlicedReceiver, report: RegistrationReport,
+        register_timeout: float,
     ) -> None:
         self.worker = worker
         self.receiver = receiver
         self.report = report
         self.register_timeout = register_timeout
-        self.rank = rank
         self.refused: list[TransferResult] = []  # rooms the receiver would not take
         self._attempts: dict[str, int] = {}  # RegisterKVPeer messages seen, by prefill instance
-        self._peers: dict[str, str] = {}  # rank 0's prefill KV address -> this rank's peer
+        if isinstance(receiver, SlicedReceiver):
+            self._senders = lambda msg: receiver.sources(msg.transfer_addr, msg.rank_addresses)
+        else:
+            self._senders = lambda msg: [msg.transfer_addr]
 
     def step(self, batch: StepBatch) -> StepResult:
         for expect in batch.expects:
             try:
-                self.receiver.expect(expect.room, self._peer_of(expect.peer), expect.dst_pages)
+                self.receiver.expect(expect.room, expect.peer, expect.dst_pages)
             except (TransferError, ValueError) as e:
                 self.refused.append(TransferResult(expect.room, ok=False, error=str(e)))
         for room in batch.abort_rooms:
@@ -104,35 +100,26 @@ class DecodeWorker:
         out, self.refused = self.refused, []
         return out
 
-    def _peer_of(self, prefill_kv_addr: str) -> str:
-        """This rank's peer for rooms from the prefill worker at ``prefill_kv_addr`` (rank 0's sender)."""
-        if self.rank == 0:
-            return prefill_kv_addr
-        peer = self._peers.get(prefill_kv_addr)
-        if peer is None:
-            raise TransferError(f"rank {self.rank} has no prefill rank paired with {prefill_kv_addr}")
-        return peer
-
     def register(self, msg: RegisterKVPeer) -> None:
-        """Register on a thread of its own: it waits for the peer's answer."""
+        """Register on a thread of its own: it waits for the peers' answers."""
         attempt = self._attempts[msg.prefill_addr] = self._attempts.get(msg.prefill_addr, 0) + 1
         try:
-            address = msg.transfer_addr if self.rank == 0 else peer_for_rank(msg.rank_addresses, self.rank)
+            addresses = self._senders(msg)
         except ValueError as e:
             self.report(attempt, KVPeerRegistered(msg.prefill_addr, ok=False, error=str(e)))
             return
-        self._peers[msg.transfer_addr] = address
-        args = (msg.prefill_addr, address, attempt)
+        args = (msg.prefill_addr, addresses, attempt)
         threading.Thread(target=self._register, args=args, name="kv-register", daemon=True).start()
 
-    def _register(self, prefill_addr: str, address: str, attempt: int) -> None:
-        try:
-            self.receiver.register(address, timeout=self.register_timeout)
-        except TransferError as e:
-            logger.warning("KV registration with %s failed: %s", address, e)
-            self.report(attempt, KVPeerRegistered(prefill_addr, ok=False, error=str(e)))
-            return
-        logger.info("KV receiver registered with %s (%s)", address, prefill_addr)
+    def _register(self, prefill_addr: str, addresses: list[str], attempt: int) -> None:
+        for address in addresses:
+            try:
+                self.receiver.register(address, timeout=self.register_timeout)
+            except TransferError as e:
+                logger.warning("KV registration with %s failed: %s", address, e)
+                self.report(attempt, KVPeerRegistered(prefill_addr, ok=False, error=str(e)))
+                return
+            logger.info("KV receiver registered with %s (%s)", address, prefill_addr)
         self.report(attempt, KVPeerRegistered(prefill_addr, ok=True))
 
 
@@ -210,10 +197,11 @@ def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
         ctx = zmq.Context()
         opened.callback(ctx.term)
         receiver = opened.enter_context(contextlib.closing(open_receiver(cfg, worker, tp)[0]))
+        sliced = SlicedReceiver(receiver)
         reporter = opened.enter_context(
-            contextlib.closing(PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, receiver))
+            contextlib.closing(PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, sliced))
         )
-        dw = DecodeWorker(worker, receiver, reporter.registered, cfg.args.transfer_timeout, rank=tp.rank)
+        dw = DecodeWorker(worker, sliced, reporter.registered, cfg.args.transfer_timeout)
 
         def step_in_parts(batch: StepBatch) -> StepResult:
             result = dw.step(batch)
@@ -242,15 +230,18 @@ def run_decode_worker(cfg: WorkerConfig) -> None:
         worker, receiver, lander = proc.start(lambda: start_decode(cfg, tp))
         receiver = proc.closing(receiver)
         timeout = cfg.args.transfer_timeout
-        if moves_kv_in_parts(cfg):
+        if moves_kv_in_parts(cfg) and tp.size > 1:
+            sliced = SlicedReceiver(receiver)
             address = parts_address(cfg.dist_init_method)
             parts = proc.closing(proc.start(lambda: RoomParts(proc.ctx, address, tp.size)))
-            reporter = proc.closing(proc.start(lambda: PartReporter(proc.ctx, address, 0, receiver)))
+            reporter = proc.closing(proc.start(lambda: PartReporter(proc.ctx, address, 0, sliced)))
             notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, parts, RESULT_LINGER_MS))
             report = report_when_every_rank_registered(notifier, parts.registrations, timeout)
-            dw = DecodeWorker(worker, receiver, report, timeout)
+            dw = DecodeWorker(worker, sliced, report, timeout)
             after_step = lambda: reporter.refused(dw.take_refused())  # noqa: E731
         else:
+            if moves_kv_in_parts(cfg):  # one rank, pairing with whichever ranks hold its heads
+                receiver = SlicedReceiver(receiver)
             results = receiver if lander is None else HeldResults(receiver, lander)
             notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, results, RESULT_LINGER_MS))
             dw = DecodeWorker(worker, receiver, lambda _, outcome: notifier.notify(outcome), timeout)

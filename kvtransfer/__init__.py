@@ -26,7 +26,7 @@ from kvtransfer.base import (
 )
 from kvtransfer.kernels import Lander
 from kvtransfer.layout import check_caches, check_peer_layout, layout_from_caches, torch_dtype
-from protocol.dataplane import TP_MAPPING_BACKENDS, KVLayout
+from protocol.dataplane import TP_HUB_BACKENDS, KVLayout
 
 BACKENDS = ("zmq", "cuda_ipc", "nixl", "fake")
 ROLES = ("prefill", "decode")
@@ -67,7 +67,7 @@ def make_backend(
     of backend ``name`` over this worker's KV pool (per-layer ``k_caches`` / ``v_caches``).
     A tensor-parallel rank advertises the instance's ``layout`` over its own pool
     (``pool_layout``); through rank 0, its decode side lands pages through ``lander``
-    (``kvtransfer.tp_hub``), which only the backends of ``TP_MAPPING_BACKENDS`` can."""
+    (``kvtransfer.tp_hub``), which only the backends of ``TP_HUB_BACKENDS`` can."""
     if name not in BACKENDS:
         raise ValueError(f"unknown KV transfer backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if role not in ROLES:
@@ -76,10 +76,10 @@ def make_backend(
         raise LayoutMismatch("backend", name, layout.backend, "layout")
     if role == "prefill" and not address:
         raise ValueError("the prefill side needs an explicit address to bind (tcp://host:port or ipc://path)")
-    if lander is not None and name not in TP_MAPPING_BACKENDS:
+    if lander is not None and name not in TP_HUB_BACKENDS:
         raise ValueError(
             f"the {name} KV transfer backend moves pool to pool: every rank moves its own heads "
-            f"(kvtransfer.tp_parts); only {', '.join(TP_MAPPING_BACKENDS)} land an instance's "
+            f"(kvtransfer.tp_parts); only {', '.join(TP_HUB_BACKENDS)} land an instance's "
             "through rank 0"
         )
     sender_cls, receiver_cls = _classes(name)

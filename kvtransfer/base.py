@@ -189,7 +189,7 @@ class KVSender(_Side):
         travels with its ``first_logprob`` when the prefill side has it). ``staged``: the
         pages already gathered, a host staging buffer of every head the layout advertises (a
         tensor-parallel instance's ranks gather them together: ``kvtransfer.tp_hub``); only the
-        backends of ``TP_MAPPING_BACKENDS`` take it.
+        backends of ``TP_HUB_BACKENDS`` take it.
         Returns immediately; on CUDA the pages are read after the work already queued on the
         current stream (the forward that wrote them). Returns False, doing nothing, when the
         room is unknown or final (e.g. it failed a moment ago: its result is in ``poll()``)."""

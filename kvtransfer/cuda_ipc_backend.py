@@ -28,6 +28,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from kvtransfer.kernels import DeviceLane, PagedCaches, copy_pages
 from kvtransfer.link_receiver import LinkReceiver
 from kvtransfer.link_sender import Chunk, LinkSender
+from protocol.dataplane import KVLayout
 
 SHARED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_DIMS = 8
@@ -118,7 +119,7 @@ class CudaIpcSenderMover:
         self._lane = DeviceLane(pool)
         self._peers: dict[str, PagedCaches] = {}
 
-    def open_peer(self, peer: str, extra: dict[str, Any]) -> None:
+    def open_peer(self, peer: str, extra: dict[str, Any], theirs: KVLayout) -> None:
         shared = extra.get("arrays")
         if not isinstance(shared, list) or not shared:
             raise ValueError("the decode side shared no KV cache handles")

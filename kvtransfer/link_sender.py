@@ -24,6 +24,7 @@ from protocol.dataplane import (
     KVAck,
     KVChunk,
     KVHeartbeat,
+    KVLayout,
     KVRegister,
     KVRegistered,
     KVRoom,
@@ -52,8 +53,9 @@ class Chunk:
 
 
 class SenderMover(Protocol):
-    def open_peer(self, peer: str, extra: dict[str, Any]) -> None:
-        """Prepare to write to a newly registered decode peer; raise ValueError to refuse it."""
+    def open_peer(self, peer: str, extra: dict[str, Any], theirs: KVLayout) -> None:
+        """Prepare to write to a newly registered decode peer (``theirs``: its layout, checked
+        against ours already); raise ValueError to refuse it."""
 
     def close_peer(self, peer: str) -> None: ...
 
@@ -243,7 +245,7 @@ class LinkSender(PoolSender):
             self._links.move(peer_link, LinkState.RE_REGISTERING)
         try:
             check_peer_layout(self.layout, msg.layout)
-            self._mover.open_peer(peer, msg.extra)
+            self._mover.open_peer(peer, msg.extra, msg.layout)
         except (LayoutMismatch, ValueError, TypeError, RuntimeError) as e:
             log.warning("refused decode peer %s: %s", peer, e)
             first = peer_link.state is LinkState.CONNECTING

@@ -22,7 +22,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -74,18 +75,38 @@ def set_ucx_env(on_device: bool) -> None:
 def page_rows(addresses: Sequence[int], num_pages: int, page_bytes: int, device_id: int) -> np.ndarray:
     """NIXL descriptors ``(address, bytes, device)`` of every page of every array, array-major:
     page ``p`` of array ``a`` is row ``a * num_pages + p``."""
-    starts = np.asarray(addresses, dtype=np.uint64)[:, None]
-    offsets = np.arange(num_pages, dtype=np.uint64)[None, :] * np.uint64(page_bytes)
-    addrs = (starts + offsets).reshape(-1)
-    rows = np.empty((addrs.size, 3), dtype=np.uint64)
-    rows[:, 0], rows[:, 1], rows[:, 2] = addrs, page_bytes, device_id
-    return rows
+    return slot_rows(addresses, range(num_pages), SlotSlice(page_bytes, 0, page_bytes), 1, device_id)
 
 
 def page_indices(pages: Sequence[int], num_arrays: int, num_pages: int) -> np.ndarray:
     """Rows of ``page_rows`` holding ``pages`` in every array (array-major, pages in order)."""
     arrays = np.arange(num_arrays, dtype=np.int64)[:, None] * num_pages
     return (arrays + np.asarray(pages, dtype=np.int64)[None, :]).reshape(-1).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class SlotSlice:
+    """``length`` bytes at ``offset`` of each token slot (``slot_bytes`` apart) of a page (a head
+    slice of a pool laid out [page, slot, head, dim])."""
+
+    slot_bytes: int
+    offset: int
+    length: int
+
+
+def slot_rows(
+    addresses: Sequence[int], pages: Sequence[int], where: SlotSlice, page_size: int, device_id: int
+) -> np.ndarray:
+    """NIXL descriptors of ``where`` in every slot of ``pages`` of every array (each array's
+    pages ``page_size * slot_bytes`` apart): array-major, then page, then slot."""
+    page_bytes = np.uint64(page_size * where.slot_bytes)
+    starts = np.asarray(addresses, dtype=np.uint64)[:, None, None] + np.uint64(where.offset)
+    page_offsets = np.asarray(pages, dtype=np.uint64)[None, :, None] * page_bytes
+    slot_offsets = np.arange(page_size, dtype=np.uint64)[None, None, :] * np.uint64(where.slot_bytes)
+    addrs = (starts + page_offsets + slot_offsets).reshape(-1)
+    rows = np.empty((addrs.size, 3), dtype=np.uint64)
+    rows[:, 0], rows[:, 1], rows[:, 2] = addrs, where.length, device_id
+    return rows
 
 
 class Agent:
@@ -118,10 +139,13 @@ class Agent:
     def metadata(self) -> bytes:
         return bytes(self._agent.get_agent_metadata())
 
-    def add_peer(self, metadata: bytes, rows: np.ndarray, memory: str) -> tuple[str, Any]:
-        """Load a remote agent and prepare its page descriptors; returns (its name, the list)."""
+    def add_peer(self, metadata: bytes, rows: np.ndarray | None, memory: str) -> tuple[str, Any]:
+        """Load a remote agent and prepare its descriptors ``rows`` (None: descriptors are made
+        per WRITE, ``post_rows``); returns (its name, the prepared list or None)."""
         name = self._agent.add_remote_agent(metadata)
         name = name.decode() if isinstance(name, bytes) else str(name)
+        if rows is None:
+            return name, None
         try:
             return name, self._agent.prep_xfer_dlist(name, rows, memory)
         except Exception:
@@ -129,15 +153,31 @@ class Agent:
             raise
 
     def remove_peer(self, name: str, descs: Any) -> None:
-        descs.release()
+        if descs is not None:
+            descs.release()
         self._agent.remove_remote_agent(name)
 
     def post_write(self, peer: str, descs: Any, local: np.ndarray, remote: np.ndarray) -> Any:
-        """Post a WRITE of local descriptor rows ``local`` into the peer's rows ``remote`` and
-        return at once: its handle, to poll with ``write_state`` and give back with ``release``.
-        Raises TransferError (the handle released) if NIXL cannot prepare or post it."""
+        """Post a WRITE of local descriptor rows ``local`` into the peer's prepared rows ``remote``
+        and return at once: its handle, to poll with ``write_state`` and give back with
+        ``release``. Raises TransferError (the handle released) if NIXL cannot prepare or post it."""
+        agent = self._agent
+        return self._post(peer, lambda: agent.make_prepped_xfer("WRITE", self._local, local, descs, remote))
+
+    def post_rows(self, peer: str, local: np.ndarray, remote: np.ndarray, memory: str) -> Any:
+        """As ``post_write``, from descriptors made for this WRITE: ``local`` rows of our pool
+        into the ``remote`` rows of the peer's (its ``memory`` kind), row for row."""
+
+        def make() -> Any:
+            agent = self._agent
+            ours, theirs = agent.get_xfer_descs(local, self.memory), agent.get_xfer_descs(remote, memory)
+            return agent.initialize_xfer("WRITE", ours, theirs, peer)
+
+        return self._post(peer, make)
+
+    def _post(self, peer: str, make: Callable[[], Any]) -> Any:
         try:
-            handle = self._agent.make_prepped_xfer("WRITE", self._local, local, descs, remote)
+            handle = make()
         except Exception as e:  # NIXL's errors derive from Exception only
             raise TransferError(f"NIXL could not prepare a WRITE to {peer}: {e}") from None
         try:

@@ -42,21 +42,25 @@ from kvtransfer.nixl_agent import (
     IN_PROGRESS,
     Agent,
     Pump,
+    SlotSlice,
     page_indices,
     page_rows,
     release,
+    slot_rows,
     write_failure,
 )
 from kvtransfer.rooms import Room
+from kvtransfer.tp_slices import instance_heads, slice_between
 from protocol.codec import ProtocolError, build
-from protocol.dataplane import KVAbort, KVAbortAck, NixlPool
+from protocol.dataplane import KVAbort, KVAbortAck, KVLayout, NixlPool, dtype_bytes
 
 MEMORY_KINDS = ("DRAM", "VRAM")
 WRITE_POLL_S = 0.0005  # how often the I/O loop polls posted WRITEs (its poll has 1 ms steps)
 
 
-def check_pool(extra: dict[str, Any], agent: Agent) -> NixlPool:
-    """The peer's ``NixlPool``, checked against our own pool; raises ValueError naming the problem."""
+def check_pool(extra: dict[str, Any], agent: Agent, page_bytes: int) -> NixlPool:
+    """The peer's ``NixlPool``, checked against our own pool and the ``page_bytes`` its layout
+    gives its pages; raises ValueError naming the problem."""
     raw = extra.get("nixl")
     if not isinstance(raw, dict):
         raise ValueError("the decode side shared no NIXL pool (is it running the nixl backend?)")
@@ -69,11 +73,23 @@ def check_pool(extra: dict[str, Any], agent: Agent) -> NixlPool:
     if len(pool.addresses) != agent.num_arrays:
         shared = len(pool.addresses)
         raise ValueError(f"the decode side shared {shared} KV arrays; this pool has {agent.num_arrays}")
-    if pool.page_bytes != agent.page_bytes:
-        raise ValueError(f"decode pages are {pool.page_bytes} bytes; ours are {agent.page_bytes}")
+    if pool.page_bytes != page_bytes:
+        raise ValueError(f"decode pages are {pool.page_bytes} bytes; its layout makes them {page_bytes}")
     if pool.num_pages < 1 or pool.device_id < 0 or min(pool.addresses) <= 0:
         raise ValueError("a NIXL pool needs pages, a device id >= 0 and non-null addresses")
     return pool
+
+
+@dataclass(frozen=True)
+class SlicedWrites:
+    """Where this rank's head slice for a decode peer lies in each token slot: of our pages and
+    of the peer's (``tp_slices``: the instances' sizes differ)."""
+
+    ours: SlotSlice
+    theirs: SlotSlice
+    addresses: list[int]  # the peer's arrays
+    device_id: int
+    memory: str
 
 
 @dataclass
@@ -81,8 +97,9 @@ class RemotePool:
     """A registered decode peer as our agent knows it."""
 
     agent_name: str
-    descs: Any  # its prepared page descriptors
+    descs: Any  # its prepared page descriptors; None where this rank writes it a head slice
     num_pages: int
+    sliced: SlicedWrites | None = None
 
 
 @dataclass
@@ -97,22 +114,39 @@ class PostedChunk:
 
 
 class NixlSenderMover:
-    """The sender's NIXL agent and its decode peers (I/O thread only)."""
+    """The sender's NIXL agent and its decode peers (I/O thread only). A peer rank holding
+    exactly this rank's heads gets whole pages (descriptors prepared at registration); any
+    other gets the slice of its heads this rank holds, in every token slot (``tp_slices``)."""
 
-    def __init__(self, pool: PagedCaches) -> None:
+    def __init__(self, pool: PagedCaches, layout: KVLayout) -> None:
         self._pool = pool
+        self._layout = layout
         self._agent = Agent(f"pdserve-prefill-{uuid.uuid4().hex[:12]}", pool.arrays)
         self._peers: dict[str, RemotePool] = {}
 
-    def open_peer(self, peer: str, extra: dict[str, Any]) -> None:
-        pool = check_pool(extra, self._agent)
+    def open_peer(self, peer: str, extra: dict[str, Any], theirs: KVLayout) -> None:
+        part = slice_between(self._layout, theirs)  # ValueError: this rank holds none of its heads
+        ours, page_size = self._layout, self._layout.page_size
+        head_bytes = ours.head_dim * dtype_bytes(ours.dtype)
+        own_heads = instance_heads(ours).ranks[ours.tp_rank].count
+        their_heads = instance_heads(theirs).ranks[theirs.tp_rank].count
+        pool = check_pool(extra, self._agent, page_size * their_heads * head_bytes)
         self.close_peer(peer)
-        rows = page_rows(pool.addresses, pool.num_pages, pool.page_bytes, pool.device_id)
+        whole = part.count == own_heads == their_heads
+        rows = page_rows(pool.addresses, pool.num_pages, pool.page_bytes, pool.device_id) if whole else None
         try:
             name, descs = self._agent.add_peer(pool.agent_metadata, rows, pool.memory)
         except Exception as e:  # NIXL's errors derive from Exception only
             raise ValueError(f"NIXL could not load the decode side's agent: {e}") from None
-        self._peers[peer] = RemotePool(name, descs, pool.num_pages)
+        sliced = None
+        if not whole:
+            length = part.count * head_bytes
+            sliced = SlicedWrites(
+                SlotSlice(own_heads * head_bytes, part.src_start * head_bytes, length),
+                SlotSlice(their_heads * head_bytes, part.dst_start * head_bytes, length),
+                list(pool.addresses), pool.device_id, pool.memory,
+            )
+        self._peers[peer] = RemotePool(name, descs, pool.num_pages, sliced)
 
     def close_peer(self, peer: str) -> None:
         """Forget the peer's agent (every WRITE to it released first: ``NixlSender._lose``)."""
@@ -134,9 +168,15 @@ class NixlSenderMover:
             raise ValueError(f"pages out of range: destination {beyond[:8]}, source {stray[:8]}")
         if chunk.ready is not None:
             chunk.ready.synchronize()  # NIXL reads device memory directly: the forward must be done
-        local = page_indices(chunk.src_pages, self._agent.num_arrays, self._agent.num_pages)
-        dst = page_indices(chunk.dst_pages, self._agent.num_arrays, remote.num_pages)
-        return self._agent.post_write(remote.agent_name, remote.descs, local, dst)
+        agent, sliced = self._agent, remote.sliced
+        if sliced is not None:
+            page_size = self._layout.page_size
+            local = slot_rows(agent.addresses, chunk.src_pages, sliced.ours, page_size, agent.device_id)
+            dst = slot_rows(sliced.addresses, chunk.dst_pages, sliced.theirs, page_size, sliced.device_id)
+            return agent.post_rows(remote.agent_name, local, dst, sliced.memory)
+        local = page_indices(chunk.src_pages, agent.num_arrays, agent.num_pages)
+        dst = page_indices(chunk.dst_pages, agent.num_arrays, remote.num_pages)
+        return agent.post_write(remote.agent_name, remote.descs, local, dst)
 
     def state(self, posted: PostedChunk) -> str:
         return DONE if posted.handle is None else self._agent.write_state(posted.handle)
@@ -174,7 +214,7 @@ class NixlSender(LinkSender):
     A room that fails with WRITEs posted is held (``_still_reading``) until they stopped."""
 
     def _bind(self, address: str) -> str:
-        self._nixl = NixlSenderMover(self.pool)
+        self._nixl = NixlSenderMover(self.pool, self.layout)
         self._write_timeout = self.rooms.config.transfer_timeout
         self._posted: dict[int, collections.deque[PostedChunk]] = {}  # by room, in send order
         self._ack_when_stopped: dict[int, str] = {}  # decode-side aborts held: room -> peer

@@ -29,7 +29,7 @@ import torch
 from kvtransfer.base import RoomResult
 from kvtransfer.kernels import PagedCaches, PoolLander
 from protocol.codec import encode
-from protocol.dataplane import KVLayout, KVShardPages, ShardLanding
+from protocol.dataplane import KVLayout, KVShardPages, ShardLanding, kv_head_range
 
 HEAD_DIM_AXIS = 3  # of a staging buffer [2 * layers, pages, page_size, heads, head_dim]
 
@@ -74,6 +74,12 @@ class InstanceHeads:
     def of_splits(cls, total: int, splits: Sequence[RankSplit]) -> InstanceHeads:
         """From each rank's split of the model, by rank (``engine.parallel.group.ModelSplit``)."""
         return cls(total, tuple(HeadRange(s.kv_head_start, s.num_kv_heads) for s in splits))
+
+    @classmethod
+    def dealt(cls, total: int, tp_size: int) -> InstanceHeads:
+        """How an instance of ``tp_size`` ranks holds ``total`` KV heads (``kv_head_range``: the
+        split every instance makes, so a peer's is known from its layout)."""
+        return cls(total, tuple(HeadRange(*kv_head_range(total, tp_size, r)) for r in range(tp_size)))
 
     @property
     def size(self) -> int:

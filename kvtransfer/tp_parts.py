@@ -148,7 +148,7 @@ class RoomParts:
         if len(parts) < self._tp_size:
             return []
         del self._parts[room]
-        return [combine(room, [parts[r] for r in range(self._tp_size)])]
+        return [combine(room, [(f"rank {r}", parts[r]) for r in range(self._tp_size)])]
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -212,11 +212,12 @@ class RegistrationBarrier:
         self._changed.notify_all()
 
 
-def combine(room: int, parts: Sequence[TransferResult]) -> RoomResult:
-    """One room's result from its parts (by rank): rank 0's first token."""
-    failed = [(rank, p) for rank, p in enumerate(parts) if not p.ok]
+def combine(room: int, parts: Sequence[tuple[str, TransferResult | RoomResult]]) -> RoomResult:
+    """One room's result from its parts, each named (``rank 1``): DONE with the first part's
+    first token when every part is done, else FAILED naming the parts that failed."""
+    failed = [(name, p) for name, p in parts if not p.ok]
     if not failed:
-        first = parts[0]
+        first = parts[0][1]
         return RoomResult(room, TransferState.DONE, first.first_token, first.first_logprob)
-    error = "; ".join(f"rank {rank}: {p.error}" for rank, p in failed)
+    error = "; ".join(f"{name}: {p.error}" for name, p in failed)
     return RoomResult(room, TransferState.FAILED, error=error)

@@ -23,13 +23,14 @@ import zmq
 from kvtransfer.kernels import DeviceLane, Lander, PagedCaches
 from kvtransfer.link_receiver import LinkReceiver
 from kvtransfer.link_sender import Chunk, LinkSender
+from protocol.dataplane import KVLayout
 
 
 class ZmqSenderMover:
     def __init__(self, pool: PagedCaches) -> None:
         self._lane = DeviceLane(pool)
 
-    def open_peer(self, peer: str, extra: dict[str, Any]) -> None:
+    def open_peer(self, peer: str, extra: dict[str, Any], theirs: KVLayout) -> None:
         pass
 
     def close_peer(self, peer: str) -> None:

@@ -30,16 +30,17 @@ from engine.parallel.ranks import FollowerHooks, FollowerRole, moves_kv_in_parts
 from engine.parallel.steps import gather_strings, gather_to_driver, make_relay
 from engine.worker import Worker
 from engine.worker_process import RESULT_LINGER_MS, StepHooks, worker_process
-from kvtransfer import DuplicateRoom, KVLayout, KVSender, TransferConfig, layout_from_caches, make_backend
+from kvtransfer import KVLayout, KVSender, TransferConfig, TransferError, layout_from_caches, make_backend
 from kvtransfer.kernels import PagedCaches, page_ops_for
 from kvtransfer.notifier import Notifier
 from kvtransfer.tp_hub import InstanceHeads, instance_layout
 from kvtransfer.tp_parts import PartReporter, RoomParts, parts_address, rank_transfer_address
+from kvtransfer.tp_slices import SlicedSender
 from prefill_worker.faults import with_faults
 from protocol.config import WorkerConfig
 from protocol.dataplane import TokenLogprob
 from protocol.faults import Faults
-from protocol.messages import StepBatch, StepResult, TransferEndpoint, TransferResult
+from protocol.messages import KVSend, StepBatch, StepResult, TransferEndpoint, TransferResult
 
 logger = logging.getLogger("pdserve.prefill_worker")
 
@@ -105,11 +106,20 @@ def token_logprob(result: StepResult, row: int) -> TokenLogprob | None:
 
 
 class PrefillWorker:
-    def __init__(self, worker: Worker, sender: KVSender, staged: StagedSends | None = None) -> None:
+    """A prefill rank's step hook: the step, then its sends. A ``SlicedSender`` opens each room
+    towards the decode instance's ranks (``KVSend.decode_tp_size``)."""
+
+    def __init__(
+        self, worker: Worker, sender: KVSender | SlicedSender, staged: StagedSends | None = None
+    ) -> None:
         self.worker = worker
         self.sender = sender
         self.staged = staged  # a tensor-parallel instance's: the ranks gather the sent pages
         self.refused: list[TransferResult] = []  # rooms the sender would not open (duplicates)
+        if isinstance(sender, SlicedSender):
+            self._add_room = lambda send: sender.add_room(send.room, send.decode_tp_size)
+        else:
+            self._add_room = lambda send: sender.add_room(send.room)
 
     def step(self, batch: StepBatch) -> StepResult:
         for room in batch.abort_rooms:
@@ -119,7 +129,7 @@ class PrefillWorker:
             staged = self.staged.gather(batch) if self.staged is not None else None
             sampled = dict(zip(result.slots, result.token_ids, strict=True))
             for i, send in enumerate(batch.transfers):
-                if send.first and not self._open(send.room):
+                if send.first and not self._open(send):
                     continue
                 first_token = sampled[send.slot] if send.last else None
                 first_logprob = token_logprob(result, result.slots.index(send.slot)) if send.last else None
@@ -129,11 +139,11 @@ class PrefillWorker:
                 )
         return result
 
-    def _open(self, room: int) -> bool:
+    def _open(self, send: KVSend) -> bool:
         try:
-            self.sender.add_room(room)
-        except DuplicateRoom as e:
-            self.refused.append(TransferResult(room, ok=False, error=str(e)))
+            self._add_room(send)
+        except (TransferError, ValueError) as e:  # a duplicate room, or one too large for parts
+            self.refused.append(TransferResult(send.room, ok=False, error=str(e)))
             return False
         return True
 
@@ -145,7 +155,7 @@ class PrefillWorker:
 @dataclass
 class PrefillSide:
     """A prefill rank's engine worker and KV sender; on rank 0 of an instance whose ranks send
-    in parts, every rank's sender address (by rank)."""
+    in parts, every rank's sender address (by rank; its own alone for one rank)."""
 
     worker: Worker
     sender: KVSender
@@ -177,7 +187,9 @@ def open_sender(cfg: WorkerConfig, worker: Worker, tp: TensorParallel) -> Prefil
         config=TransferConfig.from_args(cfg.args),
         pool_layout=pool_layout if tp.size > 1 else None,
     ))
-    rank_addresses = (gather_strings(tp, sender.address) or []) if moves_kv_in_parts(cfg) else []
+    rank_addresses: list[str] = []
+    if moves_kv_in_parts(cfg):
+        rank_addresses = [sender.address] if tp.size == 1 else gather_strings(tp, sender.address) or []
     return PrefillSide(worker, sender, rank_addresses)
 
 
@@ -202,10 +214,11 @@ def follower_hooks(cfg: WorkerConfig) -> FollowerHooks:
         sender = opened.enter_context(contextlib.closing(side.sender))
         if (faulty := with_faults(sender, Faults.from_env(), cfg.process_name)) is not sender:
             sender = opened.enter_context(contextlib.closing(faulty))
+        sliced = SlicedSender(sender)
         reporter = opened.enter_context(
-            contextlib.closing(PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, sender))
+            contextlib.closing(PartReporter(ctx, parts_address(cfg.dist_init_method), tp.rank, sliced))
         )
-        pw = PrefillWorker(worker, sender)
+        pw = PrefillWorker(worker, sliced)
 
         def step_in_parts(batch: StepBatch) -> None:
             pw.step(batch)
@@ -230,8 +243,10 @@ def run_prefill_worker(cfg: WorkerConfig) -> None:
         worker, sender = side.worker, proc.closing(side.sender)
         if (faulty := with_faults(sender, faults, cfg.name)) is not sender:
             sender = proc.closing(faulty)  # closed first: its queued sends still leave
-        results, reporter = sender, None  # what the notifier polls; rank 0's part reporter
         if moves_kv_in_parts(cfg):
+            sender = SlicedSender(sender)  # its rooms towards the decode ranks holding its heads
+        results, reporter = sender, None  # what the notifier polls; rank 0's part reporter
+        if moves_kv_in_parts(cfg) and tp.size > 1:
             address = parts_address(cfg.dist_init_method)
             results = proc.closing(proc.start(lambda: RoomParts(proc.ctx, address, tp.size)))
             reporter = proc.closing(proc.start(lambda: PartReporter(proc.ctx, address, 0, sender)))

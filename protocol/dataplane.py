@@ -16,10 +16,33 @@ from typing import Any, ClassVar
 
 from protocol.codec import PROTOCOL_VERSION, Message
 
-# Backends whose instances map any two ``--tp-size``s onto each other (through rank 0: see
-# ``kvtransfer.tp_hub``); the others move one pool to one pool, each rank its own to its peer
-# rank's (``kvtransfer.tp_parts``), and need equal sizes.
-TP_MAPPING_BACKENDS = ("zmq", "fake")
+# Backends whose tensor-parallel instances move their KV through rank 0, which maps any two
+# ``--tp-size``s onto each other (``kvtransfer.tp_hub``); the others move pool to pool, each
+# rank its own heads (``kvtransfer.tp_parts``).
+TP_HUB_BACKENDS = ("zmq", "fake")
+# Pool-to-pool backends that write a head slice of each token slot, so that any two sizes map
+# there too (``kvtransfer.tp_slices``); the other pool-to-pool ones (cuda_ipc) need equal sizes.
+TP_SLICING_BACKENDS = ("nixl",)
+TP_MAPPING_BACKENDS = TP_HUB_BACKENDS + TP_SLICING_BACKENDS
+# The rooms a front end mints are below ``1 << ROOM_ID_BITS``; on the data plane the bits above
+# tell the parts of a room apart where one rank moves it to or from several (``tp_slices``).
+ROOM_ID_BITS = 56
+
+
+def deal(items: int, ranks: int, rank: int) -> tuple[int, int]:
+    """``rank``'s share of ``items`` dealt out whole over ``ranks`` (the first ``items % ranks``
+    ranks take one more): (first item, count)."""
+    base, extra = divmod(items, ranks)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """The KV heads rank ``tp_rank`` of ``tp_size`` holds: (first head, count). Dealt out whole
+    where there are at least as many heads as ranks; else each head is replicated on
+    ``tp_size // num_kv_heads`` consecutive ranks. Both instances of a pair compute the other's."""
+    if num_kv_heads >= tp_size:
+        return deal(num_kv_heads, tp_size, tp_rank)
+    return tp_rank // (tp_size // num_kv_heads), 1
 
 
 @dataclass(frozen=True)
@@ -44,11 +67,15 @@ class KVLayout:
     def mismatched_field(self, theirs: KVLayout) -> str | None:
         """The first field on which ``theirs`` differs from this layout (the protocol version
         first: with another version the other fields may mean something else), or None. Over a
-        backend of ``TP_MAPPING_BACKENDS`` the two ``tp_size``s may differ: those map."""
+        backend of ``TP_MAPPING_BACKENDS`` the two ``tp_size``s may differ: those map; over one of
+        ``TP_SLICING_BACKENDS`` any rank may pair with any (which heads it sends where is
+        ``kvtransfer.tp_slices``'s to say)."""
         others = (f.name for f in dataclasses.fields(self) if f.name != "protocol_version")
         names = ["protocol_version", *others]
         if self.backend in TP_MAPPING_BACKENDS and self.backend == theirs.backend:
             names.remove("tp_size")
+        if self.backend in TP_SLICING_BACKENDS and self.backend == theirs.backend:
+            names.remove("tp_rank")
         return next((n for n in names if getattr(self, n) != getattr(theirs, n)), None)
 
     def mismatch(

@@ -462,6 +462,7 @@ class KVSend:
     dst_pages: list[int]
     first: bool = False
     last: bool = False
+    decode_tp_size: int = 1  # the decode instance's ranks: over nixl each writes to those holding its heads
 
 
 @dataclass

@@ -50,6 +50,7 @@ class Peer:
     last_seen: float
     transfer_addr: str = ""  # decode side: the prefill worker's KV sender
     incarnation: str = ""  # the peer process's, from its PeerInfo: a new one means it restarted
+    tp_size: int = 1  # prefill side: the decode instance's ranks, from its layout
     refusal: str = ""  # REFUSED: why
 
     @property

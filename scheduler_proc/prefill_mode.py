@@ -136,7 +136,7 @@ class PrefillRole:
                 self._peer_lost(peer, "it restarted: a new incarnation registered")
             logger.info("decode instance %s registered again from %s", theirs.name, theirs.input_addr)
             self.peers.move(peer, PeerState.REGISTERED, now)
-        peer.incarnation = theirs.incarnation
+        peer.incarnation, peer.tp_size = theirs.incarnation, theirs.transfer.layout.tp_size
 
     def _on_dest(self, msg: RoomDest) -> None:
         if self.peers.registered(msg.decode_addr) is None:
@@ -241,9 +241,10 @@ class PrefillRole:
         dst = room.dst_pages[start - room.skip_pages : done - room.skip_pages]
         room.sent_pages = max(done, room.sent_pages)
         if src or last:
-            step.batch.transfers.append(
-                KVSend(room.id, req.res.slot, src, dst, first=not room.open, last=last)
-            )
+            peer = self.peers.get(room.peer)
+            send = KVSend(room.id, req.res.slot, src, dst, first=not room.open, last=last)
+            send.decode_tp_size = 1 if peer is None else peer.tp_size
+            step.batch.transfers.append(send)
             room.open = True
         if last:
             req.transition(ReqState.TRANSFERRING)

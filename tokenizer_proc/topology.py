@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import zmq
 
 from protocol.config import FrontendConfig
+from protocol.dataplane import ROOM_ID_BITS
 from protocol.messages import AbortRequest, ConnectPrefill, Role, TokenizedRequest
 from tokenizer_proc.instances import Instance, InstancePool, refusal_reason
 from tokenizer_proc.router import make_policy, pair_policies
@@ -149,9 +150,9 @@ class DisaggregatedTopology(Topology):
         self._decodes = pool.of_role(Role.DECODE)
         self._connect = ConnectPrefill(prefill_addrs=[p.addr for p in self._prefills])
         self._next_connect: dict[Instance, float] = {}
-        # Unique over this front end's life; the random start makes it unlikely that two
-        # front ends sharing instances mint the same room.
-        self._rooms = itertools.count(secrets.randbits(31) << 32)
+        # Unique over this front end's life (2**32 rooms); the random start makes it unlikely
+        # that two front ends sharing instances mint the same room. Below 1 << ROOM_ID_BITS.
+        self._rooms = itertools.count(secrets.randbits(ROOM_ID_BITS - 32) << 32)
 
     @property
     def ready(self) -> bool:

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from engine.models.config import ModelConfig
+from protocol.dataplane import kv_head_range
 
 logger = logging.getLogger("pdserve.worker")
 
@@ -70,12 +71,10 @@ class ModelSplit:
         """Raise ValueError naming what does not divide (``--tp-size`` and the model's number)."""
         check_splittable(cfg, tp_size)
         group = cfg.num_heads // cfg.num_kv_heads
+        kv_start, kv_heads = kv_head_range(cfg.num_kv_heads, tp_size, tp_rank)
         if cfg.num_kv_heads >= tp_size:
-            kv_start, kv_heads = deal(cfg.num_kv_heads, tp_size, tp_rank)
             head_start, heads = kv_start * group, kv_heads * group
         else:
-            replicas = tp_size // cfg.num_kv_heads
-            kv_start, kv_heads = tp_rank // replicas, 1
             heads = cfg.num_heads // tp_size
             head_start = tp_rank * heads
         vocab_shard = -(-cfg.vocab_size // tp_size)
@@ -90,13 +89,6 @@ class ModelSplit:
             vocab_shard=vocab_shard,
             vocab_start=tp_rank * vocab_shard,
         )
-
-
-def deal(items: int, ranks: int, rank: int) -> tuple[int, int]:
-    """``rank``'s share of ``items`` dealt out whole over ``ranks`` (the first ``items % ranks``
-    ranks take one more): (first item, count)."""
-    base, extra = divmod(items, ranks)
-    return rank * base + min(rank, extra), base + (rank < extra)
 
 
 def check_splittable(cfg: ModelConfig, tp_size: int) -> None:

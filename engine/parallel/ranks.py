@@ -59,10 +59,13 @@ def join_tensor_parallel(cfg: WorkerConfig) -> TensorParallel:
 
 def moves_kv_in_parts(cfg: WorkerConfig) -> bool:
     """Whether each rank of this disaggregated instance moves its own KV heads, pool to pool
-    (``kvtransfer.tp_parts``), rather than through rank 0 (``kvtransfer.tp_hub``)."""
-    from protocol.dataplane import TP_MAPPING_BACKENDS
+    (``kvtransfer.tp_parts``), rather than through rank 0 (``kvtransfer.tp_hub``). Over a
+    slicing backend even one rank does, pairing with whichever ranks of a peer hold its heads
+    (``kvtransfer.tp_slices``)."""
+    from protocol.dataplane import TP_HUB_BACKENDS, TP_SLICING_BACKENDS
 
-    return cfg.args.tp_size > 1 and cfg.args.transfer_backend not in TP_MAPPING_BACKENDS
+    backend = cfg.args.transfer_backend
+    return backend not in TP_HUB_BACKENDS and (cfg.args.tp_size > 1 or backend in TP_SLICING_BACKENDS)
 
 
 @dataclass

@@ -198,16 +198,20 @@ def test_abort_at_every_stage(pd_1p1d, stage):
 
 @contextlib.contextmanager
 def standalone(
-    num_prefill: int, num_decode: int, backend: str = "zmq", extra: tuple[str, ...] = ()
+    num_prefill: int, num_decode: int, backend: str = "zmq", extra: tuple[str, ...] = (),
+    decode_extra: tuple[str, ...] | None = None,
 ) -> Iterator[tuple[list[Server], list[Server], Server]]:
     """Separate ``--mode prefill`` / ``--mode decode`` instances (over the KV transfer
-    ``backend``, with the ``extra`` flags) and a ``--mode frontend``. An instance that dies
-    stays dead (``--max-restarts 0``): these tests are about its survivors
-    (tests/e2e/test_restart.py: restarts)."""
+    ``backend``, with the ``extra`` flags; the decode instances with ``decode_extra`` instead
+    when given) and a ``--mode frontend``. An instance that dies stays dead (``--max-restarts
+    0``): these tests are about its survivors (tests/e2e/test_restart.py: restarts)."""
     with contextlib.ExitStack() as stack:
-        flags = (*FLAGS, "--transfer-backend", backend, "--max-restarts", "0", *extra)
-        prefills = [stack.enter_context(running_server(*flags, mode="prefill")) for _ in range(num_prefill)]
-        decodes = [stack.enter_context(running_server(*flags, mode="decode")) for _ in range(num_decode)]
+        flags = (*FLAGS, "--transfer-backend", backend, "--max-restarts", "0")
+        prefill_flags = (*flags, *extra)
+        decode_flags = (*flags, *(extra if decode_extra is None else decode_extra))
+        start = stack.enter_context
+        prefills = [start(running_server(*prefill_flags, mode="prefill")) for _ in range(num_prefill)]
+        decodes = [start(running_server(*decode_flags, mode="decode")) for _ in range(num_decode)]
         frontend = stack.enter_context(
             running_server(
                 *FLAGS,

@@ -1,10 +1,11 @@
 """Disaggregation between tensor-parallel instances (gloo ranks on the CPU): over zmq,
 1P(TP 2)1D(TP 1) and 1P(TP 1)1D(TP 2) (through each instance's rank 0: ``kvtransfer.tp_hub``);
-over nixl, 1P(TP 2)1D(TP 2), rank to rank (``kvtransfer.tp_parts``). Each serves ≥ 32
-concurrent greedy requests, with small chunks and prefix-cache hits on both sides, token for
-token as one unified instance serves them, and every page comes back. The embedded model has 2
-KV heads: each rank of a TP 2 instance holds one. Over nixl, two sizes that differ are refused,
-and the death of a rank other than 0 fails its instance's rooms while the others serve on.
+over nixl, the same and 1P(TP 2)1D(TP 2), rank to rank (``kvtransfer.tp_parts``,
+``tp_slices``). Each serves ≥ 32 concurrent greedy requests, with small chunks and
+prefix-cache hits on both sides, token for token as one unified instance serves them, and
+every page comes back. The embedded model has 2
+KV heads: each rank of a TP 2 instance holds one. Over nixl, the death of a rank other than 0
+fails its instance's rooms while the others serve on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MAX_NEW = 6
 NEEDS_NIXL = pytest.mark.skipif(
     not nixl_available(), reason="the nixl backend needs the nixl-cu12 package: pip install 'pdserve[nixl]'"
 )
+NIXL_SIZES = [(2, 2), (2, 1), (1, 2)]  # prefill, decode --tp-size
 FLAGS = ("--dtype", "float32", "--page-size", "4", "--chunked-prefill-size", "16",
          "--max-running-requests", "40", "--max-restarts", "0")
 
@@ -100,13 +102,14 @@ def unified_tokens() -> list[list[int]]:
 
 @pytest.mark.parametrize(
     ("prefill_tp", "decode_tp", "backend"),
-    [(2, 1, "zmq"), (1, 2, "zmq"), pytest.param(2, 2, "nixl", marks=NEEDS_NIXL)],
+    [(2, 1, "zmq"), (1, 2, "zmq"), *(pytest.param(*sizes, "nixl", marks=NEEDS_NIXL) for sizes in NIXL_SIZES)],
 )
 def test_tensor_parallel_pairs_serve_what_unified_mode_does(
     unified_tokens: list[list[int]], prefill_tp: int, decode_tp: int, backend: str
 ) -> None:
     """zmq maps any two sizes through rank 0; over nixl each prefill rank writes its heads
-    straight into its decode rank's pool (a room in parts)."""
+    straight into the pools of the decode ranks that hold them (a room in parts: whole pages
+    rank to rank for equal sizes, head slices of each token slot otherwise)."""
     first, second = workload()
     with deployment(prefill_tp, decode_tp, backend) as frontend:
         out, status = serve_waves(frontend, [first, second])
@@ -127,23 +130,6 @@ def test_unified_mode_equals_the_reference_on_part_of_the_workload(unified_token
     assert [unified_tokens[i] for i in picks] == expected
 
 
-@NEEDS_NIXL
-def test_nixl_refuses_a_pair_of_different_tensor_parallel_sizes() -> None:
-    """Pool to pool, rank r writes to rank r: a TP 2 prefill and a TP 1 decode instance do not pair."""
-    from tests.e2e.test_disagg import launched, wait_for_error
-    from tokenizer_proc.client import Client
-
-    flags = (*FLAGS, "--transfer-backend", "nixl")
-    instances = (
-        running_server(*flags, "--tp-size", "2", mode="prefill"), running_server(*flags, mode="decode")
-    )
-    with started_together(*instances) as (prefill, decode), launched(
-        "--mode", "frontend", "--prefill", prefill.addr, "--decode", decode.addr, *flags
-    ) as client_addr, Client(client_addr, timeout=5) as c:
-        error = wait_for_error(c, "refused")
-    assert "tp_size mismatch" in error and "2" in error and "1" in error, error
-
-
 def kill_rank_1(server: Server) -> None:
     """kill -9 of the instance's tensor-parallel rank 1 (not rank 0, which talks to the scheduler)."""
     (pid,) = [pid for name, pid in server.child_pids.items() if name.endswith("-worker-tp1")]
@@ -153,17 +139,19 @@ def kill_rank_1(server: Server) -> None:
 @NEEDS_NIXL
 @pytest.mark.parametrize("role", ["decode", "prefill"])
 def test_kill_of_a_rank_other_than_0_during_nixl_transfers(role: str, monkeypatch: pytest.MonkeyPatch):
-    """Each rank writes its own heads: the death of a decode or prefill rank 1 mid-transfer
-    fails its instance's rooms as an instance's death does (``peer_unavailable`` or
-    ``transfer_failed``), and the other instances serve on. Rank 0 learns of it in a step's
-    collective or a relay: "another rank of this instance is gone"."""
+    """Each rank writes its own heads, here between instances of different sizes (TP 2 victims,
+    TP 1 peers: head slices): the death of a decode or prefill rank 1 mid-transfer fails its
+    instance's rooms as an instance's death does (``peer_unavailable`` or ``transfer_failed``),
+    and the other instances serve on. Rank 0 learns of it in a step's collective or a relay:
+    "another rank of this instance is gone"."""
     from protocol.faults import FAULTS_ENV, Faults
     from tests.e2e.test_disagg import SEND_DELAY_S, kill_during_transfer, standalone
 
     monkeypatch.setenv(FAULTS_ENV, Faults(kv_send_delay_s=SEND_DELAY_S).to_setting())
     sizes = (1, 2) if role == "decode" else (2, 1)
     rng = random.Random(role)
-    deployed = standalone(*sizes, "nixl", ("--tp-size", "2"))
+    two = ("--tp-size", "2")
+    deployed = standalone(*sizes, "nixl", () if role == "decode" else two, two if role == "decode" else ())
     with deployed as (prefills, decodes, frontend), frontend.client() as c:
         victim = decodes[0] if role == "decode" else prefills[0]
         kill_during_transfer(c, victim, role, rng, frontend, kill=kill_rank_1)

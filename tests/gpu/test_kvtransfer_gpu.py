@@ -1,6 +1,7 @@
 """KV transfer on CUDA: the gather / scatter / copy kernels compiled for real, the zmq backend on
-device pools, and the cuda_ipc backend between two processes (transfer, and a decode-side abort
-that is reported only once the prefill process acknowledges it)."""
+device pools, the cuda_ipc backend between two processes (transfer, and a decode-side abort
+that is reported only once the prefill process acknowledges it), and nixl head slices between
+device pools of instances of different ``--tp-size``s (VRAM registered; one GPU suffices)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from kvtransfer import KVLayout, TransferConfig, TransferState, make_backend
 from tests import REPO_ROOT
 from tests.unit.kvtransfer.kernel_checks import CASES, KernelCase, check
-from tests.unit.kvtransfer.kv_helpers import pages_equal, wait_results, wait_state
+from tests.unit.kvtransfer.kv_helpers import NEEDS_NIXL, pages_equal, wait_results, wait_state
+from tests.unit.kvtransfer.test_tp_slices import check_sliced_writes, deployed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -118,3 +120,10 @@ def test_cuda_ipc_between_two_processes(tmp_path: Path) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@NEEDS_NIXL
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2), (2, 2)])
+def test_nixl_head_slices_between_device_pools(prefill_tp: int, decode_tp: int) -> None:
+    with deployed(prefill_tp, decode_tp, device="cuda") as (prefill, decode):
+        check_sliced_writes(prefill, decode)

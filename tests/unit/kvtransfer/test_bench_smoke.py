@@ -21,7 +21,8 @@ def test_tiny_benchmark_moves_and_verifies_the_request(tmp_path: Path) -> None:
     assert report["request_bytes"] == bench.TINY.pages * bench.TINY.layout("zmq").page_bytes
     nixl_rows = [r for r in report["rows"] if r["backend"] == "nixl"]
     if nixl_available():
-        assert [(r["verified"], r["gbps"] > 0) for r in nixl_rows] == [(True, True)]
+        assert [(r["verified"], r["gbps"] > 0) for r in nixl_rows] == [(True, True)] * 2  # pages, slices
+        assert "slices, rank 1/TP 2" in nixl_rows[1]["transport"]
     else:
         assert nixl_rows == [] and "nixl: the nixl-cu12 package is not installed" in report["skipped"]
     if not torch.cuda.is_available():

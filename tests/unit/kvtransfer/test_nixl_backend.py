@@ -335,11 +335,13 @@ def test_a_malformed_nixl_registration_is_refused(extra: dict, problem: str) -> 
     try:
         mover = sender._nixl  # type: ignore[attr-defined]
         with pytest.raises(ValueError, match=problem):
-            mover.open_peer("decode-x", extra)
+            mover.open_peer("decode-x", extra, layout("nixl"))
         good = dict(agent_metadata=b"garbage", memory="DRAM", device_id=0, num_pages=NUM_PAGES,
                     page_bytes=mover._agent.page_bytes, addresses=[4096] * mover._agent.num_arrays)
         with pytest.raises(ValueError, match="could not load the decode side's agent"):
-            mover.open_peer("decode-x", {"nixl": good})
+            mover.open_peer("decode-x", {"nixl": good}, layout("nixl"))
+        with pytest.raises(ValueError, match="decode pages are"):  # a decode rank of 2 holds half the heads
+            mover.open_peer("decode-x", {"nixl": good}, layout("nixl", tp_size=2))
     finally:
         sender.close()
 

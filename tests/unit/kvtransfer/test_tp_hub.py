@@ -72,7 +72,7 @@ def test_assemble_and_slice_are_inverse() -> None:
     assert torch.equal(uneven.assemble([uneven.slice_of(three, r) for r in range(2)]), three)
 
 
-def test_the_layout_check_maps_tp_sizes_over_zmq_and_fake_only() -> None:
+def test_the_layout_check_maps_tp_sizes_over_zmq_fake_and_nixl_and_ranks_over_nixl_only() -> None:
     for backend in ("zmq", "fake"):
         one, two = layout(backend), layout(backend, tp_size=2)
         assert one.mismatch(two) is None
@@ -80,8 +80,12 @@ def test_the_layout_check_maps_tp_sizes_over_zmq_and_fake_only() -> None:
         for name, value in [("num_kv_heads", 4), ("head_dim", 16), ("tp_rank", 1)]:
             with pytest.raises(LayoutMismatch, match=f"{name} mismatch"):
                 check_peer_layout(two, layout(backend, **{name: value}))
-    for backend in ("nixl", "cuda_ipc"):
-        assert layout(backend).mismatched_field(layout(backend, tp_size=2)) == "tp_size"
+    two_of_nixl = layout("nixl", tp_size=2, tp_rank=1)
+    assert layout("nixl").mismatch(two_of_nixl) is None  # which heads go where: kvtransfer.tp_slices
+    assert layout("nixl").mismatched_field(layout("nixl", num_kv_heads=4)) == "num_kv_heads"
+    assert layout("cuda_ipc").mismatched_field(layout("cuda_ipc", tp_size=2)) == "tp_size"
+    rank_1 = layout("cuda_ipc", tp_size=2, tp_rank=1)
+    assert layout("cuda_ipc", tp_size=2).mismatched_field(rank_1) == "tp_rank"
 
 
 def test_pool_to_pool_backends_land_no_other_rank_s_heads() -> None:

@@ -181,7 +181,7 @@ def test_addresses_and_layouts_of_the_ranks() -> None:
     with pytest.raises(ValueError, match="advertised 1 rank senders; rank 1 has none"):
         peer_for_rank(["a"], 1)
     two, one = InstanceHeads(2, (HeadRange(0, 1), HeadRange(1, 1))), InstanceHeads(2, (HeadRange(0, 2),))
-    mine = instance_layout(layout("nixl", num_kv_heads=1), two, tp_rank=1)
+    mine = instance_layout(layout("cuda_ipc", num_kv_heads=1), two, tp_rank=1)
     assert (mine.num_kv_heads, mine.tp_size, mine.tp_rank) == (2, 2, 1)
-    assert mine.mismatched_field(instance_layout(layout("nixl"), two, 0)) == "tp_rank"
-    assert mine.mismatched_field(instance_layout(layout("nixl"), one, 1)) == "tp_size"
+    assert mine.mismatched_field(instance_layout(layout("cuda_ipc"), two, 0)) == "tp_rank"
+    assert mine.mismatched_field(instance_layout(layout("cuda_ipc"), one, 1)) == "tp_size"

@@ -38,10 +38,8 @@ def test_outputs_match_an_unconstrained_run(shape, overlap):
     cluster.assert_no_leak()
 
 
-def test_chunks_send_their_completed_pages_and_the_last_carries_the_first_token():
-    cluster = Cluster(chunked_prefill_size=8)
-    cluster.connect()
-    prompt = list(range(1, 22))  # 21 tokens: chunks of 8, 8, 5; pages of 4
+def recorded_sends(cluster: Cluster) -> list[KVSend]:
+    """Every ``KVSend`` the first prefill instance's steps carry from now on."""
     sends: list[KVSend] = []
     p = cluster.prefills[0]
     step = p.worker.step
@@ -51,6 +49,14 @@ def test_chunks_send_their_completed_pages_and_the_last_carries_the_first_token(
         return step(batch)
 
     p.worker.step = record  # type: ignore[method-assign]
+    return sends
+
+
+def test_chunks_send_their_completed_pages_and_the_last_carries_the_first_token():
+    cluster = Cluster(chunked_prefill_size=8)
+    cluster.connect()
+    prompt = list(range(1, 22))  # 21 tokens: chunks of 8, 8, 5; pages of 4
+    sends = recorded_sends(cluster)
     cluster.submit("a", prompt, max_new=4, stop=False)
     cluster.run()
     assert [len(s.src_pages) for s in sends] == [2, 2, 2]
@@ -164,4 +170,18 @@ def test_a_first_token_reported_without_its_logprob_is_streamed_without_one_at_o
     cluster.run()
     assert cluster.log.tokens["a"] == expected([1, 2, 3], max_new=4, stop=False)
     assert cluster.log.logprobs["a"] == [fake_logprob(t) for t in cluster.log.tokens["a"][1:]]
+    cluster.assert_no_leak()
+
+
+def test_each_send_names_its_decode_instance_s_tensor_parallel_size():
+    """A prefill rank writes to the decode ranks holding its heads (``kvtransfer.tp_slices``): it
+    learns their number from the decode instance's registered layout, through ``KVSend``."""
+    cluster = Cluster(1, 2, chunked_prefill_size=8)
+    endpoint = cluster.decodes[1].core.role.pairing.info.transfer
+    endpoint.layout = dataclasses.replace(endpoint.layout, tp_size=2)
+    cluster.connect()
+    sends = recorded_sends(cluster)
+    rooms_to = {cluster.submit(f"r{d}", list(range(1, 20)), d=d, max_new=2): d for d in (0, 1)}
+    cluster.run()
+    assert {(rooms_to[s.room], s.decode_tp_size) for s in sends} == {(0, 1), (1, 2)}
     cluster.assert_no_leak()
