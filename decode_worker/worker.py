@@ -13,8 +13,9 @@ itself (``kvtransfer.links``); the scheduler need not ask again.
 With ``--tp-size`` > 1 rank 0's receiver takes whole pages (every KV head) and lands its own
 heads; the other ranks' heads reach them over the step relay before rank 0's next frame, and a
 room's result waits until they have (``kvtransfer.tp_hub``). Over a pool-to-pool backend every
-rank runs its own receiver instead, registered with its prefill rank, and reports its part of
-each room to rank 0, which reports the room (``kvtransfer.tp_parts``). Every rank seeds the
+rank runs its own receiver instead, registered with the prefill ranks holding its heads
+(``kvtransfer.tp_slices``), and reports its part of each room to rank 0, which reports the room
+(``kvtransfer.tp_parts``). Every rank seeds the
 first tokens.
 """
 
@@ -230,18 +231,17 @@ def run_decode_worker(cfg: WorkerConfig) -> None:
         worker, receiver, lander = proc.start(lambda: start_decode(cfg, tp))
         receiver = proc.closing(receiver)
         timeout = cfg.args.transfer_timeout
+        if moves_kv_in_parts(cfg):
+            receiver = SlicedReceiver(receiver)  # its rooms from the prefill ranks holding its heads
         if moves_kv_in_parts(cfg) and tp.size > 1:
-            sliced = SlicedReceiver(receiver)
             address = parts_address(cfg.dist_init_method)
             parts = proc.closing(proc.start(lambda: RoomParts(proc.ctx, address, tp.size)))
-            reporter = proc.closing(proc.start(lambda: PartReporter(proc.ctx, address, 0, sliced)))
+            reporter = proc.closing(proc.start(lambda: PartReporter(proc.ctx, address, 0, receiver)))
             notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, parts, RESULT_LINGER_MS))
             report = report_when_every_rank_registered(notifier, parts.registrations, timeout)
-            dw = DecodeWorker(worker, sliced, report, timeout)
+            dw = DecodeWorker(worker, receiver, report, timeout)
             after_step = lambda: reporter.refused(dw.take_refused())  # noqa: E731
         else:
-            if moves_kv_in_parts(cfg):  # one rank, pairing with whichever ranks hold its heads
-                receiver = SlicedReceiver(receiver)
             results = receiver if lander is None else HeldResults(receiver, lander)
             notifier = proc.closing(Notifier(proc.ctx, cfg.addrs.result_addr, results, RESULT_LINGER_MS))
             dw = DecodeWorker(worker, receiver, lambda _, outcome: notifier.notify(outcome), timeout)

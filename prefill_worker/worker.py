@@ -12,7 +12,8 @@ With ``--tp-size`` > 1 every rank runs each step, then the ranks gather the page
 rank 0's host staging buffers of every KV head (``StagedSends``), which rank 0's sender sends
 as they are (``kvtransfer.tp_hub``); the other ranks are ``run_follower``'s, with that gather
 after each step. Over a pool-to-pool backend every rank sends its own heads through its own
-sender instead and reports its part of each room to rank 0 (``kvtransfer.tp_parts``).
+sender instead, to the decode ranks holding them (``kvtransfer.tp_slices``), and reports its
+part of each room to rank 0 (``kvtransfer.tp_parts``).
 """
 
 from __future__ import annotations

@@ -289,3 +289,28 @@ def check_sliced_writes(prefill: Instance, decode: Instance) -> None:
             assert torch.equal(decode.every_head(k_or_v, layer, dst_pages), expected)
     untouched = [p for p in range(NUM_PAGES) if p not in dst_pages]
     assert not decode.every_head(0, 0, untouched).any()
+
+
+@NEEDS_NIXL
+@pytest.mark.parametrize("instances", [(2, 1), (1, 2)], indirect=True, ids=["tp2-to-tp1", "tp1-to-tp2"])
+def test_an_abort_mid_room_fails_every_part_once_and_the_links_serve_on(instances) -> None:
+    """A decode-side abort reaches every part (each from its own prefill rank): the room fails
+    once on every rank of both instances, and the next room moves as before."""
+    prefill, decode = instances
+    addresses = [s.address for s in prefill.sides]
+    for receiver in decode.sides:
+        for address in receiver.sources(addresses[0], addresses):
+            receiver.register(address, timeout=10.0)
+    for receiver in decode.sides:
+        receiver.expect(3, addresses[0], [2, 3])
+    for sender in prefill.sides:
+        sender.add_room(3, decode_tp_size=len(decode.sides))
+        sender.send(3, [5], [2])  # not the last chunk: the room stays open
+    for receiver in decode.sides:
+        receiver.abort(3, "client left")
+    for side in [*decode.sides, *prefill.sides]:
+        (failed,) = poll_one(side)
+        assert (failed.room, failed.state) == (3, TransferState.FAILED)
+        assert "client left" in (failed.error or ""), failed
+        assert side.poll(0.2) == []  # once
+    check_sliced_writes(prefill, decode)
