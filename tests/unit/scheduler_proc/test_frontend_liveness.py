@@ -84,10 +84,11 @@ def test_a_silent_front_end_is_detached_and_its_requests_aborted(ctx, addrs, sta
     scheduler = Scheduler(config(addrs, heartbeat_timeout=HEARTBEAT_TIMEOUT_S))
     front, probe = FrontEnd(ctx, addrs), StatusProbe(ctx, addrs.input_addr)
     try:
-        front.attach()
-        for i in range(2):  # both fit in the fake worker's 63 pages of 4 tokens
-            front.send(make_request(f"r{i}", [1, 2, 3, 4, 5], max_new=100, stop=False))
-        front.recv(BatchOutput)  # decoding; then the front end says nothing more
+        with beating(ctx, addrs.input_addr, AttachFrontend(front.output_addr)):  # however slow the start
+            front.attach()
+            for i in range(2):  # both fit in the fake worker's 63 pages of 4 tokens
+                front.send(make_request(f"r{i}", [1, 2, 3, 4, 5], max_new=100, stop=False))
+            front.recv(BatchOutput)  # decoding; then the front end says nothing more
         status = probe.wait_until_idle()
         assert len(worker.seen) < 100, "not aborted: the requests ran to their end"
         assert status.alive and status.ready
