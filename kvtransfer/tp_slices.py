@@ -28,9 +28,10 @@ import torch
 from kvtransfer.base import DuplicateRoom, KVReceiver, KVSender, RoomResult, TransferError, TransferState
 from kvtransfer.tp_hub import InstanceHeads
 from kvtransfer.tp_parts import combine, peer_for_rank
-from protocol.dataplane import ROOM_ID_BITS, KVLayout, TokenLogprob
+from protocol.dataplane import MAX_TP_SIZE, ROOM_ID_BITS, KVLayout, TokenLogprob, split_problem
 
 MAX_RANKS = 1 << (63 - ROOM_ID_BITS)  # part ids stay below 1 << 63
+assert MAX_TP_SIZE <= MAX_RANKS  # so (p - d) mod MAX_RANKS tells every pair of one rank apart
 
 
 def part_room(room: int, prefill_rank: int, decode_rank: int) -> int:
@@ -244,6 +245,8 @@ class SlicedReceiver(_Sliced):
         ranks from ``rank_addresses`` (none: one rank), that this rank registers with: those
         holding its heads."""
         rank_addresses = list(rank_addresses) or [prefill_addr]
+        if problem := split_problem(self._heads.total, len(rank_addresses)):
+            raise ValueError(f"the prefill instance advertised {len(rank_addresses)} rank senders: {problem}")
         with self._lock:
             self._instances[prefill_addr] = list(rank_addresses)
         return [peer_for_rank(rank_addresses, p) for p in self._sources(len(rank_addresses))]

@@ -36,6 +36,19 @@ def deal(items: int, ranks: int, rank: int) -> tuple[int, int]:
     return rank * base + min(rank, extra), base + (rank < extra)
 
 
+MAX_TP_SIZE = 128  # ranks of one instance a peer may claim
+
+
+def split_problem(num_kv_heads: int, tp_size: int) -> str | None:
+    """Why ``tp_size`` ranks cannot hold ``num_kv_heads`` KV heads as every instance splits them
+    (``kv_head_range``), or None: a peer's claimed size is checked before anything is sized by it."""
+    if not 1 <= tp_size <= MAX_TP_SIZE:
+        return f"tp_size {tp_size} is not between 1 and {MAX_TP_SIZE}"
+    if num_kv_heads < 1 or (num_kv_heads < tp_size and tp_size % num_kv_heads):
+        return f"{tp_size} ranks cannot split {num_kv_heads} KV heads"
+    return None
+
+
 def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
     """The KV heads rank ``tp_rank`` of ``tp_size`` holds: (first head, count). Dealt out whole
     where there are at least as many heads as ranks; else each head is replicated on
@@ -76,7 +89,12 @@ class KVLayout:
             names.remove("tp_size")
         if self.backend in TP_SLICING_BACKENDS and self.backend == theirs.backend:
             names.remove("tp_rank")
-        return next((n for n in names if getattr(self, n) != getattr(theirs, n)), None)
+        differs = next((n for n in names if getattr(self, n) != getattr(theirs, n)), None)
+        if differs is None and split_problem(theirs.num_kv_heads, theirs.tp_size) is not None:
+            return "tp_size"
+        if differs is None and not 0 <= theirs.tp_rank < theirs.tp_size:
+            return "tp_rank"
+        return differs
 
     def mismatch(
         self, theirs: KVLayout, ours_label: str = "this side", theirs_label: str = "the peer"
@@ -86,6 +104,8 @@ class KVLayout:
         name = self.mismatched_field(theirs)
         if name is None:
             return None
+        if name == "tp_size" and (problem := split_problem(theirs.num_kv_heads, theirs.tp_size)):
+            return f"tp_size mismatch: {theirs_label} claims an impossible split: {problem}"
         return describe_mismatch(name, getattr(self, name), getattr(theirs, name), ours_label, theirs_label)
 
     @property

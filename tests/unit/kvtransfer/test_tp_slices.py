@@ -314,3 +314,15 @@ def test_an_abort_mid_room_fails_every_part_once_and_the_links_serve_on(instance
         assert "client left" in (failed.error or ""), failed
         assert side.poll(0.2) == []  # once
     check_sliced_writes(prefill, decode)
+
+
+def test_a_peer_claiming_an_impossible_split_is_refused_before_anything_is_sized_by_it() -> None:
+    ours = layout("nixl", num_kv_heads=TOTAL_HEADS)
+    huge = layout("nixl", num_kv_heads=TOTAL_HEADS, tp_size=10**9)
+    assert "impossible split: tp_size 1000000000 is not between 1 and 128" in (ours.mismatch(huge) or "")
+    six = layout("nixl", num_kv_heads=TOTAL_HEADS, tp_size=6)
+    assert "6 ranks cannot split 4 KV heads" in (ours.mismatch(six) or "")
+    assert ours.mismatched_field(layout("nixl", num_kv_heads=TOTAL_HEADS, tp_size=2, tp_rank=2)) == "tp_rank"
+    receiver = SlicedReceiver(StandIn(tp_size=1, tp_rank=0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="advertised 200 rank senders: tp_size 200 is not between"):
+        receiver.sources("tcp://p0", [f"tcp://p{i}" for i in range(200)])
