@@ -161,7 +161,7 @@ def open_receiver(cfg: WorkerConfig, worker: Worker, tp: TensorParallel) -> Rece
     pool_layout = layout_from_caches(pool.k, model=worker.loaded.name, backend=backend)
     layout, lander = pool_layout, None
     if tp.size > 1:
-        heads = InstanceHeads.of_splits(worker.config.num_kv_heads, tp.splits(worker.config))
+        heads = InstanceHeads.dealt(worker.config.num_kv_heads, tp.size)
         layout = instance_layout(pool_layout, heads, tp.rank)
         if not moves_kv_in_parts(cfg):
             lander = HubLander(PagedCaches(pool.k, pool.v), heads)

@@ -12,8 +12,9 @@ frame it relays them to the other ranks (``KVShardPages`` over the step relay), 
 
 So the two instances' sizes never have to match: each sees whole pages. What is lost is the
 direct path: every byte crosses rank 0 and the TP group's gloo channel (the host). The ``nixl``
-and ``cuda_ipc`` backends, which write pool to pool, take the direct path instead, rank to rank
-between instances of the same size (``kvtransfer.tp_parts``).
+and ``cuda_ipc`` backends, which write pool to pool, take the direct path instead, each rank
+moving its own heads (``kvtransfer.tp_parts``; between any two sizes over nixl:
+``kvtransfer.tp_slices``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -32,16 +32,6 @@ from protocol.codec import encode
 from protocol.dataplane import KVLayout, KVShardPages, ShardLanding, kv_head_range
 
 HEAD_DIM_AXIS = 3  # of a staging buffer [2 * layers, pages, page_size, heads, head_dim]
-
-
-class RankSplit(Protocol):
-    """What a rank's split of the model says of its KV heads."""
-
-    @property
-    def kv_head_start(self) -> int: ...
-
-    @property
-    def num_kv_heads(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -71,14 +61,10 @@ class InstanceHeads:
             raise ValueError(f"the ranks' KV heads {covered} do not tile the model's {self.total} heads")
 
     @classmethod
-    def of_splits(cls, total: int, splits: Sequence[RankSplit]) -> InstanceHeads:
-        """From each rank's split of the model, by rank (``engine.parallel.group.ModelSplit``)."""
-        return cls(total, tuple(HeadRange(s.kv_head_start, s.num_kv_heads) for s in splits))
-
-    @classmethod
     def dealt(cls, total: int, tp_size: int) -> InstanceHeads:
         """How an instance of ``tp_size`` ranks holds ``total`` KV heads (``kv_head_range``: the
-        split every instance makes, so a peer's is known from its layout)."""
+        split every instance makes, ``engine.parallel.group.ModelSplit`` included, so a peer's
+        is known from its layout)."""
         return cls(total, tuple(HeadRange(*kv_head_range(total, tp_size, r)) for r in range(tp_size)))
 
     @property

@@ -64,7 +64,7 @@ def kv_layout(worker: Worker, backend: str) -> KVLayout:
 
 def instance_heads(worker: Worker, tp: TensorParallel) -> InstanceHeads:
     """Which KV heads each rank of this worker's instance holds."""
-    return InstanceHeads.of_splits(worker.config.num_kv_heads, tp.splits(worker.config))
+    return InstanceHeads.dealt(worker.config.num_kv_heads, tp.size)
 
 
 class StagedSends:

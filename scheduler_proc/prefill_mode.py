@@ -242,9 +242,10 @@ class PrefillRole:
         room.sent_pages = max(done, room.sent_pages)
         if src or last:
             peer = self.peers.get(room.peer)
-            send = KVSend(room.id, req.res.slot, src, dst, first=not room.open, last=last)
-            send.decode_tp_size = 1 if peer is None else peer.tp_size
-            step.batch.transfers.append(send)
+            decode_tp_size = 1 if peer is None else peer.tp_size
+            step.batch.transfers.append(KVSend(
+                room.id, req.res.slot, src, dst, first=not room.open, last=last, decode_tp_size=decode_tp_size
+            ))
             room.open = True
         if last:
             req.transition(ReqState.TRANSFERRING)

@@ -4,13 +4,9 @@ with a decode instance's rank 0 landing its own heads and relaying the others'."
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from engine.models.config import ModelConfig
-from engine.parallel.group import ModelSplit
 from kvtransfer import KVReceiver, KVSender, LayoutMismatch, check_peer_layout, make_backend
 from kvtransfer.kernels import PagedCaches, PoolLander, gather_pages_ref
 from kvtransfer.tp_hub import HeadRange, HeldResults, HubLander, InstanceHeads, instance_layout, land_shards
@@ -34,8 +30,7 @@ SHARDED = InstanceHeads(2, (HeadRange(0, 1), HeadRange(1, 1)))
 
 def heads_of(num_kv_heads: int, tp_size: int) -> InstanceHeads:
     """As an instance of ``tp_size`` ranks splits a model of ``num_kv_heads`` KV heads."""
-    cfg = dataclasses.replace(ModelConfig.embedded(), num_kv_heads=num_kv_heads, num_heads=4 * num_kv_heads)
-    return InstanceHeads.of_splits(num_kv_heads, [ModelSplit.of(cfg, tp_size, r) for r in range(tp_size)])
+    return InstanceHeads.dealt(num_kv_heads, tp_size)
 
 
 def test_each_head_comes_from_one_rank_once_sharded_or_replicated() -> None:
