@@ -18,6 +18,13 @@ parameters, and it is a handful of kernels next to the model's hundreds.
 The page-table rows are full width (the longest context), in graphs and eager steps alike, so
 the decode kernel picks its split count from the batch size alone: capturing the graphs
 compiles the variants that eager decode steps use later.
+
+Each rank of a tensor-parallel instance captures its own graphs, with its part of the model and
+the collectives (NCCL) inside them. The ranks capture the same batch sizes in the same order
+(the sizes follow from the flags, the same on every rank), and every step reaches every rank,
+so they replay the same graph at the same step and the collectives inside meet. A capture
+checks only its own thread (``thread_local``): the NCCL watchdog and the transfer threads may
+query their events meanwhile.
 """
 
 from __future__ import annotations
@@ -240,7 +247,7 @@ def _capture(
             decode_forward(runner, slots, positions)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream):
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
         outputs = decode_forward(runner, slots, positions)
     return CapturedDecode(graph.replay, outputs)
 

@@ -87,9 +87,7 @@ class Worker:
             kernels.warm_up(pool.k[0].dtype, attention_shapes(loaded.model), decodes)
         runner = ModelRunner(loaded.model, pool, kernels, max_slots, max_pages_per_req, loaded.device)
         max_context_len = min(context_len, (pool.num_pages - 1) * args.page_size)
-        # CUDA graphs around tensor-parallel collectives are not verified yet: such ranks run eagerly
-        graphs = decodes and tp.size == 1
-        step_runner = make_step_runner(runner, args) if graphs else EagerStepRunner(runner)
+        step_runner = make_step_runner(runner, args) if decodes else EagerStepRunner(runner)
         penalties = SlotPenalties(cfg.vocab_size, loaded.device)
         worker = cls(
             runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner, penalties
@@ -152,8 +150,9 @@ class Worker:
     @property
     def pipelined(self) -> bool:
         """Whether steps are launched ahead of the previous result (engine/pipeline.py): on CUDA
-        with the decode graphs (one rank, our kernels; the eager reference attention reads the
-        lengths on the host, which would wait for the step in flight anyway)."""
+        with the decode graphs (our kernels; the eager reference attention reads the lengths on
+        the host, which would wait for the step in flight anyway). Of a tensor-parallel
+        instance only rank 0 pipelines; the other ranks run each relayed step to its end."""
         return self.runner.device.type == "cuda" and isinstance(self.step_runner, GraphStepRunner)
 
     def step(self, batch: StepBatch) -> StepResult:

@@ -6,8 +6,9 @@
 #
 # Steps: tests     tests/gpu except the end-to-end file (kernels, kvtransfer, CUDA graphs)
 #        e2e_cuda  tests/gpu/test_e2e_gpu.py (greedy vs reference and transformers, float32,
-#                  CUDA graphs on and off; bf16 smoke) and tests/gpu/test_disagg_gpu.py (1P1D on
-#                  the one GPU, cuda_ipc and zmq)
+#                  CUDA graphs on and off; bf16 smoke), tests/gpu/test_disagg_gpu.py (1P1D on
+#                  the one GPU, cuda_ipc and zmq) and tests/gpu/test_tensor_parallel_gpu.py
+#                  (--tp-size 2, graphs on and off; skipped with fewer than two GPUs)
 #        e2e       tests/e2e (the CPU end-to-end suite; --device auto puts its servers on CUDA)
 #        kernels one_batch transfer serving   the benchmarks (bench/*.py); serving is
 #                  serving_unified then serving_pd (1P1D), each also a step of its own
@@ -57,11 +58,13 @@ pytest_step() {
 }
 
 step_tests() {
-  pytest_step gpu-tests tests/gpu --ignore=tests/gpu/test_e2e_gpu.py --ignore=tests/gpu/test_disagg_gpu.py
+  pytest_step gpu-tests tests/gpu --ignore=tests/gpu/test_e2e_gpu.py --ignore=tests/gpu/test_disagg_gpu.py \
+    --ignore=tests/gpu/test_tensor_parallel_gpu.py
 }
 
 step_e2e_cuda() {
-  pytest_step e2e-cuda-tests tests/gpu/test_e2e_gpu.py tests/gpu/test_disagg_gpu.py
+  pytest_step e2e-cuda-tests tests/gpu/test_e2e_gpu.py tests/gpu/test_disagg_gpu.py \
+    tests/gpu/test_tensor_parallel_gpu.py
 }
 
 step_e2e() {

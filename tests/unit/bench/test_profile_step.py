@@ -21,7 +21,8 @@ from bench.profile_step import (
     record,
     summarize,
 )
-from engine.cuda_graph import CapturedDecode, GraphStepRunner, decode_forward
+from engine.cuda_graph import GraphStepRunner
+from tests.unit.engine.engine_driver import EagerCapture
 
 
 @pytest.mark.parametrize(("name", "category"), [
@@ -106,29 +107,13 @@ def test_cpu_recording_sees_every_step_and_no_step_marker():
     assert "note: a note" in text and "toy [eager]" in text and "gemm" in text
 
 
-def _stand_in_capture(runner, inputs, batch_sizes) -> dict:
-    """CUDA-graph capture's CPU stand-in: a replay reruns the decode body into the first run's
-    output tensors."""
-    def capture(slots: torch.Tensor, positions: torch.Tensor) -> CapturedDecode:
-        outputs = decode_forward(runner, slots, positions)
-
-        def replay() -> None:
-            fresh = decode_forward(runner, slots, positions)
-            outputs.input_ids.copy_(fresh.input_ids)
-            outputs.logits.copy_(fresh.logits)
-
-        return CapturedDecode(replay, outputs)
-
-    return {bs: capture(*inputs[:, :bs]) for bs in batch_sizes}
-
-
 def test_graph_replays_without_decode_attention_kernels_are_profiled_eagerly_too():
     """On CPU the "graph" steps show torch ops, no decode-attention kernel: as if the profiler had
     not seen inside the graph, so the same decode steps are profiled eagerly as well."""
     torch.set_num_threads(1)
     plan = dataclasses.replace(one_batch.TINY, warmup=0, profile_batches=(1,), profile_steps=1)
     worker = one_batch.make_worker(None, plan, "cpu")
-    graphs = GraphStepRunner(worker.runner, [1, 2, 4], capture=_stand_in_capture)
+    graphs = GraphStepRunner(worker.runner, [1, 2, 4], capture=EagerCapture())
     worker.step_runner = graphs
     prof = one_batch.profile_engine(worker, plan)
     assert worker.step_runner is graphs

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
+from engine.cuda_graph import CapturedDecode, decode_forward
+from engine.runner import ModelRunner
 from engine.worker import Worker
 from protocol.config import ServerArgs
 from protocol.messages import ExtendReq, NewReq, PageAppend, SamplingParams, StepBatch, StepResult
@@ -148,3 +152,27 @@ def driver_for(worker: Worker, chunk_size: int = 7, overlap: bool = True, max_ru
 
 def greedy(max_new_tokens: int, **kwargs: object) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, **kwargs)  # type: ignore[arg-type]
+
+
+class EagerCapture:
+    """The CPU stand-in for CUDA-graph capture (``GraphStepRunner(capture=...)``): ``replay``
+    re-runs the graph body on the static input buffer and copies the results into the first
+    run's output tensors, as a graph does. ``replays`` records the batch size of every replay."""
+
+    def __init__(self) -> None:
+        self.replays: list[int] = []
+
+    def __call__(self, runner: ModelRunner, inputs: torch.Tensor, batch_sizes: list[int]) -> dict:
+        return {bs: self._capture(runner, inputs[:, :bs]) for bs in batch_sizes}
+
+    def _capture(self, runner: ModelRunner, inputs: torch.Tensor) -> CapturedDecode:
+        slots, positions = inputs
+        outputs = decode_forward(runner, slots, positions)
+
+        def replay() -> None:
+            self.replays.append(len(slots))
+            fresh = decode_forward(runner, slots, positions)
+            outputs.input_ids.copy_(fresh.input_ids)
+            outputs.logits.copy_(fresh.logits)
+
+        return CapturedDecode(replay, outputs)

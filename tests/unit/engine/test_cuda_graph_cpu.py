@@ -10,7 +10,6 @@ import torch
 
 from engine.cuda_graph import (
     PADDING_SLOT,
-    CapturedDecode,
     EagerStepRunner,
     GraphStepRunner,
     capture_batch_sizes,
@@ -19,12 +18,11 @@ from engine.cuda_graph import (
     padded_batch_size,
     padded_decode_inputs,
 )
-from engine.runner import ModelRunner
 from engine.worker import Worker
 from launcher.flags import flag_choices
 from protocol.config import ServerArgs
 from protocol.messages import ExtendReq, NewReq, PageAppend, SamplingParams, StepBatch
-from tests.unit.engine.engine_driver import driver_for, greedy, small_args
+from tests.unit.engine.engine_driver import EagerCapture, driver_for, greedy, small_args
 
 
 def test_capture_batch_sizes_follow_the_list_and_end_at_the_maximum():
@@ -152,30 +150,6 @@ def test_graph_body_with_padding_rows_matches_eager_decode_and_writes_only_page_
             assert same_bits(new[0, 1:], old[0, 1:]), "padding rows may write only (page 0, offset 0)"
     finally:
         worker.step(StepBatch(step_id=1, released=slots))
-
-
-class EagerCapture:
-    """The CPU stand-in for CUDA-graph capture: ``replay`` re-runs the graph body on the static
-    input buffer and copies the results into the first run's output tensors, as a graph does.
-    ``replays`` records the batch size of every replay."""
-
-    def __init__(self) -> None:
-        self.replays: list[int] = []
-
-    def __call__(self, runner: ModelRunner, inputs: torch.Tensor, batch_sizes: list[int]) -> dict:
-        return {bs: self._capture(runner, inputs[:, :bs]) for bs in batch_sizes}
-
-    def _capture(self, runner: ModelRunner, inputs: torch.Tensor) -> CapturedDecode:
-        slots, positions = inputs
-        outputs = decode_forward(runner, slots, positions)
-
-        def replay() -> None:
-            self.replays.append(len(slots))
-            fresh = decode_forward(runner, slots, positions)
-            outputs.input_ids.copy_(fresh.input_ids)
-            outputs.logits.copy_(fresh.logits)
-
-        return CapturedDecode(replay, outputs)
 
 
 def test_graph_step_runner_generates_what_the_eager_runner_does(embedded_worker):

@@ -197,10 +197,12 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict
     write_tiny_hf_model(str(root / "qwen2"), "qwen2", seed=5)
     write_dummy_config(root / "dummy")
     cases = {
-        "embedded": {"model_path": EMBEDDED.name, **POOL},
+        "embedded": {"model_path": EMBEDDED.name, "graphs": True, **POOL},
         "llama": {"model_path": str(root / "llama"), "attention_backend": "cpu", **POOL},
         "qwen2": {"model_path": str(root / "qwen2"), **POOL},
-        "dummy-replicated-kv": {"model_path": str(root / "dummy"), "load_format": "dummy", **POOL},
+        "dummy-replicated-kv": {
+            "model_path": str(root / "dummy"), "load_format": "dummy", "graphs": True, **POOL,
+        },
     }
     return run_ranks(root, 2, cases)
 
@@ -224,6 +226,20 @@ def test_two_ranks_generate_what_one_rank_does(two_rank_results: dict[int, dict]
     assert rank0["pages"] == rank0["unsharded_pages"]
     for got, want in zip(rank0["logprobs"], rank0["unsharded_logprobs"], strict=True):
         assert got == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.parametrize("case", ["embedded", "dummy-replicated-kv"])
+def test_each_rank_replays_its_decode_graphs_in_step_with_the_others(
+    two_rank_results: dict[int, dict], case: str
+) -> None:
+    """CUDA graphs per rank, their CPU-testable part: both ranks pick the same padded batch size
+    at every step (else their collectives would not meet) and the replayed decodes, padding rows
+    and all, give the eager tokens."""
+    rank0, rank1 = two_rank_results[0]["cases"][case], two_rank_results[1]["cases"][case]
+    assert rank0["replays"] == rank1["replays"]
+    assert {1, 2, 4} <= set(rank0["replays"]), rank0["replays"]
+    want = [out[: MAX_NEW - 2 * i] for i, out in enumerate(rank0["greedy"])]
+    assert rank0["replayed_greedy"] == rank1["replayed_greedy"] == want
 
 
 def test_the_default_model_over_two_ranks_generates_what_one_rank_does(tmp_path: Path) -> None:
@@ -329,8 +345,11 @@ def _uneven_gather_error(tp: object) -> float:
     return max(float((p - mine(r)).abs().max()) for r, p in enumerate(parts))
 
 
-def _run_case(args: ServerArgs, tp: object, prompts: list[list[int]], sampled: bool) -> dict:
-    """Greedy (with logprobs) and, if ``sampled``, seeded sampling of ``prompts``."""
+def _run_case(
+    args: ServerArgs, tp: object, prompts: list[list[int]], sampled: bool, graphs: bool = False
+) -> dict:
+    """Greedy (with logprobs), seeded sampling of ``prompts`` if ``sampled``, and greedy decodes
+    by graph replay if ``graphs``."""
     from engine.worker import Worker
     from protocol.messages import SamplingParams
     from tests.unit.engine.engine_driver import driver_for, greedy
@@ -346,7 +365,26 @@ def _run_case(args: ServerArgs, tp: object, prompts: list[list[int]], sampled: b
         "logprobs": [r.logprobs for r in greedy_reqs],
         "sampled": [r.outputs for r in sampled_reqs],
         "pages": worker.num_pages,
+        **(_replayed_greedy(worker, prompts) if graphs else {}),
     }
+
+
+def _replayed_greedy(worker: object, prompts: list[list[int]]) -> dict:
+    """Greedy decodes replayed from "captured" graphs (the CPU stand-in: the graph body run on
+    the static buffers, its collectives included), each prompt stopping sooner than the last so
+    the batch shrinks through padded and exact sizes."""
+    from engine.cuda_graph import EagerStepRunner, GraphStepRunner
+    from tests.unit.engine.engine_driver import EagerCapture, driver_for, greedy
+
+    capture = EagerCapture()
+    worker.step_runner = GraphStepRunner(worker.runner, [1, 2, 4], capture=capture)  # type: ignore[attr-defined]
+    try:
+        lengths = [MAX_NEW - 2 * i for i in range(len(prompts))]
+        # whole prompts in one step: the decodes then run alone, not in (eager) mixed steps
+        reqs = driver_for(worker, chunk_size=64).generate(prompts, [greedy(n) for n in lengths])  # type: ignore[arg-type]
+    finally:
+        worker.step_runner = EagerStepRunner(worker.runner)  # type: ignore[attr-defined]
+    return {"replayed_greedy": [r.outputs for r in reqs], "replays": capture.replays}
 
 
 def _rank_main(world: int, store: str, out_dir: str, rank: int, cases: dict[str, dict], layers: bool) -> None:
@@ -364,13 +402,14 @@ def _rank_main(world: int, store: str, out_dir: str, rank: int, cases: dict[str,
         overrides = dict(case)
         prompts = PROMPTS[: overrides.pop("num_prompts", len(PROMPTS))]
         sampled = overrides.pop("sampled", True)
+        graphs = overrides.pop("graphs", False)
         args = small_args(tp_size=world, **overrides)
         check_splittable(model_config(resolve_model(args.model_path)), world)
         # rank 0's unsharded run first: the ranks then finish (and close the group) together
         unsharded = {}
         if rank == 0:
             unsharded = _run_case(small_args(**overrides), _single_rank(), prompts, sampled=False)
-        result = _run_case(args, tp, prompts, sampled)
+        result = _run_case(args, tp, prompts, sampled, graphs)
         results["cases"][name] = result | {f"unsharded_{k}": v for k, v in unsharded.items()}
     close_tensor_parallel(tp)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
