@@ -8,6 +8,11 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from protocol import transport
 
 os.environ.setdefault("PDSERVE_TORCH_THREADS", "1")
 if "PDSERVE_CACHE_DIR" not in os.environ:
@@ -17,3 +22,12 @@ if "PDSERVE_CACHE_DIR" not in os.environ:
 
 def pytest_configure(config) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+@pytest.fixture
+def ipc_dir() -> Iterator[str]:
+    """A private directory for a test's ipc:// endpoints, removed after the test (short: ipc
+    paths are limited to about 100 characters)."""
+    path = transport.ipc_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

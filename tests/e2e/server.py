@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +31,9 @@ CLUSTER_MODES = ("prefill", "decode", "frontend")  # tcp:// between processes: C
 def e2e_key_dir() -> str:
     """One CURVE key directory for every cluster-mode process of the test session (they share
     an identity: the tests are not about which process holds which key)."""
-    (directory,) = generate(tempfile.mkdtemp(prefix="pdserve-e2e-keys-"), ["e2e"])
+    parent = tempfile.mkdtemp(prefix="pdserve-e2e-keys-")
+    atexit.register(shutil.rmtree, parent, True)
+    (directory,) = generate(parent, ["e2e"])
     return str(directory)
 
 
@@ -52,13 +56,21 @@ class Server:
     log_path: str
     child_pids: dict[str, int] = field(default_factory=dict)
     http_url: str | None = None  # the OpenAI-compatible API (front-end modes)
+    final_log: str | None = None  # the log once the deployment stopped (its file is gone)
 
     def client(self, timeout: float = 120.0) -> Client:
         return Client(self.addr, timeout=timeout)
 
     def log(self) -> str:
+        if self.final_log is not None:
+            return self.final_log
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+    def remove_log(self) -> None:
+        """Keep the log in memory and delete its file (a deployment that stopped cleanly)."""
+        self.final_log = self.log()
+        os.unlink(self.log_path)
 
 
 THREAD_ENVS = ("PDSERVE_TORCH_THREADS", "PDSERVE_CPU_OMP_THREADS")
@@ -155,10 +167,11 @@ def running_server(
         _wait_for_line(proc, "pdserve ready", READY_TIMEOUT_S, lines)
         yield server
     except BaseException:
-        sys.stderr.write(server.log()[-5000:])
+        sys.stderr.write(f"{server.log()[-5000:]}\n(the whole log: {log_path})\n")
         raise
     finally:
         stop_server(server)
+    server.remove_log()  # only once it stopped cleanly: a failure's log stays for a look
 
 
 def stop_server(server: Server) -> None:

@@ -21,9 +21,9 @@ REQUESTS = 8
 MAX_NEW = 1200  # far more steps of output than the sockets' kernel buffers hold (~300)
 
 
-def test_a_full_queue_keeps_the_rest_in_order_in_the_backlog(ctx, monkeypatch):
+def test_a_full_queue_keeps_the_rest_in_order_in_the_backlog(ctx, monkeypatch, ipc_dir):
     monkeypatch.setattr(transport, "OUTPUT_QUEUE_FRAMES", QUEUE)
-    addr = f"ipc://{transport.ipc_dir()}/out"
+    addr = transport.ipc_addr(ipc_dir, "out")
     inbox = transport.bind(ctx, zmq.PULL, addr, hwm=QUEUE)
     inbox.setsockopt(zmq.RCVBUF, 4096)
     frontends = Frontends(ctx, "inst")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from protocol import transport
 from protocol.config import FrontendConfig
 from tests.fakes.frontend import (
     Deployment,
@@ -19,13 +17,6 @@ from tests.fakes.frontend import (
     stop_deployment,
 )
 from tokenizer_proc.client import Client
-
-
-@pytest.fixture
-def ipc_dir() -> Iterator[str]:
-    path = transport.ipc_dir()  # short: ipc paths are limited to about 100 characters
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
