@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from protocol.config import EMBEDDED
@@ -172,6 +173,21 @@ def running_server(
     finally:
         stop_server(server)
     server.remove_log()  # only once it stopped cleanly: a failure's log stays for a look
+
+
+@contextlib.contextmanager
+def started_together(*servers: contextlib.AbstractContextManager[Server]) -> Iterator[list[Server]]:
+    """Start ``servers`` at once (each on a thread), and stop them at once on exit."""
+    e2e_key_dir()  # made once, before the threads: each would make its own (the cache is not locked)
+    with ThreadPoolExecutor(len(servers)) as pool:
+        started = [pool.submit(cm.__enter__) for cm in servers]
+        try:
+            yield [f.result() for f in started]
+        finally:
+            exc = sys.exc_info()  # each server logs its end on the way out of a failure
+            running = [cm for cm, f in zip(servers, started, strict=True) if f.exception() is None]
+            for stop in [pool.submit(cm.__exit__, *exc) for cm in running]:
+                stop.result()
 
 
 def stop_server(server: Server) -> None:

@@ -27,7 +27,7 @@ from protocol.messages import (
     TransferEndpoint,
 )
 from protocol.security import ClusterKeys, generate
-from tests.e2e.server import Server, running_server
+from tests.e2e.server import Server, running_server, started_together
 from tests.oracles import greedy_reference
 from tests.ports import free_tcp_port
 
@@ -42,8 +42,10 @@ NO_TOKENS_WAIT_S = 3.0
 def cluster(tmp_path_factory) -> Iterator[tuple[Server, Server, Server, dict[str, str]]]:
     dirs = {d.name: str(d) for d in generate(str(tmp_path_factory.mktemp("keys")), ["frontend", "p0", "d0"])}
     with contextlib.ExitStack() as stack:
-        p = stack.enter_context(running_server(*FLAGS, "--cluster-key-dir", dirs["p0"], mode="prefill"))
-        d = stack.enter_context(running_server(*FLAGS, "--cluster-key-dir", dirs["d0"], mode="decode"))
+        p, d = stack.enter_context(started_together(
+            running_server(*FLAGS, "--cluster-key-dir", dirs["p0"], mode="prefill"),
+            running_server(*FLAGS, "--cluster-key-dir", dirs["d0"], mode="decode"),
+        ))
         links = ("--prefill", p.addr, "--decode", d.addr, "--cluster-key-dir", dirs["frontend"])
         # two front ends (sharing the "frontend" keys): ZMQ clients on zmq and zmq + 1, their
         # instances' outputs on zmq + 2 and zmq + 3, all CURVE

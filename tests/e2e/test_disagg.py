@@ -47,6 +47,7 @@ from tests.e2e.server import (
     launch_flags,
     pid_alive,
     running_server,
+    started_together,
     wait_no_leak,
 )
 from tests.oracles import greedy_reference
@@ -209,9 +210,11 @@ def standalone(
         flags = (*FLAGS, "--transfer-backend", backend, "--max-restarts", "0")
         prefill_flags = (*flags, *extra)
         decode_flags = (*flags, *(extra if decode_extra is None else decode_extra))
-        start = stack.enter_context
-        prefills = [start(running_server(*prefill_flags, mode="prefill")) for _ in range(num_prefill)]
-        decodes = [start(running_server(*decode_flags, mode="decode")) for _ in range(num_decode)]
+        instances = stack.enter_context(started_together(
+            *[running_server(*prefill_flags, mode="prefill") for _ in range(num_prefill)],
+            *[running_server(*decode_flags, mode="decode") for _ in range(num_decode)],
+        ))
+        prefills, decodes = instances[:num_prefill], instances[num_prefill:]
         frontend = stack.enter_context(
             running_server(
                 *FLAGS,

@@ -14,15 +14,13 @@ import contextlib
 import os
 import random
 import signal
-import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from kvtransfer.nixl_agent import nixl_available
 from protocol.config import EMBEDDED
-from tests.e2e.server import Server, e2e_key_dir, running_server, wait_no_leak
+from tests.e2e.server import Server, running_server, started_together, wait_no_leak
 from tests.oracles import greedy_reference
 
 MAX_NEW = 6
@@ -48,21 +46,6 @@ def workload() -> tuple[list[list[int]], list[list[int]]]:
     first += [byte_prompt(rng, rng.randrange(50, 100), prefix=shared[i % 2]) for i in range(8)]
     second = [first[-1 - i] + [rng.randrange(256) for _ in range(5 + i)] for i in range(4)]
     return first, second
-
-
-@contextlib.contextmanager
-def started_together(*servers: contextlib.AbstractContextManager[Server]) -> Iterator[list[Server]]:
-    """Start ``servers`` at once (each on a thread), and stop them at once on exit."""
-    e2e_key_dir()  # made once, before the threads: each would make its own (the cache is not locked)
-    with ThreadPoolExecutor(len(servers)) as pool:
-        started = [pool.submit(cm.__enter__) for cm in servers]
-        try:
-            yield [f.result() for f in started]
-        finally:
-            exc = sys.exc_info()  # each server logs its end on the way out of a failure
-            running = [cm for cm, f in zip(servers, started, strict=True) if f.exception() is None]
-            for stop in [pool.submit(cm.__exit__, *exc) for cm in running]:
-                stop.result()
 
 
 @contextlib.contextmanager

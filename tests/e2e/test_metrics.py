@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.server import running_server, wait_no_leak
+from tests.e2e.server import running_server, started_together, wait_no_leak
 
 PROMPT = "The capital of France is"
 MAX_NEW = 8
@@ -108,8 +108,9 @@ def test_a_standalone_front_end_gathers_its_remote_instances_metrics() -> None:
     over tcp: the same metrics, through the ZMQ client's ``metrics`` request."""
     flags = ["--heartbeat-interval", "0.2"]
     with contextlib.ExitStack() as stack:
-        prefill = stack.enter_context(running_server(*flags, mode="prefill"))
-        decode = stack.enter_context(running_server(*flags, mode="decode"))
+        prefill, decode = stack.enter_context(started_together(
+            running_server(*flags, mode="prefill"), running_server(*flags, mode="decode")
+        ))
         links = ("--prefill", prefill.addr, "--decode", decode.addr)
         frontend = stack.enter_context(running_server(*flags, *links, mode="frontend"))
         client = stack.enter_context(frontend.client())

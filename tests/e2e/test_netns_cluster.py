@@ -22,7 +22,7 @@ import pytest
 from protocol.config import EMBEDDED
 from tests import REPO_ROOT
 from tests.e2e.netns import NetnsUnavailable, Network
-from tests.e2e.server import Server, running_server
+from tests.e2e.server import Server, running_server, started_together
 from tests.oracles import greedy_reference
 
 INSTANCE_PORT, HTTP_PORT = "31000", "30000"  # the README's
@@ -61,14 +61,15 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         pytest.skip(f"no network namespaces here: {e}")
     try:
         with contextlib.ExitStack() as stack:
-            def instance(name: str, mode: str) -> Server:
+            def instance(name: str, mode: str) -> contextlib.AbstractContextManager[Server]:
                 host = net.hosts[name]
                 flags = ("--host", host.address, "--port", INSTANCE_PORT,
                          "--cluster-key-dir", f"{keys}/{name}")
-                return stack.enter_context(running_server(*flags, *FLAGS, mode=mode, prefix=host.prefix))
+                return running_server(*flags, *FLAGS, mode=mode, prefix=host.prefix)
 
-            prefill = instance("prefill0", "prefill")
-            decodes = [instance("decode0", "decode"), instance("decode1", "decode")]
+            prefill, *decodes = stack.enter_context(started_together(
+                instance("prefill0", "prefill"), instance("decode0", "decode"), instance("decode1", "decode")
+            ))
             fe = net.hosts["frontend"]
             links = ("--prefill", prefill.addr, "--decode", *(d.addr for d in decodes))
             front = stack.enter_context(running_server(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from protocol.faults import FAULTS_ENV, Faults
-from tests.e2e.server import Server, pid_alive, running_server
+from tests.e2e.server import Server, pid_alive, running_server, started_together
 from tokenizer_proc.client import Client, ServerError
 
 FLAGS = ("--dtype", "float32", "--page-size", "4", "--heartbeat-interval", "0.2")
@@ -146,9 +146,10 @@ def test_status_ready_while_a_usable_pair_is_left(ipc_parent):
     """Standalone instances over tcp whose launchers do not restart them (``--max-restarts 0``)."""
     flags = (*FLAGS, "--insecure", "--heartbeat-timeout", "2")
     with contextlib.ExitStack() as stack:
-        prefill = stack.enter_context(running_server(*flags, mode="prefill"))
-        decodes = [stack.enter_context(running_server(*flags, "--max-restarts", "0", mode="decode"))
-                   for _ in range(2)]
+        prefill, *decodes = stack.enter_context(started_together(
+            running_server(*flags, mode="prefill"),
+            *[running_server(*flags, "--max-restarts", "0", mode="decode") for _ in range(2)],
+        ))
         links = ("--prefill", prefill.addr, "--decode", *[d.addr for d in decodes])
         frontend = stack.enter_context(running_server(*flags, *links, mode="frontend"))
         client = stack.enter_context(frontend.client(timeout=30))

@@ -33,15 +33,21 @@ def prompts(seed: int) -> list[list[int]]:
     return [byte_prompt(rng, n) for n in lengths] + sharing
 
 
-@pytest.mark.parametrize("mode", GRAPH_MODES)
-def test_greedy_float32_matches_the_reference(mode: str) -> None:
-    batch = prompts(0)
-    with running_server(*FLAGS, "--dtype", "float32", *GRAPH_MODES[mode]) as server, server.client() as c:
+def serves_the_reference(flags: tuple[str, ...], batch: list[list[int]], label: str) -> str:
+    """Serve ``batch`` at once (greedy) on a deployment of ``flags``, check every output against
+    the plain-torch reference and that nothing leaked; the deployment's log."""
+    with running_server(*flags) as server, server.client() as c:
         got = [o["token_ids"] for o in run_concurrently(c, batch)]
         wait_no_leak(c)
     expected = greedy_reference(None, batch, MAX_NEW)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-        assert g == e, f"{mode}, request {i}: served {g} != reference {e}"
+        assert g == e, f"{label}, request {i}: served {g} != reference {e}"
+    return server.log()
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_greedy_float32_matches_the_reference(mode: str) -> None:
+    serves_the_reference((*FLAGS, "--dtype", "float32", *GRAPH_MODES[mode]), prompts(0), mode)
 
 
 @pytest.mark.parametrize("mode", GRAPH_MODES)

@@ -9,10 +9,8 @@ import random
 import pytest
 import torch
 
-from tests.e2e.server import running_server, wait_no_leak
-from tests.e2e.test_unified import MAX_NEW, byte_prompt, run_concurrently
-from tests.gpu.test_e2e_gpu import GRAPH_MODES
-from tests.oracles import greedy_reference
+from tests.e2e.test_unified import byte_prompt
+from tests.gpu.test_e2e_gpu import GRAPH_MODES, serves_the_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,12 +32,6 @@ def prompts(seed: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("mode", GRAPH_MODES)
 def test_two_ranks_serve_the_reference_tokens(mode: str) -> None:
-    batch = prompts(3)
-    with running_server(*FLAGS, "--tp-size", "2", *GRAPH_MODES[mode]) as server, server.client() as c:
-        got = [o["token_ids"] for o in run_concurrently(c, batch)]
-        wait_no_leak(c)
-        captures = server.log().count(CAPTURED)
+    log = serves_the_reference((*FLAGS, "--tp-size", "2", *GRAPH_MODES[mode]), prompts(3), mode)
+    captures = log.count(CAPTURED)
     assert captures == (2 if mode == "cuda-graph" else 0), f"{mode}: {captures} ranks captured graphs"
-    expected = greedy_reference(None, batch, MAX_NEW)
-    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-        assert g == e, f"{mode}, request {i}: served {g} != reference {e}"
