@@ -3,6 +3,7 @@ roofline), the decode step's matmuls alone in a CUDA graph, and Hugging Face tra
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -143,14 +144,20 @@ def _hf_model(cfg: ModelConfig, dtype: torch.dtype, device: str) -> nn.Module:
 
 def _decode_step_ms(model: nn.Module, cfg: ModelConfig, batch: int, context: int, device: str,
                     plan: Plan) -> float:
-    out = _forward(model, _ids(cfg, batch, context - 1, device))
-    cache = out.past_key_values
+    cache_name = _cache_argument(model)
+    cache = _forward(model, _ids(cfg, batch, context - 1, device))[cache_name]
     step_ids = _ids(cfg, batch, 1, device)
-    return _timed(lambda: _forward(model, step_ids, cache), device, plan)
+    return _timed(lambda: _forward(model, step_ids, **{cache_name: cache}), device, plan)
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, cache: object = None):
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+def _forward(model: nn.Module, ids: torch.Tensor, **cache: object):
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """What this transformers calls the KV cache, in ``forward`` and its output: ``cache`` from
+    5.x (``past_key_values`` deprecated), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _ids(cfg: ModelConfig, batch: int, length: int, device: str) -> torch.Tensor:
