@@ -11,6 +11,7 @@ the same tokens and keeps the same future-token map; only rank 0's result is sen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable, Mapping
@@ -24,11 +25,14 @@ from engine.parallel.group import (
     init_tensor_parallel,
     split_cpu_threads,
 )
-from engine.parallel.steps import RankLost, RelayEnded, receive_frame
-from protocol.config import WorkerConfig
+from engine.parallel.steps import RankLost, RelayEnded, check_ranks_agree, receive_frame
+from protocol.config import ServerArgs, WorkerConfig
 from protocol.messages import Shutdown, StepBatch, decode
 
 if TYPE_CHECKING:
+    import torch
+
+    from engine.models.config import ModelConfig
     from engine.worker import Worker
 
 logger = logging.getLogger("pdserve.worker")
@@ -51,10 +55,35 @@ def join_tensor_parallel(cfg: WorkerConfig) -> TensorParallel:
         model, args.tp_size, cfg.tp_rank, cfg.dist_init_method, device, timeout_s=2 * args.watchdog_timeout,
         nnodes=args.nnodes,
     )
+    if args.nnodes > 1:  # on one host every rank has the launcher's flags
+        check_ranks_agree(tp, engine_facts(args, model, device), NODES_ADVICE)
     if device.type == "cpu":
         _, source = cpu_env.choose_threads(args.cpu_omp_threads)
         split_cpu_threads(tp, threads_chosen_by_default=source == "default")
     return tp
+
+
+NODES_ADVICE = (
+    "Start launch.py on every node with the same model and the same flags, but for --node-rank "
+    "(and the HTTP --host / --port of node 0)"
+)
+
+
+def engine_facts(args: ServerArgs, model: ModelConfig, device: torch.device) -> dict[str, object]:
+    """What every rank of an instance must share for their collectives to meet and their parts to
+    make one model: the model's shape and weights' source, the slots (the decode batch sizes
+    captured and warmed up), the pages. The scheduling flags are rank 0's alone (its scheduler
+    makes every step) and the pool's size is the smallest rank's (``min_over_ranks``)."""
+    from engine.weights import resolve_dtype
+
+    flags = {
+        "--load-format": args.load_format, "--device": device.type,
+        "--dtype": str(resolve_dtype(args.dtype, model, device)).removeprefix("torch."),
+        "--seed": args.seed, "--context-length": args.context_length, "--page-size": args.page_size,
+        "--max-running-requests": args.max_running_requests, "--attention-backend": args.attention_backend,
+        "--cuda-graph-max-bs": args.cuda_graph_max_bs, "--disable-cuda-graph": args.disable_cuda_graph,
+    }
+    return flags | {f"model {name}": value for name, value in dataclasses.asdict(model).items()}
 
 
 def moves_kv_in_parts(cfg: WorkerConfig) -> bool:

@@ -18,16 +18,20 @@ prefill instance's ranks ``gather_to_driver`` the pages each step sends, right a
 decode instance's rank 0 relays the other ranks' heads of the pages it received before each
 frame and on idle beats (``FlushingRelay``), so they land before any later step reads them.
 (Over nixl and cuda_ipc each rank moves its own: ``kvtransfer.tp_parts``.)
+
+Ranks started by different launchers (``--nnodes``) first check that they agree with rank 0 on
+what their collectives depend on (``check_ranks_agree``), the same bytes-over-gloo way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgpack
 import torch
 import torch.distributed as dist
 
@@ -35,6 +39,7 @@ from engine.parallel.group import RankLost, TensorParallel
 
 DRIVER_RANK = 0
 END_MARK = -1  # a frame length that means "rank 0 has stopped serving"
+REPORT_BYTES = 256  # of each rank's differences from rank 0, as rank 0 reports them
 
 
 class RelayEnded(Exception):
@@ -154,6 +159,48 @@ def gather_strings(tp: TensorParallel, text: str, width: int = 256) -> list[str]
     if parts is None:
         return None
     return [bytes(part.numpy().tobytes()).rstrip(b"\0").decode() for part in parts]
+
+
+def differences_from_rank_0(tp: TensorParallel, facts: Mapping[str, object]) -> list[str]:
+    """Rank 0 broadcasts its ``facts`` (msgpack: plain values, lists, maps); every rank returns
+    what differs in its own, each as ``name: mine (rank 0: theirs)``. Every rank calls it at
+    the same point, with facts of the same names."""
+    mine = msgpack.unpackb(msgpack.packb(dict(facts)))  # as they travel: tuples become lists
+    theirs = msgpack.unpackb(_broadcast_bytes(tp, msgpack.packb(mine)))
+    return [f"{name}: {mine.get(name)!r} (rank 0: {theirs.get(name)!r})"
+            for name in sorted(theirs.keys() | mine.keys()) if mine.get(name) != theirs.get(name)]
+
+
+def _broadcast_bytes(tp: TensorParallel, data: bytes) -> bytes:
+    """Rank 0's ``data`` on every rank (the other ranks' ``data`` is not sent)."""
+    length = _broadcast_length(tp, len(data))
+    if tp.rank == DRIVER_RANK:
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
+        payload = torch.empty(length, dtype=torch.uint8)
+    _broadcast(tp, payload)
+    return payload.numpy().tobytes()
+
+
+def check_ranks_agree(tp: TensorParallel, facts: Mapping[str, object], advice: str) -> None:
+    """Refuse to go on, on every rank that differs and on rank 0, when the ranks' ``facts``
+    (what they must agree on for their collectives to meet: the model, the batch sizes) are
+    not rank 0's. Each rank names its own differences; rank 0 names every rank's (the first
+    ``REPORT_BYTES`` of each), with ``advice``. A rank that agrees goes on: rank 0's refusal
+    ends it at its next collective."""
+    differences = differences_from_rank_0(tp, facts)
+    report = _clipped("; ".join(differences), REPORT_BYTES)
+    reports = gather_strings(tp, report, REPORT_BYTES)
+    if differences:
+        raise ValueError(f"rank {tp.rank} differs from rank 0: {'; '.join(differences)}. {advice}")
+    disagreeing = [f"rank {rank}: {text}" for rank, text in enumerate(reports or []) if text]
+    if disagreeing:
+        raise ValueError(f"ranks differ from rank 0: {' | '.join(disagreeing)}. {advice}")
+
+
+def _clipped(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (at a character boundary)."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def receive_frame(tp: TensorParallel) -> bytes | None:

@@ -13,6 +13,8 @@ import os
 import re
 import shlex
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 import pytest
 
 from protocol.config import EMBEDDED
+from tests import REPO_ROOT
 from tests.e2e.netns import NetnsUnavailable, Network
-from tests.e2e.server import Server, running_server, wait_no_leak
+from tests.e2e.server import Server, launch_flags, running_server, wait_no_leak
 from tests.e2e.test_readme_examples import readme_example
 from tests.oracles import greedy_reference
 from tests.ports import free_tcp_port
@@ -130,3 +133,22 @@ def test_node_1_rejoins_when_node_0_restarts_its_instance(nodes: Nodes) -> None:
     with nodes.node0.client(timeout=30) as c:
         wait_for(lambda: c.status(timeout=5)["ready"], "the restarted instance is ready")
     assert greedy(nodes.node0) == greedy_reference(None, PROMPTS, MAX_NEW)
+
+
+def test_a_node_started_with_other_flags_is_refused_naming_them() -> None:
+    """Node 1 with another ``--max-running-requests`` (its ranks would capture and warm up other
+    batch sizes, and their collectives would never meet rank 0's): both sides refuse, naming the
+    flag, instead of hanging. On one host: no namespaces needed."""
+    flags0, flags1 = readme_nodes("127.0.0.1", "127.0.0.1")
+    once = ("--max-restarts", "0")
+    with running_server(*flags1, *FLAGS, *once, "--max-running-requests", "8") as node1:
+        argv, _, _ = launch_flags("unified", (*flags0, *FLAGS, *once))
+        node0 = subprocess.run(
+            [sys.executable, "launch.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+            timeout=RESTART_S, env={**os.environ, "PDSERVE_TORCH_THREADS": "1"},
+        )
+        wait_for(lambda: "rank 1 differs from rank 0" in node1.log(), "node 1 refuses too", 30)
+    assert node0.returncode != 0
+    assert "ranks differ from rank 0: rank 1: --max-running-requests: 8 (rank 0: 256)" in node0.stderr, (
+        node0.stderr[-3000:])
+    assert "Start launch.py on every node with the same model and the same flags" in node0.stderr
