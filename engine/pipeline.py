@@ -14,8 +14,9 @@ it arrives. The scheduler keeps two steps in flight (its overlap schedule), so s
 usually queued before step N ends.
 
 On the CPU a step computes inside ``launch``: this loop would only hold each result back by a
-step, so CPU workers (and tensor-parallel ranks, whose graphs are not captured either) keep the
-plain loop; the choice is made once at start-up (``run_worker``).
+step, so CPU workers keep the plain loop; the choice is made once at start-up (``run_worker``).
+Of a tensor-parallel instance only rank 0 runs this loop; the other ranks run each relayed step
+to its end (``engine.parallel.ranks.follow_steps``).
 """
 
 from __future__ import annotations
@@ -101,14 +102,30 @@ class LaunchedStep:
         """Whether ``result`` would return without waiting for the device (never blocks)."""
         return self.ready is None or self.ready.query()
 
-    def wait(self) -> None:
+    def wait(self, limit_s: float | None = None) -> None:
+        """Until the sampled values are on the host; at most ``limit_s`` (None: unbounded), then
+        ``RankLost``. A tensor-parallel rank bounds its wait: the collectives inside a CUDA
+        graph are watched by no process-group timeout, so a replay whose peer died would spin
+        on the device forever."""
         if self.ready is None:
+            return
+        if limit_s is not None:
+            self._wait_until(time.monotonic() + limit_s, limit_s)
             return
         with torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext():
             self.ready.synchronize()
 
-    def result(self) -> StepResult:
-        self.wait()
+    def _wait_until(self, deadline: float, limit_s: float) -> None:
+        assert self.ready is not None
+        while not self.ready.query():
+            if time.monotonic() > deadline:
+                raise RankLost(f"step {self.step_id} did not finish within {limit_s:g} s: another rank "
+                               "of this instance is gone or stuck")
+            time.sleep(0)  # let the other threads (the KV transfer's) run between polls
+
+    def result(self, limit_s: float | None = None) -> StepResult:
+        """The step's ``StepResult``, once it is on the host (``wait``)."""
+        self.wait(limit_s)
         if self.tokens is None:
             return StepResult(step_id=self.step_id, slots=[], token_ids=[])
         result = StepResult(

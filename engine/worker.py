@@ -63,6 +63,7 @@ class Worker:
     sampling: list[SamplingParams | None]  # per slot
     step_runner: StepRunner  # decode steps by CUDA-graph replay, or everything eagerly
     penalties: SlotPenalties  # token counts of the slots whose request asks for a penalty
+    step_wait_limit_s: float | None = None  # a tensor-parallel rank's: its group's timeout
 
     @classmethod
     def create(cls, args: ServerArgs, decodes: bool = True, tp: TensorParallel = SINGLE_RANK) -> Worker:
@@ -90,7 +91,8 @@ class Worker:
         step_runner = make_step_runner(runner, args) if decodes else EagerStepRunner(runner)
         penalties = SlotPenalties(cfg.vocab_size, loaded.device)
         worker = cls(
-            runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner, penalties
+            runner, loaded, pool.num_pages, max_context_len, [None] * max_slots, step_runner, penalties,
+            tp.timeout_s,
         )
         worker.warm_up(decodes)
         return worker
@@ -152,12 +154,14 @@ class Worker:
         """Whether steps are launched ahead of the previous result (engine/pipeline.py): on CUDA
         with the decode graphs (our kernels; the eager reference attention reads the lengths on
         the host, which would wait for the step in flight anyway). Of a tensor-parallel
-        instance only rank 0 pipelines; the other ranks run each relayed step to its end."""
+        instance only rank 0 asks (``run_worker``); the other ranks run each relayed step to
+        its end."""
         return self.runner.device.type == "cuda" and isinstance(self.step_runner, GraphStepRunner)
 
     def step(self, batch: StepBatch) -> StepResult:
-        """Apply the deltas in protocol order, run the forward, sample."""
-        return self.launch(batch).result()
+        """Apply the deltas in protocol order, run the forward, sample (a tensor-parallel rank
+        waits for the device at most its group's timeout: ``LaunchedStep.wait``)."""
+        return self.launch(batch).result(self.step_wait_limit_s)
 
     @torch.inference_mode()
     def launch(self, batch: StepBatch) -> LaunchedStep:

@@ -125,6 +125,7 @@ class TensorParallel:
     control: Any = None  # gloo: the step frames rank 0 relays
     local_size: int = 1  # the ranks on this host (--tp-size / --nnodes)
     node_group: Any = None  # gloo, this host's ranks: those that close together (None: ``control``)
+    timeout_s: float | None = None  # the longest a collective may wait (None: one rank, none to wait for)
 
     @property
     def local_rank(self) -> int:
@@ -232,7 +233,7 @@ def init_tensor_parallel(
         tp_size, backend, split.head_start, split.head_start + split.num_heads - 1, cfg.num_heads,
         split.kv_head_start, split.kv_head_start + split.num_kv_heads - 1, cfg.num_kv_heads,
     )
-    return TensorParallel(tp_size, tp_rank, world, control, local_size, node_group)
+    return TensorParallel(tp_size, tp_rank, world, control, local_size, node_group, timeout.total_seconds())
 
 
 def _node_group(tp_size: int, local_size: int, timeout: datetime.timedelta) -> Any:

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from engine.worker import Worker
 
 logger = logging.getLogger("pdserve.worker")
+NODES_ADVICE = (
+    "Start launch.py on every node with the same model and the same flags, but for --node-rank "
+    "(and the HTTP --host / --port of node 0)"
+)
 Handlers = Mapping[type, Callable[[Any], None]]  # relayed message type → what a follower does with it
 
 
@@ -61,12 +65,6 @@ def join_tensor_parallel(cfg: WorkerConfig) -> TensorParallel:
         _, source = cpu_env.choose_threads(args.cpu_omp_threads)
         split_cpu_threads(tp, threads_chosen_by_default=source == "default")
     return tp
-
-
-NODES_ADVICE = (
-    "Start launch.py on every node with the same model and the same flags, but for --node-rank "
-    "(and the HTTP --host / --port of node 0)"
-)
 
 
 def engine_facts(args: ServerArgs, model: ModelConfig, device: torch.device) -> dict[str, object]:

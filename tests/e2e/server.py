@@ -175,6 +175,30 @@ def running_server(
     server.remove_log()  # only once it stopped cleanly: a failure's log stays for a look
 
 
+def launch_to_exit(
+    *flags: str, mode: str = "unified", model: str | None = TEST_MODEL, timeout: float = READY_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """Run launch.py until it exits by itself (a refused start-up): its exit code and output.
+    It runs in a session of its own, which is killed afterwards, so that no process it started
+    outlives the test, past ``timeout`` either (the test then fails)."""
+    argv, _, _ = launch_flags(mode, flags, model)
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENVS} | {"PDSERVE_TORCH_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "launch.py", *argv], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"launch.py ran past {timeout} s; its output ends:\n{err[-5000:]}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @contextlib.contextmanager
 def started_together(*servers: contextlib.AbstractContextManager[Server]) -> Iterator[list[Server]]:
     """Start ``servers`` at once (each on a thread), and stop them at once on exit."""

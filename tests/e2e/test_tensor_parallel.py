@@ -9,22 +9,18 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests import REPO_ROOT
-from tests.e2e.server import launch_flags, running_server, wait_no_leak
+from tests.e2e.server import launch_to_exit, running_server, wait_no_leak
 from tests.oracles import TINY_SHAPE, greedy_reference, write_tiny_hf_model
 
 MAX_NEW = 8
 TP2 = ("--tp-size", "2", "--dtype", "float32", "--page-size", "8", "--chunked-prefill-size", "32",
        "--max-total-tokens", "2048")
-REFUSAL_TIMEOUT_S = 240
 
 
 def prompts(seed: int) -> list[list[int]]:
@@ -86,21 +82,12 @@ def test_a_killed_rank_restarts_its_instance_which_serves_again() -> None:
     assert before == greedy_reference(None, [prompt_ids], MAX_NEW)[0]
 
 
-def run_launch(*flags: str, mode: str = "unified") -> subprocess.CompletedProcess:
-    argv, _, _ = launch_flags(mode, flags)
-    env = {"PDSERVE_TORCH_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "launch.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-        timeout=REFUSAL_TIMEOUT_S, env={**os.environ, **env},
-    )
-
-
 def test_a_model_whose_heads_do_not_split_is_refused(tmp_path: Path) -> None:
     """Fewer KV heads than ranks, and the ranks not a multiple of them: no rank could hold whole
     KV heads, nor replicas of one."""
     config = dict(TINY_SHAPE, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   architectures=["LlamaForCausalLM"])
     (tmp_path / "config.json").write_text(json.dumps(config))
-    done = run_launch("--tp-size", "3", "--model-path", str(tmp_path), "--load-format", "dummy")
+    done = launch_to_exit("--tp-size", "3", "--model-path", str(tmp_path), "--load-format", "dummy")
     assert done.returncode != 0
     assert "--tp-size 3 and the model's 2 KV heads" in done.stderr, done.stderr[-3000:]

@@ -13,8 +13,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,9 +20,8 @@ from dataclasses import dataclass
 import pytest
 
 from protocol.config import EMBEDDED
-from tests import REPO_ROOT
 from tests.e2e.netns import NetnsUnavailable, Network
-from tests.e2e.server import Server, launch_flags, running_server, wait_no_leak
+from tests.e2e.server import Server, launch_to_exit, running_server, wait_no_leak
 from tests.e2e.test_readme_examples import readme_example
 from tests.oracles import greedy_reference
 from tests.ports import free_tcp_port
@@ -142,11 +139,7 @@ def test_a_node_started_with_other_flags_is_refused_naming_them() -> None:
     flags0, flags1 = readme_nodes("127.0.0.1", "127.0.0.1")
     once = ("--max-restarts", "0")
     with running_server(*flags1, *FLAGS, *once, "--max-running-requests", "8") as node1:
-        argv, _, _ = launch_flags("unified", (*flags0, *FLAGS, *once))
-        node0 = subprocess.run(
-            [sys.executable, "launch.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-            timeout=RESTART_S, env={**os.environ, "PDSERVE_TORCH_THREADS": "1"},
-        )
+        node0 = launch_to_exit(*flags0, *FLAGS, *once, timeout=RESTART_S)
         wait_for(lambda: "rank 1 differs from rank 0" in node1.log(), "node 1 refuses too", 30)
     assert node0.returncode != 0
     assert "ranks differ from rank 0: rank 1: --max-running-requests: 8 (rank 0: 256)" in node0.stderr, (

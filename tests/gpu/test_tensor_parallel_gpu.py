@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.e2e.test_unified import byte_prompt
+from tests.gpu.test_e2e_gpu import FLAGS as E2E_FLAGS
 from tests.gpu.test_e2e_gpu import GRAPH_MODES, serves_the_reference
 
 pytestmark = [
@@ -17,8 +18,7 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (one per rank)"),
 ]
 
-FLAGS = ("--device", "cuda", "--dtype", "float32", "--page-size", "4", "--chunked-prefill-size", "32",
-         "--max-running-requests", "24", "--cuda-graph-max-bs", "16")
+FLAGS = (*E2E_FLAGS, "--dtype", "float32")
 CAPTURED = "decode CUDA graphs"  # each rank logs its capture
 LENGTHS = (1, 5, 31, 32, 33, 64, 97, 150, 3, 17, 40, 129, 8, 9, 2, 70, 88, 4, 6, 7)
 

@@ -17,6 +17,7 @@ import torch
 import zmq
 
 from bench.overhead_fakes import HostEvent
+from engine.parallel.group import RankLost
 from engine.parallel.steps import NO_RELAY
 from engine.pipeline import LaunchedStep, Pipeline
 from protocol import transport
@@ -166,3 +167,17 @@ def test_results_of_a_step_on_the_host_and_of_one_that_sampled_nothing() -> None
     result = LaunchedStep.copying(5, [2, 9], torch.tensor([11, 12]), None, top, 0.0).result()
     assert result.token_ids == [11, 12] and result.slots == [2, 9]
     assert (result.top_token_ids, result.top_logprobs) == ([[1, 2], []], [[0.5, 0.25], []])
+
+
+def test_a_bounded_wait_gives_up_on_a_step_the_device_never_finishes() -> None:
+    """A tensor-parallel rank's wait (``Worker.step_wait_limit_s``): a graph replay whose peer
+    died never finishes, and nothing else would end the wait."""
+    stuck = LaunchedStep(7, [0], torch.tensor([1]), ready=HostEvent())
+    start = time.monotonic()
+    with pytest.raises(RankLost, match="step 7 did not finish within 0.2 s: another rank"):
+        stuck.result(limit_s=0.2)
+    assert 0.2 <= time.monotonic() - start < 5.0
+    finished = HostEvent()
+    threading.Timer(0.05, finished.fire).start()
+    step = LaunchedStep(8, [3], torch.tensor([42]), ready=finished)
+    assert step.result(limit_s=5.0).token_ids == [42]  # a step that finishes in time is unaffected

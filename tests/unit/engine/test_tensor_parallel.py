@@ -232,14 +232,14 @@ def test_two_ranks_generate_what_one_rank_does(two_rank_results: dict[int, dict]
 def test_each_rank_replays_its_decode_graphs_in_step_with_the_others(
     two_rank_results: dict[int, dict], case: str
 ) -> None:
-    """CUDA graphs per rank, their CPU-testable part: both ranks pick the same padded batch size
-    at every step (else their collectives would not meet) and the replayed decodes, padding rows
-    and all, give the eager tokens."""
+    """CUDA graphs per rank, their CPU-testable part, served as an instance serves: rank 0
+    relays each step, the other rank follows. Both replay the same padded batch sizes, and the
+    replayed decodes, padding rows and all, give the eager tokens."""
     rank0, rank1 = two_rank_results[0]["cases"][case], two_rank_results[1]["cases"][case]
     assert rank0["replays"] == rank1["replays"]
     assert {1, 2, 4} <= set(rank0["replays"]), rank0["replays"]
     want = [out[: MAX_NEW - 2 * i] for i, out in enumerate(rank0["greedy"])]
-    assert rank0["replayed_greedy"] == rank1["replayed_greedy"] == want
+    assert rank0["replayed_greedy"] == want
 
 
 def test_the_default_model_over_two_ranks_generates_what_one_rank_does(tmp_path: Path) -> None:
@@ -365,26 +365,43 @@ def _run_case(
         "logprobs": [r.logprobs for r in greedy_reqs],
         "sampled": [r.outputs for r in sampled_reqs],
         "pages": worker.num_pages,
-        **(_replayed_greedy(worker, prompts) if graphs else {}),
+        **(_replayed_greedy(worker, tp, prompts) if graphs else {}),
     }
 
 
-def _replayed_greedy(worker: object, prompts: list[list[int]]) -> dict:
+def _replayed_greedy(worker: object, tp: object, prompts: list[list[int]]) -> dict:
     """Greedy decodes replayed from "captured" graphs (the CPU stand-in: the graph body run on
-    the static buffers, its collectives included), each prompt stopping sooner than the last so
-    the batch shrinks through padded and exact sizes."""
+    the static buffers, its collectives included), as an instance runs them: rank 0 drives the
+    steps and relays each frame first (``StepRelay``, as ``engine.pipeline.receive`` does), the
+    other rank runs what it is relayed (``follow_steps``) until rank 0 relays ``Shutdown``. Each
+    prompt stops sooner than the last, so the batch shrinks through padded and exact sizes."""
     from engine.cuda_graph import EagerStepRunner, GraphStepRunner
-    from tests.unit.engine.engine_driver import EagerCapture, driver_for, greedy
+    from engine.parallel.ranks import follow_steps
+    from engine.parallel.steps import StepRelay
+    from protocol.messages import Shutdown, encode
+    from tests.unit.engine.engine_driver import EagerCapture, StepDriver, greedy
 
     capture = EagerCapture()
     worker.step_runner = GraphStepRunner(worker.runner, [1, 2, 4], capture=capture)  # type: ignore[attr-defined]
+    outputs = []
     try:
-        lengths = [MAX_NEW - 2 * i for i in range(len(prompts))]
-        # whole prompts in one step: the decodes then run alone, not in (eager) mixed steps
-        reqs = driver_for(worker, chunk_size=64).generate(prompts, [greedy(n) for n in lengths])  # type: ignore[arg-type]
+        if tp.rank == 0:  # type: ignore[attr-defined]
+            relay = StepRelay(tp)  # type: ignore[arg-type]
+
+            def relayed(batch):  # type: ignore[no-untyped-def]
+                relay.forward(encode(batch))
+                return worker.step(batch)  # type: ignore[attr-defined]
+
+            # whole prompts in one step: the decodes then run alone, not in (eager) mixed steps
+            driver = StepDriver(relayed, worker.num_pages, worker.runner.page_size, 4, 64)  # type: ignore[attr-defined]
+            lengths = [MAX_NEW - 2 * i for i in range(len(prompts))]
+            outputs = [r.outputs for r in driver.generate(prompts, [greedy(n) for n in lengths])]
+            relay.forward(encode(Shutdown(reason="replayed")))
+        else:
+            follow_steps(worker.step, tp)  # type: ignore[attr-defined, arg-type]
     finally:
         worker.step_runner = EagerStepRunner(worker.runner)  # type: ignore[attr-defined]
-    return {"replayed_greedy": [r.outputs for r in reqs], "replays": capture.replays}
+    return {"replayed_greedy": outputs, "replays": capture.replays}
 
 
 def _rank_main(world: int, store: str, out_dir: str, rank: int, cases: dict[str, dict], layers: bool) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import zmq
 
@@ -20,14 +18,12 @@ def ctx():
 
 
 @pytest.fixture
-def addrs():
-    directory = transport.ipc_dir()
-    yield InstanceAddrs(
-        input_addr=transport.ipc_addr(directory, "input"),
-        step_addr=transport.ipc_addr(directory, "step"),
-        result_addr=transport.ipc_addr(directory, "result"),
+def addrs(ipc_dir):
+    return InstanceAddrs(
+        input_addr=transport.ipc_addr(ipc_dir, "input"),
+        step_addr=transport.ipc_addr(ipc_dir, "step"),
+        result_addr=transport.ipc_addr(ipc_dir, "result"),
     )
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
