@@ -87,9 +87,7 @@ class SlicedWrites:
 
     ours: SlotSlice
     theirs: SlotSlice
-    addresses: list[int]  # the peer's arrays
-    device_id: int
-    memory: str
+    pool: NixlPool  # the peer's
 
 
 @dataclass
@@ -144,7 +142,7 @@ class NixlSenderMover:
             sliced = SlicedWrites(
                 SlotSlice(own_heads * head_bytes, part.src_start * head_bytes, length),
                 SlotSlice(their_heads * head_bytes, part.dst_start * head_bytes, length),
-                list(pool.addresses), pool.device_id, pool.memory,
+                pool,
             )
         self._peers[peer] = RemotePool(name, descs, pool.num_pages, sliced)
 
@@ -172,8 +170,9 @@ class NixlSenderMover:
         if sliced is not None:
             page_size = self._layout.page_size
             local = slot_rows(agent.addresses, chunk.src_pages, sliced.ours, page_size, agent.device_id)
-            dst = slot_rows(sliced.addresses, chunk.dst_pages, sliced.theirs, page_size, sliced.device_id)
-            return agent.post_rows(remote.agent_name, local, dst, sliced.memory)
+            theirs = sliced.pool
+            dst = slot_rows(theirs.addresses, chunk.dst_pages, sliced.theirs, page_size, theirs.device_id)
+            return agent.post_rows(remote.agent_name, local, dst, theirs.memory)
         local = page_indices(chunk.src_pages, agent.num_arrays, agent.num_pages)
         dst = page_indices(chunk.dst_pages, agent.num_arrays, remote.num_pages)
         return agent.post_write(remote.agent_name, remote.descs, local, dst)

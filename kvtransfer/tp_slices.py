@@ -22,13 +22,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 from kvtransfer.base import DuplicateRoom, KVReceiver, KVSender, RoomResult, TransferError, TransferState
 from kvtransfer.tp_hub import InstanceHeads
 from kvtransfer.tp_parts import combine, peer_for_rank
-from protocol.dataplane import MAX_TP_SIZE, ROOM_ID_BITS, KVLayout, TokenLogprob, split_problem
+from protocol.dataplane import MAX_TP_SIZE, ROOM_ID_BITS, KVLayout, split_problem
 
 MAX_RANKS = 1 << (63 - ROOM_ID_BITS)  # part ids stay below 1 << 63
 assert MAX_TP_SIZE <= MAX_RANKS  # so (p - d) mod MAX_RANKS tells every pair of one rank apart
@@ -217,17 +216,9 @@ class SlicedSender(_Sliced):
         parts = {part_room(room, self._rank, d): d for d in targets}
         self._rooms.open(room, parts, self.sender.add_room, self.sender.abort)
 
-    def send(
-        self,
-        room: int,
-        src_pages: Sequence[int],
-        dst_pages: Sequence[int],
-        first_token: int | None = None,
-        first_logprob: TokenLogprob | None = None,
-        staged: torch.Tensor | None = None,
-    ) -> bool:
-        sent = [self.sender.send(p, src_pages, dst_pages, first_token, first_logprob, staged)
-                for p in self._rooms.parts(room)]
+    def send(self, room: int, *args: Any, **kwargs: Any) -> bool:
+        """``KVSender.send`` of each part of ``room`` (every part is sent: no short cut)."""
+        sent = [self.sender.send(part, *args, **kwargs) for part in self._rooms.parts(room)]
         return any(sent)
 
 

@@ -78,9 +78,7 @@ class StepRelay:
     def forward(self, frame: bytes) -> None:
         if not frame:
             raise ValueError("an empty frame cannot be relayed (it means 'nothing yet')")
-        _broadcast_length(self.tp, len(frame))
-        payload = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
-        _broadcast(self.tp, payload)
+        _broadcast_bytes(self.tp, frame)
 
     def idle(self) -> None:
         _broadcast_length(self.tp, 0)
@@ -165,8 +163,9 @@ def differences_from_rank_0(tp: TensorParallel, facts: Mapping[str, object]) -> 
     """Rank 0 broadcasts its ``facts`` (msgpack: plain values, lists, maps); every rank returns
     what differs in its own, each as ``name: mine (rank 0: theirs)``. Every rank calls it at
     the same point, with facts of the same names."""
-    mine = msgpack.unpackb(msgpack.packb(dict(facts)))  # as they travel: tuples become lists
-    theirs = msgpack.unpackb(_broadcast_bytes(tp, msgpack.packb(mine)))
+    packed = msgpack.packb(dict(facts))
+    mine = msgpack.unpackb(packed)  # as they travel: tuples become lists
+    theirs = msgpack.unpackb(_broadcast_bytes(tp, packed))
     return [f"{name}: {mine.get(name)!r} (rank 0: {theirs.get(name)!r})"
             for name in sorted(theirs.keys() | mine.keys()) if mine.get(name) != theirs.get(name)]
 

@@ -141,6 +141,13 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def launch_env(one_thread: bool = True) -> dict[str, str]:
+    """launch.py's environment: this one's, unbuffered, one torch thread per worker unless not
+    ``one_thread`` (then the workers' own default)."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENVS}
+    return env | {"PYTHONUNBUFFERED": "1"} | ({"PDSERVE_TORCH_THREADS": "1"} if one_thread else {})
+
+
 @contextlib.contextmanager
 def running_server(
     *flags: str,
@@ -154,11 +161,10 @@ def running_server(
     exit it is stopped with SIGTERM and every process it started must be gone."""
     argv, addr, http_url = launch_flags(mode, flags, model)
     fd, log_path = tempfile.mkstemp(prefix="pdserve-e2e-", suffix=".log")
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENVS}
-    env.update(PYTHONUNBUFFERED="1", **({"PDSERVE_TORCH_THREADS": "1"} if one_thread else {}))
     cmd = [*prefix, sys.executable, "launch.py", *argv]
     proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=fd, text=True, start_new_session=True
+        cmd, cwd=REPO_ROOT, env=launch_env(one_thread), stdout=subprocess.PIPE, stderr=fd, text=True,
+        start_new_session=True,
     )
     os.close(fd)
     lines: list[str] = []
@@ -182,9 +188,8 @@ def launch_to_exit(
     It runs in a session of its own, which is killed afterwards, so that no process it started
     outlives the test, past ``timeout`` either (the test then fails)."""
     argv, _, _ = launch_flags(mode, flags, model)
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENVS} | {"PDSERVE_TORCH_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "launch.py", *argv], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        [sys.executable, "launch.py", *argv], cwd=REPO_ROOT, env=launch_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
